@@ -1,0 +1,447 @@
+//! Address grammar: the URL form (`host:port`, `[v6]:port`, `tcp://host:port`)
+//! and the socat form (`TCP-LISTEN:8080,fork,reuseaddr`, `TCP:host:80,nodelay`),
+//! parsed into one [`ListenAddr`] or [`TargetAddr`].
+//!
+//! This module only parses; it resolves no names and opens no sockets. Every
+//! error names the token that is wrong and what was expected, because users
+//! paste these strings out of socat scripts.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A host as written: an IP literal, or a name resolved later (per connection
+/// for targets, so a DNS change is followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Which address family an address may resolve to (socat's `TCP4`/`TCP6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    #[default]
+    Any,
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn admits(self, ip: &IpAddr) -> bool {
+        match self {
+            Family::Any => true,
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        }
+    }
+}
+
+/// Where the relay listens, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub backlog: Option<u32>,
+    /// Serve one connection and exit: socat's listen address without `fork`.
+    pub once: bool,
+    /// The address as the user wrote it, for logs and the default route name.
+    pub text: String,
+}
+
+/// Where the relay connects for each accepted client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetAddr {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+    /// Per-address `connect-timeout=`; overrides `--connect-timeout`.
+    pub connect_timeout: Option<Duration>,
+    pub keepalive: bool,
+    pub text: String,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AddrError {
+    #[error("`{input}`: {problem}")]
+    Invalid { input: String, problem: String },
+}
+
+fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
+    AddrError::Invalid { input: input.to_string(), problem: problem.into() }
+}
+
+const LISTEN_KEYWORDS: &[(&str, Family)] = &[
+    ("tcp-listen", Family::Any),
+    ("tcp-l", Family::Any),
+    ("tcp4-listen", Family::V4),
+    ("tcp4-l", Family::V4),
+    ("tcp6-listen", Family::V6),
+    ("tcp6-l", Family::V6),
+];
+
+const CONNECT_KEYWORDS: &[(&str, Family)] = &[
+    ("tcp", Family::Any),
+    ("tcp-connect", Family::Any),
+    ("tcp4", Family::V4),
+    ("tcp4-connect", Family::V4),
+    ("tcp6", Family::V6),
+    ("tcp6-connect", Family::V6),
+];
+
+const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>";
+const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, nodelay, keepalive";
+
+/// Splits a socat address into its keyword and the rest, when the keyword is
+/// one of `keywords` (case-insensitive, as socat's are).
+fn socat_keyword<'a>(input: &'a str, keywords: &[(&str, Family)]) -> Option<(Family, &'a str)> {
+    let (word, rest) = input.split_once(':')?;
+    keywords
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(word))
+        .map(|(_, family)| (*family, rest))
+}
+
+/// Is this string written in socat's address form (a keyword such as
+/// `OPENSSL:` or `UNIX-CONNECT:`), rather than `host:port`? A host name is
+/// followed by a bare port, a socat keyword by something else.
+fn looks_like_socat(input: &str) -> bool {
+    input.split_once(':').is_some_and(|(word, rest)| {
+        !word.is_empty()
+            && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && word.chars().any(|c| c.is_ascii_alphabetic())
+            && (rest.is_empty() || !rest.chars().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// One `key` or `key=value` socat address option.
+struct SocatOption<'a> {
+    key: String,
+    value: Option<&'a str>,
+}
+
+impl SocatOption<'_> {
+    /// socat's boolean options take no value or `=0`/`=1`.
+    fn flag(&self, input: &str) -> Result<bool, AddrError> {
+        match self.value {
+            None | Some("1") => Ok(true),
+            Some("0") => Ok(false),
+            Some(other) => Err(invalid(
+                input,
+                format!("option `{}` takes 0 or 1, not `{other}`", self.key),
+            )),
+        }
+    }
+
+    fn required(&self, input: &str) -> Result<&str, AddrError> {
+        self.value
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| invalid(input, format!("option `{}` needs a value (`{}=...`)", self.key, self.key)))
+    }
+}
+
+fn socat_options(list: &str) -> impl Iterator<Item = SocatOption<'_>> {
+    list.split(',').filter(|s| !s.is_empty()).map(|opt| {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        SocatOption { key: key.to_ascii_lowercase(), value }
+    })
+}
+
+/// Parses `host:port`, `[v6]:port` or a bare IPv6 literal is rejected (it is
+/// ambiguous); `what` says which part of `input` this is for messages.
+fn host_port(input: &str, part: &str) -> Result<(Host, u16), AddrError> {
+    let (host, port) = if let Some(rest) = part.strip_prefix('[') {
+        let (ip, after) = rest
+            .split_once(']')
+            .ok_or_else(|| invalid(input, "missing `]` after the IPv6 address; expected `[v6addr]:port`"))?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| invalid(input, "expected `:port` after `]`"))?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| invalid(input, format!("`{ip}` is not an IPv6 address")))?;
+        (Host::Ip(ip), port)
+    } else {
+        let (host, port) = part
+            .rsplit_once(':')
+            .ok_or_else(|| invalid(input, format!("`{part}` has no port; expected `host:port`")))?;
+        if host.contains(':') {
+            return Err(invalid(input, "an IPv6 address needs brackets: `[v6addr]:port`"));
+        }
+        (parse_host(input, host)?, port)
+    };
+    Ok((host, parse_port(input, port)?))
+}
+
+fn parse_host(input: &str, host: &str) -> Result<Host, AddrError> {
+    if host.is_empty() {
+        return Err(invalid(input, "the host is empty; expected `host:port`"));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(Host::Ip(ip));
+    }
+    let valid_name = host.len() <= 253
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    if !valid_name {
+        return Err(invalid(input, format!("`{host}` is neither an IP address nor a host name")));
+    }
+    Ok(Host::Name(host.to_string()))
+}
+
+fn parse_port(input: &str, port: &str) -> Result<u16, AddrError> {
+    port.parse::<u16>()
+        .map_err(|_| invalid(input, format!("`{port}` is not a port number (0-65535)")))
+}
+
+fn parse_seconds(input: &str, key: &str, value: &str) -> Result<Duration, AddrError> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| invalid(input, format!("`{key}={value}`: expected a positive number of seconds")))
+}
+
+/// Strips a `tcp://` scheme; any other scheme is an error naming it.
+fn strip_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<&'a str, AddrError> {
+    match input.split_once("://") {
+        None => Ok(input),
+        Some((scheme, rest)) if schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) => Ok(rest),
+        Some((scheme, _)) => Err(invalid(
+            input,
+            format!("scheme `{scheme}://` is not supported; expected {}", schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ")),
+        )),
+    }
+}
+
+fn unknown_socat_keyword(input: &str, expected: &str) -> AddrError {
+    let word = input.split_once(':').map_or(input, |(w, _)| w);
+    invalid(input, format!("socat address type `{word}` is not supported here; expected {expected}"))
+}
+
+/// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`, or
+/// socat's `TCP-LISTEN:<port>[,options]`.
+pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
+    if let Some((family, rest)) = socat_keyword(input, LISTEN_KEYWORDS).filter(|_| !input.contains("://")) {
+        return parse_socat_listen(input, family, rest);
+    }
+    if socat_keyword(input, CONNECT_KEYWORDS).is_some() {
+        return Err(invalid(input, "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)"));
+    }
+    if looks_like_socat(input) && !input.contains("://") {
+        return Err(unknown_socat_keyword(input, "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN or TCP-L"));
+    }
+    let rest = strip_scheme(input, &["tcp"])?;
+    let (host, port) = host_port(input, rest)?;
+    Ok(ListenAddr {
+        host,
+        port,
+        family: Family::Any,
+        reuseaddr: true,
+        reuseport: false,
+        backlog: None,
+        once: false,
+        text: input.to_string(),
+    })
+}
+
+fn parse_socat_listen(input: &str, family: Family, rest: &str) -> Result<ListenAddr, AddrError> {
+    let (port, options) = rest.split_once(',').unwrap_or((rest, ""));
+    let mut addr = ListenAddr {
+        host: Host::Ip(match family {
+            Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+        }),
+        port: parse_port(input, port)?,
+        family,
+        // socat sets SO_REUSEADDR only when asked.
+        reuseaddr: false,
+        reuseport: false,
+        backlog: None,
+        once: true,
+        text: input.to_string(),
+    };
+    for opt in socat_options(options) {
+        match opt.key.as_str() {
+            "fork" => addr.once = !opt.flag(input)?,
+            "reuseaddr" | "so-reuseaddr" => addr.reuseaddr = opt.flag(input)?,
+            "reuseport" | "so-reuseport" => addr.reuseport = opt.flag(input)?,
+            "bind" => {
+                let value = opt.required(input)?;
+                // socat allows `bind=host` or `bind=host:port`; the port of a
+                // listen address is the one after the keyword.
+                let host = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(value);
+                addr.host = parse_host(input, host)?;
+            }
+            "backlog" => {
+                let value = opt.required(input)?;
+                addr.backlog = Some(value.parse().map_err(|_| {
+                    invalid(input, format!("`backlog={value}`: expected a whole number"))
+                })?);
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!("address option `{other}` is not supported by relay on a listen address (supported: {LISTEN_OPTIONS})"),
+                ));
+            }
+        }
+    }
+    if let Host::Ip(ip) = &addr.host
+        && !family.admits(ip)
+    {
+        return Err(invalid(input, format!("`bind={ip}` does not match the address family of this keyword")));
+    }
+    Ok(addr)
+}
+
+/// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`, or
+/// socat's `TCP:<host>:<port>[,options]`.
+pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
+    if let Some((family, rest)) = socat_keyword(input, CONNECT_KEYWORDS).filter(|_| !input.contains("://")) {
+        return parse_socat_target(input, family, rest);
+    }
+    if socat_keyword(input, LISTEN_KEYWORDS).is_some() {
+        return Err(invalid(input, "this is a listen address; the second address must connect (for example `TCP:host:port`)"));
+    }
+    if looks_like_socat(input) && !input.contains("://") {
+        return Err(unknown_socat_keyword(input, "TCP, TCP4, TCP6 or TCP-CONNECT"));
+    }
+    let rest = strip_scheme(input, &["tcp"])?;
+    let (host, port) = host_port(input, rest)?;
+    if port == 0 {
+        return Err(invalid(input, "port 0 cannot be connected to"));
+    }
+    Ok(TargetAddr { host, port, family: Family::Any, connect_timeout: None, keepalive: false, text: input.to_string() })
+}
+
+fn parse_socat_target(input: &str, family: Family, rest: &str) -> Result<TargetAddr, AddrError> {
+    let (hostport, options) = rest.split_once(',').unwrap_or((rest, ""));
+    let (host, port) = host_port(input, hostport)?;
+    if port == 0 {
+        return Err(invalid(input, "port 0 cannot be connected to"));
+    }
+    if let Host::Ip(ip) = &host
+        && !family.admits(ip)
+    {
+        return Err(invalid(input, format!("`{ip}` does not match the address family of this keyword")));
+    }
+    let mut addr = TargetAddr { host, port, family, connect_timeout: None, keepalive: false, text: input.to_string() };
+    for opt in socat_options(options) {
+        match opt.key.as_str() {
+            "connect-timeout" => {
+                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
+            }
+            // relay always sets TCP_NODELAY on both legs, so `nodelay=0`
+            // cannot be honoured and is refused rather than ignored.
+            "nodelay" | "tcp-nodelay" => {
+                if !opt.flag(input)? {
+                    return Err(invalid(input, "`nodelay=0` cannot be honoured: relay always sets TCP_NODELAY"));
+                }
+            }
+            "keepalive" | "so-keepalive" => addr.keepalive = opt.flag(input)?,
+            other => {
+                return Err(invalid(
+                    input,
+                    format!("address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS})"),
+                ));
+            }
+        }
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> Host {
+        Host::Ip(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+    }
+
+    #[test]
+    fn url_forms_parse_to_the_same_target() {
+        for text in ["127.0.0.1:80", "tcp://127.0.0.1:80", "TCP://127.0.0.1:80"] {
+            let t = parse_target(text).unwrap();
+            assert_eq!((t.host, t.port), (v4(127, 0, 0, 1), 80), "{text}");
+        }
+        let t = parse_target("[::1]:6379").unwrap();
+        assert_eq!(t.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        let t = parse_target("redis.internal:6379").unwrap();
+        assert_eq!(t.host, Host::Name("redis.internal".into()));
+        let t = parse_target("my-redis:6379").unwrap();
+        assert_eq!(t.host, Host::Name("my-redis".into()));
+    }
+
+    #[test]
+    fn socat_listen_keeps_socat_semantics() {
+        let l = parse_listen("TCP-LISTEN:8080,fork,reuseaddr").unwrap();
+        assert_eq!((l.port, l.once, l.reuseaddr, l.reuseport), (8080, false, true, false));
+        assert_eq!(l.host, v4(0, 0, 0, 0));
+        let l = parse_listen("tcp-l:8080").unwrap();
+        assert!(l.once, "socat without fork serves one connection");
+        assert!(!l.reuseaddr);
+        let l = parse_listen("TCP6-LISTEN:443,bind=[::1],backlog=512,reuseport,fork").unwrap();
+        assert_eq!(l.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        assert_eq!((l.family, l.backlog, l.reuseport), (Family::V6, Some(512), true));
+        let l = parse_listen("TCP4-LISTEN:80,bind=127.0.0.2,fork=1").unwrap();
+        assert_eq!((l.host, l.once), (v4(127, 0, 0, 2), false));
+    }
+
+    #[test]
+    fn socat_connect_options() {
+        let t = parse_target("TCP:db:5432,connect-timeout=2.5,nodelay,keepalive").unwrap();
+        assert_eq!(t.host, Host::Name("db".into()));
+        assert_eq!(t.connect_timeout, Some(Duration::from_millis(2500)));
+        assert!(t.keepalive);
+        let t = parse_target("tcp6-connect:[::1]:80").unwrap();
+        assert_eq!(t.family, Family::V6);
+    }
+
+    #[test]
+    fn bad_addresses_name_the_token() {
+        let cases = [
+            (parse_listen("TCP-LISTEN:notaport").map(|_| ()), "`notaport` is not a port"),
+            (parse_listen("TCP-LISTEN:80,bogus=1").map(|_| ()), "option `bogus`"),
+            (parse_listen("TCP-LISTEN:80,nodelay").map(|_| ()), "option `nodelay`"),
+            (parse_target("TCP:host").map(|_| ()), "`host` has no port"),
+            (parse_target("TCP:db:1,fork").map(|_| ()), "option `fork`"),
+            (parse_target("foo://x:1").map(|_| ()), "scheme `foo://`"),
+            (parse_target("[::1:80").map(|_| ()), "missing `]`"),
+            (parse_target("::1:80").map(|_| ()), "needs brackets"),
+            (parse_target("OPENSSL:x:443").map(|_| ()), "`OPENSSL` is not supported"),
+            (parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()), "connect-timeout=soon"),
+            (parse_target("TCP:db:5432,nodelay=0").map(|_| ()), "nodelay=0"),
+            (parse_target("TCP4:[::1]:80").map(|_| ()), "address family"),
+            (parse_target("bad host!:80").map(|_| ()), "neither an IP"),
+            (parse_listen("TCP:db:80").map(|_| ()), "first address must listen"),
+            (parse_target("TCP-L:80").map(|_| ()), "second address must connect"),
+            (parse_target("127.0.0.1:0").map(|_| ()), "port 0"),
+        ];
+        for (result, expected) in cases {
+            let err = result.expect_err(expected).to_string();
+            assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! One relayed connection: connect to the target, copy bytes both ways, and
+//! end it for a named reason.
+//!
+//! The rules live here and nowhere else:
+//! - half-close: EOF from one side becomes `shutdown(SHUT_WR)` on the other,
+//!   and the other direction keeps flowing until it ends too;
+//! - reset: an error on either side resets both (SO_LINGER 0), so a peer
+//!   that was reset is seen as reset on the far side, not as a clean close;
+//! - idle: no byte either way for the idle timeout closes both;
+//! - drain: when the drain timeout after SIGTERM runs out, both are closed.
+//!
+//! Buffers exist only while bytes flow: an idle connection holds none, so
+//! ten thousand idle connections cost sockets and a task each, not buffers.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::RouteContext;
+use super::upstream;
+use crate::metrics::Outcome;
+
+/// Size of the buffer a direction uses while data flows.
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// Which end of the relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Target,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Target => "target",
+        }
+    }
+}
+
+/// How the relay phase ended, before it is reduced to an [`Outcome`].
+#[derive(Debug)]
+enum End {
+    /// Both directions ended with EOF; `first` sent its FIN first.
+    Closed { first: Side },
+    /// An I/O error on `side` (a reset, a broken pipe).
+    Failed { side: Side, error: io::Error },
+    Idle,
+    Drained,
+}
+
+impl End {
+    fn outcome(&self) -> Outcome {
+        match self {
+            End::Closed { .. } => Outcome::Closed,
+            End::Failed { .. } => Outcome::Reset,
+            End::Idle => Outcome::IdleTimeout,
+            End::Drained => Outcome::Drained,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            End::Closed { first } => format!("{} closed first", first.as_str()),
+            End::Failed { side, error } => format!("{} failed: {error}", side.as_str()),
+            End::Idle => "idle timeout".to_string(),
+            End::Drained => "drain timeout after shutdown signal".to_string(),
+        }
+    }
+}
+
+/// An accepted client on its way to the target.
+pub struct Connection {
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<RouteContext>,
+}
+
+impl Connection {
+    pub fn new(client: TcpStream, peer: SocketAddr, route: Arc<RouteContext>) -> Self {
+        Connection { client, peer, route }
+    }
+
+    /// Runs the connection to its end, records its outcome and logs one line.
+    /// `close` turns true when the drain timeout has run out.
+    pub async fn run(self, mut close: watch::Receiver<bool>) {
+        let Connection { client, peer, route } = self;
+        let metrics = &route.metrics;
+        let started = Instant::now();
+        metrics.active.inc();
+        let _active = scopeguard(|| metrics.active.dec());
+        if let Err(err) = client.set_nodelay(true) {
+            tracing::debug!(route = %metrics.name, %peer, error = %err, "cannot set TCP_NODELAY on client");
+        }
+
+        let upstream = tokio::select! {
+            result = upstream::connect(&route.target, route.connect_timeout) => result,
+            _ = close.wait_for(|c| *c) => {
+                finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting");
+                return;
+            }
+        };
+        let upstream = match upstream {
+            Ok(stream) => {
+                metrics.connect_duration.observe(started.elapsed().as_secs_f64());
+                stream
+            }
+            Err(err) => {
+                // The client learns at once that there is no target behind
+                // the relay: a reset, as a direct connect would have given.
+                reset(&client);
+                finish(&route, peer, started, &Transfer::default(), err.outcome(), &err.to_string());
+                return;
+            }
+        };
+
+        let transfer = Transfer::default();
+        let end = relay(&client, &upstream, &route, &transfer, &mut close).await;
+        if matches!(end, End::Failed { .. }) {
+            reset(&client);
+            reset(&upstream);
+        }
+        finish(&route, peer, started, &transfer, end.outcome(), &end.describe());
+    }
+}
+
+/// Bytes moved by one connection, per direction, for its close log line.
+#[derive(Default)]
+struct Transfer {
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+}
+
+/// The time of the last byte relayed either way, as nanoseconds since the
+/// relay phase began; both directions update it, the idle timer reads it.
+struct Activity {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { start: Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Completes when nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    route: &RouteContext,
+    transfer: &Transfer,
+    close: &mut watch::Receiver<bool>,
+) -> End {
+    let activity = Activity::new();
+    let metrics = &route.metrics;
+    let to_target = pump(client, upstream, &metrics.to_target, &transfer.to_target, &activity);
+    let to_client = pump(upstream, client, &metrics.to_client, &transfer.to_client, &activity);
+    tokio::pin!(to_target, to_client);
+    let (mut client_done, mut target_done) = (false, false);
+    let mut first = None;
+    loop {
+        tokio::select! {
+            result = &mut to_target, if !client_done => match result {
+                Ok(()) => { client_done = true; first.get_or_insert(Side::Client); }
+                Err((side, error)) => return End::Failed { side: side.or(Side::Client, Side::Target), error },
+            },
+            result = &mut to_client, if !target_done => match result {
+                Ok(()) => { target_done = true; first.get_or_insert(Side::Target); }
+                Err((side, error)) => return End::Failed { side: side.or(Side::Target, Side::Client), error },
+            },
+            _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX)), if route.idle_timeout.is_some() => {
+                return End::Idle;
+            }
+            _ = close.wait_for(|c| *c) => return End::Drained,
+        }
+        if client_done && target_done {
+            return End::Closed { first: first.expect("a direction finished") };
+        }
+    }
+}
+
+/// Which socket of a direction an error came from.
+#[derive(Debug, Clone, Copy)]
+enum Leg {
+    Source,
+    Destination,
+}
+
+impl Leg {
+    fn or(self, source: Side, destination: Side) -> Side {
+        match self {
+            Leg::Source => source,
+            Leg::Destination => destination,
+        }
+    }
+}
+
+/// Copies `src` to `dst` until EOF on `src`, then shuts down writing on `dst`.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &IntCounter,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> Result<(), (Leg, io::Error)> {
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await.map_err(|e| (Leg::Source, e))?;
+        if buffer.capacity() == 0 {
+            buffer.reserve_exact(BUFFER_SIZE);
+        }
+        match src.try_read_buf(&mut buffer) {
+            Ok(0) => {
+                return socket2::SockRef::from(dst)
+                    .shutdown(Shutdown::Write)
+                    .map_err(|e| (Leg::Destination, e));
+            }
+            Ok(n) => {
+                write_all(dst, &buffer).await.map_err(|e| (Leg::Destination, e))?;
+                buffer.clear();
+                counter.inc_by(n as u64);
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+                activity.touch();
+            }
+            // Nothing more to read for now: give the buffer back, so a
+            // connection that goes quiet holds no buffer memory.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = Vec::new(),
+            Err(e) => return Err((Leg::Source, e)),
+        }
+    }
+}
+
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Makes the coming close send RST instead of FIN.
+fn reset(stream: &TcpStream) {
+    // An error here means the socket is already gone; the close still happens.
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn finish(route: &RouteContext, peer: SocketAddr, started: Instant, transfer: &Transfer, outcome: Outcome, reason: &str) {
+    let metrics = &route.metrics;
+    let duration = started.elapsed();
+    metrics.outcome(outcome).inc();
+    metrics.connection_duration.observe(duration.as_secs_f64());
+    let to_target = transfer.to_target.load(Ordering::Relaxed);
+    let to_client = transfer.to_client.load(Ordering::Relaxed);
+    tracing::info!(
+        route = %metrics.name,
+        %peer,
+        to_target,
+        to_client,
+        duration_ms = duration.as_millis() as u64,
+        outcome = outcome.as_str(),
+        reason,
+        "connection closed"
+    );
+}
+
+/// Runs `f` when dropped: the active-connections gauge must come down on
+/// every path out of [`Connection::run`].
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

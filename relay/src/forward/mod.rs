@@ -1,0 +1,221 @@
+//! The TCP forwarder: one listening socket, one task per accepted client.
+//!
+//! This module owns the accept loop and the route's lifetime: the
+//! connection limit, backing off when the process runs out of file
+//! descriptors (never leaving the loop), and the drain after a shutdown
+//! signal. What happens to a single connection lives in [`connection`].
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), relay::forward::ForwardError> {
+//! use relay::{addr, forward::{Forwarder, RouteConfig}, metrics::Metrics};
+//! let config = RouteConfig::new(
+//!     addr::parse_listen("127.0.0.1:8080").unwrap(),
+//!     addr::parse_target("127.0.0.1:80").unwrap(),
+//! );
+//! let metrics = Metrics::new();
+//! let forwarder = Forwarder::bind(config, metrics.route("web")).await?;
+//! let (_drain, drain_rx) = tokio::sync::watch::channel(false);
+//! forwarder.run(drain_rx).await;
+//! # Ok(()) }
+//! ```
+
+pub mod connection;
+pub mod listener;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::addr::{ListenAddr, TargetAddr};
+use crate::metrics::{Outcome, RouteMetrics};
+use connection::Connection;
+
+#[derive(Debug, Error)]
+pub enum ForwardError {
+    #[error("cannot listen on {addr} ({resolved}): {cause}{hint}", hint = bind_hint(cause))]
+    Bind { addr: String, resolved: SocketAddr, cause: io::Error },
+    #[error("cannot resolve listen address {addr}: {cause}")]
+    ResolveListen { addr: String, cause: io::Error },
+}
+
+fn bind_hint(cause: &io::Error) -> &'static str {
+    match cause.kind() {
+        io::ErrorKind::AddrInUse => " (another socket listens there: stop it or choose another port)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        io::ErrorKind::AddrNotAvailable => " (no interface of this host has that address)",
+        _ => "",
+    }
+}
+
+/// Everything one route needs; built from the command line.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub listen: ListenAddr,
+    pub target: TargetAddr,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+impl RouteConfig {
+    /// A route with the documented defaults.
+    pub fn new(listen: ListenAddr, target: TargetAddr) -> Self {
+        RouteConfig {
+            listen,
+            target,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every connection task of a route shares.
+pub struct RouteContext {
+    pub target: TargetAddr,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub metrics: RouteMetrics,
+}
+
+/// A bound route, ready to accept.
+pub struct Forwarder {
+    listener: TcpListener,
+    local: SocketAddr,
+    config: RouteConfig,
+    route: Arc<RouteContext>,
+}
+
+/// Back-off bounds when accept fails for lack of file descriptors or memory.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Forwarder {
+    /// Binds the listening socket; a busy address fails here, at startup.
+    pub async fn bind(config: RouteConfig, metrics: RouteMetrics) -> Result<Self, ForwardError> {
+        let listener = listener::bind(&config.listen).await?;
+        let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
+            addr: config.listen.text.clone(),
+            resolved: SocketAddr::from(([0, 0, 0, 0], config.listen.port)),
+            cause,
+        })?;
+        let route = Arc::new(RouteContext {
+            target: config.target.clone(),
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            metrics,
+        });
+        Ok(Forwarder { listener, local, config, route })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Accepts until `drain` turns true (or, for a socat address without
+    /// `fork`, after the first connection), then closes the listener, gives
+    /// open connections up to the drain timeout, closes what is left, and
+    /// returns once every connection task has finished.
+    pub async fn run(self, mut drain: watch::Receiver<bool>) {
+        let Forwarder { listener, config, route, .. } = self;
+        let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let slots = Arc::new(Semaphore::new(max));
+        let (close_tx, close_rx) = watch::channel(false);
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+
+        loop {
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    route.metrics.outcome(Outcome::Limit).inc();
+                    tracing::warn!(route = %route.metrics.name, max, "connection limit reached; accepting paused until a connection closes");
+                    tokio::select! {
+                        slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
+                        _ = drain_requested(&mut drain) => break,
+                    }
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = drain_requested(&mut drain) => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let connection = Connection::new(stream, peer, route.clone());
+                    let close = close_rx.clone();
+                    tokio::spawn(async move {
+                        connection.run(close).await;
+                        drop(slot);
+                    });
+                    if config.listen.once {
+                        break;
+                    }
+                }
+                Err(err) if is_resource_exhaustion(&err) => {
+                    tracing::warn!(route = %route.metrics.name, error = %err, retry_in_ms = backoff.as_millis() as u64,
+                        "accept failed for lack of resources; backing off, the listener stays open");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                // A client that went away between SYN and accept, and the like:
+                // that client's problem, not the listener's.
+                Err(err) => tracing::debug!(route = %route.metrics.name, error = %err, "accept failed"),
+            }
+        }
+        drop(listener);
+
+        let all = u32::try_from(max).expect("max is clamped to Semaphore::MAX_PERMITS");
+        if !*drain.borrow() {
+            // The socat single-connection case: wait for it, unless a
+            // shutdown signal comes first.
+            tokio::select! {
+                _ = slots.acquire_many(all) => return,
+                _ = drain_requested(&mut drain) => {}
+            }
+        }
+        let open = max - slots.available_permits();
+        tracing::info!(route = %route.metrics.name, open, timeout_s = config.drain_timeout.as_secs_f64(),
+            "listener closed; draining open connections");
+        if tokio::time::timeout(config.drain_timeout, slots.acquire_many(all)).await.is_ok() {
+            return;
+        }
+        tracing::warn!(route = %route.metrics.name, open = max - slots.available_permits(),
+            "drain timeout: closing the connections still open");
+        // Every running task holds a receiver; with none left there is
+        // nobody to tell, and the wait below returns at once.
+        let _ = close_tx.send(true);
+        let _ = slots.acquire_many(all).await;
+    }
+}
+
+/// Completes when a drain is requested; never, if the requester is gone.
+async fn drain_requested(drain: &mut watch::Receiver<bool>) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Errors after which accepting again at once would spin: the process or
+/// the system is out of file descriptors or memory.
+fn is_resource_exhaustion(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+mod libc_errno {
+    pub const EMFILE: i32 = nix::errno::Errno::EMFILE as i32;
+    pub const ENFILE: i32 = nix::errno::Errno::ENFILE as i32;
+    pub const ENOBUFS: i32 = nix::errno::Errno::ENOBUFS as i32;
+    pub const ENOMEM: i32 = nix::errno::Errno::ENOMEM as i32;
+}

@@ -1,0 +1,12 @@
+//! relay: a network relay and observer for Linux hosts that run containers.
+//!
+//! The binary (`main.rs`) only parses the command line and calls into this
+//! library: [`addr`] parses addresses, [`forward`] relays connections,
+//! [`metrics`] keeps and serves the Prometheus registry.
+
+pub mod addr;
+pub mod duration;
+pub mod forward;
+pub mod limits;
+pub mod logging;
+pub mod metrics;
