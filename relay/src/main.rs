@@ -22,8 +22,6 @@ use tokio::sync::watch;
     name = "relay",
     version,
     about = "A TCP relay for container hosts: a drop-in for `socat TCP-LISTEN:..,fork TCP:..`, with metrics.",
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true,
     override_usage = "relay forward <LISTEN> <TARGET> [OPTIONS]\n       relay [OPTIONS] <ADDR1> <ADDR2>    (socat form, e.g. TCP-LISTEN:8080,fork TCP:127.0.0.1:80)"
 )]
 struct Cli {
@@ -55,29 +53,28 @@ struct ForwardArgs {
     /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP:<host>:<port>[,opts]`.
     #[arg(value_parser = addr::parse_target)]
     target: TargetAddr,
-    #[command(flatten)]
-    route: RouteArgs,
 }
 
+/// Options of a route; global, so they go before or after `forward`.
 #[derive(Args)]
 struct RouteArgs {
     /// Route name for metrics and logs [default: the listen address].
-    #[arg(long)]
+    #[arg(global = true, long)]
     name: Option<String>,
     /// Give up connecting to the target after this long.
-    #[arg(long, value_parser = duration::parse, default_value = "10s")]
+    #[arg(global = true, long, value_parser = duration::parse, default_value = "10s")]
     connect_timeout: Duration,
     /// Close a connection with no bytes either way for this long (socat's -T).
-    #[arg(long, short = 'T', value_parser = duration::parse)]
+    #[arg(global = true, long, short = 'T', value_parser = duration::parse)]
     idle_timeout: Option<Duration>,
     /// Open connections at most; beyond it accepting pauses until one closes.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(global = true, long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(long, value_parser = duration::parse, default_value = "30s")]
+    #[arg(global = true, long, value_parser = duration::parse, default_value = "30s")]
     drain_timeout: Duration,
     /// Serve Prometheus metrics at http://<addr>/metrics; a bare port binds 127.0.0.1.
-    #[arg(long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
+    #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
 }
 
@@ -100,7 +97,7 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (listen, target, route) = match (cli.command, cli.socat_listen, cli.socat_target) {
-        (Some(Command::Forward(args)), _, _) => (args.listen, args.target, args.route),
+        (Some(Command::Forward(args)), None, None) => (args.listen, args.target, cli.route),
         (None, Some(listen), Some(target)) => (listen, target, cli.route),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());

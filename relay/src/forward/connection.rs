@@ -27,8 +27,11 @@ use super::RouteContext;
 use super::upstream;
 use crate::metrics::Outcome;
 
-/// Size of the buffer a direction uses while data flows.
-const BUFFER_SIZE: usize = 64 * 1024;
+/// A direction's buffer starts small (ping-pong traffic never needs more)
+/// and doubles each time a read fills it, up to the maximum: large reads
+/// are what lets bulk transfers approach the speed of a direct connection.
+const BUFFER_MIN: usize = 16 * 1024;
+const BUFFER_MAX: usize = 1024 * 1024;
 
 /// Which end of the relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,10 +231,12 @@ async fn pump(
     activity: &Activity,
 ) -> Result<(), (Leg, io::Error)> {
     let mut buffer: Vec<u8> = Vec::new();
+    let mut size = BUFFER_MIN;
+    let mut busy = false;
     loop {
         src.readable().await.map_err(|e| (Leg::Source, e))?;
         if buffer.capacity() == 0 {
-            buffer.reserve_exact(BUFFER_SIZE);
+            buffer.reserve_exact(size);
         }
         match src.try_read_buf(&mut buffer) {
             Ok(0) => {
@@ -241,14 +246,25 @@ async fn pump(
             }
             Ok(n) => {
                 write_all(dst, &buffer).await.map_err(|e| (Leg::Destination, e))?;
-                buffer.clear();
                 counter.inc_by(n as u64);
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 activity.touch();
+                busy = 2 * n >= buffer.capacity();
+                if n == buffer.capacity() && size < BUFFER_MAX {
+                    size *= 2;
+                    buffer = Vec::new();
+                } else {
+                    buffer.clear();
+                }
             }
-            // Nothing more to read for now: give the buffer back, so a
-            // connection that goes quiet holds no buffer memory.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buffer = Vec::new(),
+            // Drained for now. A light flow gives its buffer back, so a
+            // connection that goes quiet holds no buffer memory; a bulk flow
+            // keeps it rather than fault in fresh pages on every wake-up.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !busy {
+                    buffer = Vec::new();
+                }
+            }
             Err(e) => return Err((Leg::Source, e)),
         }
     }
