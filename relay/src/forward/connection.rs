@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::RouteContext;
+use super::{RouteContext, raised};
 use super::upstream;
 use crate::metrics::Outcome;
 
@@ -106,7 +106,7 @@ impl Connection {
 
         let upstream = tokio::select! {
             result = upstream::connect(&route.target, route.connect_timeout) => result,
-            _ = close.wait_for(|c| *c) => {
+            _ = raised(&mut close) => {
                 finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting");
                 return;
             }
@@ -198,7 +198,7 @@ async fn relay(
             _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX)), if route.idle_timeout.is_some() => {
                 return End::Idle;
             }
-            _ = close.wait_for(|c| *c) => return End::Drained,
+            _ = raised(close) => return End::Drained,
         }
         if client_done && target_done {
             return End::Closed { first: first.expect("a direction finished") };

@@ -139,13 +139,13 @@ impl Forwarder {
                     tracing::warn!(route = %route.metrics.name, max, "connection limit reached; accepting paused until a connection closes");
                     tokio::select! {
                         slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
-                        _ = drain_requested(&mut drain) => break,
+                        _ = raised(&mut drain) => break,
                     }
                 }
             };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
-                _ = drain_requested(&mut drain) => break,
+                _ = raised(&mut drain) => break,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -179,7 +179,7 @@ impl Forwarder {
             // shutdown signal comes first.
             tokio::select! {
                 _ = slots.acquire_many(all) => return,
-                _ = drain_requested(&mut drain) => {}
+                _ = raised(&mut drain) => {}
             }
         }
         let open = max - slots.available_permits();
@@ -197,9 +197,10 @@ impl Forwarder {
     }
 }
 
-/// Completes when a drain is requested; never, if the requester is gone.
-async fn drain_requested(drain: &mut watch::Receiver<bool>) {
-    if drain.wait_for(|d| *d).await.is_err() {
+/// Completes when the flag turns true; never, if its sender is gone (a
+/// dropped sender must not read as "drain now").
+pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
+    if flag.wait_for(|d| *d).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
