@@ -117,15 +117,29 @@ fn socat_keyword<'a>(input: &'a str, keywords: &[(&str, Family)]) -> Option<(Fam
         .map(|(_, family)| (*family, rest))
 }
 
-/// Is this string written in socat's address form (a keyword such as
-/// `OPENSSL:` or `UNIX-CONNECT:`), rather than `host:port`? A host name is
-/// followed by a bare port, a socat keyword by something else.
+/// socat address types relay does not (yet) speak: named so that, for
+/// example, `UDP-LISTEN:53` is refused as such instead of being looked up as
+/// a host called `UDP-LISTEN`.
+const OTHER_SOCAT_TYPES: &[&str] = &[
+    "udp", "udp4", "udp6", "udp-listen", "udp4-listen", "udp6-listen", "udp-l", "udp-sendto", "udp-recvfrom",
+    "udp-recv", "udp-datagram", "unix", "unix-connect", "unix-listen", "unix-l", "unix-sendto", "unix-recvfrom",
+    "unix-client", "abstract-connect", "abstract-listen", "openssl", "ssl", "openssl-listen", "ssl-l",
+    "openssl-connect", "exec", "system", "stdio", "stdin", "stdout", "stderr", "pipe", "file", "open", "gopen",
+    "create", "fd", "pty", "readline", "tun", "socks4", "socks4a", "socks5", "proxy", "proxy-connect", "sctp",
+    "sctp-listen", "sctp-connect", "vsock-listen", "vsock-connect", "ip", "ip4", "ip6", "ip-sendto",
+    "interface", "dccp-listen", "dccp-connect", "udplite-listen", "udplite-connect", "tcp-sendto",
+];
+
+/// Is this string written in socat's address form rather than `host:port`?
+/// A known socat type always is; otherwise a keyword-looking word (letters,
+/// digits, dashes) followed by something other than a bare port.
 fn looks_like_socat(input: &str) -> bool {
     input.split_once(':').is_some_and(|(word, rest)| {
-        !word.is_empty()
-            && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && word.chars().any(|c| c.is_ascii_alphabetic())
-            && (rest.is_empty() || !rest.chars().all(|c| c.is_ascii_digit()))
+        OTHER_SOCAT_TYPES.iter().any(|t| t.eq_ignore_ascii_case(word))
+            || (!word.is_empty()
+                && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && word.chars().any(|c| c.is_ascii_alphabetic())
+                && (rest.is_empty() || !rest.chars().all(|c| c.is_ascii_digit())))
     })
 }
 
@@ -431,6 +445,8 @@ mod tests {
             (parse_target("[::1:80").map(|_| ()), "missing `]`"),
             (parse_target("::1:80").map(|_| ()), "needs brackets"),
             (parse_target("OPENSSL:x:443").map(|_| ()), "`OPENSSL` is not supported"),
+            (parse_listen("UDP-LISTEN:5353").map(|_| ()), "`UDP-LISTEN` is not supported"),
+            (parse_target("unix-connect:/run/x.sock").map(|_| ()), "`unix-connect` is not supported"),
             (parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()), "connect-timeout=soon"),
             (parse_target("TCP:db:5432,nodelay=0").map(|_| ()), "nodelay=0"),
             (parse_target("TCP4:[::1]:80").map(|_| ()), "address family"),

@@ -1,0 +1,38 @@
+//! Test harness for relay's integration tests.
+//!
+//! The tests under `tests/tests/` drive the real `relay` binary against real
+//! peers (socat, nginx, and small Rust servers) on loopback and inside network
+//! namespaces that the harness creates and removes. This crate owns the
+//! plumbing; the tests own the assertions about relay's behaviour.
+//!
+//! One module per concern:
+//! - [`gate`]: skip tests that need root or a missing tool, and say so.
+//! - [`wait`]: polling for a condition with a deadline (never fixed sleeps).
+//! - [`ports`]: free ports, and who listens where (`/proc/<pid>/net/tcp`).
+//! - [`tempdir`]: scratch directories removed on drop.
+//! - [`child`]: external processes killed (with their process group) on drop.
+//! - [`netns`]: network namespaces with a veth pair to the host.
+//! - [`relay_proc`]: locating, spawning, signalling and scraping `relay`.
+//! - [`metrics`]: parsing the Prometheus text relay serves.
+//! - [`payload`]: deterministic payloads and their SHA-256 fingerprints.
+//! - [`peers`]: Rust servers with scripted behaviour (echo, sink, source).
+//! - [`tools`]: external peers: socat, nginx, promtool.
+//! - [`http`]: a minimal HTTP/1.0 GET over a given stream.
+
+pub mod child;
+pub mod gate;
+pub mod http;
+pub mod metrics;
+pub mod netns;
+pub mod payload;
+pub mod peers;
+pub mod ports;
+pub mod relay_proc;
+pub mod tempdir;
+pub mod tools;
+pub mod wait;
+
+pub use metrics::Scrape;
+pub use netns::NetNs;
+pub use payload::{Fingerprint, Payload};
+pub use relay_proc::{Relay, RelayCmd};

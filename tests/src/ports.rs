@@ -1,0 +1,128 @@
+//! Ports: picking free ones, and seeing who listens, without connecting.
+//!
+//! Readiness is read from `/proc/<pid>/net/tcp` and `/proc/<pid>/net/tcp6`,
+//! which show the sockets of the network namespace that process lives in.
+//! Probing by connecting would be counted by relay's metrics and would
+//! consume a one-shot (socat-style, no `fork`) listener.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::wait::poll_until;
+
+/// The kernel's code for TCP_LISTEN in /proc/net/tcp's `st` column.
+const TCP_LISTEN: &str = "0A";
+
+/// A port on 127.0.0.1 that was free a moment ago (bind to :0, read, close).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the port of a bound listener")?
+        .port())
+}
+
+/// Addresses with a socket in LISTEN state on `port`, in `pid`'s network namespace.
+pub fn listeners_on(pid: u32, port: u16) -> Result<Vec<IpAddr>> {
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            // IPv6 may be disabled; a vanished process has no listeners.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {path}")),
+        };
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let (Some(_slot), Some(local), Some(_remote), Some(state)) =
+                (cols.next(), cols.next(), cols.next(), cols.next())
+            else {
+                continue;
+            };
+            if state != TCP_LISTEN {
+                continue;
+            }
+            if let Some((ip, p)) = parse_proc_addr(local)
+                && p == port
+            {
+                found.push(ip);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// True when `pid`'s namespace has a LISTEN socket on `port`.
+pub fn is_listening(pid: u32, port: u16) -> Result<bool> {
+    Ok(!listeners_on(pid, port)?.is_empty())
+}
+
+/// Poll until `pid`'s namespace has a LISTEN socket on `port`.
+pub fn wait_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
+    poll_until(
+        &format!("a LISTEN socket on port {port} (pid {pid})"),
+        timeout,
+        || Ok(is_listening(pid, port)?.then_some(())),
+    )
+}
+
+/// Poll until `pid`'s namespace has no LISTEN socket on `port` any more.
+pub fn wait_not_listening(pid: u32, port: u16, timeout: Duration) -> Result<()> {
+    poll_until(
+        &format!("the LISTEN socket on port {port} to close (pid {pid})"),
+        timeout,
+        || Ok((!is_listening(pid, port)?).then_some(())),
+    )
+}
+
+/// Parse `0100007F:1F90` (IPv4) or 32 hex digits `:PORT` (IPv6), as the
+/// kernel prints them: each 32-bit word in host (little-endian) byte order.
+fn parse_proc_addr(field: &str) -> Option<(IpAddr, u16)> {
+    let (ip_hex, port_hex) = field.split_once(':')?;
+    let port = u16::from_str_radix(port_hex, 16).ok()?;
+    let words: Vec<u32> = (0..ip_hex.len() / 8)
+        .map(|i| u32::from_str_radix(&ip_hex[i * 8..i * 8 + 8], 16).map(u32::from_be))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?)),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_ipv4_and_ipv6_listen_addresses() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 8080))
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0050"),
+            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 80))
+        );
+    }
+
+    #[test]
+    fn sees_own_listener_without_connecting() -> Result<()> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        assert_eq!(
+            listeners_on(std::process::id(), port)?,
+            vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        );
+        drop(listener);
+        assert!(!is_listening(std::process::id(), port)?);
+        Ok(())
+    }
+}

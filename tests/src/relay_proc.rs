@@ -1,0 +1,416 @@
+//! The relay under test: finding the binary, spawning it, and talking to it
+//! from outside (signals, exit status, stderr, `/metrics`).
+//!
+//! The binary is `$RELAY_BIN` when set (`cargo xtask test` sets it), else the
+//! harness runs `cargo build --release -p relay` once per test process and
+//! uses the executable cargo reports.
+//!
+//! A spawned relay is "ready" when its listen socket (and metrics socket, if
+//! any) shows up as LISTEN in `/proc/<pid>/net/tcp{,6}`; the harness never
+//! connects to probe, because every connection is counted in the metrics.
+//! A [`Relay`] is killed on drop and its stderr printed (libtest shows it
+//! only for failing tests).
+
+use std::fmt::Display;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::signal::Signal;
+
+use crate::child::ChildProc;
+use crate::metrics::{Scrape, Selector};
+use crate::ports::{free_port, is_listening};
+use crate::wait::poll_until;
+
+/// How long a relay may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Path of the relay binary (built on first use unless `$RELAY_BIN` is set).
+pub fn relay_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!("no relay binary: {e}"))
+}
+
+fn locate_or_build() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("RELAY_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("RELAY_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("invariant: tests/ sits inside the workspace root")
+        .to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "relay",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(&workspace)
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} build --release -p relay",
+                cargo.to_string_lossy()
+            )
+        })?;
+    if !out.status.success() {
+        bail!(
+            "cargo build --release -p relay failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The last compiler-artifact message for the `relay` bin names its path.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "relay")
+        .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .next_back()
+        .context("cargo built the relay package but reported no `relay` executable; is [[bin]] relay still declared?")
+}
+
+/// How the relay is invoked: `relay forward L T [opts]` or `relay [opts] A1 A2`.
+#[derive(Clone, Debug)]
+enum Form {
+    Forward { listen: String, target: String },
+    Socat { addr1: String, addr2: String },
+    Raw(Vec<String>),
+}
+
+/// Builder for a relay process.
+#[derive(Clone, Debug)]
+pub struct RelayCmd {
+    form: Form,
+    options: Vec<String>,
+    listen_port: Option<u16>,
+    metrics: Option<SocketAddr>,
+    nofile: Option<u64>,
+}
+
+impl RelayCmd {
+    /// `relay forward <listen> <target>`; ready once `listen`'s port listens.
+    pub fn forward(listen: SocketAddr, target: impl Display) -> Self {
+        Self::new(
+            Form::Forward {
+                listen: listen.to_string(),
+                target: target.to_string(),
+            },
+            Some(listen.port()),
+        )
+    }
+
+    /// `relay forward 127.0.0.1:<free port> <target> --metrics 127.0.0.1:<free port>`:
+    /// the common shape of a test relay.
+    pub fn loopback_to(target: impl Display) -> Result<Self> {
+        Self::forward(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            target,
+        )
+        .with_metrics()
+    }
+
+    /// The socat drop-in form `relay [options] <addr1> <addr2>`; ready once
+    /// `listen_port` listens.
+    pub fn socat(listen_port: u16, addr1: impl Display, addr2: impl Display) -> Self {
+        Self::new(
+            Form::Socat {
+                addr1: addr1.to_string(),
+                addr2: addr2.to_string(),
+            },
+            Some(listen_port),
+        )
+    }
+
+    /// Exactly these arguments, for invocations that must fail.
+    pub fn raw<S: AsRef<str>>(args: &[S]) -> Self {
+        Self::new(
+            Form::Raw(args.iter().map(|a| a.as_ref().to_string()).collect()),
+            None,
+        )
+    }
+
+    fn new(form: Form, listen_port: Option<u16>) -> Self {
+        Self {
+            form,
+            options: Vec::new(),
+            listen_port,
+            metrics: None,
+            nofile: None,
+        }
+    }
+
+    /// Add options (placed where the form wants them).
+    pub fn opts<S: AsRef<str>>(mut self, options: &[S]) -> Self {
+        self.options
+            .extend(options.iter().map(|o| o.as_ref().to_string()));
+        self
+    }
+
+    /// Serve metrics on 127.0.0.1 at a free port (`--metrics 127.0.0.1:<p>`).
+    pub fn with_metrics(mut self) -> Result<Self> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        self.options
+            .extend(["--metrics".to_string(), addr.to_string()]);
+        self.metrics = Some(addr);
+        Ok(self)
+    }
+
+    /// Run under `prlimit --nofile=<n>:<n>` (soft and hard: relay raises
+    /// its soft limit to the hard one).
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
+        self
+    }
+
+    /// The full argument list after `relay`.
+    pub fn args(&self) -> Vec<String> {
+        match &self.form {
+            Form::Forward { listen, target } => {
+                let mut args = vec!["forward".to_string(), listen.clone(), target.clone()];
+                args.extend(self.options.iter().cloned());
+                args
+            }
+            Form::Socat { addr1, addr2 } => {
+                let mut args = self.options.clone();
+                args.extend([addr1.clone(), addr2.clone()]);
+                args
+            }
+            Form::Raw(args) => args.iter().chain(&self.options).cloned().collect(),
+        }
+    }
+
+    fn command(&self) -> Result<Command> {
+        let bin = relay_bin()?;
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(self.args());
+        Ok(cmd)
+    }
+
+    /// Start the relay and wait until it listens (and serves metrics).
+    pub fn spawn(self) -> Result<Relay> {
+        let Some(listen_port) = self.listen_port else {
+            bail!(
+                "RelayCmd::raw has no listen port to wait for; \
+                 use run_to_exit() for command lines that must fail"
+            );
+        };
+        let mut proc = ChildProc::spawn("relay", self.command()?)?;
+        for port in std::iter::once(listen_port).chain(self.metrics.map(|m| m.port())) {
+            proc.wait_listening(port, START_TIMEOUT)?;
+        }
+        // The socat form listens on 0.0.0.0 (or bind=); loopback reaches it.
+        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port));
+        let listen = match &self.form {
+            Form::Forward { listen, .. } => listen.parse().unwrap_or(loopback),
+            _ => loopback,
+        };
+        Ok(Relay {
+            proc,
+            listen: Some(listen),
+            metrics: self.metrics,
+        })
+    }
+
+    /// Run the relay expecting it to exit by itself within `timeout`.
+    pub fn run_to_exit(self, timeout: Duration) -> Result<Exited> {
+        let mut relay = Relay {
+            proc: ChildProc::spawn("relay", self.command()?)?,
+            listen: None,
+            metrics: None,
+        };
+        let status = relay.wait_exit(timeout)?;
+        Ok(Exited {
+            status,
+            stderr: relay.stderr(),
+        })
+    }
+}
+
+/// A relay that exited by itself.
+#[derive(Debug)]
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+/// A running relay process; killed on drop.
+#[derive(Debug)]
+pub struct Relay {
+    proc: ChildProc,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+impl Relay {
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Where clients connect (a listen address of 0.0.0.0 is reached at 127.0.0.1).
+    pub fn addr(&self) -> SocketAddr {
+        let addr = self
+            .listen
+            .expect("invariant: spawn() always records the listen address");
+        if addr.ip().is_unspecified() {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        } else {
+            addr
+        }
+    }
+
+    /// A client connection to the relay's listen address.
+    pub fn connect(&self) -> Result<std::net::TcpStream> {
+        crate::peers::connect(self.addr())
+    }
+
+    /// True while the listen socket exists.
+    pub fn is_listening(&self) -> Result<bool> {
+        is_listening(self.pid(), self.addr().port())
+    }
+
+    /// How many file descriptors the relay has open now.
+    pub fn open_fds(&self) -> Result<usize> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        Ok(std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {dir}"))?
+            .count())
+    }
+
+    /// The relay's RLIMIT_NOFILE as (soft, hard), from /proc/<pid>/limits.
+    pub fn nofile_limit(&self) -> Result<(String, String)> {
+        let path = format!("/proc/{}/limits", self.pid());
+        let limits = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .with_context(|| format!("no `Max open files` line in {path}"))?;
+        let mut cols = line["Max open files".len()..].split_whitespace();
+        match (cols.next(), cols.next()) {
+            (Some(soft), Some(hard)) => Ok((soft.to_string(), hard.to_string())),
+            _ => bail!("cannot parse {line:?} in {path}"),
+        }
+    }
+
+    /// Everything relay wrote to stderr (and stdout) so far.
+    pub fn stderr(&self) -> String {
+        self.proc.log()
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        self.proc.signal(signal)
+    }
+
+    /// Wait for relay to exit; fail (with its stderr) if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match self.proc.wait_exit(timeout)? {
+            Some(status) => Ok(status),
+            None => bail!(
+                "expected relay to exit within {timeout:?}, it is still running; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// GET /metrics and parse it.
+    pub fn scrape(&self) -> Result<Scrape> {
+        let addr = self
+            .metrics
+            .context("this relay was started without with_metrics()")?;
+        let response =
+            crate::http::get(crate::peers::connect(addr)?, &addr.to_string(), "/metrics")?;
+        if response.status != 200 {
+            bail!(
+                "GET /metrics: expected status 200, got {}: {}",
+                response.status,
+                response.head
+            );
+        }
+        let text = String::from_utf8(response.body).context("/metrics body is not UTF-8")?;
+        Scrape::parse(&text)
+    }
+
+    /// Poll /metrics until the sum of `name{labels}` equals `expected`.
+    ///
+    /// Counters move when connections close, a moment after the client
+    /// sees the close; hence polling rather than one scrape.
+    pub fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        expected: f64,
+        timeout: Duration,
+    ) -> Result<Scrape> {
+        let mut last: Option<Scrape> = None;
+        let waited = poll_until(
+            &format!("{} == {expected}", Selector(name, labels)),
+            timeout,
+            || {
+                let scrape = self.scrape()?;
+                let ok = scrape.counter(name, labels) == expected;
+                let result = ok.then(|| scrape.clone());
+                last = Some(scrape);
+                Ok(result)
+            },
+        );
+        waited.map_err(|e| {
+            let got = last.as_ref().map(|s| s.counter(name, labels));
+            anyhow!(
+                "{e}: expected {} == {expected}, got {got:?}\nlast scrape:\n{}",
+                Selector(name, labels),
+                last.map(|s| s.text).unwrap_or_default()
+            )
+        })
+    }
+
+    /// The metrics address, if started with metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    /// Time from now until relay's exit; fails if longer than `timeout`.
+    pub fn time_to_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, Duration)> {
+        let start = Instant::now();
+        let status = self.wait_exit(timeout)?;
+        Ok((status, start.elapsed()))
+    }
+}
+
+/// How many JSON log lines (`--log-format json`) in `log` carry the field
+/// `key` with string value `value`, at any depth (tracing nests fields).
+pub fn json_log_lines_with(log: &str, key: &str, value: &str) -> usize {
+    fn has(v: &serde_json::Value, key: &str, value: &str) -> bool {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.get(key).is_some_and(|found| found == value)
+                    || map.values().any(|inner| has(inner, key, value))
+            }
+            serde_json::Value::Array(items) => items.iter().any(|inner| has(inner, key, value)),
+            _ => false,
+        }
+    }
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|v| has(v, key, value))
+        .count()
+}
