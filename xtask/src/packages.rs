@@ -1,0 +1,153 @@
+//! The Debian packages the tests and benches need, and installing the
+//! missing ones. `REQUIRED` is the one list: add new peers here.
+//!
+//! A package counts as present when dpkg says it is installed, or when
+//! the program it is needed for is on PATH (so a host with, say,
+//! nginx-full is not asked to install the conflicting nginx-light).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cmd;
+
+/// A Debian package and the program the tests use from it.
+pub struct Package {
+    pub name: &'static str,
+    pub program: &'static str,
+}
+
+/// Everything `cargo xtask test` and `cargo xtask bench` run as real peers.
+pub const REQUIRED: &[Package] = &[
+    Package {
+        name: "socat",
+        program: "socat",
+    },
+    Package {
+        name: "iperf3",
+        program: "iperf3",
+    },
+    Package {
+        name: "wrk",
+        program: "wrk",
+    },
+    Package {
+        name: "prometheus",
+        program: "promtool",
+    },
+    Package {
+        name: "nginx-light",
+        program: "nginx",
+    },
+    Package {
+        name: "iproute2",
+        program: "ip",
+    },
+    Package {
+        name: "procps",
+        program: "pkill",
+    },
+    Package {
+        name: "util-linux",
+        program: "nsenter",
+    },
+];
+
+/// Install whatever in `REQUIRED` is missing, or explain how to.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&Package> = REQUIRED.iter().filter(|p| !is_present(p)).collect();
+    if missing.is_empty() {
+        println!(
+            "xtask: all {} required Debian packages present",
+            REQUIRED.len()
+        );
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|p| p.name).collect();
+    println!("xtask: missing Debian packages: {}", names.join(" "));
+
+    let debian = Path::new("/etc/debian_version").exists();
+    let root = nix::unistd::geteuid().is_root();
+    if !(debian && root) {
+        let command = format!(
+            "sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y --no-install-recommends {}",
+            names.join(" ")
+        );
+        if debian {
+            bail!("cannot install them without root; run:\n  {command}");
+        }
+        let programs: Vec<&str> = missing.iter().map(|p| p.program).collect();
+        bail!(
+            "not a Debian system, so not installing anything; install the packages \
+             that provide {} (on Debian: `{command}`)",
+            programs.join(", ")
+        );
+    }
+
+    // Another apt may hold the lock (e.g. provisioning); wait for it
+    // rather than fail.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
+    cmd::run_streaming(
+        Command::new("apt-get")
+            .args(lock_wait)
+            .args(["-q", "update"]),
+    )
+    .context("apt-get update failed")?;
+    cmd::run_streaming(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(lock_wait)
+            .args(["-q", "install", "-y", "--no-install-recommends"])
+            .args(&names),
+    )
+    .context("apt-get install failed")?;
+
+    let still: Vec<&str> = REQUIRED
+        .iter()
+        .filter(|p| !is_present(p))
+        .map(|p| p.name)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get install succeeded but these are still missing: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn is_present(pkg: &Package) -> bool {
+    dpkg_installed(pkg.name) || find_program(pkg.program).is_some()
+}
+
+/// `dpkg-query -W -f='${Status}' NAME` says "install ok installed".
+fn dpkg_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
+        })
+        .unwrap_or(false)
+}
+
+/// Like `which`, also looking in the sbin directories (nginx lives there)
+/// that a non-root PATH often lacks.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}

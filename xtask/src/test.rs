@@ -1,0 +1,77 @@
+//! `cargo xtask test`: the whole check that CI runs, as an ordered list of
+//! steps. New checks (e.g. "committed eBPF objects match a fresh build")
+//! go into `STEPS` at the place they belong.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::{cmd, packages, workspace};
+
+/// What the steps share: set by earlier steps, read by later ones.
+struct Ctx<'a> {
+    /// Arguments after `test`, passed to `cargo test` as given.
+    cargo_test_args: &'a [String],
+    /// Set by the build step; handed to the tests as RELAY_BIN.
+    relay_bin: Option<PathBuf>,
+}
+
+struct Step {
+    name: &'static str,
+    run: fn(&mut Ctx) -> Result<()>,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "Debian packages for real peers",
+        run: ensure_packages,
+    },
+    // Seam: the eBPF stale-object check ("relay-ebpf/obj matches a fresh
+    // `cargo xtask build-ebpf`") goes here, before anything is built.
+    Step {
+        name: "build relay (release)",
+        run: build_relay,
+    },
+    Step {
+        name: "cargo test --workspace --release",
+        run: cargo_test,
+    },
+];
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut ctx = Ctx {
+        cargo_test_args: args,
+        relay_bin: None,
+    };
+    for (i, step) in STEPS.iter().enumerate() {
+        println!("xtask: [{}/{}] {}", i + 1, STEPS.len(), step.name);
+        (step.run)(&mut ctx).with_context(|| format!("step `{}` failed", step.name))?;
+    }
+    println!("xtask: all {} steps passed", STEPS.len());
+    Ok(())
+}
+
+fn ensure_packages(_: &mut Ctx) -> Result<()> {
+    packages::ensure()
+}
+
+fn build_relay(ctx: &mut Ctx) -> Result<()> {
+    let bin = workspace::build_relay()?;
+    println!("xtask: RELAY_BIN={}", bin.display());
+    ctx.relay_bin = Some(bin);
+    Ok(())
+}
+
+fn cargo_test(ctx: &mut Ctx) -> Result<()> {
+    let relay_bin = ctx
+        .relay_bin
+        .as_ref()
+        .expect("invariant: the build step runs before the test step");
+    // Release: the integrity tests push 100 MiB through the relay.
+    cmd::run_streaming(
+        workspace::cargo()
+            .args(["test", "--workspace", "--release"])
+            .args(ctx.cargo_test_args)
+            .env("RELAY_BIN", relay_bin),
+    )
+}
