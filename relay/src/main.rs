@@ -105,8 +105,17 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log.verbose as i8 - cli.log.quiet as i8, cli.log.log_format);
-    if let Err(err) = limits::raise_nofile() {
-        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
+    let mut route = route;
+    match limits::raise_nofile() {
+        Ok(nofile) => {
+            let fits = limits::connections_for(nofile);
+            if route.max_connections as usize > fits {
+                tracing::warn!(requested = route.max_connections, nofile, max_connections = fits,
+                    "--max-connections lowered to what the open-file limit holds (two descriptors per connection)");
+                route.max_connections = u32::try_from(fits).unwrap_or(u32::MAX);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early"),
     }
 
     let runtime = match tokio::runtime::Runtime::new() {
