@@ -13,13 +13,15 @@
 //! ten thousand idle connections cost sockets and a task each, not buffers.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -125,8 +127,9 @@ impl Connection {
             }
         };
 
+        let (mut client, mut upstream) = (client, upstream);
         let transfer = Transfer::default();
-        let end = relay(&client, &upstream, &route, &transfer, &mut close).await;
+        let end = relay(&mut client, &mut upstream, &route, &transfer, &mut close).await;
         if matches!(end, End::Failed { .. }) {
             reset(&client);
             reset(&upstream);
@@ -172,16 +175,20 @@ impl Activity {
 }
 
 async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     route: &RouteContext,
     transfer: &Transfer,
     close: &mut watch::Receiver<bool>,
 ) -> End {
     let activity = Activity::new();
     let metrics = &route.metrics;
-    let to_target = pump(client, upstream, &metrics.to_target, &transfer.to_target, &activity);
-    let to_client = pump(upstream, client, &metrics.to_client, &transfer.to_client, &activity);
+    // Borrowed halves: unlike owned ones they do not shut down on drop, so
+    // a reset stays a reset.
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let to_target = pump(&mut client_read, &mut upstream_write, &metrics.to_target, &transfer.to_target, &activity);
+    let to_client = pump(&mut upstream_read, &mut client_write, &metrics.to_client, &transfer.to_client, &activity);
     tokio::pin!(to_target, to_client);
     let (mut client_done, mut target_done) = (false, false);
     let mut first = None;
@@ -223,63 +230,47 @@ impl Leg {
 }
 
 /// Copies `src` to `dst` until EOF on `src`, then shuts down writing on `dst`.
+///
+/// `read_buf` (rather than `try_read`) lets tokio clear the socket's
+/// readiness after a short read, which saves a read that would only say
+/// EAGAIN on every small message.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     counter: &IntCounter,
     moved: &AtomicU64,
     activity: &Activity,
 ) -> Result<(), (Leg, io::Error)> {
     let mut buffer: Vec<u8> = Vec::new();
     let mut size = BUFFER_MIN;
-    let mut busy = false;
     loop {
-        src.readable().await.map_err(|e| (Leg::Source, e))?;
         if buffer.capacity() == 0 {
+            // Wait before allocating, so an idle direction holds no buffer.
+            src.as_ref().readable().await.map_err(|e| (Leg::Source, e))?;
             buffer.reserve_exact(size);
         }
-        match src.try_read_buf(&mut buffer) {
-            Ok(0) => {
-                return socket2::SockRef::from(dst)
-                    .shutdown(Shutdown::Write)
-                    .map_err(|e| (Leg::Destination, e));
-            }
+        match src.read_buf(&mut buffer).await {
+            Ok(0) => return dst.shutdown().await.map_err(|e| (Leg::Destination, e)),
             Ok(n) => {
-                write_all(dst, &buffer).await.map_err(|e| (Leg::Destination, e))?;
+                dst.write_all(&buffer).await.map_err(|e| (Leg::Destination, e))?;
                 counter.inc_by(n as u64);
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 activity.touch();
-                busy = 2 * n >= buffer.capacity();
                 if n == buffer.capacity() && size < BUFFER_MAX {
                     size *= 2;
+                    buffer = Vec::new();
+                } else if 2 * n < buffer.capacity() {
+                    // A light flow gives its buffer back, so a connection
+                    // that goes quiet holds no buffer memory; a bulk flow
+                    // keeps it rather than fault in fresh pages each time.
                     buffer = Vec::new();
                 } else {
                     buffer.clear();
                 }
             }
-            // Drained for now. A light flow gives its buffer back, so a
-            // connection that goes quiet holds no buffer memory; a bulk flow
-            // keeps it rather than fault in fresh pages on every wake-up.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !busy {
-                    buffer = Vec::new();
-                }
-            }
             Err(e) => return Err((Leg::Source, e)),
         }
     }
-}
-
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Makes the coming close send RST instead of FIN.
