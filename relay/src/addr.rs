@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -60,6 +61,8 @@ pub struct ListenAddr {
     pub backlog: Option<u32>,
     /// Serve one connection and exit: socat's listen address without `fork`.
     pub once: bool,
+    /// TLS termination (`tls://`, `OPENSSL-LISTEN:`).
+    pub tls: Option<TlsListen>,
     /// The address as the user wrote it, for logs and the default route name.
     pub text: String,
 }
@@ -73,7 +76,38 @@ pub struct TargetAddr {
     /// Per-address `connect-timeout=`; overrides `--connect-timeout`.
     pub connect_timeout: Option<Duration>,
     pub keepalive: bool,
+    /// TLS origination (`tls://`, `OPENSSL:`).
+    pub tls: Option<TlsTarget>,
     pub text: String,
+}
+
+/// TLS settings written into a listen address (socat's `OPENSSL-LISTEN`
+/// options); command-line flags fill what is left unset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsListen {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// `cafile=`/`capath=`: roots that client certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// Demand a client certificate: socat's `verify`, 1 by default on
+    /// `OPENSSL-LISTEN`; the URL form asks for none unless told.
+    pub verify_clients: bool,
+}
+
+/// TLS settings written into a target address (socat's `OPENSSL` options).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsTarget {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// `snihost=`
+    pub sni: Option<String>,
+    /// `no-sni`
+    pub no_sni: bool,
+    /// `commonname=`: the name checked in the certificate.
+    pub name: Option<String>,
+    /// `verify=0` turns verification off.
+    pub verify: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -95,6 +129,9 @@ const LISTEN_KEYWORDS: &[(&str, Family)] = &[
     ("tcp6-l", Family::V6),
 ];
 
+const TLS_LISTEN_KEYWORDS: &[(&str, Family)] = &[("openssl-listen", Family::Any), ("ssl-l", Family::Any)];
+const TLS_CONNECT_KEYWORDS: &[(&str, Family)] = &[("openssl", Family::Any), ("ssl", Family::Any), ("openssl-connect", Family::Any)];
+
 const CONNECT_KEYWORDS: &[(&str, Family)] = &[
     ("tcp", Family::Any),
     ("tcp-connect", Family::Any),
@@ -105,7 +142,9 @@ const CONNECT_KEYWORDS: &[(&str, Family)] = &[
 ];
 
 const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>";
+const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
 const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, nodelay, keepalive";
+const TLS_CONNECT_OPTIONS: &str = "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
 
 /// Splits a socat address into its keyword and the rest, when the keyword is
 /// one of `keywords` (case-insensitive, as socat's are).
@@ -123,8 +162,7 @@ fn socat_keyword<'a>(input: &'a str, keywords: &[(&str, Family)]) -> Option<(Fam
 const OTHER_SOCAT_TYPES: &[&str] = &[
     "udp", "udp4", "udp6", "udp-listen", "udp4-listen", "udp6-listen", "udp-l", "udp-sendto", "udp-recvfrom",
     "udp-recv", "udp-datagram", "unix", "unix-connect", "unix-listen", "unix-l", "unix-sendto", "unix-recvfrom",
-    "unix-client", "abstract-connect", "abstract-listen", "openssl", "ssl", "openssl-listen", "ssl-l",
-    "openssl-connect", "exec", "system", "stdio", "stdin", "stdout", "stderr", "pipe", "file", "open", "gopen",
+    "unix-client", "abstract-connect", "abstract-listen", "exec", "system", "stdio", "stdin", "stdout", "stderr", "pipe", "file", "open", "gopen",
     "create", "fd", "pty", "readline", "tun", "socks4", "socks4a", "socks5", "proxy", "proxy-connect", "sctp",
     "sctp-listen", "sctp-connect", "vsock-listen", "vsock-connect", "ip", "ip4", "ip6", "ip-sendto",
     "interface", "dccp-listen", "dccp-connect", "udplite-listen", "udplite-connect", "tcp-sendto",
@@ -160,6 +198,10 @@ impl SocatOption<'_> {
                 format!("option `{}` takes 0 or 1, not `{other}`", self.key),
             )),
         }
+    }
+
+    fn path(&self, input: &str) -> Result<PathBuf, AddrError> {
+        self.required(input).map(PathBuf::from)
     }
 
     fn required(&self, input: &str) -> Result<&str, AddrError> {
@@ -236,14 +278,17 @@ fn parse_seconds(input: &str, key: &str, value: &str) -> Result<Duration, AddrEr
         .ok_or_else(|| invalid(input, format!("`{key}={value}`: expected a positive number of seconds")))
 }
 
-/// Strips a `tcp://` scheme; any other scheme is an error naming it.
-fn strip_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<&'a str, AddrError> {
+/// Splits off a URL scheme (`tcp` when there is none); any scheme not in
+/// `schemes` is an error naming it.
+fn split_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<(String, &'a str), AddrError> {
     match input.split_once("://") {
-        None => Ok(input),
-        Some((scheme, rest)) if schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) => Ok(rest),
+        None => Ok(("tcp".to_string(), input)),
+        Some((scheme, rest)) if schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) => {
+            Ok((scheme.to_ascii_lowercase(), rest))
+        }
         Some((scheme, _)) => Err(invalid(
             input,
-            format!("scheme `{scheme}://` is not supported; expected {}", schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(" or ")),
+            format!("scheme `{scheme}://` is not supported; expected {}", schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(", ")),
         )),
     }
 }
@@ -256,16 +301,21 @@ fn unknown_socat_keyword(input: &str, expected: &str) -> AddrError {
 /// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`, or
 /// socat's `TCP-LISTEN:<port>[,options]`.
 pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
-    if let Some((family, rest)) = socat_keyword(input, LISTEN_KEYWORDS).filter(|_| !input.contains("://")) {
-        return parse_socat_listen(input, family, rest);
+    if !input.contains("://") {
+        if let Some((family, rest)) = socat_keyword(input, LISTEN_KEYWORDS) {
+            return parse_socat_listen(input, family, rest, false);
+        }
+        if let Some((family, rest)) = socat_keyword(input, TLS_LISTEN_KEYWORDS) {
+            return parse_socat_listen(input, family, rest, true);
+        }
+        if socat_keyword(input, CONNECT_KEYWORDS).or(socat_keyword(input, TLS_CONNECT_KEYWORDS)).is_some() {
+            return Err(invalid(input, "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)"));
+        }
+        if looks_like_socat(input) {
+            return Err(unknown_socat_keyword(input, "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L or OPENSSL-LISTEN"));
+        }
     }
-    if socat_keyword(input, CONNECT_KEYWORDS).is_some() {
-        return Err(invalid(input, "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)"));
-    }
-    if looks_like_socat(input) && !input.contains("://") {
-        return Err(unknown_socat_keyword(input, "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN or TCP-L"));
-    }
-    let rest = strip_scheme(input, &["tcp"])?;
+    let (scheme, rest) = split_scheme(input, &["tcp", "tls", "tls-listen"])?;
     let (host, port) = host_port(input, rest)?;
     Ok(ListenAddr {
         host,
@@ -275,11 +325,12 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
         reuseport: false,
         backlog: None,
         once: false,
+        tls: (scheme != "tcp").then(TlsListen::default),
         text: input.to_string(),
     })
 }
 
-fn parse_socat_listen(input: &str, family: Family, rest: &str) -> Result<ListenAddr, AddrError> {
+fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Result<ListenAddr, AddrError> {
     let (port, options) = rest.split_once(',').unwrap_or((rest, ""));
     let mut addr = ListenAddr {
         host: Host::Ip(match family {
@@ -293,9 +344,19 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str) -> Result<ListenA
         reuseport: false,
         backlog: None,
         once: true,
+        tls: tls.then(|| TlsListen { verify_clients: true, ..TlsListen::default() }),
         text: input.to_string(),
     };
     for opt in socat_options(options) {
+        if let Some(tls) = addr.tls.as_mut() {
+            match opt.key.as_str() {
+                "cert" => { tls.cert = Some(opt.path(input)?); continue; }
+                "key" => { tls.key = Some(opt.path(input)?); continue; }
+                "cafile" | "capath" => { tls.ca = Some(opt.path(input)?); continue; }
+                "verify" => { tls.verify_clients = opt.flag(input)?; continue; }
+                _ => {}
+            }
+        }
         match opt.key.as_str() {
             "fork" => addr.once = !opt.flag(input)?,
             "reuseaddr" | "so-reuseaddr" => addr.reuseaddr = opt.flag(input)?,
@@ -316,7 +377,10 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str) -> Result<ListenA
             other => {
                 return Err(invalid(
                     input,
-                    format!("address option `{other}` is not supported by relay on a listen address (supported: {LISTEN_OPTIONS})"),
+                    format!(
+                        "address option `{other}` is not supported by relay on a listen address (supported: {LISTEN_OPTIONS}{})",
+                        if addr.tls.is_some() { format!(", {TLS_LISTEN_OPTIONS}") } else { String::new() }
+                    ),
                 ));
             }
         }
@@ -332,24 +396,30 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str) -> Result<ListenA
 /// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`, or
 /// socat's `TCP:<host>:<port>[,options]`.
 pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
-    if let Some((family, rest)) = socat_keyword(input, CONNECT_KEYWORDS).filter(|_| !input.contains("://")) {
-        return parse_socat_target(input, family, rest);
+    if !input.contains("://") {
+        if let Some((family, rest)) = socat_keyword(input, CONNECT_KEYWORDS) {
+            return parse_socat_target(input, family, rest, false);
+        }
+        if let Some((family, rest)) = socat_keyword(input, TLS_CONNECT_KEYWORDS) {
+            return parse_socat_target(input, family, rest, true);
+        }
+        if socat_keyword(input, LISTEN_KEYWORDS).or(socat_keyword(input, TLS_LISTEN_KEYWORDS)).is_some() {
+            return Err(invalid(input, "this is a listen address; the second address must connect (for example `TCP:host:port`)"));
+        }
+        if looks_like_socat(input) {
+            return Err(unknown_socat_keyword(input, "TCP, TCP4, TCP6, TCP-CONNECT or OPENSSL"));
+        }
     }
-    if socat_keyword(input, LISTEN_KEYWORDS).is_some() {
-        return Err(invalid(input, "this is a listen address; the second address must connect (for example `TCP:host:port`)"));
-    }
-    if looks_like_socat(input) && !input.contains("://") {
-        return Err(unknown_socat_keyword(input, "TCP, TCP4, TCP6 or TCP-CONNECT"));
-    }
-    let rest = strip_scheme(input, &["tcp"])?;
+    let (scheme, rest) = split_scheme(input, &["tcp", "tls"])?;
     let (host, port) = host_port(input, rest)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
     }
-    Ok(TargetAddr { host, port, family: Family::Any, connect_timeout: None, keepalive: false, text: input.to_string() })
+    let tls = (scheme == "tls").then(|| TlsTarget { verify: true, ..TlsTarget::default() });
+    Ok(TargetAddr { host, port, family: Family::Any, connect_timeout: None, keepalive: false, tls, text: input.to_string() })
 }
 
-fn parse_socat_target(input: &str, family: Family, rest: &str) -> Result<TargetAddr, AddrError> {
+fn parse_socat_target(input: &str, family: Family, rest: &str, tls: bool) -> Result<TargetAddr, AddrError> {
     let (hostport, options) = rest.split_once(',').unwrap_or((rest, ""));
     let (host, port) = host_port(input, hostport)?;
     if port == 0 {
@@ -360,8 +430,21 @@ fn parse_socat_target(input: &str, family: Family, rest: &str) -> Result<TargetA
     {
         return Err(invalid(input, format!("`{ip}` does not match the address family of this keyword")));
     }
-    let mut addr = TargetAddr { host, port, family, connect_timeout: None, keepalive: false, text: input.to_string() };
+    let tls = tls.then(|| TlsTarget { verify: true, ..TlsTarget::default() });
+    let mut addr = TargetAddr { host, port, family, connect_timeout: None, keepalive: false, tls, text: input.to_string() };
     for opt in socat_options(options) {
+        if let Some(tls) = addr.tls.as_mut() {
+            match opt.key.as_str() {
+                "cafile" | "capath" => { tls.ca = Some(opt.path(input)?); continue; }
+                "cert" => { tls.cert = Some(opt.path(input)?); continue; }
+                "key" => { tls.key = Some(opt.path(input)?); continue; }
+                "snihost" => { tls.sni = Some(opt.required(input)?.to_string()); continue; }
+                "no-sni" => { tls.no_sni = opt.flag(input)?; continue; }
+                "commonname" | "cn" => { tls.name = Some(opt.required(input)?.to_string()); continue; }
+                "verify" => { tls.verify = opt.flag(input)?; continue; }
+                _ => {}
+            }
+        }
         match opt.key.as_str() {
             "connect-timeout" => {
                 addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
@@ -377,7 +460,10 @@ fn parse_socat_target(input: &str, family: Family, rest: &str) -> Result<TargetA
             other => {
                 return Err(invalid(
                     input,
-                    format!("address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS})"),
+                    format!(
+                        "address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS}{})",
+                        if addr.tls.is_some() { format!(", {TLS_CONNECT_OPTIONS}") } else { String::new() }
+                    ),
                 ));
             }
         }
@@ -434,6 +520,28 @@ mod tests {
     }
 
     #[test]
+    fn tls_addresses_carry_their_options() {
+        let t = parse_target("tls://redis:6380").unwrap();
+        assert_eq!(t.tls, Some(TlsTarget { verify: true, ..TlsTarget::default() }));
+        let t = parse_target("OPENSSL:redis:6380,cafile=/ca.pem,cert=c.pem,key=c.key,snihost=r.internal,commonname=redis,verify=1").unwrap();
+        let tls = t.tls.unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert_eq!((tls.sni.as_deref(), tls.name.as_deref(), tls.verify), (Some("r.internal"), Some("redis"), true));
+        let t = parse_target("SSL:redis:6380,verify=0,no-sni").unwrap();
+        assert!(!t.tls.as_ref().unwrap().verify && t.tls.unwrap().no_sni);
+        assert!(parse_target("127.0.0.1:80").unwrap().tls.is_none());
+
+        let l = parse_listen("OPENSSL-LISTEN:443,cert=s.pem,key=s.key,cafile=ca.pem,fork").unwrap();
+        let tls = l.tls.unwrap();
+        assert!(tls.verify_clients, "socat's OPENSSL-LISTEN verifies clients by default");
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert!(!l.once);
+        let l = parse_listen("tls://0.0.0.0:443").unwrap();
+        assert!(!l.tls.unwrap().verify_clients, "the URL form asks for no client certificate unless told");
+        assert!(parse_listen("tls-listen://127.0.0.1:443").unwrap().tls.is_some());
+    }
+
+    #[test]
     fn bad_addresses_name_the_token() {
         let cases = [
             (parse_listen("TCP-LISTEN:notaport").map(|_| ()), "`notaport` is not a port"),
@@ -444,7 +552,8 @@ mod tests {
             (parse_target("foo://x:1").map(|_| ()), "scheme `foo://`"),
             (parse_target("[::1:80").map(|_| ()), "missing `]`"),
             (parse_target("::1:80").map(|_| ()), "needs brackets"),
-            (parse_target("OPENSSL:x:443").map(|_| ()), "`OPENSSL` is not supported"),
+            (parse_target("OPENSSL:x:443,bogus").map(|_| ()), "option `bogus`"),
+            (parse_listen("OPENSSL-LISTEN:443,snihost=x").map(|_| ()), "option `snihost`"),
             (parse_listen("UDP-LISTEN:5353").map(|_| ()), "`UDP-LISTEN` is not supported"),
             (parse_target("unix-connect:/run/x.sock").map(|_| ()), "`unix-connect` is not supported"),
             (parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()), "connect-timeout=soon"),

@@ -10,3 +10,4 @@ pub mod forward;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod tls;

@@ -3,6 +3,7 @@
 //! Everything else lives in the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
-use relay::forward::{Forwarder, RouteConfig};
+use relay::forward::{ForwardError, Forwarder, RouteConfig};
 use relay::logging::{self, LogFormat};
 use relay::metrics::{self, Metrics};
-use relay::{duration, limits};
+use relay::{duration, limits, tls};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -35,6 +36,8 @@ struct Cli {
     socat_target: Option<TargetAddr>,
     #[command(flatten)]
     route: RouteArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -67,15 +70,89 @@ struct RouteArgs {
     /// Close a connection with no bytes either way for this long (socat's -T).
     #[arg(global = true, long, short = 'T', value_parser = duration::parse)]
     idle_timeout: Option<Duration>,
-    /// Open connections at most; beyond it accepting pauses until one closes.
-    #[arg(global = true, long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
+    /// Open connections at most; beyond it accepting pauses until one closes
+    /// [default: 10000, or what the open-file limit holds if less].
+    #[arg(global = true, long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(global = true, long, value_parser = duration::parse, default_value = "30s")]
     drain_timeout: Duration,
     /// Serve Prometheus metrics at http://<addr>/metrics; a bare port binds 127.0.0.1.
     #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
+}
+
+/// TLS options; global like the route options. Options written into a
+/// socat address (`cafile=`, `cert=` ...) win over these.
+#[derive(Args)]
+#[command(next_help_heading = "TLS")]
+struct TlsArgs {
+    /// Trust roots for a TLS target: a PEM file, or a directory of *.crt/*.pem [default: system store].
+    #[arg(global = true, long, value_name = "FILE|DIR")]
+    tls_ca: Option<PathBuf>,
+    /// SNI name sent to a TLS target [default: the target host].
+    #[arg(global = true, long, value_name = "NAME")]
+    tls_sni: Option<String>,
+    /// Send no SNI to the TLS target.
+    #[arg(global = true, long, conflicts_with = "tls_sni")]
+    tls_no_sni: bool,
+    /// Name the target's certificate must carry [default: the SNI name].
+    #[arg(global = true, long, value_name = "NAME")]
+    tls_name: Option<String>,
+    /// Certificate (PEM): the listener's when it is TLS, else the client certificate for the target.
+    #[arg(global = true, long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(global = true, long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Client certificate for a TLS target when the listener is TLS too.
+    #[arg(global = true, long, value_name = "FILE")]
+    tls_upstream_cert: Option<PathBuf>,
+    /// Private key for --tls-upstream-cert.
+    #[arg(global = true, long, value_name = "FILE")]
+    tls_upstream_key: Option<PathBuf>,
+    /// TLS listener: require client certificates signed by these roots.
+    #[arg(global = true, long, value_name = "FILE|DIR")]
+    tls_client_ca: Option<PathBuf>,
+    /// TLS listener: accept only client certificates with this CN or DNS name (repeatable).
+    #[arg(global = true, long, value_name = "NAME")]
+    tls_allow_name: Vec<String>,
+    /// ALPN protocols to offer (target) or accept (listener), comma-separated.
+    #[arg(global = true, long, value_name = "PROTO,...", value_delimiter = ',')]
+    tls_alpn: Vec<String>,
+    /// Lowest TLS version accepted.
+    #[arg(global = true, long, value_name = "1.2|1.3", default_value = "1.2", value_parser = ["1.2", "1.3"])]
+    tls_min_version: String,
+    /// Do not verify the TLS target's certificate (logged as a warning). socat: verify=0.
+    #[arg(global = true, long)]
+    tls_insecure: bool,
+    /// Append NSS key log lines for both legs to this file [default: $SSLKEYLOGFILE].
+    #[arg(global = true, long, value_name = "FILE")]
+    tls_keylog: Option<PathBuf>,
+    /// Give up a TLS handshake after this long.
+    #[arg(global = true, long, value_parser = duration::parse, default_value = "10s")]
+    tls_handshake_timeout: Duration,
+}
+
+impl TlsArgs {
+    fn flags(&self) -> tls::settings::Flags {
+        tls::settings::Flags {
+            ca: self.tls_ca.clone(),
+            sni: self.tls_sni.clone(),
+            no_sni: self.tls_no_sni,
+            name: self.tls_name.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            upstream_cert: self.tls_upstream_cert.clone(),
+            upstream_key: self.tls_upstream_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            allow_names: self.tls_allow_name.clone(),
+            alpn: self.tls_alpn.clone(),
+            tls13_only: self.tls_min_version == "1.3",
+            insecure: self.tls_insecure,
+            keylog: self.tls_keylog.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -90,6 +167,8 @@ struct LogArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
 }
+
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
@@ -106,17 +185,20 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log.verbose as i8 - cli.log.quiet as i8, cli.log.log_format);
     let mut route = route;
-    match limits::raise_nofile() {
-        Ok(nofile) => {
-            let fits = limits::connections_for(nofile);
-            if route.max_connections as usize > fits {
-                tracing::warn!(requested = route.max_connections, nofile, max_connections = fits,
-                    "--max-connections lowered to what the open-file limit holds (two descriptors per connection)");
-                route.max_connections = u32::try_from(fits).unwrap_or(u32::MAX);
-            }
+    let nofile = limits::raise_nofile().unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+    });
+    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
+    route.max_connections = Some(match route.max_connections {
+        Some(asked) if asked > fits => {
+            tracing::warn!(requested = asked, nofile, max_connections = fits,
+                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)");
+            fits
         }
-        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early"),
-    }
+        Some(asked) => asked,
+        None => DEFAULT_MAX_CONNECTIONS.min(fits),
+    });
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -125,27 +207,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(serve(listen, target, route));
+    let result = runtime.block_on(serve(listen, target, route, cli.tls));
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("relay: error: {err:#}");
-            ExitCode::FAILURE
+            // Bad TLS input (a file, a flag that does not fit) is a usage error.
+            match err.downcast_ref::<ForwardError>() {
+                Some(ForwardError::Tls(_)) => ExitCode::from(USAGE),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
 
-async fn serve(listen: ListenAddr, target: TargetAddr, args: RouteArgs) -> anyhow::Result<()> {
+async fn serve(listen: ListenAddr, target: TargetAddr, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(|| listen.text.clone());
+    let (tls_server, tls_client) = tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
     let config = RouteConfig {
         listen,
         target,
         connect_timeout: args.connect_timeout,
         idle_timeout: args.idle_timeout,
-        max_connections: args.max_connections as usize,
+        max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) as usize,
         drain_timeout: args.drain_timeout,
+        tls_server,
+        tls_client,
+        handshake_timeout: tls_args.tls_handshake_timeout,
     };
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();

@@ -19,6 +19,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use thiserror::Error;
+
+use crate::tls::HandshakeOutcome;
 use tokio::net::TcpListener;
 
 /// How a relayed connection ended; the `outcome` label.
@@ -40,10 +42,12 @@ pub enum Outcome {
     Drained,
     /// Accepting paused because --max-connections were open (counted per pause).
     Limit,
+    /// A TLS handshake on either leg failed.
+    TlsError,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Closed,
         Outcome::Refused,
         Outcome::ConnectTimeout,
@@ -52,6 +56,7 @@ impl Outcome {
         Outcome::IdleTimeout,
         Outcome::Drained,
         Outcome::Limit,
+        Outcome::TlsError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +69,7 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::Drained => "drained",
             Outcome::Limit => "limit",
+            Outcome::TlsError => "tls_error",
         }
     }
 }
@@ -83,6 +89,8 @@ pub struct Metrics {
     bytes: IntCounterVec,
     connect_duration: HistogramVec,
     connection_duration: HistogramVec,
+    tls_handshakes: IntCounterVec,
+    tls_duration: HistogramVec,
 }
 
 /// The children of every family for one route, resolved once so the hot
@@ -90,7 +98,9 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct RouteMetrics {
     pub name: Arc<str>,
-    outcomes: Arc<[IntCounter; 8]>,
+    outcomes: Arc<[IntCounter; 9]>,
+    tls_handshakes: IntCounterVec,
+    tls_duration: HistogramVec,
     pub active: IntGauge,
     pub to_target: IntCounter,
     pub to_client: IntCounter,
@@ -98,7 +108,38 @@ pub struct RouteMetrics {
     pub connection_duration: prometheus::Histogram,
 }
 
+/// Which end of a TLS handshake the relay was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRole {
+    /// The relay originated TLS to the target.
+    Client,
+    /// The relay terminated TLS from a client.
+    Server,
+}
+
+impl TlsRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRole::Client => "client",
+            TlsRole::Server => "server",
+        }
+    }
+}
+
 impl RouteMetrics {
+    /// Creates the handshake series of `role` at 0, for a route that uses it.
+    pub fn init_tls(&self, role: TlsRole) {
+        for outcome in HandshakeOutcome::ALL {
+            self.tls_handshakes.with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]);
+        }
+        self.tls_duration.with_label_values(&[&*self.name, role.as_str()]);
+    }
+
+    pub fn tls_handshake(&self, role: TlsRole, outcome: HandshakeOutcome, seconds: f64) {
+        self.tls_handshakes.with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]).inc();
+        self.tls_duration.with_label_values(&[&*self.name, role.as_str()]).observe(seconds);
+    }
+
     pub fn outcome(&self, outcome: Outcome) -> &IntCounter {
         let index = Outcome::ALL.iter().position(|o| *o == outcome).expect("Outcome::ALL lists every outcome");
         &self.outcomes[index]
@@ -141,6 +182,17 @@ impl Metrics {
             &["route"],
         )
         .expect("static metric definition is valid");
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new("relay_tls_handshakes_total", "TLS handshakes by role (client: to the target, server: from clients) and outcome."),
+            &["route", "role", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let tls_duration = HistogramVec::new(
+            HistogramOpts::new("relay_tls_handshake_duration_seconds", "Time TLS handshakes took, failed ones included.")
+                .buckets(CONNECT_BUCKETS.to_vec()),
+            &["route", "role"],
+        )
+        .expect("static metric definition is valid");
         let build_info = IntGaugeVec::new(
             Opts::new("relay_build_info", "Always 1; labels carry the build."),
             &["version"],
@@ -153,11 +205,13 @@ impl Metrics {
             Box::new(bytes.clone()),
             Box::new(connect_duration.clone()),
             Box::new(connection_duration.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(tls_duration.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
-        Metrics { registry, connections, active, bytes, connect_duration, connection_duration }
+        Metrics { registry, connections, active, bytes, connect_duration, connection_duration, tls_handshakes, tls_duration }
     }
 
     /// The metrics of one route; every outcome series exists from the start
@@ -166,6 +220,8 @@ impl Metrics {
         RouteMetrics {
             name: Arc::from(name),
             outcomes: Arc::new(Outcome::ALL.map(|o| self.connections.with_label_values(&[name, o.as_str()]))),
+            tls_handshakes: self.tls_handshakes.clone(),
+            tls_duration: self.tls_duration.clone(),
             active: self.active.with_label_values(&[name]),
             to_target: self.bytes.with_label_values(&[name, "to_target"]),
             to_client: self.bytes.with_label_values(&[name, "to_client"]),

@@ -7,7 +7,10 @@
 //! - reset: an error on either side resets both (SO_LINGER 0), so a peer
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;
-//! - drain: when the drain timeout after SIGTERM runs out, both are closed.
+//! - drain: when the drain timeout after SIGTERM runs out, both are closed;
+//! - TLS: a leg's handshake comes first (bounded by the handshake timeout);
+//!   a clean end sends close_notify, and a peer's EOF without close_notify
+//!   is named in the log but ends its direction like any EOF.
 //!
 //! Buffers exist only while bytes flow: an idle connection holds none, so
 //! ten thousand idle connections cost sockets and a task each, not buffers.
@@ -19,13 +22,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::tcp::ReadHalf;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::stream::Stream;
 use super::{RouteContext, raised};
+use crate::metrics::TlsRole;
+use crate::tls::HandshakeOutcome;
+use crate::tls::server::Refused;
 use super::upstream;
 use crate::metrics::Outcome;
 
@@ -54,8 +61,9 @@ impl Side {
 /// How the relay phase ended, before it is reduced to an [`Outcome`].
 #[derive(Debug)]
 enum End {
-    /// Both directions ended with EOF; `first` sent its FIN first.
-    Closed { first: Side },
+    /// Both directions ended with EOF; `first` sent its FIN first;
+    /// `unclean` is a TLS side whose EOF came without close_notify.
+    Closed { first: Side, unclean: Option<Side> },
     /// An I/O error on `side` (a reset, a broken pipe).
     Failed { side: Side, error: io::Error },
     Idle,
@@ -74,7 +82,10 @@ impl End {
 
     fn describe(&self) -> String {
         match self {
-            End::Closed { first } => format!("{} closed first", first.as_str()),
+            End::Closed { first, unclean: None } => format!("{} closed first", first.as_str()),
+            End::Closed { first, unclean: Some(side) } => {
+                format!("{} closed first; {} ended TLS without close_notify", first.as_str(), side.as_str())
+            }
             End::Failed { side, error } => format!("{} failed: {error}", side.as_str()),
             End::Idle => "idle timeout".to_string(),
             End::Drained => "drain timeout after shutdown signal".to_string(),
@@ -106,6 +117,17 @@ impl Connection {
             tracing::debug!(route = %metrics.name, %peer, error = %err, "cannot set TCP_NODELAY on client");
         }
 
+        let mut client = match &route.acceptor {
+            None => Stream::Plain(client),
+            Some(acceptor) => match handshake(&route, TlsRole::Server, acceptor.accept(client)).await {
+                Ok(tls) => Stream::TlsServer(Box::new(tls)),
+                Err(reason) => {
+                    finish(&route, peer, started, &Transfer::default(), Outcome::TlsError, &reason);
+                    return;
+                }
+            },
+        };
+
         let upstream = tokio::select! {
             result = upstream::connect(&route.target, route.connect_timeout) => result,
             _ = raised(&mut close) => {
@@ -121,18 +143,31 @@ impl Connection {
             Err(err) => {
                 // The client learns at once that there is no target behind
                 // the relay: a reset, as a direct connect would have given.
-                reset(&client);
+                reset(client.tcp());
                 finish(&route, peer, started, &Transfer::default(), err.outcome(), &err.to_string());
                 return;
             }
         };
+        let mut upstream = match &route.connector {
+            None => Stream::Plain(upstream),
+            Some(connector) => {
+                let connecting = async { connector.connect(upstream).await.map_err(|e| Refused::of(&e)) };
+                match handshake(&route, TlsRole::Client, connecting).await {
+                    Ok(tls) => Stream::TlsClient(Box::new(tls)),
+                    Err(reason) => {
+                        reset(client.tcp());
+                        finish(&route, peer, started, &Transfer::default(), Outcome::TlsError, &reason);
+                        return;
+                    }
+                }
+            }
+        };
 
-        let (mut client, mut upstream) = (client, upstream);
         let transfer = Transfer::default();
         let end = relay(&mut client, &mut upstream, &route, &transfer, &mut close).await;
         if matches!(end, End::Failed { .. }) {
-            reset(&client);
-            reset(&upstream);
+            reset(client.tcp());
+            reset(upstream.tcp());
         }
         finish(&route, peer, started, &transfer, end.outcome(), &end.describe());
     }
@@ -175,31 +210,61 @@ impl Activity {
 }
 
 async fn relay(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+    client: &mut Stream,
+    upstream: &mut Stream,
+    route: &RouteContext,
+    transfer: &Transfer,
+    close: &mut watch::Receiver<bool>,
+) -> End {
+    match (client, upstream) {
+        // Borrowed TCP halves: no lock between the directions, and unlike
+        // owned halves they do not shut down on drop, so a reset stays a reset.
+        (Stream::Plain(client), Stream::Plain(upstream)) => {
+            let (client_read, client_write) = client.split();
+            let (upstream_read, upstream_write) = upstream.split();
+            both_ways(client_read, client_write, upstream_read, upstream_write, route, transfer, close).await
+        }
+        (client, upstream) => {
+            let (client_read, client_write) = tokio::io::split(client);
+            let (upstream_read, upstream_write) = tokio::io::split(upstream);
+            both_ways(client_read, client_write, upstream_read, upstream_write, route, transfer, close).await
+        }
+    }
+}
+
+async fn both_ways(
+    mut client_read: impl Source,
+    mut client_write: impl AsyncWrite + Unpin + Send,
+    mut upstream_read: impl Source,
+    mut upstream_write: impl AsyncWrite + Unpin + Send,
     route: &RouteContext,
     transfer: &Transfer,
     close: &mut watch::Receiver<bool>,
 ) -> End {
     let activity = Activity::new();
     let metrics = &route.metrics;
-    // Borrowed halves: unlike owned ones they do not shut down on drop, so
-    // a reset stays a reset.
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
     let to_target = pump(&mut client_read, &mut upstream_write, &metrics.to_target, &transfer.to_target, &activity);
     let to_client = pump(&mut upstream_read, &mut client_write, &metrics.to_client, &transfer.to_client, &activity);
     tokio::pin!(to_target, to_client);
     let (mut client_done, mut target_done) = (false, false);
     let mut first = None;
+    let mut unclean = None;
     loop {
         tokio::select! {
             result = &mut to_target, if !client_done => match result {
-                Ok(()) => { client_done = true; first.get_or_insert(Side::Client); }
+                Ok(eof) => {
+                    client_done = true;
+                    first.get_or_insert(Side::Client);
+                    if eof == Eof::WithoutCloseNotify { unclean = Some(Side::Client); }
+                }
                 Err((side, error)) => return End::Failed { side: side.or(Side::Client, Side::Target), error },
             },
             result = &mut to_client, if !target_done => match result {
-                Ok(()) => { target_done = true; first.get_or_insert(Side::Target); }
+                Ok(eof) => {
+                    target_done = true;
+                    first.get_or_insert(Side::Target);
+                    if eof == Eof::WithoutCloseNotify { unclean = Some(Side::Target); }
+                }
                 Err((side, error)) => return End::Failed { side: side.or(Side::Target, Side::Client), error },
             },
             _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX)), if route.idle_timeout.is_some() => {
@@ -208,9 +273,38 @@ async fn relay(
             _ = raised(close) => return End::Drained,
         }
         if client_done && target_done {
-            return End::Closed { first: first.expect("a direction finished") };
+            return End::Closed { first: first.expect("a direction finished"), unclean };
         }
     }
+}
+
+/// The reading half of a leg, as the copy loop needs it.
+trait Source: AsyncRead + Unpin + Send {
+    /// Completes when a read may make progress; the loop waits here before
+    /// it allocates a buffer, so an idle leg holds none.
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Source for ReadHalf<'_> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.as_ref().readable()
+    }
+}
+
+/// A TLS leg: rustls may already hold decrypted bytes while the socket is
+/// quiet, so readiness of the socket says nothing; read directly.
+impl Source for tokio::io::ReadHalf<&mut Stream> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// How a direction's source ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eof {
+    Clean,
+    /// A TLS peer closed TCP without sending close_notify first.
+    WithoutCloseNotify,
 }
 
 /// Which socket of a direction an error came from.
@@ -235,22 +329,22 @@ impl Leg {
 /// readiness after a short read, which saves a read that would only say
 /// EAGAIN on every small message.
 async fn pump(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
+    src: &mut impl Source,
+    dst: &mut (impl AsyncWrite + Unpin),
     counter: &IntCounter,
     moved: &AtomicU64,
     activity: &Activity,
-) -> Result<(), (Leg, io::Error)> {
+) -> Result<Eof, (Leg, io::Error)> {
     let mut buffer: Vec<u8> = Vec::new();
     let mut size = BUFFER_MIN;
     loop {
         if buffer.capacity() == 0 {
             // Wait before allocating, so an idle direction holds no buffer.
-            src.as_ref().readable().await.map_err(|e| (Leg::Source, e))?;
+            src.ready().await.map_err(|e| (Leg::Source, e))?;
             buffer.reserve_exact(size);
         }
         match src.read_buf(&mut buffer).await {
-            Ok(0) => return dst.shutdown().await.map_err(|e| (Leg::Destination, e)),
+            Ok(0) => return dst.shutdown().await.map(|()| Eof::Clean).map_err(|e| (Leg::Destination, e)),
             Ok(n) => {
                 dst.write_all(&buffer).await.map_err(|e| (Leg::Destination, e))?;
                 counter.inc_by(n as u64);
@@ -268,9 +362,30 @@ async fn pump(
                     buffer.clear();
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return dst.shutdown().await.map(|()| Eof::WithoutCloseNotify).map_err(|e| (Leg::Destination, e));
+            }
             Err(e) => return Err((Leg::Source, e)),
         }
     }
+}
+
+/// Runs one TLS handshake under the route's handshake timeout and counts it;
+/// the error is the line to log.
+async fn handshake<T>(
+    route: &RouteContext,
+    role: TlsRole,
+    handshake: impl Future<Output = Result<T, Refused>>,
+) -> Result<T, String> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(route.handshake_timeout, handshake)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refused { outcome: HandshakeOutcome::Timeout, reason: format!("no handshake within {:?}", route.handshake_timeout) })
+        });
+    let outcome = result.as_ref().map_or_else(|refused| refused.outcome, |_| HandshakeOutcome::Ok);
+    route.metrics.tls_handshake(role, outcome, started.elapsed().as_secs_f64());
+    result.map_err(|refused| format!("TLS handshake as {} failed ({}): {}", role.as_str(), outcome.as_str(), refused.reason))
 }
 
 /// Makes the coming close send RST instead of FIN.

@@ -21,6 +21,7 @@
 
 pub mod connection;
 pub mod listener;
+pub mod stream;
 pub mod upstream;
 
 use std::io;
@@ -33,7 +34,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::addr::{ListenAddr, TargetAddr};
-use crate::metrics::{Outcome, RouteMetrics};
+use crate::metrics::{Outcome, RouteMetrics, TlsRole};
+use crate::tls::{self, TlsError};
 use connection::Connection;
 
 #[derive(Debug, Error)]
@@ -42,6 +44,8 @@ pub enum ForwardError {
     Bind { addr: String, resolved: SocketAddr, cause: io::Error },
     #[error("cannot resolve listen address {addr}: {cause}")]
     ResolveListen { addr: String, cause: io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 fn bind_hint(cause: &io::Error) -> &'static str {
@@ -62,6 +66,11 @@ pub struct RouteConfig {
     pub idle_timeout: Option<Duration>,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Terminate TLS from clients.
+    pub tls_server: Option<tls::ServerOptions>,
+    /// Originate TLS to the target.
+    pub tls_client: Option<tls::ClientOptions>,
+    pub handshake_timeout: Duration,
 }
 
 impl RouteConfig {
@@ -74,6 +83,9 @@ impl RouteConfig {
             idle_timeout: None,
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
+            tls_server: None,
+            tls_client: None,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -84,6 +96,9 @@ pub struct RouteContext {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub metrics: RouteMetrics,
+    pub acceptor: Option<tls::Acceptor>,
+    pub connector: Option<tls::Connector>,
+    pub handshake_timeout: Duration,
 }
 
 /// A bound route, ready to accept.
@@ -99,8 +114,17 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl Forwarder {
-    /// Binds the listening socket; a busy address fails here, at startup.
+    /// Loads the TLS material and binds the listening socket: a bad file or
+    /// a busy address fails here, at startup.
     pub async fn bind(config: RouteConfig, metrics: RouteMetrics) -> Result<Self, ForwardError> {
+        let acceptor = config.tls_server.as_ref().map(tls::Acceptor::new).transpose()?;
+        let connector = config.tls_client.as_ref().map(|options| tls::Connector::new(options, &config.target.host)).transpose()?;
+        if acceptor.is_some() {
+            metrics.init_tls(TlsRole::Server);
+        }
+        if connector.is_some() {
+            metrics.init_tls(TlsRole::Client);
+        }
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
@@ -112,6 +136,9 @@ impl Forwarder {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             metrics,
+            acceptor,
+            connector,
+            handshake_timeout: config.handshake_timeout,
         });
         Ok(Forwarder { listener, local, config, route })
     }

@@ -1,0 +1,58 @@
+//! One leg of a relayed connection: plain TCP, or TLS over TCP in either
+//! role. The copy loop reads and writes through this; resets and socket
+//! options go to the TCP socket underneath.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+pub enum Stream {
+    Plain(TcpStream),
+    /// TLS the relay terminated (it was the server).
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS the relay originated (it was the client).
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::TlsServer(tls) => tls.get_ref().0,
+            Stream::TlsClient(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// Calls the same poll method on whichever stream this is.
+macro_rules! each {
+    ($self:ident, $method:ident($($arg:expr),*)) => {
+        match $self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).$method($($arg),*),
+            Stream::TlsServer(s) => Pin::new(s.as_mut()).$method($($arg),*),
+            Stream::TlsClient(s) => Pin::new(s.as_mut()).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        each!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        each!(self, poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, poll_flush(cx))
+    }
+    /// On a TLS leg this sends close_notify, then shuts down the TCP write side.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, poll_shutdown(cx))
+    }
+}

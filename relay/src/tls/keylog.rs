@@ -1,0 +1,64 @@
+//! NSS key log lines (`CLIENT_RANDOM ...`, `CLIENT_TRAFFIC_SECRET_0 ...`)
+//! written to a file of the user's choosing, so Wireshark and tshark can
+//! decrypt captures of either TLS leg.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::TlsError;
+
+#[derive(Debug)]
+pub struct KeyLogFile {
+    file: Mutex<File>,
+}
+
+impl KeyLogFile {
+    /// Opens `path` for appending (created 0600: the secrets decrypt traffic).
+    pub fn open(path: &Path) -> Result<Self, TlsError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|cause| TlsError::File { path: path.to_path_buf(), problem: format!("cannot open key log: {cause}") })?;
+        Ok(KeyLogFile { file: Mutex::new(file) })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+impl rustls::KeyLog for KeyLogFile {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        let line = format!("{label} {} {}\n", hex(client_random), hex(secret));
+        // One write per line, so concurrent handshakes never interleave.
+        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(err) = file.write_all(line.as_bytes()) {
+            tracing::warn!(error = %err, "cannot write the TLS key log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::KeyLog;
+
+    #[test]
+    fn writes_nss_lines() {
+        let dir = std::env::temp_dir().join(format!("relay-keylog-{}", std::process::id()));
+        let log = KeyLogFile::open(&dir).unwrap();
+        log.log("CLIENT_RANDOM", &[0xab, 0x01], &[0xff]);
+        let text = std::fs::read_to_string(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(text, "CLIENT_RANDOM ab01 ff\n");
+    }
+}
