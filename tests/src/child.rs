@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -32,16 +32,37 @@ pub struct ChildProc {
 
 impl ChildProc {
     /// Spawn `cmd` in a new process group, stdin closed, output to a log file.
-    pub fn spawn(label: &str, mut cmd: Command) -> Result<Self> {
+    pub fn spawn(label: &str, cmd: Command) -> Result<Self> {
+        Self::spawn_with(label, cmd, false)
+    }
+
+    /// Like [`Self::spawn`], but the caller drives stdin and reads stdout
+    /// (an interactive client); only stderr goes to the log.
+    pub fn spawn_piped(label: &str, cmd: Command) -> Result<(Self, ChildStdin, ChildStdout)> {
+        let mut proc = Self::spawn_with(label, cmd, true)?;
+        let stdin = proc.child.stdin.take();
+        let stdout = proc.child.stdout.take();
+        match (stdin, stdout) {
+            (Some(stdin), Some(stdout)) => Ok((proc, stdin, stdout)),
+            _ => anyhow::bail!("spawning {label}: no pipes to its stdin and stdout"),
+        }
+    }
+
+    fn spawn_with(label: &str, mut cmd: Command, piped: bool) -> Result<Self> {
         let dir = TempDir::new(label)?;
         let log_path = dir.join("output.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let log_err = log.try_clone().context("duplicating a log file handle")?;
         let command_line = format!("{cmd:?}");
+        let (stdin, stdout) = if piped {
+            (Stdio::piped(), Stdio::piped())
+        } else {
+            (Stdio::null(), Stdio::from(log))
+        };
         let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
+            .stdin(stdin)
+            .stdout(stdout)
             .stderr(Stdio::from(log_err))
             .process_group(0)
             .spawn()

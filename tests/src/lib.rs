@@ -18,18 +18,30 @@
 //! - [`peers`]: Rust servers with scripted behaviour (echo, sink, source).
 //! - [`tools`]: external peers: socat, nginx, promtool.
 //! - [`http`]: a minimal HTTP/1.0 GET over a given stream.
+//! - [`certs`]: a throwaway PKI (CA, server and client certificates) made at run time.
+//! - [`tls_client`]: an in-process TLS client whose every step a test steers.
+//! - [`interactive`]: external clients driven through stdin/stdout.
+//! - [`openssl`]: `openssl s_server` / `s_client` as TLS peers.
+//! - [`redis`]: a TLS-only redis-server, and redis-cli.
+//! - [`tshark`]: loopback captures, read back decrypted with a key log.
 
+pub mod certs;
 pub mod child;
 pub mod gate;
 pub mod http;
+pub mod interactive;
 pub mod metrics;
 pub mod netns;
+pub mod openssl;
 pub mod payload;
 pub mod peers;
 pub mod ports;
+pub mod redis;
 pub mod relay_proc;
 pub mod tempdir;
+pub mod tls_client;
 pub mod tools;
+pub mod tshark;
 pub mod wait;
 
 pub use metrics::Scrape;

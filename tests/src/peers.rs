@@ -299,8 +299,7 @@ impl Drop for EchoServer {
 }
 
 /// Send `bytes`, read exactly as many back, and compare: one echo round trip.
-pub fn round_trip(stream: &mut TcpStream, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+pub fn round_trip(stream: &mut (impl io::Read + io::Write), bytes: &[u8]) -> Result<()> {
     stream.write_all(bytes).context("writing an echo request")?;
     let mut back = vec![0u8; bytes.len()];
     stream

@@ -399,18 +399,28 @@ impl Relay {
 /// How many JSON log lines (`--log-format json`) in `log` carry the field
 /// `key` with string value `value`, at any depth (tracing nests fields).
 pub fn json_log_lines_with(log: &str, key: &str, value: &str) -> usize {
-    fn has(v: &serde_json::Value, key: &str, value: &str) -> bool {
-        match v {
-            serde_json::Value::Object(map) => {
-                map.get(key).is_some_and(|found| found == value)
-                    || map.values().any(|inner| has(inner, key, value))
-            }
-            serde_json::Value::Array(items) => items.iter().any(|inner| has(inner, key, value)),
-            _ => false,
-        }
-    }
+    json_log_lines(log)
+        .iter()
+        .filter(|line| json_field(line, key) == Some(value))
+        .count()
+}
+
+/// The JSON log lines (`--log-format json`) in `log`; other lines skipped.
+pub fn json_log_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|v| has(v, key, value))
-        .count()
+        .collect()
+}
+
+/// The string field `key` of a JSON log line, found at any depth (tracing
+/// nests fields); the first one found wins.
+pub fn json_field<'a>(line: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    match line {
+        serde_json::Value::Object(map) => map
+            .get(key)
+            .and_then(|found| found.as_str())
+            .or_else(|| map.values().find_map(|inner| json_field(inner, key))),
+        serde_json::Value::Array(items) => items.iter().find_map(|inner| json_field(inner, key)),
+        _ => None,
+    }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: direct vs socat vs relay on loopback, in one run.
 //!
-//! Each section (throughput, connection rate, latency, memory) lives in
+//! Each section (throughput, connection rate, latency, memory, TLS) lives in
 //! its own module and hands back a `report::SectionReport`; this module
 //! builds relay, runs the sections in order, prints the markdown table and
 //! writes `target/bench/results.json`. A target missed is reported, not an
@@ -13,6 +13,7 @@ mod procs;
 mod report;
 mod rss;
 mod throughput;
+mod tls;
 mod via;
 
 use std::path::PathBuf;
@@ -89,6 +90,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("connrate", connrate::run),
     ("latency", latency::run),
     ("rss", rss::run),
+    ("tls", tls::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {

@@ -61,12 +61,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
 /// One iperf3 run through `via`, with a fresh server so a failed run
 /// cannot leave it busy for the next one.
 fn measure(ctx: &Ctx, via: Via, secs: u64) -> Result<f64> {
-    let server_port = procs::free_port()?;
-    let mut server_cmd = Command::new("iperf3");
-    server_cmd.args(["-s", "-B", "127.0.0.1", "-p", &server_port.to_string()]);
-    let mut server = Proc::spawn(&format!("iperf3-server-{}", via.name()), server_cmd)?;
-    procs::wait_listening(server_port, &mut server, Duration::from_secs(10))?;
-
+    let (server_port, _server) = iperf3_server(via.name())?;
     let mut hop = Hop::start(
         via,
         server_port,
@@ -74,20 +69,35 @@ fn measure(ctx: &Ctx, via: Via, secs: u64) -> Result<f64> {
         "throughput",
         HopOptions::default(),
     )?;
-    let mut client_cmd = Command::new("iperf3");
-    client_cmd.args([
+    let gbps = iperf3_client(hop.port, secs, via.name());
+    hop.check_alive()?;
+    gbps
+}
+
+/// A fresh iperf3 server on a free loopback port, once it listens.
+pub(super) fn iperf3_server(label: &str) -> Result<(u16, Proc)> {
+    let port = procs::free_port()?;
+    let mut cmd = Command::new("iperf3");
+    cmd.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]);
+    let mut server = Proc::spawn(&format!("iperf3-server-{label}"), cmd)?;
+    procs::wait_listening(port, &mut server, Duration::from_secs(10))?;
+    Ok((port, server))
+}
+
+/// `iperf3 -c 127.0.0.1 -p port -t secs`: the received rate in Gbit/s.
+pub(super) fn iperf3_client(port: u16, secs: u64, label: &str) -> Result<f64> {
+    let mut cmd = Command::new("iperf3");
+    cmd.args([
         "-c",
         "127.0.0.1",
         "-p",
-        &hop.port.to_string(),
+        &port.to_string(),
         "-t",
         &secs.to_string(),
         "-J",
     ]);
-    let client = Proc::spawn(&format!("iperf3-client-{}", via.name()), client_cmd)?;
-    let out = client.wait_output(Duration::from_secs(secs + 30));
-    hop.check_alive()?;
-    parse_gbps(&out?)
+    let client = Proc::spawn(&format!("iperf3-client-{label}"), cmd)?;
+    parse_gbps(&client.wait_output(Duration::from_secs(secs + 30))?)
 }
 
 fn parse_gbps(json_text: &str) -> Result<f64> {

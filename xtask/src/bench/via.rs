@@ -87,13 +87,17 @@ impl Hop {
                 cmd
             }
         };
+        Hop::spawn(via, port, cmd, label)
+            .with_context(|| format!("{} in front of port {target_port}", via.name()))
+    }
+
+    /// Start `cmd`, a forwarder of kind `via` that will listen on `port`,
+    /// and return once it does (for sections that build their own command
+    /// line, such as the TLS hops). `label` names the log files.
+    pub fn spawn(via: Via, port: u16, cmd: Command, label: &str) -> Result<Hop> {
         let mut proc = Proc::spawn(&format!("{}-{label}", via.name()), cmd)?;
-        procs::wait_listening(port, &mut proc, Duration::from_secs(10)).with_context(|| {
-            format!(
-                "{} did not come up in front of port {target_port}",
-                via.name()
-            )
-        })?;
+        procs::wait_listening(port, &mut proc, Duration::from_secs(10))
+            .with_context(|| format!("{} ({label}) did not come up", via.name()))?;
         Ok(Hop {
             port,
             proc: Some(proc),
