@@ -293,27 +293,59 @@ fn split_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<(String, &'a str
     }
 }
 
-fn unknown_socat_keyword(input: &str, expected: &str) -> AddrError {
-    let word = input.split_once(':').map_or(input, |(w, _)| w);
-    invalid(input, format!("socat address type `{word}` is not supported here; expected {expected}"))
+/// The socat keywords one address position takes (plain and TLS), the
+/// other position's, and what to say about a keyword that does not fit.
+struct Position {
+    plain: &'static [(&'static str, Family)],
+    tls: &'static [(&'static str, Family)],
+    other_side: [&'static [(&'static str, Family)]; 2],
+    wrong_side: &'static str,
+    expected: &'static str,
+}
+
+const LISTEN_POSITION: Position = Position {
+    plain: LISTEN_KEYWORDS,
+    tls: TLS_LISTEN_KEYWORDS,
+    other_side: [CONNECT_KEYWORDS, TLS_CONNECT_KEYWORDS],
+    wrong_side: "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)",
+    expected: "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L or OPENSSL-LISTEN",
+};
+
+const TARGET_POSITION: Position = Position {
+    plain: CONNECT_KEYWORDS,
+    tls: TLS_CONNECT_KEYWORDS,
+    other_side: [LISTEN_KEYWORDS, TLS_LISTEN_KEYWORDS],
+    wrong_side: "this is a listen address; the second address must connect (for example `TCP:host:port`)",
+    expected: "TCP, TCP4, TCP6, TCP-CONNECT or OPENSSL",
+};
+
+/// For an address in socat's form: its family, the part after the keyword,
+/// and whether it is the TLS keyword. `None` for the URL form.
+fn socat_form<'a>(input: &'a str, position: &Position) -> Result<Option<(Family, &'a str, bool)>, AddrError> {
+    if input.contains("://") {
+        return Ok(None);
+    }
+    if let Some((family, rest)) = socat_keyword(input, position.plain) {
+        return Ok(Some((family, rest, false)));
+    }
+    if let Some((family, rest)) = socat_keyword(input, position.tls) {
+        return Ok(Some((family, rest, true)));
+    }
+    if position.other_side.iter().any(|keywords| socat_keyword(input, keywords).is_some()) {
+        return Err(invalid(input, position.wrong_side));
+    }
+    if looks_like_socat(input) {
+        let word = input.split_once(':').map_or(input, |(w, _)| w);
+        return Err(invalid(input, format!("socat address type `{word}` is not supported here; expected {}", position.expected)));
+    }
+    Ok(None)
 }
 
 /// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`, or
 /// socat's `TCP-LISTEN:<port>[,options]`.
 pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
-    if !input.contains("://") {
-        if let Some((family, rest)) = socat_keyword(input, LISTEN_KEYWORDS) {
-            return parse_socat_listen(input, family, rest, false);
-        }
-        if let Some((family, rest)) = socat_keyword(input, TLS_LISTEN_KEYWORDS) {
-            return parse_socat_listen(input, family, rest, true);
-        }
-        if socat_keyword(input, CONNECT_KEYWORDS).or(socat_keyword(input, TLS_CONNECT_KEYWORDS)).is_some() {
-            return Err(invalid(input, "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)"));
-        }
-        if looks_like_socat(input) {
-            return Err(unknown_socat_keyword(input, "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L or OPENSSL-LISTEN"));
-        }
+    if let Some((family, rest, tls)) = socat_form(input, &LISTEN_POSITION)? {
+        return parse_socat_listen(input, family, rest, tls);
     }
     let (scheme, rest) = split_scheme(input, &["tcp", "tls", "tls-listen"])?;
     let (host, port) = host_port(input, rest)?;
@@ -396,19 +428,8 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Res
 /// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`, or
 /// socat's `TCP:<host>:<port>[,options]`.
 pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
-    if !input.contains("://") {
-        if let Some((family, rest)) = socat_keyword(input, CONNECT_KEYWORDS) {
-            return parse_socat_target(input, family, rest, false);
-        }
-        if let Some((family, rest)) = socat_keyword(input, TLS_CONNECT_KEYWORDS) {
-            return parse_socat_target(input, family, rest, true);
-        }
-        if socat_keyword(input, LISTEN_KEYWORDS).or(socat_keyword(input, TLS_LISTEN_KEYWORDS)).is_some() {
-            return Err(invalid(input, "this is a listen address; the second address must connect (for example `TCP:host:port`)"));
-        }
-        if looks_like_socat(input) {
-            return Err(unknown_socat_keyword(input, "TCP, TCP4, TCP6, TCP-CONNECT or OPENSSL"));
-        }
+    if let Some((family, rest, tls)) = socat_form(input, &TARGET_POSITION)? {
+        return parse_socat_target(input, family, rest, tls);
     }
     let (scheme, rest) = split_scheme(input, &["tcp", "tls"])?;
     let (host, port) = host_port(input, rest)?;

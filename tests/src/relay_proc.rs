@@ -153,6 +153,15 @@ impl RelayCmd {
         }
     }
 
+    /// Write the forward form's listen address as `<scheme>://host:port`
+    /// (e.g. `tls`); other forms are left alone.
+    pub fn listen_scheme(mut self, scheme: &str) -> Self {
+        if let Form::Forward { listen, .. } = &mut self.form {
+            *listen = format!("{scheme}://{listen}");
+        }
+        self
+    }
+
     /// Add options (placed where the form wants them).
     pub fn opts<S: AsRef<str>>(mut self, options: &[S]) -> Self {
         self.options
@@ -222,7 +231,11 @@ impl RelayCmd {
         // The socat form listens on 0.0.0.0 (or bind=); loopback reaches it.
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port));
         let listen = match &self.form {
-            Form::Forward { listen, .. } => listen.parse().unwrap_or(loopback),
+            Form::Forward { listen, .. } => listen
+                .rsplit_once("://")
+                .map_or(listen.as_str(), |(_, addr)| addr)
+                .parse()
+                .unwrap_or(loopback),
             _ => loopback,
         };
         Ok(Relay {
