@@ -52,6 +52,26 @@ pub const REQUIRED: &[Package] = &[
         name: "util-linux",
         program: "nsenter",
     },
+    // TLS peers: a mutual-TLS redis target, s_server / s_client, and
+    // tshark to decrypt a capture with relay's key log. tshark's debconf
+    // question (may non-root users capture?) is answered with its default,
+    // "no", because the install runs with DEBIAN_FRONTEND=noninteractive.
+    Package {
+        name: "redis-server",
+        program: "redis-server",
+    },
+    Package {
+        name: "redis-tools",
+        program: "redis-cli",
+    },
+    Package {
+        name: "openssl",
+        program: "openssl",
+    },
+    Package {
+        name: "tshark",
+        program: "tshark",
+    },
 ];
 
 /// Install whatever in `REQUIRED` is missing, or explain how to.

@@ -246,34 +246,47 @@ async fn both_ways(
     let to_target = pump(&mut client_read, &mut upstream_write, &metrics.to_target, &transfer.to_target, &activity);
     let to_client = pump(&mut upstream_read, &mut client_write, &metrics.to_client, &transfer.to_client, &activity);
     tokio::pin!(to_target, to_client);
-    let (mut client_done, mut target_done) = (false, false);
-    let mut first = None;
-    let mut unclean = None;
+    let mut ends = Ends::default();
     loop {
         tokio::select! {
-            result = &mut to_target, if !client_done => match result {
-                Ok(eof) => {
-                    client_done = true;
-                    first.get_or_insert(Side::Client);
-                    if eof == Eof::WithoutCloseNotify { unclean = Some(Side::Client); }
-                }
-                Err((side, error)) => return End::Failed { side: side.or(Side::Client, Side::Target), error },
+            result = &mut to_target, if !ends.client => match result {
+                Ok(eof) => ends.record(Side::Client, eof),
+                Err((leg, error)) => return End::Failed { side: leg.or(Side::Client, Side::Target), error },
             },
-            result = &mut to_client, if !target_done => match result {
-                Ok(eof) => {
-                    target_done = true;
-                    first.get_or_insert(Side::Target);
-                    if eof == Eof::WithoutCloseNotify { unclean = Some(Side::Target); }
-                }
-                Err((side, error)) => return End::Failed { side: side.or(Side::Target, Side::Client), error },
+            result = &mut to_client, if !ends.target => match result {
+                Ok(eof) => ends.record(Side::Target, eof),
+                Err((leg, error)) => return End::Failed { side: leg.or(Side::Target, Side::Client), error },
             },
             _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX)), if route.idle_timeout.is_some() => {
                 return End::Idle;
             }
             _ = raised(close) => return End::Drained,
         }
-        if client_done && target_done {
-            return End::Closed { first: first.expect("a direction finished"), unclean };
+        if let (true, true, Some(first)) = (ends.client, ends.target, ends.first) {
+            return End::Closed { first, unclean: ends.unclean };
+        }
+    }
+}
+
+/// The EOFs seen so far: which side's, which came first, and a TLS side
+/// that ended without close_notify.
+#[derive(Default)]
+struct Ends {
+    client: bool,
+    target: bool,
+    first: Option<Side>,
+    unclean: Option<Side>,
+}
+
+impl Ends {
+    fn record(&mut self, side: Side, eof: Eof) {
+        match side {
+            Side::Client => self.client = true,
+            Side::Target => self.target = true,
+        }
+        self.first.get_or_insert(side);
+        if eof == Eof::WithoutCloseNotify {
+            self.unclean = Some(side);
         }
     }
 }
