@@ -1,11 +1,12 @@
 //! `cargo xtask`: the project's own build and check commands.
 //!
 //! This file only parses the command line and dispatches; each command
-//! lives in its own module (`test`, `bench`). A failing child command's
+//! lives in its own module (`test`, `bench`, `ebpf`). A failing child command's
 //! exit code becomes xtask's exit code (see `cmd::ExitCodeError`).
 
 mod bench;
 mod cmd;
+mod ebpf;
 mod packages;
 mod test;
 mod workspace;
@@ -26,12 +27,15 @@ commands:
                    connection; prints a markdown table and writes
                    target/bench/results.json (--quick: shorter runs;
                    --only: some of throughput,connrate,latency,rss)
+  build-ebpf       compile relay-ebpf/src/*.bpf.c into the committed
+                   relay-ebpf/obj/*.o (needs clang and libbpf-dev)
   help             this text";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
+        Some("build-ebpf") => ebpf::build(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|opts| bench::run(&opts)),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

@@ -72,6 +72,29 @@ pub const REQUIRED: &[Package] = &[
         name: "tshark",
         program: "tshark",
     },
+    // eBPF: clang and libbpf's headers rebuild relay-ebpf/obj for the
+    // stale-object check; bpftool inspects what is attached in the tests.
+    Package {
+        name: "clang",
+        program: "clang",
+    },
+    Package {
+        name: "libbpf-dev",
+        program: "/usr/include/bpf/bpf_helpers.h",
+    },
+    Package {
+        name: "bpftool",
+        program: "bpftool",
+    },
+    // Container targets: a Docker engine and busybox for FROM-scratch images.
+    Package {
+        name: "docker.io",
+        program: "dockerd",
+    },
+    Package {
+        name: "busybox-static",
+        program: "busybox",
+    },
 ];
 
 /// Install whatever in `REQUIRED` is missing, or explain how to.

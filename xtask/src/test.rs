@@ -26,8 +26,11 @@ const STEPS: &[Step] = &[
         name: "Debian packages for real peers",
         run: ensure_packages,
     },
-    // Seam: the eBPF stale-object check ("relay-ebpf/obj matches a fresh
-    // `cargo xtask build-ebpf`") goes here, before anything is built.
+    // Before anything is built: relay embeds these objects.
+    Step {
+        name: "committed eBPF objects match a fresh build",
+        run: ebpf_fresh,
+    },
     Step {
         name: "build relay (release)",
         run: build_relay,
@@ -53,6 +56,10 @@ pub fn run(args: &[String]) -> Result<()> {
 
 fn ensure_packages(_: &mut Ctx) -> Result<()> {
     packages::ensure()
+}
+
+fn ebpf_fresh(_: &mut Ctx) -> Result<()> {
+    crate::ebpf::check_fresh()
 }
 
 fn build_relay(ctx: &mut Ctx) -> Result<()> {

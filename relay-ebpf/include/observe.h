@@ -1,0 +1,66 @@
+/* Types shared by observe.bpf.c and relay's userspace (relay/src/observe/maps.rs
+ * mirrors every struct with #[repr(C)] and a test asserts sizes and offsets).
+ * Change both sides together. */
+#ifndef RELAY_OBSERVE_H
+#define RELAY_OBSERVE_H
+
+#include <linux/types.h>
+
+enum relay_direction {
+	RELAY_INGRESS = 0,
+	RELAY_EGRESS = 1,
+};
+
+/* Transport protocol class of a packet. */
+enum relay_proto {
+	RELAY_PROTO_TCP = 0,
+	RELAY_PROTO_UDP = 1,
+	RELAY_PROTO_ICMP = 2, /* ICMP and ICMPv6 */
+	RELAY_PROTO_OTHER = 3,
+};
+
+/* TCP flag events counted per interface and direction. */
+enum relay_tcp_flag {
+	RELAY_TCP_SYN = 0,    /* SYN without ACK: a connection attempt */
+	RELAY_TCP_SYNACK = 1, /* SYN with ACK: an accepted attempt */
+	RELAY_TCP_FIN = 2,
+	RELAY_TCP_RST = 3,
+};
+
+/* Key of the `traffic` map: one counter per interface, direction,
+ * protocol class and IP family (4, 6, or 0 for non-IP). */
+struct relay_traffic_key {
+	__u32 ifindex;
+	__u8 direction;
+	__u8 proto;
+	__u8 family;
+	__u8 _pad;
+};
+
+struct relay_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Key of the `tcp_flags` map. */
+struct relay_flag_key {
+	__u32 ifindex;
+	__u8 direction;
+	__u8 flag;
+	__u16 _pad;
+};
+
+/* Key of the `flows` LRU map: one direction of a 5-tuple on one interface.
+ * IPv4 addresses use the first word of saddr/daddr, the rest is zero. */
+struct relay_flow_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 proto; /* IPPROTO_* number */
+	__u16 _pad;
+	__u32 ifindex;
+};
+
+#endif
