@@ -24,9 +24,9 @@ commands:
   bench [--quick] [--only SECTION,...]
                    direct vs socat vs relay on loopback: throughput, new
                    connections/s, 1-byte ping-pong latency, RSS per idle
-                   connection; prints a markdown table and writes
+                   connection, TLS bridge and handshakes; prints a markdown table and writes
                    target/bench/results.json (--quick: shorter runs;
-                   --only: some of throughput,connrate,latency,rss)
+                   --only: some of throughput,connrate,latency,rss,tls)
   build-ebpf       compile relay-ebpf/src/*.bpf.c into the committed
                    relay-ebpf/obj/*.o (needs clang and libbpf-dev)
   help             this text";
