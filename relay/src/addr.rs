@@ -117,7 +117,10 @@ pub enum AddrError {
 }
 
 fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
-    AddrError::Invalid { input: input.to_string(), problem: problem.into() }
+    AddrError::Invalid {
+        input: input.to_string(),
+        problem: problem.into(),
+    }
 }
 
 const LISTEN_KEYWORDS: &[(&str, Family)] = &[
@@ -129,8 +132,13 @@ const LISTEN_KEYWORDS: &[(&str, Family)] = &[
     ("tcp6-l", Family::V6),
 ];
 
-const TLS_LISTEN_KEYWORDS: &[(&str, Family)] = &[("openssl-listen", Family::Any), ("ssl-l", Family::Any)];
-const TLS_CONNECT_KEYWORDS: &[(&str, Family)] = &[("openssl", Family::Any), ("ssl", Family::Any), ("openssl-connect", Family::Any)];
+const TLS_LISTEN_KEYWORDS: &[(&str, Family)] =
+    &[("openssl-listen", Family::Any), ("ssl-l", Family::Any)];
+const TLS_CONNECT_KEYWORDS: &[(&str, Family)] = &[
+    ("openssl", Family::Any),
+    ("ssl", Family::Any),
+    ("openssl-connect", Family::Any),
+];
 
 const CONNECT_KEYWORDS: &[(&str, Family)] = &[
     ("tcp", Family::Any),
@@ -144,7 +152,8 @@ const CONNECT_KEYWORDS: &[(&str, Family)] = &[
 const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>";
 const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
 const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, nodelay, keepalive";
-const TLS_CONNECT_OPTIONS: &str = "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
+const TLS_CONNECT_OPTIONS: &str =
+    "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
 
 /// Splits a socat address into its keyword and the rest, when the keyword is
 /// one of `keywords` (case-insensitive, as socat's are).
@@ -160,12 +169,61 @@ fn socat_keyword<'a>(input: &'a str, keywords: &[(&str, Family)]) -> Option<(Fam
 /// example, `UDP-LISTEN:53` is refused as such instead of being looked up as
 /// a host called `UDP-LISTEN`.
 const OTHER_SOCAT_TYPES: &[&str] = &[
-    "udp", "udp4", "udp6", "udp-listen", "udp4-listen", "udp6-listen", "udp-l", "udp-sendto", "udp-recvfrom",
-    "udp-recv", "udp-datagram", "unix", "unix-connect", "unix-listen", "unix-l", "unix-sendto", "unix-recvfrom",
-    "unix-client", "abstract-connect", "abstract-listen", "exec", "system", "stdio", "stdin", "stdout", "stderr", "pipe", "file", "open", "gopen",
-    "create", "fd", "pty", "readline", "tun", "socks4", "socks4a", "socks5", "proxy", "proxy-connect", "sctp",
-    "sctp-listen", "sctp-connect", "vsock-listen", "vsock-connect", "ip", "ip4", "ip6", "ip-sendto",
-    "interface", "dccp-listen", "dccp-connect", "udplite-listen", "udplite-connect", "tcp-sendto",
+    "udp",
+    "udp4",
+    "udp6",
+    "udp-listen",
+    "udp4-listen",
+    "udp6-listen",
+    "udp-l",
+    "udp-sendto",
+    "udp-recvfrom",
+    "udp-recv",
+    "udp-datagram",
+    "unix",
+    "unix-connect",
+    "unix-listen",
+    "unix-l",
+    "unix-sendto",
+    "unix-recvfrom",
+    "unix-client",
+    "abstract-connect",
+    "abstract-listen",
+    "exec",
+    "system",
+    "stdio",
+    "stdin",
+    "stdout",
+    "stderr",
+    "pipe",
+    "file",
+    "open",
+    "gopen",
+    "create",
+    "fd",
+    "pty",
+    "readline",
+    "tun",
+    "socks4",
+    "socks4a",
+    "socks5",
+    "proxy",
+    "proxy-connect",
+    "sctp",
+    "sctp-listen",
+    "sctp-connect",
+    "vsock-listen",
+    "vsock-connect",
+    "ip",
+    "ip4",
+    "ip6",
+    "ip-sendto",
+    "interface",
+    "dccp-listen",
+    "dccp-connect",
+    "udplite-listen",
+    "udplite-connect",
+    "tcp-sendto",
 ];
 
 /// Is this string written in socat's address form rather than `host:port`?
@@ -173,7 +231,9 @@ const OTHER_SOCAT_TYPES: &[&str] = &[
 /// digits, dashes) followed by something other than a bare port.
 fn looks_like_socat(input: &str) -> bool {
     input.split_once(':').is_some_and(|(word, rest)| {
-        OTHER_SOCAT_TYPES.iter().any(|t| t.eq_ignore_ascii_case(word))
+        OTHER_SOCAT_TYPES
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(word))
             || (!word.is_empty()
                 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && word.chars().any(|c| c.is_ascii_alphabetic())
@@ -205,9 +265,12 @@ impl SocatOption<'_> {
     }
 
     fn required(&self, input: &str) -> Result<&str, AddrError> {
-        self.value
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| invalid(input, format!("option `{}` needs a value (`{}=...`)", self.key, self.key)))
+        self.value.filter(|v| !v.is_empty()).ok_or_else(|| {
+            invalid(
+                input,
+                format!("option `{}` needs a value (`{}=...`)", self.key, self.key),
+            )
+        })
     }
 }
 
@@ -217,7 +280,10 @@ fn socat_options(list: &str) -> impl Iterator<Item = SocatOption<'_>> {
             Some((k, v)) => (k, Some(v)),
             None => (opt, None),
         };
-        SocatOption { key: key.to_ascii_lowercase(), value }
+        SocatOption {
+            key: key.to_ascii_lowercase(),
+            value,
+        }
     })
 }
 
@@ -225,9 +291,12 @@ fn socat_options(list: &str) -> impl Iterator<Item = SocatOption<'_>> {
 /// ambiguous); `what` says which part of `input` this is for messages.
 fn host_port(input: &str, part: &str) -> Result<(Host, u16), AddrError> {
     let (host, port) = if let Some(rest) = part.strip_prefix('[') {
-        let (ip, after) = rest
-            .split_once(']')
-            .ok_or_else(|| invalid(input, "missing `]` after the IPv6 address; expected `[v6addr]:port`"))?;
+        let (ip, after) = rest.split_once(']').ok_or_else(|| {
+            invalid(
+                input,
+                "missing `]` after the IPv6 address; expected `[v6addr]:port`",
+            )
+        })?;
         let port = after
             .strip_prefix(':')
             .ok_or_else(|| invalid(input, "expected `:port` after `]`"))?;
@@ -240,7 +309,10 @@ fn host_port(input: &str, part: &str) -> Result<(Host, u16), AddrError> {
             .rsplit_once(':')
             .ok_or_else(|| invalid(input, format!("`{part}` has no port; expected `host:port`")))?;
         if host.contains(':') {
-            return Err(invalid(input, "an IPv6 address needs brackets: `[v6addr]:port`"));
+            return Err(invalid(
+                input,
+                "an IPv6 address needs brackets: `[v6addr]:port`",
+            ));
         }
         (parse_host(input, host)?, port)
     };
@@ -255,11 +327,18 @@ fn parse_host(input: &str, host: &str) -> Result<Host, AddrError> {
         return Ok(Host::Ip(ip));
     }
     let valid_name = host.len() <= 253
-        && host
-            .split('.')
-            .all(|label| !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
     if !valid_name {
-        return Err(invalid(input, format!("`{host}` is neither an IP address nor a host name")));
+        return Err(invalid(
+            input,
+            format!("`{host}` is neither an IP address nor a host name"),
+        ));
     }
     Ok(Host::Name(host.to_string()))
 }
@@ -275,7 +354,12 @@ fn parse_seconds(input: &str, key: &str, value: &str) -> Result<Duration, AddrEr
         .ok()
         .filter(|s| s.is_finite() && *s > 0.0)
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .ok_or_else(|| invalid(input, format!("`{key}={value}`: expected a positive number of seconds")))
+        .ok_or_else(|| {
+            invalid(
+                input,
+                format!("`{key}={value}`: expected a positive number of seconds"),
+            )
+        })
 }
 
 /// Splits off a URL scheme (`tcp` when there is none); any scheme not in
@@ -288,7 +372,14 @@ fn split_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<(String, &'a str
         }
         Some((scheme, _)) => Err(invalid(
             input,
-            format!("scheme `{scheme}://` is not supported; expected {}", schemes.iter().map(|s| format!("`{s}://`")).collect::<Vec<_>>().join(", ")),
+            format!(
+                "scheme `{scheme}://` is not supported; expected {}",
+                schemes
+                    .iter()
+                    .map(|s| format!("`{s}://`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         )),
     }
 }
@@ -321,7 +412,10 @@ const TARGET_POSITION: Position = Position {
 
 /// For an address in socat's form: its family, the part after the keyword,
 /// and whether it is the TLS keyword. `None` for the URL form.
-fn socat_form<'a>(input: &'a str, position: &Position) -> Result<Option<(Family, &'a str, bool)>, AddrError> {
+fn socat_form<'a>(
+    input: &'a str,
+    position: &Position,
+) -> Result<Option<(Family, &'a str, bool)>, AddrError> {
     if input.contains("://") {
         return Ok(None);
     }
@@ -331,12 +425,22 @@ fn socat_form<'a>(input: &'a str, position: &Position) -> Result<Option<(Family,
     if let Some((family, rest)) = socat_keyword(input, position.tls) {
         return Ok(Some((family, rest, true)));
     }
-    if position.other_side.iter().any(|keywords| socat_keyword(input, keywords).is_some()) {
+    if position
+        .other_side
+        .iter()
+        .any(|keywords| socat_keyword(input, keywords).is_some())
+    {
         return Err(invalid(input, position.wrong_side));
     }
     if looks_like_socat(input) {
         let word = input.split_once(':').map_or(input, |(w, _)| w);
-        return Err(invalid(input, format!("socat address type `{word}` is not supported here; expected {}", position.expected)));
+        return Err(invalid(
+            input,
+            format!(
+                "socat address type `{word}` is not supported here; expected {}",
+                position.expected
+            ),
+        ));
     }
     Ok(None)
 }
@@ -362,7 +466,12 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
     })
 }
 
-fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Result<ListenAddr, AddrError> {
+fn parse_socat_listen(
+    input: &str,
+    family: Family,
+    rest: &str,
+    tls: bool,
+) -> Result<ListenAddr, AddrError> {
     let (port, options) = rest.split_once(',').unwrap_or((rest, ""));
     let mut addr = ListenAddr {
         host: Host::Ip(match family {
@@ -376,16 +485,31 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Res
         reuseport: false,
         backlog: None,
         once: true,
-        tls: tls.then(|| TlsListen { verify_clients: true, ..TlsListen::default() }),
+        tls: tls.then(|| TlsListen {
+            verify_clients: true,
+            ..TlsListen::default()
+        }),
         text: input.to_string(),
     };
     for opt in socat_options(options) {
         if let Some(tls) = addr.tls.as_mut() {
             match opt.key.as_str() {
-                "cert" => { tls.cert = Some(opt.path(input)?); continue; }
-                "key" => { tls.key = Some(opt.path(input)?); continue; }
-                "cafile" | "capath" => { tls.ca = Some(opt.path(input)?); continue; }
-                "verify" => { tls.verify_clients = opt.flag(input)?; continue; }
+                "cert" => {
+                    tls.cert = Some(opt.path(input)?);
+                    continue;
+                }
+                "key" => {
+                    tls.key = Some(opt.path(input)?);
+                    continue;
+                }
+                "cafile" | "capath" => {
+                    tls.ca = Some(opt.path(input)?);
+                    continue;
+                }
+                "verify" => {
+                    tls.verify_clients = opt.flag(input)?;
+                    continue;
+                }
                 _ => {}
             }
         }
@@ -397,7 +521,10 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Res
                 let value = opt.required(input)?;
                 // socat allows `bind=host` or `bind=host:port`; the port of a
                 // listen address is the one after the keyword.
-                let host = value.strip_prefix('[').and_then(|v| v.strip_suffix(']')).unwrap_or(value);
+                let host = value
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .unwrap_or(value);
                 addr.host = parse_host(input, host)?;
             }
             "backlog" => {
@@ -411,7 +538,11 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Res
                     input,
                     format!(
                         "address option `{other}` is not supported by relay on a listen address (supported: {LISTEN_OPTIONS}{})",
-                        if addr.tls.is_some() { format!(", {TLS_LISTEN_OPTIONS}") } else { String::new() }
+                        if addr.tls.is_some() {
+                            format!(", {TLS_LISTEN_OPTIONS}")
+                        } else {
+                            String::new()
+                        }
                     ),
                 ));
             }
@@ -420,7 +551,10 @@ fn parse_socat_listen(input: &str, family: Family, rest: &str, tls: bool) -> Res
     if let Host::Ip(ip) = &addr.host
         && !family.admits(ip)
     {
-        return Err(invalid(input, format!("`bind={ip}` does not match the address family of this keyword")));
+        return Err(invalid(
+            input,
+            format!("`bind={ip}` does not match the address family of this keyword"),
+        ));
     }
     Ok(addr)
 }
@@ -436,11 +570,27 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
     }
-    let tls = (scheme == "tls").then(|| TlsTarget { verify: true, ..TlsTarget::default() });
-    Ok(TargetAddr { host, port, family: Family::Any, connect_timeout: None, keepalive: false, tls, text: input.to_string() })
+    let tls = (scheme == "tls").then(|| TlsTarget {
+        verify: true,
+        ..TlsTarget::default()
+    });
+    Ok(TargetAddr {
+        host,
+        port,
+        family: Family::Any,
+        connect_timeout: None,
+        keepalive: false,
+        tls,
+        text: input.to_string(),
+    })
 }
 
-fn parse_socat_target(input: &str, family: Family, rest: &str, tls: bool) -> Result<TargetAddr, AddrError> {
+fn parse_socat_target(
+    input: &str,
+    family: Family,
+    rest: &str,
+    tls: bool,
+) -> Result<TargetAddr, AddrError> {
     let (hostport, options) = rest.split_once(',').unwrap_or((rest, ""));
     let (host, port) = host_port(input, hostport)?;
     if port == 0 {
@@ -449,20 +599,55 @@ fn parse_socat_target(input: &str, family: Family, rest: &str, tls: bool) -> Res
     if let Host::Ip(ip) = &host
         && !family.admits(ip)
     {
-        return Err(invalid(input, format!("`{ip}` does not match the address family of this keyword")));
+        return Err(invalid(
+            input,
+            format!("`{ip}` does not match the address family of this keyword"),
+        ));
     }
-    let tls = tls.then(|| TlsTarget { verify: true, ..TlsTarget::default() });
-    let mut addr = TargetAddr { host, port, family, connect_timeout: None, keepalive: false, tls, text: input.to_string() };
+    let tls = tls.then(|| TlsTarget {
+        verify: true,
+        ..TlsTarget::default()
+    });
+    let mut addr = TargetAddr {
+        host,
+        port,
+        family,
+        connect_timeout: None,
+        keepalive: false,
+        tls,
+        text: input.to_string(),
+    };
     for opt in socat_options(options) {
         if let Some(tls) = addr.tls.as_mut() {
             match opt.key.as_str() {
-                "cafile" | "capath" => { tls.ca = Some(opt.path(input)?); continue; }
-                "cert" => { tls.cert = Some(opt.path(input)?); continue; }
-                "key" => { tls.key = Some(opt.path(input)?); continue; }
-                "snihost" => { tls.sni = Some(opt.required(input)?.to_string()); continue; }
-                "no-sni" => { tls.no_sni = opt.flag(input)?; continue; }
-                "commonname" | "cn" => { tls.name = Some(opt.required(input)?.to_string()); continue; }
-                "verify" => { tls.verify = opt.flag(input)?; continue; }
+                "cafile" | "capath" => {
+                    tls.ca = Some(opt.path(input)?);
+                    continue;
+                }
+                "cert" => {
+                    tls.cert = Some(opt.path(input)?);
+                    continue;
+                }
+                "key" => {
+                    tls.key = Some(opt.path(input)?);
+                    continue;
+                }
+                "snihost" => {
+                    tls.sni = Some(opt.required(input)?.to_string());
+                    continue;
+                }
+                "no-sni" => {
+                    tls.no_sni = opt.flag(input)?;
+                    continue;
+                }
+                "commonname" | "cn" => {
+                    tls.name = Some(opt.required(input)?.to_string());
+                    continue;
+                }
+                "verify" => {
+                    tls.verify = opt.flag(input)?;
+                    continue;
+                }
                 _ => {}
             }
         }
@@ -474,7 +659,10 @@ fn parse_socat_target(input: &str, family: Family, rest: &str, tls: bool) -> Res
             // cannot be honoured and is refused rather than ignored.
             "nodelay" | "tcp-nodelay" => {
                 if !opt.flag(input)? {
-                    return Err(invalid(input, "`nodelay=0` cannot be honoured: relay always sets TCP_NODELAY"));
+                    return Err(invalid(
+                        input,
+                        "`nodelay=0` cannot be honoured: relay always sets TCP_NODELAY",
+                    ));
                 }
             }
             "keepalive" | "so-keepalive" => addr.keepalive = opt.flag(input)?,
@@ -483,7 +671,11 @@ fn parse_socat_target(input: &str, family: Family, rest: &str, tls: bool) -> Res
                     input,
                     format!(
                         "address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS}{})",
-                        if addr.tls.is_some() { format!(", {TLS_CONNECT_OPTIONS}") } else { String::new() }
+                        if addr.tls.is_some() {
+                            format!(", {TLS_CONNECT_OPTIONS}")
+                        } else {
+                            String::new()
+                        }
                     ),
                 ));
             }
@@ -518,14 +710,20 @@ mod tests {
     #[test]
     fn socat_listen_keeps_socat_semantics() {
         let l = parse_listen("TCP-LISTEN:8080,fork,reuseaddr").unwrap();
-        assert_eq!((l.port, l.once, l.reuseaddr, l.reuseport), (8080, false, true, false));
+        assert_eq!(
+            (l.port, l.once, l.reuseaddr, l.reuseport),
+            (8080, false, true, false)
+        );
         assert_eq!(l.host, v4(0, 0, 0, 0));
         let l = parse_listen("tcp-l:8080").unwrap();
         assert!(l.once, "socat without fork serves one connection");
         assert!(!l.reuseaddr);
         let l = parse_listen("TCP6-LISTEN:443,bind=[::1],backlog=512,reuseport,fork").unwrap();
         assert_eq!(l.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
-        assert_eq!((l.family, l.backlog, l.reuseport), (Family::V6, Some(512), true));
+        assert_eq!(
+            (l.family, l.backlog, l.reuseport),
+            (Family::V6, Some(512), true)
+        );
         let l = parse_listen("TCP4-LISTEN:80,bind=127.0.0.2,fork=1").unwrap();
         assert_eq!((l.host, l.once), (v4(127, 0, 0, 2), false));
     }
@@ -543,46 +741,99 @@ mod tests {
     #[test]
     fn tls_addresses_carry_their_options() {
         let t = parse_target("tls://redis:6380").unwrap();
-        assert_eq!(t.tls, Some(TlsTarget { verify: true, ..TlsTarget::default() }));
+        assert_eq!(
+            t.tls,
+            Some(TlsTarget {
+                verify: true,
+                ..TlsTarget::default()
+            })
+        );
         let t = parse_target("OPENSSL:redis:6380,cafile=/ca.pem,cert=c.pem,key=c.key,snihost=r.internal,commonname=redis,verify=1").unwrap();
         let tls = t.tls.unwrap();
         assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("/ca.pem")));
-        assert_eq!((tls.sni.as_deref(), tls.name.as_deref(), tls.verify), (Some("r.internal"), Some("redis"), true));
+        assert_eq!(
+            (tls.sni.as_deref(), tls.name.as_deref(), tls.verify),
+            (Some("r.internal"), Some("redis"), true)
+        );
         let t = parse_target("SSL:redis:6380,verify=0,no-sni").unwrap();
         assert!(!t.tls.as_ref().unwrap().verify && t.tls.unwrap().no_sni);
         assert!(parse_target("127.0.0.1:80").unwrap().tls.is_none());
 
         let l = parse_listen("OPENSSL-LISTEN:443,cert=s.pem,key=s.key,cafile=ca.pem,fork").unwrap();
         let tls = l.tls.unwrap();
-        assert!(tls.verify_clients, "socat's OPENSSL-LISTEN verifies clients by default");
+        assert!(
+            tls.verify_clients,
+            "socat's OPENSSL-LISTEN verifies clients by default"
+        );
         assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
         assert!(!l.once);
         let l = parse_listen("tls://0.0.0.0:443").unwrap();
-        assert!(!l.tls.unwrap().verify_clients, "the URL form asks for no client certificate unless told");
-        assert!(parse_listen("tls-listen://127.0.0.1:443").unwrap().tls.is_some());
+        assert!(
+            !l.tls.unwrap().verify_clients,
+            "the URL form asks for no client certificate unless told"
+        );
+        assert!(
+            parse_listen("tls-listen://127.0.0.1:443")
+                .unwrap()
+                .tls
+                .is_some()
+        );
     }
 
     #[test]
     fn bad_addresses_name_the_token() {
         let cases = [
-            (parse_listen("TCP-LISTEN:notaport").map(|_| ()), "`notaport` is not a port"),
-            (parse_listen("TCP-LISTEN:80,bogus=1").map(|_| ()), "option `bogus`"),
-            (parse_listen("TCP-LISTEN:80,nodelay").map(|_| ()), "option `nodelay`"),
+            (
+                parse_listen("TCP-LISTEN:notaport").map(|_| ()),
+                "`notaport` is not a port",
+            ),
+            (
+                parse_listen("TCP-LISTEN:80,bogus=1").map(|_| ()),
+                "option `bogus`",
+            ),
+            (
+                parse_listen("TCP-LISTEN:80,nodelay").map(|_| ()),
+                "option `nodelay`",
+            ),
             (parse_target("TCP:host").map(|_| ()), "`host` has no port"),
             (parse_target("TCP:db:1,fork").map(|_| ()), "option `fork`"),
             (parse_target("foo://x:1").map(|_| ()), "scheme `foo://`"),
             (parse_target("[::1:80").map(|_| ()), "missing `]`"),
             (parse_target("::1:80").map(|_| ()), "needs brackets"),
-            (parse_target("OPENSSL:x:443,bogus").map(|_| ()), "option `bogus`"),
-            (parse_listen("OPENSSL-LISTEN:443,snihost=x").map(|_| ()), "option `snihost`"),
-            (parse_listen("UDP-LISTEN:5353").map(|_| ()), "`UDP-LISTEN` is not supported"),
-            (parse_target("unix-connect:/run/x.sock").map(|_| ()), "`unix-connect` is not supported"),
-            (parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()), "connect-timeout=soon"),
-            (parse_target("TCP:db:5432,nodelay=0").map(|_| ()), "nodelay=0"),
+            (
+                parse_target("OPENSSL:x:443,bogus").map(|_| ()),
+                "option `bogus`",
+            ),
+            (
+                parse_listen("OPENSSL-LISTEN:443,snihost=x").map(|_| ()),
+                "option `snihost`",
+            ),
+            (
+                parse_listen("UDP-LISTEN:5353").map(|_| ()),
+                "`UDP-LISTEN` is not supported",
+            ),
+            (
+                parse_target("unix-connect:/run/x.sock").map(|_| ()),
+                "`unix-connect` is not supported",
+            ),
+            (
+                parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()),
+                "connect-timeout=soon",
+            ),
+            (
+                parse_target("TCP:db:5432,nodelay=0").map(|_| ()),
+                "nodelay=0",
+            ),
             (parse_target("TCP4:[::1]:80").map(|_| ()), "address family"),
             (parse_target("bad host!:80").map(|_| ()), "neither an IP"),
-            (parse_listen("TCP:db:80").map(|_| ()), "first address must listen"),
-            (parse_target("TCP-L:80").map(|_| ()), "second address must connect"),
+            (
+                parse_listen("TCP:db:80").map(|_| ()),
+                "first address must listen",
+            ),
+            (
+                parse_target("TCP-L:80").map(|_| ()),
+                "second address must connect",
+            ),
             (parse_target("127.0.0.1:0").map(|_| ()), "port 0"),
         ];
         for (result, expected) in cases {

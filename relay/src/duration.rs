@@ -8,7 +8,9 @@ use std::time::Duration;
 /// close connections before they start.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
     let scale = match unit {
         "" | "s" => 1.0,
@@ -16,11 +18,15 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "us" => 1e-6,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("`{text}`: unknown unit `{unit}`; expected a number with s, ms, m or h (for example 10s or 250ms)")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}`; expected a number with s, ms, m or h (for example 10s or 250ms)"
+            ));
+        }
     };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; expected for example 10s, 1.5s or 250ms"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("`{text}` is not a duration; expected for example 10s, 1.5s or 250ms")
+    })?;
     Duration::try_from_secs_f64(value * scale)
         .ok()
         .filter(|d| !d.is_zero())

@@ -1,8 +1,10 @@
 //! relay: a network relay and observer for Linux hosts that run containers.
 //!
 //! The binary (`main.rs`) only parses the command line and calls into this
-//! library: [`addr`] parses addresses, [`forward`] relays connections,
-//! [`metrics`] keeps and serves the Prometheus registry.
+//! library: [`addr`] parses addresses, [`forward`] relays connections (with
+//! [`tls`] on either leg), [`netns`] resolves containers and namespaces,
+//! [`observe`] counts their traffic with eBPF, [`metrics`] keeps and serves
+//! the Prometheus registry.
 
 pub mod addr;
 pub mod duration;
@@ -10,4 +12,6 @@ pub mod forward;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod netns;
+pub mod observe;
 pub mod tls;

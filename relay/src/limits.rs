@@ -21,7 +21,9 @@ pub fn raise_nofile() -> nix::Result<u64> {
 /// How many relayed connections `nofile` descriptors can hold (two each),
 /// so `--max-connections` can pause accepting before accept fails with EMFILE.
 pub fn connections_for(nofile: u64) -> usize {
-    usize::try_from(nofile.saturating_sub(RESERVED_FDS.min(nofile / 8)) / 2).unwrap_or(usize::MAX).max(1)
+    usize::try_from(nofile.saturating_sub(RESERVED_FDS.min(nofile / 8)) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
 }
 
 #[cfg(test)]
@@ -33,6 +35,10 @@ mod tests {
         assert_eq!(connections_for(20_000), 9_968);
         assert_eq!(connections_for(1_048_576), 524_256);
         assert_eq!(connections_for(64), 28);
-        assert_eq!(connections_for(1), 1, "a tiny limit still allows one connection");
+        assert_eq!(
+            connections_for(1),
+            1,
+            "a tiny limit still allows one connection"
+        );
     }
 }

@@ -14,6 +14,8 @@ use relay::addr::{self, ListenAddr, TargetAddr};
 use relay::forward::{ForwardError, Forwarder, RouteConfig};
 use relay::logging::{self, LogFormat};
 use relay::metrics::{self, Metrics};
+use relay::netns::Target;
+use relay::observe::{self, ObserveError, ObserveOptions};
 use relay::{duration, limits, tls};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -45,7 +47,35 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Relay connections from a listen address to a target.
-    Forward(ForwardArgs),
+    Forward(Box<ForwardArgs>),
+    /// Count the traffic of a container or network namespace with eBPF (needs root).
+    Observe(ObserveArgs),
+}
+
+#[derive(Args)]
+struct ObserveArgs {
+    /// What to observe: container:<name|id>, pid:<pid>, netns:<path|name>, or host.
+    #[arg(value_parser = parse_observe_target)]
+    target: Target,
+    /// Interface to attach to (repeatable) [default: every one but lo].
+    #[arg(long = "iface", value_name = "NAME")]
+    interfaces: Vec<String>,
+    /// Flows exported by name in relay_observe_top_flow_bytes; the rest are summed as rank="other".
+    #[arg(long, default_value_t = 10)]
+    top_flows: usize,
+    /// Turn on the kernel's BPF run-time statistics while attached (program cost metrics).
+    #[arg(long)]
+    bpf_stats: bool,
+    /// Show rates per interface and the top flows on the terminal, refreshed every second.
+    #[arg(long)]
+    watch: bool,
+    /// When the target stops, wait for it to run again and re-attach.
+    #[arg(long)]
+    follow: bool,
+}
+
+fn parse_observe_target(text: &str) -> Result<Target, String> {
+    text.parse::<Target>().map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -170,20 +200,93 @@ struct LogArgs {
 
 const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 
+enum Job {
+    Forward(Box<(ListenAddr, TargetAddr)>),
+    Observe(ObserveArgs),
+}
+
+/// SIGTERM and SIGINT, as one stream of named signals.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())
+                .context("cannot install the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt())
+                .context("cannot install the SIGINT handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Starts the metrics endpoint when asked for.
+async fn serve_metrics(addr: Option<SocketAddr>, registry: &Arc<Metrics>) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let listener = metrics::bind(addr).await?;
+        tracing::info!(
+            "metrics on http://{}/metrics",
+            listener.local_addr().unwrap_or(addr)
+        );
+        tokio::spawn(metrics::serve(listener, registry.clone()));
+    }
+    Ok(())
+}
+
+async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+    let registry = Arc::new(Metrics::new());
+    let options = observe::session::SessionOptions {
+        observe: ObserveOptions {
+            interfaces: args.interfaces,
+            top_flows: args.top_flows,
+            bpf_stats: args.bpf_stats,
+        },
+        follow: args.follow,
+        watch: args.watch,
+    };
+    let mut signals = Signals::install()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let session = observe::session::run(args.target, options, registry.clone(), stop_rx);
+    tokio::pin!(session);
+    serve_metrics(metrics_addr, &registry).await?;
+    tokio::select! {
+        result = &mut session => return Ok(result?),
+        signal = signals.next() => tracing::info!(signal, "stopping: detaching"),
+    }
+    stop_tx.send_replace(true);
+    Ok(session.await?)
+}
+
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (listen, target, route) = match (cli.command, cli.socat_listen, cli.socat_target) {
-        (Some(Command::Forward(args)), None, None) => (args.listen, args.target, cli.route),
-        (None, Some(listen), Some(target)) => (listen, target, cli.route),
+    let job = match (cli.command, cli.socat_listen, cli.socat_target) {
+        (Some(Command::Forward(args)), None, None) => {
+            Job::Forward(Box::new((args.listen, args.target)))
+        }
+        (Some(Command::Observe(args)), None, None) => Job::Observe(args),
+        (None, Some(listen), Some(target)) => Job::Forward(Box::new((listen, target))),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
             return ExitCode::from(USAGE);
         }
     };
-    logging::init(cli.log.verbose as i8 - cli.log.quiet as i8, cli.log.log_format);
+    let route = cli.route;
+    logging::init(
+        cli.log.verbose as i8 - cli.log.quiet as i8,
+        cli.log.log_format,
+    );
     let mut route = route;
     let nofile = limits::raise_nofile().unwrap_or_else(|err| {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
@@ -192,8 +295,12 @@ fn main() -> ExitCode {
     let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
     route.max_connections = Some(match route.max_connections {
         Some(asked) if asked > fits => {
-            tracing::warn!(requested = asked, nofile, max_connections = fits,
-                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)");
+            tracing::warn!(
+                requested = asked,
+                nofile,
+                max_connections = fits,
+                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
+            );
             fits
         }
         Some(asked) => asked,
@@ -207,25 +314,40 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(serve(listen, target, route, cli.tls));
+    let result = match job {
+        Job::Forward(addrs) => runtime.block_on(serve(addrs.0, addrs.1, route, cli.tls)),
+        Job::Observe(args) => runtime.block_on(watch_target(args, route.metrics)),
+    };
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("relay: error: {err:#}");
-            // Bad TLS input (a file, a flag that does not fit) is a usage error.
-            match err.downcast_ref::<ForwardError>() {
-                Some(ForwardError::Tls(_)) => ExitCode::from(USAGE),
-                _ => ExitCode::FAILURE,
+            // Bad input (a TLS file, a flag that does not fit, a target
+            // that does not exist) is a usage error.
+            let usage = matches!(
+                err.downcast_ref::<ForwardError>(),
+                Some(ForwardError::Tls(_))
+            ) || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
+            if usage {
+                ExitCode::from(USAGE)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }
 }
 
-async fn serve(listen: ListenAddr, target: TargetAddr, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Result<()> {
+async fn serve(
+    listen: ListenAddr,
+    target: TargetAddr,
+    args: RouteArgs,
+    tls_args: TlsArgs,
+) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(|| listen.text.clone());
-    let (tls_server, tls_client) = tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
+    let (tls_server, tls_client) =
+        tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
     let config = RouteConfig {
         listen,
         target,
@@ -240,32 +362,21 @@ async fn serve(listen: ListenAddr, target: TargetAddr, args: RouteArgs, tls_args
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();
     let forwarder = Forwarder::bind(config, registry.route(&name)).await?;
-    if let Some(addr) = args.metrics {
-        let listener = metrics::bind(addr).await?;
-        tracing::info!("metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
-        tokio::spawn(metrics::serve(listener, registry.clone()));
-    }
+    serve_metrics(args.metrics, &registry).await?;
     tracing::info!(route = %name, target = %target_text, "listening on {}", forwarder.local_addr());
 
-    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let mut next_signal = async move || {
-        tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = interrupt.recv() => "SIGINT",
-        }
-    };
+    let mut signals = Signals::install()?;
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let run = forwarder.run(drain_rx);
     tokio::pin!(run);
     tokio::select! {
         () = &mut run => return Ok(()),
-        signal = next_signal() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
+        signal = signals.next() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
     }
     drain_tx.send_replace(true);
     tokio::select! {
         () = &mut run => Ok(()),
-        signal = next_signal() => anyhow::bail!("{signal} during drain: exiting at once"),
+        signal = signals.next() => anyhow::bail!("{signal} during drain: exiting at once"),
     }
 }

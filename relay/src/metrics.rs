@@ -75,15 +75,21 @@ impl Outcome {
 }
 
 /// Bucket bounds for upstream connect time: 50 us (loopback) to 10 s (timeout).
-const CONNECT_BUCKETS: &[f64] =
-    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const CONNECT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
 /// Bucket bounds for connection lifetime: 1 ms to 1 h.
-const DURATION_BUCKETS: &[f64] =
-    &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
 
 /// The relay's registry and metric families.
 pub struct Metrics {
     registry: Registry,
+    /// Run before every render: sources that are read at scrape time (the
+    /// observer's kernel maps) bring their series up to date here.
+    on_scrape: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
     connections: IntCounterVec,
     active: IntGaugeVec,
     bytes: IntCounterVec,
@@ -130,18 +136,27 @@ impl RouteMetrics {
     /// Creates the handshake series of `role` at 0, for a route that uses it.
     pub fn init_tls(&self, role: TlsRole) {
         for outcome in HandshakeOutcome::ALL {
-            self.tls_handshakes.with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]);
+            self.tls_handshakes
+                .with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]);
         }
-        self.tls_duration.with_label_values(&[&*self.name, role.as_str()]);
+        self.tls_duration
+            .with_label_values(&[&*self.name, role.as_str()]);
     }
 
     pub fn tls_handshake(&self, role: TlsRole, outcome: HandshakeOutcome, seconds: f64) {
-        self.tls_handshakes.with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]).inc();
-        self.tls_duration.with_label_values(&[&*self.name, role.as_str()]).observe(seconds);
+        self.tls_handshakes
+            .with_label_values(&[&*self.name, role.as_str(), outcome.as_str()])
+            .inc();
+        self.tls_duration
+            .with_label_values(&[&*self.name, role.as_str()])
+            .observe(seconds);
     }
 
     pub fn outcome(&self, outcome: Outcome) -> &IntCounter {
-        let index = Outcome::ALL.iter().position(|o| *o == outcome).expect("Outcome::ALL lists every outcome");
+        let index = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("Outcome::ALL lists every outcome");
         &self.outcomes[index]
     }
 }
@@ -149,14 +164,20 @@ impl RouteMetrics {
 #[derive(Debug, Error)]
 pub enum MetricsError {
     #[error("cannot serve metrics on {addr}: {cause}")]
-    Bind { addr: SocketAddr, cause: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let connections = IntCounterVec::new(
-            Opts::new("relay_connections_total", "Relayed connections by how they ended."),
+            Opts::new(
+                "relay_connections_total",
+                "Relayed connections by how they ended.",
+            ),
             &["route", "outcome"],
         )
         .expect("static metric definition is valid");
@@ -166,30 +187,45 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         let bytes = IntCounterVec::new(
-            Opts::new("relay_bytes_total", "Bytes relayed, by direction (to_target or to_client)."),
+            Opts::new(
+                "relay_bytes_total",
+                "Bytes relayed, by direction (to_target or to_client).",
+            ),
             &["route", "direction"],
         )
         .expect("static metric definition is valid");
         let connect_duration = HistogramVec::new(
-            HistogramOpts::new("relay_upstream_connect_duration_seconds", "Time to connect to the target.")
-                .buckets(CONNECT_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "relay_upstream_connect_duration_seconds",
+                "Time to connect to the target.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
             &["route"],
         )
         .expect("static metric definition is valid");
         let connection_duration = HistogramVec::new(
-            HistogramOpts::new("relay_connection_duration_seconds", "Lifetime of relayed connections.")
-                .buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "relay_connection_duration_seconds",
+                "Lifetime of relayed connections.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["route"],
         )
         .expect("static metric definition is valid");
         let tls_handshakes = IntCounterVec::new(
-            Opts::new("relay_tls_handshakes_total", "TLS handshakes by role (client: to the target, server: from clients) and outcome."),
+            Opts::new(
+                "relay_tls_handshakes_total",
+                "TLS handshakes by role (client: to the target, server: from clients) and outcome.",
+            ),
             &["route", "role", "outcome"],
         )
         .expect("static metric definition is valid");
         let tls_duration = HistogramVec::new(
-            HistogramOpts::new("relay_tls_handshake_duration_seconds", "Time TLS handshakes took, failed ones included.")
-                .buckets(CONNECT_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "relay_tls_handshake_duration_seconds",
+                "Time TLS handshakes took, failed ones included.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
             &["route", "role"],
         )
         .expect("static metric definition is valid");
@@ -198,7 +234,9 @@ impl Metrics {
             &["version"],
         )
         .expect("static metric definition is valid");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for collector in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(active.clone()),
@@ -209,9 +247,21 @@ impl Metrics {
             Box::new(tls_duration.clone()),
             Box::new(build_info),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
-        Metrics { registry, connections, active, bytes, connect_duration, connection_duration, tls_handshakes, tls_duration }
+        Metrics {
+            registry,
+            on_scrape: std::sync::Mutex::new(Vec::new()),
+            connections,
+            active,
+            bytes,
+            connect_duration,
+            connection_duration,
+            tls_handshakes,
+            tls_duration,
+        }
     }
 
     /// The metrics of one route; every outcome series exists from the start
@@ -219,7 +269,9 @@ impl Metrics {
     pub fn route(&self, name: &str) -> RouteMetrics {
         RouteMetrics {
             name: Arc::from(name),
-            outcomes: Arc::new(Outcome::ALL.map(|o| self.connections.with_label_values(&[name, o.as_str()]))),
+            outcomes: Arc::new(
+                Outcome::ALL.map(|o| self.connections.with_label_values(&[name, o.as_str()])),
+            ),
             tls_handshakes: self.tls_handshakes.clone(),
             tls_duration: self.tls_duration.clone(),
             active: self.active.with_label_values(&[name]),
@@ -230,8 +282,29 @@ impl Metrics {
         }
     }
 
+    /// The registry, for families kept by other modules.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs `refresh` before every render.
+    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
+        self.on_scrape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(refresh));
+    }
+
     /// The registry in Prometheus text exposition format.
     pub fn render(&self) -> String {
+        for refresh in self
+            .on_scrape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            refresh();
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -260,7 +333,9 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
 /// Binds the metrics endpoint; separate from [`serve`] so a busy port is an
 /// error at startup, before any traffic is accepted.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr).await.map_err(|cause| MetricsError::Bind { addr, cause })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|cause| MetricsError::Bind { addr, cause })
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
@@ -292,9 +367,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics\n".to_string()),
-        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_string()),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
     };
     Response::builder()
         .status(status)
@@ -309,8 +396,14 @@ mod tests {
 
     #[test]
     fn metrics_endpoint_bare_port_stays_local() {
-        assert_eq!(parse_endpoint("9100"), Ok(SocketAddr::from(([127, 0, 0, 1], 9100))));
-        assert_eq!(parse_endpoint("0.0.0.0:9100"), Ok(SocketAddr::from(([0, 0, 0, 0], 9100))));
+        assert_eq!(
+            parse_endpoint("9100"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9100)))
+        );
+        assert_eq!(
+            parse_endpoint("0.0.0.0:9100"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 9100)))
+        );
         assert!(parse_endpoint("[::1]:9100").is_ok());
         assert!(parse_endpoint("metrics").unwrap_err().contains("`metrics`"));
     }
@@ -322,10 +415,16 @@ mod tests {
         route.to_target.inc_by(5);
         let text = metrics.render();
         for outcome in Outcome::ALL {
-            let series = format!("relay_connections_total{{outcome=\"{}\",route=\"web\"}} 0", outcome.as_str());
+            let series = format!(
+                "relay_connections_total{{outcome=\"{}\",route=\"web\"}} 0",
+                outcome.as_str()
+            );
             assert!(text.contains(&series), "missing {series} in\n{text}");
         }
-        assert!(text.contains("relay_bytes_total{direction=\"to_target\",route=\"web\"} 5"), "{text}");
+        assert!(
+            text.contains("relay_bytes_total{direction=\"to_target\",route=\"web\"} 5"),
+            "{text}"
+        );
         assert!(text.contains("relay_build_info{version=\""), "{text}");
     }
 }

@@ -27,6 +27,7 @@
 
 pub mod certs;
 pub mod child;
+pub mod docker;
 pub mod gate;
 pub mod http;
 pub mod interactive;

@@ -29,12 +29,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::stream::Stream;
+use super::upstream;
 use super::{RouteContext, raised};
+use crate::metrics::Outcome;
 use crate::metrics::TlsRole;
 use crate::tls::HandshakeOutcome;
 use crate::tls::server::Refused;
-use super::upstream;
-use crate::metrics::Outcome;
 
 /// A direction's buffer starts small (ping-pong traffic never needs more)
 /// and doubles each time a read fills it, up to the maximum: large reads
@@ -63,9 +63,15 @@ impl Side {
 enum End {
     /// Both directions ended with EOF; `first` sent its FIN first;
     /// `unclean` is a TLS side whose EOF came without close_notify.
-    Closed { first: Side, unclean: Option<Side> },
+    Closed {
+        first: Side,
+        unclean: Option<Side>,
+    },
     /// An I/O error on `side` (a reset, a broken pipe).
-    Failed { side: Side, error: io::Error },
+    Failed {
+        side: Side,
+        error: io::Error,
+    },
     Idle,
     Drained,
 }
@@ -82,9 +88,19 @@ impl End {
 
     fn describe(&self) -> String {
         match self {
-            End::Closed { first, unclean: None } => format!("{} closed first", first.as_str()),
-            End::Closed { first, unclean: Some(side) } => {
-                format!("{} closed first; {} ended TLS without close_notify", first.as_str(), side.as_str())
+            End::Closed {
+                first,
+                unclean: None,
+            } => format!("{} closed first", first.as_str()),
+            End::Closed {
+                first,
+                unclean: Some(side),
+            } => {
+                format!(
+                    "{} closed first; {} ended TLS without close_notify",
+                    first.as_str(),
+                    side.as_str()
+                )
             }
             End::Failed { side, error } => format!("{} failed: {error}", side.as_str()),
             End::Idle => "idle timeout".to_string(),
@@ -102,13 +118,21 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(client: TcpStream, peer: SocketAddr, route: Arc<RouteContext>) -> Self {
-        Connection { client, peer, route }
+        Connection {
+            client,
+            peer,
+            route,
+        }
     }
 
     /// Runs the connection to its end, records its outcome and logs one line.
     /// `close` turns true when the drain timeout has run out.
     pub async fn run(self, mut close: watch::Receiver<bool>) {
-        let Connection { client, peer, route } = self;
+        let Connection {
+            client,
+            peer,
+            route,
+        } = self;
         let metrics = &route.metrics;
         let started = Instant::now();
         metrics.active.inc();
@@ -119,13 +143,22 @@ impl Connection {
 
         let mut client = match &route.acceptor {
             None => Stream::Plain(client),
-            Some(acceptor) => match handshake(&route, TlsRole::Server, acceptor.accept(client)).await {
-                Ok(tls) => Stream::TlsServer(Box::new(tls)),
-                Err(reason) => {
-                    finish(&route, peer, started, &Transfer::default(), Outcome::TlsError, &reason);
-                    return;
+            Some(acceptor) => {
+                match handshake(&route, TlsRole::Server, acceptor.accept(client)).await {
+                    Ok(tls) => Stream::TlsServer(Box::new(tls)),
+                    Err(reason) => {
+                        finish(
+                            &route,
+                            peer,
+                            started,
+                            &Transfer::default(),
+                            Outcome::TlsError,
+                            &reason,
+                        );
+                        return;
+                    }
                 }
-            },
+            }
         };
 
         let upstream = tokio::select! {
@@ -137,26 +170,47 @@ impl Connection {
         };
         let upstream = match upstream {
             Ok(stream) => {
-                metrics.connect_duration.observe(started.elapsed().as_secs_f64());
+                metrics
+                    .connect_duration
+                    .observe(started.elapsed().as_secs_f64());
                 stream
             }
             Err(err) => {
                 // The client learns at once that there is no target behind
                 // the relay: a reset, as a direct connect would have given.
                 reset(client.tcp());
-                finish(&route, peer, started, &Transfer::default(), err.outcome(), &err.to_string());
+                finish(
+                    &route,
+                    peer,
+                    started,
+                    &Transfer::default(),
+                    err.outcome(),
+                    &err.to_string(),
+                );
                 return;
             }
         };
         let mut upstream = match &route.connector {
             None => Stream::Plain(upstream),
             Some(connector) => {
-                let connecting = async { connector.connect(upstream).await.map_err(|e| Refused::of(&e)) };
+                let connecting = async {
+                    connector
+                        .connect(upstream)
+                        .await
+                        .map_err(|e| Refused::of(&e))
+                };
                 match handshake(&route, TlsRole::Client, connecting).await {
                     Ok(tls) => Stream::TlsClient(Box::new(tls)),
                     Err(reason) => {
                         reset(client.tcp());
-                        finish(&route, peer, started, &Transfer::default(), Outcome::TlsError, &reason);
+                        finish(
+                            &route,
+                            peer,
+                            started,
+                            &Transfer::default(),
+                            Outcome::TlsError,
+                            &reason,
+                        );
                         return;
                     }
                 }
@@ -169,7 +223,14 @@ impl Connection {
             reset(client.tcp());
             reset(upstream.tcp());
         }
-        finish(&route, peer, started, &transfer, end.outcome(), &end.describe());
+        finish(
+            &route,
+            peer,
+            started,
+            &transfer,
+            end.outcome(),
+            &end.describe(),
+        );
     }
 }
 
@@ -189,7 +250,10 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity { start: Instant::now(), last: AtomicU64::new(0) }
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
@@ -200,7 +264,8 @@ impl Activity {
     /// Completes when nothing has moved for `idle`.
     async fn idle_for(&self, idle: Duration) {
         loop {
-            let deadline = self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle;
+            let deadline =
+                self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle;
             if Instant::now() >= deadline {
                 return;
             }
@@ -222,12 +287,30 @@ async fn relay(
         (Stream::Plain(client), Stream::Plain(upstream)) => {
             let (client_read, client_write) = client.split();
             let (upstream_read, upstream_write) = upstream.split();
-            both_ways(client_read, client_write, upstream_read, upstream_write, route, transfer, close).await
+            both_ways(
+                client_read,
+                client_write,
+                upstream_read,
+                upstream_write,
+                route,
+                transfer,
+                close,
+            )
+            .await
         }
         (client, upstream) => {
             let (client_read, client_write) = tokio::io::split(client);
             let (upstream_read, upstream_write) = tokio::io::split(upstream);
-            both_ways(client_read, client_write, upstream_read, upstream_write, route, transfer, close).await
+            both_ways(
+                client_read,
+                client_write,
+                upstream_read,
+                upstream_write,
+                route,
+                transfer,
+                close,
+            )
+            .await
         }
     }
 }
@@ -243,8 +326,20 @@ async fn both_ways(
 ) -> End {
     let activity = Activity::new();
     let metrics = &route.metrics;
-    let to_target = pump(&mut client_read, &mut upstream_write, &metrics.to_target, &transfer.to_target, &activity);
-    let to_client = pump(&mut upstream_read, &mut client_write, &metrics.to_client, &transfer.to_client, &activity);
+    let to_target = pump(
+        &mut client_read,
+        &mut upstream_write,
+        &metrics.to_target,
+        &transfer.to_target,
+        &activity,
+    );
+    let to_client = pump(
+        &mut upstream_read,
+        &mut client_write,
+        &metrics.to_client,
+        &transfer.to_client,
+        &activity,
+    );
     tokio::pin!(to_target, to_client);
     let mut ends = Ends::default();
     loop {
@@ -263,7 +358,10 @@ async fn both_ways(
             _ = raised(close) => return End::Drained,
         }
         if let (true, true, Some(first)) = (ends.client, ends.target, ends.first) {
-            return End::Closed { first, unclean: ends.unclean };
+            return End::Closed {
+                first,
+                unclean: ends.unclean,
+            };
         }
     }
 }
@@ -357,9 +455,17 @@ async fn pump(
             buffer.reserve_exact(size);
         }
         match src.read_buf(&mut buffer).await {
-            Ok(0) => return dst.shutdown().await.map(|()| Eof::Clean).map_err(|e| (Leg::Destination, e)),
+            Ok(0) => {
+                return dst
+                    .shutdown()
+                    .await
+                    .map(|()| Eof::Clean)
+                    .map_err(|e| (Leg::Destination, e));
+            }
             Ok(n) => {
-                dst.write_all(&buffer).await.map_err(|e| (Leg::Destination, e))?;
+                dst.write_all(&buffer)
+                    .await
+                    .map_err(|e| (Leg::Destination, e))?;
                 counter.inc_by(n as u64);
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 activity.touch();
@@ -376,7 +482,11 @@ async fn pump(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return dst.shutdown().await.map(|()| Eof::WithoutCloseNotify).map_err(|e| (Leg::Destination, e));
+                return dst
+                    .shutdown()
+                    .await
+                    .map(|()| Eof::WithoutCloseNotify)
+                    .map_err(|e| (Leg::Destination, e));
             }
             Err(e) => return Err((Leg::Source, e)),
         }
@@ -394,11 +504,25 @@ async fn handshake<T>(
     let result = tokio::time::timeout(route.handshake_timeout, handshake)
         .await
         .unwrap_or_else(|_| {
-            Err(Refused { outcome: HandshakeOutcome::Timeout, reason: format!("no handshake within {:?}", route.handshake_timeout) })
+            Err(Refused {
+                outcome: HandshakeOutcome::Timeout,
+                reason: format!("no handshake within {:?}", route.handshake_timeout),
+            })
         });
-    let outcome = result.as_ref().map_or_else(|refused| refused.outcome, |_| HandshakeOutcome::Ok);
-    route.metrics.tls_handshake(role, outcome, started.elapsed().as_secs_f64());
-    result.map_err(|refused| format!("TLS handshake as {} failed ({}): {}", role.as_str(), outcome.as_str(), refused.reason))
+    let outcome = result
+        .as_ref()
+        .map_or_else(|refused| refused.outcome, |_| HandshakeOutcome::Ok);
+    route
+        .metrics
+        .tls_handshake(role, outcome, started.elapsed().as_secs_f64());
+    result.map_err(|refused| {
+        format!(
+            "TLS handshake as {} failed ({}): {}",
+            role.as_str(),
+            outcome.as_str(),
+            refused.reason
+        )
+    })
 }
 
 /// Makes the coming close send RST instead of FIN.
@@ -407,7 +531,14 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-fn finish(route: &RouteContext, peer: SocketAddr, started: Instant, transfer: &Transfer, outcome: Outcome, reason: &str) {
+fn finish(
+    route: &RouteContext,
+    peer: SocketAddr,
+    started: Instant,
+    transfer: &Transfer,
+    outcome: Outcome,
+    reason: &str,
+) {
     let metrics = &route.metrics;
     let duration = started.elapsed();
     metrics.outcome(outcome).inc();

@@ -17,8 +17,17 @@ const DEFAULT_BACKLOG: u32 = 4096;
 /// Resolves the listen host (once: a listener binds one address) and binds.
 pub async fn bind(addr: &ListenAddr) -> Result<TcpListener, ForwardError> {
     let socket_addr = resolve(addr).await?;
-    let bind_err = |cause| ForwardError::Bind { addr: addr.text.clone(), resolved: socket_addr, cause };
-    let socket = Socket::new(Domain::for_address(socket_addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
+    let bind_err = |cause| ForwardError::Bind {
+        addr: addr.text.clone(),
+        resolved: socket_addr,
+        cause,
+    };
+    let socket = Socket::new(
+        Domain::for_address(socket_addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(bind_err)?;
     socket.set_reuse_address(addr.reuseaddr).map_err(bind_err)?;
     socket.set_reuse_port(addr.reuseport).map_err(bind_err)?;
     socket.set_nonblocking(true).map_err(bind_err)?;
@@ -33,11 +42,17 @@ async fn resolve(addr: &ListenAddr) -> Result<SocketAddr, ForwardError> {
         Host::Ip(ip) => Ok(SocketAddr::new(*ip, addr.port)),
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), addr.port))
             .await
-            .map_err(|cause| ForwardError::ResolveListen { addr: addr.text.clone(), cause })?
+            .map_err(|cause| ForwardError::ResolveListen {
+                addr: addr.text.clone(),
+                cause,
+            })?
             .find(|sa| addr.family.admits(&sa.ip()))
             .ok_or_else(|| ForwardError::ResolveListen {
                 addr: addr.text.clone(),
-                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no address of the requested family"),
+                cause: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no address of the requested family",
+                ),
             }),
     }
 }

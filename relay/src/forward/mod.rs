@@ -41,7 +41,11 @@ use connection::Connection;
 #[derive(Debug, Error)]
 pub enum ForwardError {
     #[error("cannot listen on {addr} ({resolved}): {cause}{hint}", hint = bind_hint(cause))]
-    Bind { addr: String, resolved: SocketAddr, cause: io::Error },
+    Bind {
+        addr: String,
+        resolved: SocketAddr,
+        cause: io::Error,
+    },
     #[error("cannot resolve listen address {addr}: {cause}")]
     ResolveListen { addr: String, cause: io::Error },
     #[error(transparent)]
@@ -50,7 +54,9 @@ pub enum ForwardError {
 
 fn bind_hint(cause: &io::Error) -> &'static str {
     match cause.kind() {
-        io::ErrorKind::AddrInUse => " (another socket listens there: stop it or choose another port)",
+        io::ErrorKind::AddrInUse => {
+            " (another socket listens there: stop it or choose another port)"
+        }
         io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
         io::ErrorKind::AddrNotAvailable => " (no interface of this host has that address)",
         _ => "",
@@ -117,8 +123,16 @@ impl Forwarder {
     /// Loads the TLS material and binds the listening socket: a bad file or
     /// a busy address fails here, at startup.
     pub async fn bind(config: RouteConfig, metrics: RouteMetrics) -> Result<Self, ForwardError> {
-        let acceptor = config.tls_server.as_ref().map(tls::Acceptor::new).transpose()?;
-        let connector = config.tls_client.as_ref().map(|options| tls::Connector::new(options, &config.target.host)).transpose()?;
+        let acceptor = config
+            .tls_server
+            .as_ref()
+            .map(tls::Acceptor::new)
+            .transpose()?;
+        let connector = config
+            .tls_client
+            .as_ref()
+            .map(|options| tls::Connector::new(options, &config.target.host))
+            .transpose()?;
         if acceptor.is_some() {
             metrics.init_tls(TlsRole::Server);
         }
@@ -140,7 +154,12 @@ impl Forwarder {
             connector,
             handshake_timeout: config.handshake_timeout,
         });
-        Ok(Forwarder { listener, local, config, route })
+        Ok(Forwarder {
+            listener,
+            local,
+            config,
+            route,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -152,7 +171,12 @@ impl Forwarder {
     /// open connections up to the drain timeout, closes what is left, and
     /// returns once every connection task has finished.
     pub async fn run(self, mut drain: watch::Receiver<bool>) {
-        let Forwarder { listener, config, route, .. } = self;
+        let Forwarder {
+            listener,
+            config,
+            route,
+            ..
+        } = self;
         let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
         let (close_tx, close_rx) = watch::channel(false);
@@ -195,7 +219,9 @@ impl Forwarder {
                 }
                 // A client that went away between SYN and accept, and the like:
                 // that client's problem, not the listener's.
-                Err(err) => tracing::debug!(route = %route.metrics.name, error = %err, "accept failed"),
+                Err(err) => {
+                    tracing::debug!(route = %route.metrics.name, error = %err, "accept failed")
+                }
             }
         }
         drop(listener);
@@ -212,7 +238,10 @@ impl Forwarder {
         let open = max - slots.available_permits();
         tracing::info!(route = %route.metrics.name, open, timeout_s = config.drain_timeout.as_secs_f64(),
             "listener closed; draining open connections");
-        if tokio::time::timeout(config.drain_timeout, slots.acquire_many(all)).await.is_ok() {
+        if tokio::time::timeout(config.drain_timeout, slots.acquire_many(all))
+            .await
+            .is_ok()
+        {
             return;
         }
         tracing::warn!(route = %route.metrics.name, open = max - slots.available_permits(),

@@ -39,7 +39,12 @@ pub async fn connect(target: &TargetAddr, timeout: Duration) -> Result<TcpStream
     let timeout = target.connect_timeout.unwrap_or(timeout);
     tokio::time::timeout(timeout, connect_any(target))
         .await
-        .unwrap_or_else(|_| Err(ConnectError::Timeout { target: target.text.clone(), after: timeout }))
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                target: target.text.clone(),
+                after: timeout,
+            })
+        })
 }
 
 async fn connect_any(target: &TargetAddr) -> Result<TcpStream, ConnectError> {
@@ -47,7 +52,10 @@ async fn connect_any(target: &TargetAddr) -> Result<TcpStream, ConnectError> {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
             .await
-            .map_err(|cause| ConnectError::Resolve { host: name.clone(), cause })?
+            .map_err(|cause| ConnectError::Resolve {
+                host: name.clone(),
+                cause,
+            })?
             .filter(|sa| target.family.admits(&sa.ip()))
             .collect(),
     };
@@ -63,12 +71,19 @@ async fn connect_any(target: &TargetAddr) -> Result<TcpStream, ConnectError> {
     }
     Err(last.unwrap_or_else(|| ConnectError::Resolve {
         host: target.host.to_string(),
-        cause: io::Error::new(io::ErrorKind::NotFound, "no address of the requested family"),
+        cause: io::Error::new(
+            io::ErrorKind::NotFound,
+            "no address of the requested family",
+        ),
     }))
 }
 
 async fn connect_one(addr: SocketAddr, keepalive: bool) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_keepalive(keepalive)?;
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;

@@ -6,8 +6,8 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::net::TcpStream;
@@ -63,20 +63,28 @@ impl Connector {
         };
         let checked = options.name.clone().unwrap_or_else(|| sent.clone());
         let verifier: Arc<dyn ServerCertVerifier> = if !options.verify {
-            tracing::warn!("TLS verification of the target is OFF (--tls-insecure / verify=0): anyone on the path can impersonate it");
+            tracing::warn!(
+                "TLS verification of the target is OFF (--tls-insecure / verify=0): anyone on the path can impersonate it"
+            );
             Arc::new(NoVerification(super::provider()))
         } else {
             let roots = match &options.ca {
                 Some(path) => pem::roots(path)?,
                 None => pem::system_roots()?,
             };
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::provider())
-                .build()
-                .map_err(|e| TlsError::Config(format!("cannot build the certificate verifier: {e}")))?;
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::provider())
+                    .build()
+                    .map_err(|e| {
+                        TlsError::Config(format!("cannot build the certificate verifier: {e}"))
+                    })?;
             if checked == sent {
                 webpki
             } else {
-                Arc::new(CheckName { inner: webpki, name: server_name(&checked)? })
+                Arc::new(CheckName {
+                    inner: webpki,
+                    name: server_name(&checked)?,
+                })
             }
         };
         let builder = ClientConfig::builder_with_provider(super::provider())
@@ -88,17 +96,29 @@ impl Connector {
             (Some(cert), Some(key)) => {
                 let chain = pem::certificates(cert)?;
                 let key_der = pem::private_key(key)?;
-                builder.with_client_auth_cert(chain, key_der).map_err(|e| super::key_error(cert, key, e))?
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| super::key_error(cert, key, e))?
             }
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err(TlsError::Config("a client certificate needs both a certificate and a key file".into())),
+            _ => {
+                return Err(TlsError::Config(
+                    "a client certificate needs both a certificate and a key file".into(),
+                ));
+            }
         };
         config.enable_sni = options.sni != Sni::Off;
         options.common.apply_client(&mut config);
-        Ok(Connector { connector: TlsConnector::from(Arc::new(config)), server_name: server_name(&sent)? })
+        Ok(Connector {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: server_name(&sent)?,
+        })
     }
 
-    pub async fn connect(&self, tcp: TcpStream) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         self.connector.connect(self.server_name.clone(), tcp).await
     }
 }
@@ -119,12 +139,23 @@ impl ServerCertVerifier for CheckName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(m, c, d)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -138,13 +169,30 @@ impl ServerCertVerifier for CheckName {
 struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

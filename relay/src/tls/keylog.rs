@@ -24,23 +24,33 @@ impl KeyLogFile {
             .append(true)
             .mode(0o600)
             .open(path)
-            .map_err(|cause| TlsError::File { path: path.to_path_buf(), problem: format!("cannot open key log: {cause}") })?;
-        Ok(KeyLogFile { file: Mutex::new(file) })
+            .map_err(|cause| TlsError::File {
+                path: path.to_path_buf(),
+                problem: format!("cannot open key log: {cause}"),
+            })?;
+        Ok(KeyLogFile {
+            file: Mutex::new(file),
+        })
     }
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 impl rustls::KeyLog for KeyLogFile {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
         let line = format!("{label} {} {}\n", hex(client_random), hex(secret));
         // One write per line, so concurrent handshakes never interleave.
-        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(err) = file.write_all(line.as_bytes()) {
             tracing::warn!(error = %err, "cannot write the TLS key log");
         }

@@ -55,7 +55,11 @@ impl std::fmt::Debug for Common {
 impl Common {
     fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
         static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
-        if self.tls13_only { &TLS13_ONLY } else { rustls::DEFAULT_VERSIONS }
+        if self.tls13_only {
+            &TLS13_ONLY
+        } else {
+            rustls::DEFAULT_VERSIONS
+        }
     }
 
     fn alpn(&self) -> Vec<Vec<u8>> {
@@ -83,7 +87,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn key_error(cert: &Path, key: &Path, err: rustls::Error) -> TlsError {
     match err {
-        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() },
-        other => TlsError::File { path: key.to_path_buf(), problem: format!("unusable private key: {other}") },
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        },
+        other => TlsError::File {
+            path: key.to_path_buf(),
+            problem: format!("unusable private key: {other}"),
+        },
     }
 }

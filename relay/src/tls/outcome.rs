@@ -51,7 +51,10 @@ impl HandshakeOutcome {
 
     /// Classifies the error tokio-rustls returned for a failed handshake.
     pub fn of(err: &io::Error) -> Self {
-        match err.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        match err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
             Some(tls) => Self::of_rustls(tls),
             None => HandshakeOutcome::Protocol,
         }
@@ -62,7 +65,8 @@ impl HandshakeOutcome {
         match err {
             rustls::Error::InvalidCertificate(cert) => match cert {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => UnknownCa,
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => BadName,
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. } => BadName,
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
@@ -92,17 +96,42 @@ mod tests {
     #[test]
     fn names_the_failure_class() {
         let cases = [
-            (rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer), "unknown_ca"),
-            (rustls::Error::InvalidCertificate(CertificateError::NotValidForName), "bad_name"),
-            (rustls::Error::InvalidCertificate(CertificateError::Expired), "expired"),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "unknown_ca",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+                "bad_name",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::Expired),
+                "expired",
+            ),
             (rustls::Error::NoCertificatesPresented, "no_client_cert"),
-            (rustls::Error::AlertReceived(AlertDescription::CertificateRequired), "no_client_cert"),
-            (rustls::Error::AlertReceived(AlertDescription::UnknownCA), "unknown_ca"),
-            (rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType), "protocol"),
+            (
+                rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+                "no_client_cert",
+            ),
+            (
+                rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+                "unknown_ca",
+            ),
+            (
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                "protocol",
+            ),
         ];
         for (err, expected) in cases {
-            assert_eq!(HandshakeOutcome::of(&io(err.clone())).as_str(), expected, "{err:?}");
+            assert_eq!(
+                HandshakeOutcome::of(&io(err.clone())).as_str(),
+                expected,
+                "{err:?}"
+            );
         }
-        assert_eq!(HandshakeOutcome::of(&io::Error::other("eof")), HandshakeOutcome::Protocol);
+        assert_eq!(
+            HandshakeOutcome::of(&io::Error::other("eof")),
+            HandshakeOutcome::Protocol
+        );
     }
 }

@@ -11,11 +11,17 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use super::TlsError;
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|cause| TlsError::File { path: path.to_path_buf(), problem: cause.to_string() })
+    fs::read(path).map_err(|cause| TlsError::File {
+        path: path.to_path_buf(),
+        problem: cause.to_string(),
+    })
 }
 
 fn bad(path: &Path, problem: impl Into<String>) -> TlsError {
-    TlsError::File { path: path.to_path_buf(), problem: problem.into() }
+    TlsError::File {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
 }
 
 /// Every certificate in a PEM file, in order; at least one.
@@ -25,7 +31,10 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(path, format!("not a valid PEM certificate file: {e}")))?;
     if certs.is_empty() {
-        return Err(bad(path, "no certificate in this file (expected -----BEGIN CERTIFICATE-----)"));
+        return Err(bad(
+            path,
+            "no certificate in this file (expected -----BEGIN CERTIFICATE-----)",
+        ));
     }
     Ok(certs)
 }
@@ -36,9 +45,10 @@ pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
     warn_if_exposed(path);
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => {
-            bad(path, "no private key in this file (expected -----BEGIN PRIVATE KEY-----)")
-        }
+        rustls::pki_types::pem::Error::NoItemsFound => bad(
+            path,
+            "no private key in this file (expected -----BEGIN PRIVATE KEY-----)",
+        ),
         other => bad(path, format!("not a valid PEM private key: {other}")),
     })
 }
@@ -60,7 +70,10 @@ pub fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
         let mut files: Vec<PathBuf> = fs::read_dir(path)
             .map_err(|cause| bad(path, cause.to_string()))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|ext| ext == "crt" || ext == "pem"))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|ext| ext == "crt" || ext == "pem")
+            })
             .collect();
         files.sort();
         if files.is_empty() {
@@ -73,7 +86,9 @@ pub fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     for file in files {
         for cert in certificates(&file)? {
-            store.add(cert).map_err(|e| bad(&file, format!("not a usable CA certificate: {e}")))?;
+            store
+                .add(cert)
+                .map_err(|e| bad(&file, format!("not a usable CA certificate: {e}")))?;
         }
     }
     Ok(store)

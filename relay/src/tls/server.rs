@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -43,7 +43,10 @@ pub struct Refused {
 impl Refused {
     /// A failed handshake as tokio-rustls reported it.
     pub fn of(err: &std::io::Error) -> Self {
-        Refused { outcome: HandshakeOutcome::of(err), reason: err.to_string() }
+        Refused {
+            outcome: HandshakeOutcome::of(err),
+            reason: err.to_string(),
+        }
     }
 }
 
@@ -55,9 +58,17 @@ impl Acceptor {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match &options.client_ca {
             Some(ca) => builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder_with_provider(Arc::new(pem::roots(ca)?), super::provider())
-                    .build()
-                    .map_err(|e| TlsError::Config(format!("cannot verify client certificates with {}: {e}", ca.display())))?,
+                WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(pem::roots(ca)?),
+                    super::provider(),
+                )
+                .build()
+                .map_err(|e| {
+                    TlsError::Config(format!(
+                        "cannot verify client certificates with {}: {e}",
+                        ca.display()
+                    ))
+                })?,
             ),
             None if !options.allow_names.is_empty() => {
                 return Err(TlsError::Config("--tls-allow-name needs --tls-client-ca (client certificates must be verified first)".into()));
@@ -66,11 +77,21 @@ impl Acceptor {
         };
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
         options.common.apply_server(&mut config);
-        Ok(Acceptor { acceptor: TlsAcceptor::from(Arc::new(config)), allow_names: options.allow_names.clone() })
+        Ok(Acceptor {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            allow_names: options.allow_names.clone(),
+        })
     }
 
-    pub async fn accept(&self, tcp: TcpStream) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Refused> {
-        let stream = self.acceptor.accept(tcp).await.map_err(|e| Refused::of(&e))?;
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Refused> {
+        let stream = self
+            .acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| Refused::of(&e))?;
         if !self.allow_names.is_empty() {
             let names = stream
                 .get_ref()
@@ -82,7 +103,9 @@ impl Acceptor {
             if !names.iter().any(|n| self.allow_names.contains(n)) {
                 return Err(Refused {
                     outcome: HandshakeOutcome::NotAllowed,
-                    reason: format!("client certificate names {names:?} are not in --tls-allow-name"),
+                    reason: format!(
+                        "client certificate names {names:?} are not in --tls-allow-name"
+                    ),
                 });
             }
         }
@@ -95,7 +118,10 @@ impl Acceptor {
 fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = pem::certificates(cert)?;
     if let Some(when) = x509::expired(&chain[0]) {
-        return Err(TlsError::File { path: cert.to_path_buf(), problem: format!("certificate expired on {when}") });
+        return Err(TlsError::File {
+            path: cert.to_path_buf(),
+            problem: format!("certificate expired on {when}"),
+        });
     }
     let key_der = pem::private_key(key)?;
     CertifiedKey::from_der(chain, key_der, &super::provider())
@@ -159,6 +185,12 @@ impl Reloading {
 impl ResolvesServerCert for Reloading {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.reload_if_changed();
-        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).0.clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
+        )
     }
 }

@@ -15,10 +15,15 @@ pub fn names(der: &[u8]) -> Vec<String> {
         .filter_map(|cn| cn.as_str().ok().map(str::to_string))
         .collect();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
-        names.extend(san.value.general_names.iter().filter_map(|name| match name {
-            GeneralName::DNSName(dns) => Some(dns.to_string()),
-            _ => None,
-        }));
+        names.extend(
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(dns) => Some(dns.to_string()),
+                    _ => None,
+                }),
+        );
     }
     names
 }

@@ -1,0 +1,118 @@
+//! Attaching the observe programs to the interfaces of a namespace, at TC
+//! ingress and egress. On kernels with TCX (6.6+) aya makes TCX links,
+//! which the kernel removes when their fd closes, so even a killed relay
+//! leaves nothing attached. Older kernels get a clsact qdisc (only if the
+//! interface had none: one that was there stays) and cls_bpf filters,
+//! which `Drop` of the loaded object removes.
+//!
+//! Must run on a thread inside the target namespace: interface names and
+//! indexes, and the links themselves, resolve in the caller's namespace.
+
+use aya::Ebpf;
+use aya::maps::HashMap as BpfHashMap;
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use super::ObserveError;
+
+/// An interface in the target namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub index: u32,
+    pub name: String,
+}
+
+/// Interfaces of the calling thread's namespace: all but loopback, or the
+/// ones named (loopback only when named).
+pub fn interfaces(only: &[String]) -> Result<Vec<Interface>, ObserveError> {
+    let all: Vec<Interface> = nix::net::if_::if_nameindex()
+        .map_err(|e| ObserveError::Interfaces(e.to_string()))?
+        .iter()
+        .map(|i| Interface {
+            index: i.index(),
+            name: i.name().to_string_lossy().into_owned(),
+        })
+        .collect();
+    if only.is_empty() {
+        return Ok(all.into_iter().filter(|i| i.name != "lo").collect());
+    }
+    only.iter()
+        .map(|name| {
+            all.iter()
+                .find(|i| &i.name == name)
+                .cloned()
+                .ok_or_else(|| ObserveError::NoSuchInterface {
+                    name: name.clone(),
+                    present: all.iter().map(|i| i.name.clone()).collect(),
+                })
+        })
+        .collect()
+}
+
+/// Bytes before the IP header at TC for this interface: 14 unless the
+/// device has no link-layer header (ARPHRD_NONE, e.g. WireGuard, tun).
+fn l2_len(iface: &Interface) -> u32 {
+    let kind =
+        std::fs::read_to_string(format!("/sys/class/net/{}/type", iface.name)).unwrap_or_default();
+    // 65534 = ARPHRD_NONE. (sysfs shows the mounting namespace's devices;
+    // a name missing there reads as Ethernet, the common case.)
+    if kind.trim() == "65534" { 0 } else { 14 }
+}
+
+/// TCX arrived in 6.6; aya picks it by the same test.
+fn has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// Attaches both programs to every interface given.
+pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), ObserveError> {
+    {
+        let mut l2: BpfHashMap<_, u32, u32> = BpfHashMap::try_from(
+            ebpf.map_mut("l2_len")
+                .ok_or(ObserveError::MissingMap("l2_len"))?,
+        )
+        .map_err(|e| ObserveError::Kernel {
+            what: "opening map l2_len".into(),
+            cause: e.to_string(),
+        })?;
+        for iface in interfaces {
+            l2.insert(iface.index, l2_len(iface), 0)
+                .map_err(|e| ObserveError::Kernel {
+                    what: format!("writing l2_len for {}", iface.name),
+                    cause: e.to_string(),
+                })?;
+        }
+    }
+    for (program, attach_type) in [
+        ("observe_ingress", TcAttachType::Ingress),
+        ("observe_egress", TcAttachType::Egress),
+    ] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program)
+            .ok_or(ObserveError::MissingProgram(program))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| ObserveError::Kernel {
+                what: format!("program {program}"),
+                cause: e.to_string(),
+            })?;
+        prog.load()
+            .map_err(|e| ObserveError::Load(format!("{program}: {e}")))?;
+        for iface in interfaces {
+            if !has_tcx() {
+                // Pre-TCX kernels: cls_bpf needs a clsact qdisc; one that
+                // exists already is used as is.
+                let _ = aya::programs::tc::qdisc_add_clsact(&iface.name);
+            }
+            prog.attach(&iface.name, attach_type)
+                .map_err(|e| ObserveError::Attach {
+                    iface: iface.name.clone(),
+                    direction: if attach_type == TcAttachType::Ingress {
+                        "ingress"
+                    } else {
+                        "egress"
+                    },
+                    cause: e.to_string(),
+                })?;
+        }
+    }
+    Ok(())
+}

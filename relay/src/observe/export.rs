@@ -1,0 +1,248 @@
+//! Turning observer snapshots into Prometheus series.
+//!
+//! The kernel keeps totals; Prometheus counters only go up by increments,
+//! so each series remembers the total it last exported and adds the
+//! difference. Flows are exported as a bounded top-K (`rank` 1..K) plus one
+//! `other` series holding the rest, whatever the number of flows.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::Snapshot;
+use super::attach::Interface;
+
+/// The observe metric families, registered once per registry.
+pub struct ObserveMetrics {
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    flags: IntCounterVec,
+    top_bytes: IntGaugeVec,
+    top_packets: IntGaugeVec,
+    attached: IntGaugeVec,
+    run_seconds: prometheus::CounterVec,
+    runs: IntCounterVec,
+    /// Last exported total per series, keyed by family and labels.
+    last: Mutex<HashMap<(&'static str, Vec<String>), u64>>,
+    /// Flow series exported last time, per target, to remove stale ranks.
+    flow_labels: Mutex<HashMap<String, Vec<Vec<String>>>>,
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition is valid")
+}
+
+const FLOW_LABELS: [&str; 6] = ["target", "rank", "iface", "proto", "src", "dst"];
+
+impl ObserveMetrics {
+    pub fn register(registry: &Registry) -> Self {
+        let traffic = ["target", "iface", "direction", "proto"];
+        let metrics = ObserveMetrics {
+            packets: counter("relay_observe_packets_total", "Packets seen by the observer, per interface, direction and protocol.", &traffic),
+            bytes: counter("relay_observe_bytes_total", "Bytes seen by the observer (link-layer frame length).", &traffic),
+            flags: counter("relay_observe_tcp_flags_total", "TCP segments with SYN (no ACK), SYN-ACK, FIN or RST set.", &["target", "iface", "direction", "flag"]),
+            top_bytes: gauge("relay_observe_top_flow_bytes", "Bytes of the top flows by bytes (rank 1..K) and of all others (rank=\"other\").", &FLOW_LABELS),
+            top_packets: gauge("relay_observe_top_flow_packets", "Packets of the flows in relay_observe_top_flow_bytes.", &FLOW_LABELS),
+            attached: gauge("relay_observe_attached", "1 while the observer's programs are attached to the interface.", &["target", "iface"]),
+            run_seconds: prometheus::CounterVec::new(
+                Opts::new("relay_observe_program_run_seconds_total", "Time the observe programs ran, from the kernel's BPF statistics (--bpf-stats)."),
+                &["target", "program"],
+            )
+            .expect("static metric definition is valid"),
+            runs: counter("relay_observe_program_runs_total", "Runs of the observe programs, from the kernel's BPF statistics (--bpf-stats).", &["target", "program"]),
+            last: Mutex::new(HashMap::new()),
+            flow_labels: Mutex::new(HashMap::new()),
+        };
+        for collector in [
+            Box::new(metrics.packets.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.bytes.clone()),
+            Box::new(metrics.flags.clone()),
+            Box::new(metrics.top_bytes.clone()),
+            Box::new(metrics.top_packets.clone()),
+            Box::new(metrics.attached.clone()),
+            Box::new(metrics.run_seconds.clone()),
+            Box::new(metrics.runs.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+
+    /// Adds what grew since the last export to `family`'s series `labels`.
+    fn advance(&self, family: &'static str, labels: &[&str], total: u64) -> u64 {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = last
+            .insert(
+                (family, labels.iter().map(|l| l.to_string()).collect()),
+                total,
+            )
+            .unwrap_or(0);
+        total.saturating_sub(previous)
+    }
+
+    pub fn attached(&self, target: &str, interfaces: &[Interface], on: bool) {
+        for iface in interfaces {
+            if on {
+                self.attached
+                    .with_label_values(&[target, &iface.name])
+                    .set(1);
+            } else {
+                let _ = self.attached.remove_label_values(&[target, &iface.name]);
+            }
+        }
+    }
+
+    pub fn export(&self, target: &str, interfaces: &[Interface], snapshot: &Snapshot, top: usize) {
+        let name = |index: u32| {
+            interfaces
+                .iter()
+                .find(|i| i.index == index)
+                .map_or_else(|| index.to_string(), |i| i.name.clone())
+        };
+        // The families (IPv4, IPv6, non-IP) are summed: the label set stays small.
+        let mut traffic: HashMap<(String, &str, &str), (u64, u64)> = HashMap::new();
+        for ((ifindex, direction, proto, _family), counter) in &snapshot.traffic {
+            let entry = traffic
+                .entry((name(*ifindex), direction.as_str(), *proto))
+                .or_default();
+            entry.0 += counter.packets;
+            entry.1 += counter.bytes;
+        }
+        for ((iface, direction, proto), (packets, bytes)) in traffic {
+            let labels = [target, iface.as_str(), direction, proto];
+            self.packets
+                .with_label_values(&labels)
+                .inc_by(self.advance("packets", &labels, packets));
+            self.bytes
+                .with_label_values(&labels)
+                .inc_by(self.advance("bytes", &labels, bytes));
+        }
+        for ((ifindex, direction, flag), count) in &snapshot.flags {
+            let iface = name(*ifindex);
+            let labels = [target, iface.as_str(), direction.as_str(), flag];
+            self.flags
+                .with_label_values(&labels)
+                .inc_by(self.advance("flags", &labels, *count));
+        }
+        for (program, cost) in &snapshot.programs {
+            let labels = [target, program];
+            self.runs
+                .with_label_values(&labels)
+                .inc_by(self.advance("runs", &labels, cost.runs));
+            let nanos = self.advance(
+                "run_ns",
+                &labels,
+                u64::try_from(cost.run_time.as_nanos()).unwrap_or(u64::MAX),
+            );
+            self.run_seconds
+                .with_label_values(&labels)
+                .inc_by(nanos as f64 / 1e9);
+        }
+        self.export_flows(target, &name, snapshot, top);
+    }
+
+    fn export_flows(
+        &self,
+        target: &str,
+        name: &dyn Fn(u32) -> String,
+        snapshot: &Snapshot,
+        top: usize,
+    ) {
+        let mut current: Vec<Vec<String>> = Vec::new();
+        let mut set = |labels: Vec<String>, bytes: u64, packets: u64| {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.top_bytes
+                .with_label_values(&refs)
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            self.top_packets
+                .with_label_values(&refs)
+                .set(i64::try_from(packets).unwrap_or(i64::MAX));
+            current.push(labels);
+        };
+        for (rank, (flow, counter)) in snapshot.flows.iter().take(top).enumerate() {
+            let endpoint = |addr: std::net::IpAddr, port: u16| match addr {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+                v4 => format!("{v4}:{port}"),
+            };
+            set(
+                vec![
+                    target.to_string(),
+                    (rank + 1).to_string(),
+                    name(flow.ifindex),
+                    flow.proto_name().to_string(),
+                    endpoint(flow.source(), flow.sport),
+                    endpoint(flow.destination(), flow.dport),
+                ],
+                counter.bytes,
+                counter.packets,
+            );
+        }
+        let (bytes, packets) = snapshot
+            .flows
+            .iter()
+            .skip(top)
+            .fold((0, 0), |acc, (_, c)| (acc.0 + c.bytes, acc.1 + c.packets));
+        set(
+            vec![
+                target.to_string(),
+                "other".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+            bytes,
+            packets,
+        );
+
+        let mut previous = self.flow_labels.lock().unwrap_or_else(|p| p.into_inner());
+        for stale in previous
+            .get(target)
+            .into_iter()
+            .flatten()
+            .filter(|l| !current.contains(l))
+        {
+            let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
+            let _ = self.top_bytes.remove_label_values(&refs);
+            let _ = self.top_packets.remove_label_values(&refs);
+        }
+        previous.insert(target.to_string(), current);
+    }
+
+    /// Removes every series of `target` (its namespace is gone).
+    pub fn forget(&self, target: &str, interfaces: &[Interface]) {
+        self.attached(target, interfaces, false);
+        let mut previous = self.flow_labels.lock().unwrap_or_else(|p| p.into_inner());
+        for labels in previous.remove(target).into_iter().flatten() {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let _ = self.top_bytes.remove_label_values(&refs);
+            let _ = self.top_packets.remove_label_values(&refs);
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_family: Vec<((&'static str, Vec<String>), u64)> = Vec::new();
+        last.retain(|key, total| {
+            let keep = key.1.first().map(String::as_str) != Some(target);
+            if !keep {
+                by_family.push((key.clone(), *total));
+            }
+            keep
+        });
+        for ((family, labels), _) in by_family {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let _ = match family {
+                "packets" => self.packets.remove_label_values(&refs),
+                "bytes" => self.bytes.remove_label_values(&refs),
+                "flags" => self.flags.remove_label_values(&refs),
+                "runs" => self.runs.remove_label_values(&refs),
+                _ => self.run_seconds.remove_label_values(&refs),
+            };
+        }
+    }
+}

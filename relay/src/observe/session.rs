@@ -1,0 +1,138 @@
+//! One `relay observe` (or `relay forward --observe`) run: resolve the
+//! target, attach, export on every scrape, notice when the target's
+//! namespace goes away (detach, drop its series) and, with `follow`,
+//! attach again when a new one appears.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::export::ObserveMetrics;
+use super::{ObserveError, ObserveOptions, Observer, Snapshot};
+use crate::metrics::Metrics;
+use crate::netns::{self, Netns, Target};
+
+/// How often the target is checked for having gone (and, with follow, come back).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+pub struct SessionOptions {
+    pub observe: ObserveOptions,
+    /// Re-attach when a namespace for the target appears again.
+    pub follow: bool,
+    /// Redraw a table on the terminal every second.
+    pub watch: bool,
+}
+
+/// The observer currently attached, shared with the scrape hook.
+type Slot = Arc<Mutex<Option<Arc<Observer>>>>;
+
+async fn attach(
+    target: &Target,
+    options: &ObserveOptions,
+) -> Result<(Netns, Arc<Observer>), ObserveError> {
+    let netns = netns::resolve(target).await?;
+    let options = options.clone();
+    // Attaching joins a thread inside the namespace: keep it off the workers.
+    let (netns, observer) = tokio::task::spawn_blocking(move || {
+        let observer = Observer::attach(&netns, &options);
+        (netns, observer)
+    })
+    .await
+    .map_err(|e| ObserveError::Kernel {
+        what: "attach thread".into(),
+        cause: e.to_string(),
+    })?;
+    Ok((netns, Arc::new(observer?)))
+}
+
+/// Is the namespace still the target's? A daemon that cannot be asked
+/// (dockerd restarting) is not taken as the target having gone.
+async fn still_there(netns: &Netns) -> bool {
+    netns.still_current().await.unwrap_or_else(|err| {
+        tracing::debug!(error = %err, "cannot check the target; keeping the observer attached");
+        true
+    })
+}
+
+/// Runs until `stop` turns true, or the target goes away without `follow`.
+/// Errors before the first attach are the caller's to report as bad input.
+pub async fn run(
+    target: Target,
+    options: SessionOptions,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ObserveError> {
+    let export = Arc::new(ObserveMetrics::register(metrics.registry()));
+    let slot: Slot = Arc::new(Mutex::new(None));
+    {
+        let (slot, export, top) = (slot.clone(), export.clone(), options.observe.top_flows);
+        metrics.on_scrape(move || {
+            let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(observer) = current {
+                match observer.snapshot() {
+                    Ok(snapshot) => {
+                        export.export(observer.target(), observer.interfaces(), &snapshot, top)
+                    }
+                    Err(err) => tracing::warn!(error = %err, "cannot read the observer's maps"),
+                }
+            }
+        });
+    }
+
+    let (mut netns, observer) = attach(&target, &options.observe).await?;
+    let mut current = Some(observer);
+    let mut before = (Snapshot::default(), Instant::now());
+    loop {
+        if let Some(observer) = &current {
+            export.attached(observer.target(), observer.interfaces(), true);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        if options.watch
+            && let Some(observer) = &current
+            && let Ok(now) = observer.snapshot()
+        {
+            let table = super::watch::render(
+                observer.target(),
+                observer.interfaces(),
+                &before.0,
+                &now,
+                before.1.elapsed(),
+                options.observe.top_flows,
+            );
+            if let Err(err) = super::watch::draw(&table) {
+                tracing::debug!(error = %err, "cannot draw the watch table");
+            }
+            before = (now, Instant::now());
+        }
+        match &current {
+            Some(observer) if !still_there(&netns).await => {
+                tracing::warn!(target = %observer.target(), "target stopped: detaching, its series are removed");
+                export.forget(observer.target(), observer.interfaces());
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                current = None;
+                if !options.follow {
+                    return Err(ObserveError::TargetGone(target.to_string()));
+                }
+            }
+            Some(_) => {}
+            None => match attach(&target, &options.observe).await {
+                Ok((new_netns, observer)) => {
+                    tracing::info!(target = %observer.target(), "target is back: attached again");
+                    netns = new_netns;
+                    current = Some(observer);
+                }
+                Err(err) => tracing::debug!(error = %err, "target not back yet"),
+            },
+        }
+    }
+    if let Some(observer) = current {
+        export.forget(observer.target(), observer.interfaces());
+    }
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(())
+}
