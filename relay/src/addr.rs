@@ -9,6 +9,8 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
+
+use crate::netns::Target;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -63,6 +65,8 @@ pub struct ListenAddr {
     pub once: bool,
     /// TLS termination (`tls://`, `OPENSSL-LISTEN:`).
     pub tls: Option<TlsListen>,
+    /// Listen inside this namespace (`...@container:web`, socat `netns=`).
+    pub netns: Option<Target>,
     /// The address as the user wrote it, for logs and the default route name.
     pub text: String,
 }
@@ -78,6 +82,8 @@ pub struct TargetAddr {
     pub keepalive: bool,
     /// TLS origination (`tls://`, `OPENSSL:`).
     pub tls: Option<TlsTarget>,
+    /// Connect from inside this namespace (`...@container:web`, socat `netns=`).
+    pub netns: Option<Target>,
     pub text: String,
 }
 
@@ -149,9 +155,11 @@ const CONNECT_KEYWORDS: &[(&str, Family)] = &[
     ("tcp6-connect", Family::V6),
 ];
 
-const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>";
+const LISTEN_OPTIONS: &str =
+    "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, netns=, container=, pid=";
 const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
-const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, nodelay, keepalive";
+const CONNECT_OPTIONS: &str =
+    "connect-timeout=<seconds>, nodelay, keepalive, netns=, container=, pid=";
 const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
 
@@ -445,13 +453,42 @@ fn socat_form<'a>(
     Ok(None)
 }
 
+/// Splits `address@target` (the namespace an address lives in) into its
+/// parts; the part after the last `@` must be a namespace target.
+fn split_namespace(input: &str) -> Result<(&str, Option<Target>), AddrError> {
+    match input.rsplit_once('@') {
+        None => Ok((input, None)),
+        Some((address, target)) => {
+            let target = target
+                .parse::<Target>()
+                .map_err(|e| invalid(input, format!("after `@`: {e}")))?;
+            Ok((address, Some(target)))
+        }
+    }
+}
+
+/// socat-style options naming the namespace: `netns=<name|path>`,
+/// `container=<name>`, `pid=<pid>`.
+fn namespace_option(input: &str, opt: &SocatOption<'_>) -> Result<Option<Target>, AddrError> {
+    let spec = match opt.key.as_str() {
+        "netns" => format!("netns:{}", opt.required(input)?),
+        "container" => format!("container:{}", opt.required(input)?),
+        "pid" => format!("pid:{}", opt.required(input)?),
+        _ => return Ok(None),
+    };
+    spec.parse::<Target>()
+        .map(Some)
+        .map_err(|e| invalid(input, format!("option `{}`: {e}", opt.key)))
+}
+
 /// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`, or
 /// socat's `TCP-LISTEN:<port>[,options]`.
 pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
     if let Some((family, rest, tls)) = socat_form(input, &LISTEN_POSITION)? {
         return parse_socat_listen(input, family, rest, tls);
     }
-    let (scheme, rest) = split_scheme(input, &["tcp", "tls", "tls-listen"])?;
+    let (address, netns) = split_namespace(input)?;
+    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "tls-listen"])?;
     let (host, port) = host_port(input, rest)?;
     Ok(ListenAddr {
         host,
@@ -462,6 +499,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
         backlog: None,
         once: false,
         tls: (scheme != "tcp").then(TlsListen::default),
+        netns,
         text: input.to_string(),
     })
 }
@@ -489,9 +527,14 @@ fn parse_socat_listen(
             verify_clients: true,
             ..TlsListen::default()
         }),
+        netns: None,
         text: input.to_string(),
     };
     for opt in socat_options(options) {
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
         if let Some(tls) = addr.tls.as_mut() {
             match opt.key.as_str() {
                 "cert" => {
@@ -565,7 +608,8 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
     if let Some((family, rest, tls)) = socat_form(input, &TARGET_POSITION)? {
         return parse_socat_target(input, family, rest, tls);
     }
-    let (scheme, rest) = split_scheme(input, &["tcp", "tls"])?;
+    let (address, netns) = split_namespace(input)?;
+    let (scheme, rest) = split_scheme(address, &["tcp", "tls"])?;
     let (host, port) = host_port(input, rest)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
@@ -581,6 +625,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
         connect_timeout: None,
         keepalive: false,
         tls,
+        netns,
         text: input.to_string(),
     })
 }
@@ -615,9 +660,14 @@ fn parse_socat_target(
         connect_timeout: None,
         keepalive: false,
         tls,
+        netns: None,
         text: input.to_string(),
     };
     for opt in socat_options(options) {
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
         if let Some(tls) = addr.tls.as_mut() {
             match opt.key.as_str() {
                 "cafile" | "capath" => {
@@ -778,6 +828,26 @@ mod tests {
                 .tls
                 .is_some()
         );
+    }
+
+    #[test]
+    fn addresses_may_live_in_a_namespace() {
+        let t = parse_target("tcp://127.0.0.1:5005@container:web").unwrap();
+        assert_eq!(
+            (t.port, t.netns.map(|n| n.spec())),
+            (5005, Some("container:web".to_string()))
+        );
+        let l = parse_listen("127.0.0.1:6379@pid:1234").unwrap();
+        assert_eq!(l.netns.map(|n| n.spec()), Some("pid:1234".to_string()));
+        let t = parse_target("tls://db:6380@netns:blue").unwrap();
+        assert!(t.tls.is_some() && t.netns.is_some());
+        let t = parse_target("TCP:127.0.0.1:80,container=web").unwrap();
+        assert_eq!(t.netns.map(|n| n.spec()), Some("container:web".to_string()));
+        let l = parse_listen("TCP-LISTEN:80,fork,netns=blue").unwrap();
+        assert_eq!(l.netns.map(|n| n.spec()), Some("netns:blue".to_string()));
+        assert!(parse_target("127.0.0.1:80").unwrap().netns.is_none());
+        let err = parse_target("127.0.0.1:80@vm:x").unwrap_err().to_string();
+        assert!(err.contains("after `@`"), "{err}");
     }
 
     #[test]

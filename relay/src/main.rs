@@ -50,6 +50,8 @@ enum Command {
     Forward(Box<ForwardArgs>),
     /// Count the traffic of a container or network namespace with eBPF (needs root).
     Observe(ObserveArgs),
+    /// Publish a running container's port on the host, even one bound to the container's localhost.
+    Publish(PublishArgs),
 }
 
 #[derive(Args)]
@@ -86,6 +88,37 @@ struct ForwardArgs {
     /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP:<host>:<port>[,opts]`.
     #[arg(value_parser = addr::parse_target)]
     target: TargetAddr,
+    /// Also count the traffic of this target with eBPF (container:<name>, pid:<pid>, netns:<name|path>, host).
+    #[arg(long, value_name = "TARGET", value_parser = parse_observe_target)]
+    observe: Option<Target>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// The container (name or id; or pid:<pid>, netns:<name|path>).
+    container: String,
+    /// The container's port, optionally with the host port: <port>[:<host-port>].
+    #[arg(value_name = "PORT[:HOST-PORT]", value_parser = parse_port_pair)]
+    ports: (u16, u16),
+    /// Host address to listen on; publishing beyond this host is an explicit choice.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
+    /// Also count the container's traffic with eBPF on the same /metrics.
+    #[arg(long)]
+    observe: bool,
+}
+
+fn parse_port_pair(text: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
+    };
+    match text.split_once(':') {
+        Some((inner, outer)) => Ok((port(inner)?, port(outer)?)),
+        None => port(text).map(|p| (p, p)),
+    }
 }
 
 /// Options of a route; global, so they go before or after `forward`.
@@ -201,8 +234,35 @@ struct LogArgs {
 const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 
 enum Job {
-    Forward(Box<(ListenAddr, TargetAddr)>),
+    Forward(Box<Route>),
     Observe(ObserveArgs),
+}
+
+/// A route to serve, and what to observe beside it.
+struct Route {
+    listen: ListenAddr,
+    target: TargetAddr,
+    observe: Option<Target>,
+}
+
+/// `publish web 8080[:18080]`: listen on the host, connect to the port on
+/// the container's own localhost from inside its namespace.
+fn publish_route(args: PublishArgs) -> Result<Route, String> {
+    let target: Target = if args.container.contains(':') {
+        parse_observe_target(&args.container)?
+    } else {
+        parse_observe_target(&format!("container:{}", args.container))?
+    };
+    let (inner, outer) = args.ports;
+    let listen = addr::parse_listen(&std::net::SocketAddr::new(args.bind, outer).to_string())
+        .map_err(|e| e.to_string())?;
+    let connect = addr::parse_target(&format!("tcp://127.0.0.1:{inner}@{}", target.spec()))
+        .map_err(|e| e.to_string())?;
+    Ok(Route {
+        listen,
+        target: connect,
+        observe: args.observe.then_some(target),
+    })
 }
 
 /// SIGTERM and SIGINT, as one stream of named signals.
@@ -247,6 +307,7 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
     let options = observe::session::SessionOptions {
         observe: ObserveOptions {
             interfaces: args.interfaces,
+            loopback: false,
             top_flows: args.top_flows,
             bpf_stats: args.bpf_stats,
         },
@@ -255,7 +316,8 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
     };
     let mut signals = Signals::install()?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let session = observe::session::run(args.target, options, registry.clone(), stop_rx);
+    let session = observe::session::Session::start(args.target, options, &registry).await?;
+    let session = session.run(stop_rx);
     tokio::pin!(session);
     serve_metrics(metrics_addr, &registry).await?;
     tokio::select! {
@@ -272,22 +334,34 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let job = match (cli.command, cli.socat_listen, cli.socat_target) {
-        (Some(Command::Forward(args)), None, None) => {
-            Job::Forward(Box::new((args.listen, args.target)))
-        }
+        (Some(Command::Forward(args)), None, None) => Job::Forward(Box::new(Route {
+            listen: args.listen,
+            target: args.target,
+            observe: args.observe,
+        })),
+        (Some(Command::Publish(args)), None, None) => match publish_route(args) {
+            Ok(route) => Job::Forward(Box::new(route)),
+            Err(message) => {
+                eprintln!("relay: error: {message}");
+                return ExitCode::from(USAGE);
+            }
+        },
         (Some(Command::Observe(args)), None, None) => Job::Observe(args),
-        (None, Some(listen), Some(target)) => Job::Forward(Box::new((listen, target))),
+        (None, Some(listen), Some(target)) => Job::Forward(Box::new(Route {
+            listen,
+            target,
+            observe: None,
+        })),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
             return ExitCode::from(USAGE);
         }
     };
-    let route = cli.route;
     logging::init(
         cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
-    let mut route = route;
+    let mut route = cli.route;
     let nofile = limits::raise_nofile().unwrap_or_else(|err| {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
@@ -315,7 +389,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match job {
-        Job::Forward(addrs) => runtime.block_on(serve(addrs.0, addrs.1, route, cli.tls)),
+        Job::Forward(job) => runtime.block_on(serve(*job, route, cli.tls)),
         Job::Observe(args) => runtime.block_on(watch_target(args, route.metrics)),
     };
     // Name lookups may still sit on blocking threads; do not wait for them.
@@ -339,12 +413,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(
-    listen: ListenAddr,
-    target: TargetAddr,
-    args: RouteArgs,
-    tls_args: TlsArgs,
-) -> anyhow::Result<()> {
+async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Result<()> {
+    let Route {
+        listen,
+        target,
+        observe,
+    } = route;
     let name = args.name.unwrap_or_else(|| listen.text.clone());
     let (tls_server, tls_client) =
         tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
@@ -362,6 +436,25 @@ async fn serve(
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();
     let forwarder = Forwarder::bind(config, registry.route(&name)).await?;
+    // The observer follows its target across restarts (a forwarder does not
+    // stop because the container it watches did) and includes loopback,
+    // where a published container port is reached.
+    let (stop_observer, observer_stop) = watch::channel(false);
+    let observer = match observe {
+        Some(target) => {
+            let options = observe::session::SessionOptions {
+                observe: ObserveOptions {
+                    loopback: true,
+                    ..ObserveOptions::default()
+                },
+                follow: true,
+                watch: false,
+            };
+            let session = observe::session::Session::start(target, options, &registry).await?;
+            Some(tokio::spawn(session.run(observer_stop)))
+        }
+        None => None,
+    };
     serve_metrics(args.metrics, &registry).await?;
     tracing::info!(route = %name, target = %target_text, "listening on {}", forwarder.local_addr());
 
@@ -371,12 +464,20 @@ async fn serve(
     let run = forwarder.run(drain_rx);
     tokio::pin!(run);
     tokio::select! {
-        () = &mut run => return Ok(()),
+        () = &mut run => {
+            stop_observer.send_replace(true);
+            return Ok(());
+        }
         signal = signals.next() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
     }
     drain_tx.send_replace(true);
     tokio::select! {
-        () = &mut run => Ok(()),
+        () = &mut run => {}
         signal = signals.next() => anyhow::bail!("{signal} during drain: exiting at once"),
     }
+    stop_observer.send_replace(true);
+    if let Some(observer) = observer {
+        observer.await.context("observer task")??;
+    }
+    Ok(())
 }

@@ -44,10 +44,12 @@ pub enum Outcome {
     Limit,
     /// A TLS handshake on either leg failed.
     TlsError,
+    /// The target's namespace is gone (its container stopped).
+    NamespaceUnavailable,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Closed,
         Outcome::Refused,
         Outcome::ConnectTimeout,
@@ -57,6 +59,7 @@ impl Outcome {
         Outcome::Drained,
         Outcome::Limit,
         Outcome::TlsError,
+        Outcome::NamespaceUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Outcome {
             Outcome::Drained => "drained",
             Outcome::Limit => "limit",
             Outcome::TlsError => "tls_error",
+            Outcome::NamespaceUnavailable => "namespace_unavailable",
         }
     }
 }
@@ -104,7 +108,7 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct RouteMetrics {
     pub name: Arc<str>,
-    outcomes: Arc<[IntCounter; 9]>,
+    outcomes: Arc<[IntCounter; 10]>,
     tls_handshakes: IntCounterVec,
     tls_duration: HistogramVec,
     pub active: IntGauge,

@@ -162,7 +162,7 @@ impl Connection {
         };
 
         let upstream = tokio::select! {
-            result = upstream::connect(&route.target, route.connect_timeout) => result,
+            result = upstream::connect(&route.target, route.namespace.as_ref(), route.connect_timeout) => result,
             _ = raised(&mut close) => {
                 finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting");
                 return;

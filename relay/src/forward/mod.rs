@@ -21,6 +21,7 @@
 
 pub mod connection;
 pub mod listener;
+pub mod namespace;
 pub mod stream;
 pub mod upstream;
 
@@ -50,6 +51,8 @@ pub enum ForwardError {
     ResolveListen { addr: String, cause: io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
 }
 
 fn bind_hint(cause: &io::Error) -> &'static str {
@@ -104,6 +107,8 @@ pub struct RouteContext {
     pub metrics: RouteMetrics,
     pub acceptor: Option<tls::Acceptor>,
     pub connector: Option<tls::Connector>,
+    /// The namespace the target lives in, if not the relay's own.
+    pub namespace: Option<namespace::Namespace>,
     pub handshake_timeout: Duration,
 }
 
@@ -139,6 +144,10 @@ impl Forwarder {
         if connector.is_some() {
             metrics.init_tls(TlsRole::Client);
         }
+        let namespace = match &config.target.netns {
+            Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
+            None => None,
+        };
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
@@ -152,6 +161,7 @@ impl Forwarder {
             metrics,
             acceptor,
             connector,
+            namespace,
             handshake_timeout: config.handshake_timeout,
         });
         Ok(Forwarder {

@@ -21,9 +21,9 @@ pub struct Interface {
     pub name: String,
 }
 
-/// Interfaces of the calling thread's namespace: all but loopback, or the
-/// ones named (loopback only when named).
-pub fn interfaces(only: &[String]) -> Result<Vec<Interface>, ObserveError> {
+/// Interfaces of the calling thread's namespace: the ones named, or all
+/// (loopback only with `loopback`).
+pub fn interfaces(only: &[String], loopback: bool) -> Result<Vec<Interface>, ObserveError> {
     let all: Vec<Interface> = nix::net::if_::if_nameindex()
         .map_err(|e| ObserveError::Interfaces(e.to_string()))?
         .iter()
@@ -33,7 +33,10 @@ pub fn interfaces(only: &[String]) -> Result<Vec<Interface>, ObserveError> {
         })
         .collect();
     if only.is_empty() {
-        return Ok(all.into_iter().filter(|i| i.name != "lo").collect());
+        return Ok(all
+            .into_iter()
+            .filter(|i| loopback || i.name != "lo")
+            .collect());
     }
     only.iter()
         .map(|name| {

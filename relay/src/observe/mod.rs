@@ -85,8 +85,11 @@ impl ObserveError {
 /// What to observe and how.
 #[derive(Debug, Clone)]
 pub struct ObserveOptions {
-    /// Interfaces to attach to; empty means every one but loopback.
+    /// Interfaces to attach to; empty means every one (but loopback, unless `loopback`).
     pub interfaces: Vec<String>,
+    /// Include loopback when no interface is named: a published container
+    /// port is reached over the container's own `lo`.
+    pub loopback: bool,
     /// How many flows to export by name; the rest are summed as `other`.
     pub top_flows: usize,
     /// Turn on the kernel's run-time accounting of BPF programs while attached.
@@ -97,6 +100,7 @@ impl Default for ObserveOptions {
     fn default() -> Self {
         ObserveOptions {
             interfaces: Vec::new(),
+            loopback: false,
             top_flows: 10,
             bpf_stats: false,
         }
@@ -133,10 +137,10 @@ impl Observer {
     /// Loads the programs and attaches them inside `netns`, on a thread
     /// that has entered it (never on an async worker).
     pub fn attach(netns: &Netns, options: &ObserveOptions) -> Result<Self, ObserveError> {
-        let only = options.interfaces.clone();
+        let (only, loopback) = (options.interfaces.clone(), options.loopback);
         let (ebpf, interfaces) =
             netns.run(move || -> Result<(Ebpf, Vec<Interface>), ObserveError> {
-                let interfaces = attach::interfaces(&only)?;
+                let interfaces = attach::interfaces(&only, loopback)?;
                 if interfaces.is_empty() {
                     return Err(ObserveError::NothingToObserve);
                 }

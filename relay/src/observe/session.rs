@@ -55,84 +55,115 @@ async fn still_there(netns: &Netns) -> bool {
     })
 }
 
-/// Runs until `stop` turns true, or the target goes away without `follow`.
-/// Errors before the first attach are the caller's to report as bad input.
-pub async fn run(
+/// An observation that has attached once; [`Session::run`] keeps it going.
+pub struct Session {
     target: Target,
     options: SessionOptions,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), ObserveError> {
-    let export = Arc::new(ObserveMetrics::register(metrics.registry()));
-    let slot: Slot = Arc::new(Mutex::new(None));
-    {
-        let (slot, export, top) = (slot.clone(), export.clone(), options.observe.top_flows);
+    export: Arc<ObserveMetrics>,
+    slot: Slot,
+    netns: Netns,
+    observer: Arc<Observer>,
+}
+
+impl Session {
+    /// Resolves and attaches, and registers the export on `metrics`. Errors
+    /// here (no such target, no permission) are the caller's to report.
+    pub async fn start(
+        target: Target,
+        options: SessionOptions,
+        metrics: &Metrics,
+    ) -> Result<Self, ObserveError> {
+        let (netns, observer) = attach(&target, &options.observe).await?;
+        let export = Arc::new(ObserveMetrics::register(metrics.registry()));
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let (hook_slot, hook_export, top) =
+            (slot.clone(), export.clone(), options.observe.top_flows);
         metrics.on_scrape(move || {
-            let current = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let current = hook_slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some(observer) = current {
                 match observer.snapshot() {
                     Ok(snapshot) => {
-                        export.export(observer.target(), observer.interfaces(), &snapshot, top)
+                        hook_export.export(observer.target(), observer.interfaces(), &snapshot, top)
                     }
                     Err(err) => tracing::warn!(error = %err, "cannot read the observer's maps"),
                 }
             }
         });
+        export.attached(observer.target(), observer.interfaces(), true);
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
+        Ok(Session {
+            target,
+            options,
+            export,
+            slot,
+            netns,
+            observer,
+        })
     }
 
-    let (mut netns, observer) = attach(&target, &options.observe).await?;
-    let mut current = Some(observer);
-    let mut before = (Snapshot::default(), Instant::now());
-    loop {
-        if let Some(observer) = &current {
-            export.attached(observer.target(), observer.interfaces(), true);
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(CHECK_EVERY) => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
-        if options.watch
-            && let Some(observer) = &current
-            && let Ok(now) = observer.snapshot()
-        {
-            let table = super::watch::render(
-                observer.target(),
-                observer.interfaces(),
-                &before.0,
-                &now,
-                before.1.elapsed(),
-                options.observe.top_flows,
-            );
-            if let Err(err) = super::watch::draw(&table) {
-                tracing::debug!(error = %err, "cannot draw the watch table");
+    /// Runs until `stop` turns true, or the target goes away without `follow`.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
+        let Session {
+            target,
+            options,
+            export,
+            slot,
+            mut netns,
+            observer,
+        } = self;
+        let mut current = Some(observer);
+        let mut before = (Snapshot::default(), Instant::now());
+        loop {
+            if let Some(observer) = &current {
+                export.attached(observer.target(), observer.interfaces(), true);
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
             }
-            before = (now, Instant::now());
-        }
-        match &current {
-            Some(observer) if !still_there(&netns).await => {
-                tracing::warn!(target = %observer.target(), "target stopped: detaching, its series are removed");
-                export.forget(observer.target(), observer.interfaces());
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                current = None;
-                if !options.follow {
-                    return Err(ObserveError::TargetGone(target.to_string()));
-                }
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = stop.wait_for(|s| *s) => break,
             }
-            Some(_) => {}
-            None => match attach(&target, &options.observe).await {
-                Ok((new_netns, observer)) => {
-                    tracing::info!(target = %observer.target(), "target is back: attached again");
-                    netns = new_netns;
-                    current = Some(observer);
+            if options.watch
+                && let Some(observer) = &current
+                && let Ok(now) = observer.snapshot()
+            {
+                let table = super::watch::render(
+                    observer.target(),
+                    observer.interfaces(),
+                    &before.0,
+                    &now,
+                    before.1.elapsed(),
+                    options.observe.top_flows,
+                );
+                if let Err(err) = super::watch::draw(&table) {
+                    tracing::debug!(error = %err, "cannot draw the watch table");
                 }
-                Err(err) => tracing::debug!(error = %err, "target not back yet"),
-            },
+                before = (now, Instant::now());
+            }
+            match &current {
+                Some(observer) if !still_there(&netns).await => {
+                    tracing::warn!(target = %observer.target(), "target stopped: detaching, its series are removed");
+                    export.forget(observer.target(), observer.interfaces());
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    current = None;
+                    if !options.follow {
+                        return Err(ObserveError::TargetGone(target.to_string()));
+                    }
+                }
+                Some(_) => {}
+                None => match attach(&target, &options.observe).await {
+                    Ok((new_netns, observer)) => {
+                        tracing::info!(target = %observer.target(), "target is back: attached again");
+                        netns = new_netns;
+                        current = Some(observer);
+                    }
+                    Err(err) => tracing::debug!(error = %err, "target not back yet"),
+                },
+            }
         }
+        if let Some(observer) = current {
+            export.forget(observer.target(), observer.interfaces());
+        }
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
     }
-    if let Some(observer) = current {
-        export.forget(observer.target(), observer.interfaces());
-    }
-    *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    Ok(())
 }
