@@ -42,7 +42,10 @@ fn sources(root: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn object_name(source: &Path) -> String {
-    let file = source.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = source
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("{}.o", file.trim_end_matches(".c"))
 }
 
@@ -64,14 +67,24 @@ pub fn build() -> Result<()> {
     for source in sources(&root)? {
         let out = obj.join(object_name(&source));
         compile(&root, &source, &out)?;
-        println!("xtask: built {}", out.strip_prefix(&root).unwrap_or(&out).display());
+        println!(
+            "xtask: built {}",
+            out.strip_prefix(&root).unwrap_or(&out).display()
+        );
     }
     Ok(())
 }
 
 /// Fails naming every object that differs from a fresh build of its source.
 pub fn check_fresh() -> Result<()> {
-    let root = workspace::root();
+    check_fresh_at(&workspace::root())?;
+    println!("xtask: eBPF objects match their sources");
+    Ok(())
+}
+
+/// [`check_fresh`] for the tree at `root` (which holds `relay-ebpf/`).
+fn check_fresh_at(root: &Path) -> Result<()> {
+    let root = root.to_path_buf();
     let scratch = std::env::temp_dir().join(format!("relay-ebpf-check-{}", std::process::id()));
     fs::create_dir_all(&scratch)?;
     let mut stale = Vec::new();
@@ -91,6 +104,58 @@ pub fn check_fresh() -> Result<()> {
             stale.join(", ")
         );
     }
-    println!("xtask: eBPF objects match their sources");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let dest = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy_dir(&path, &dest)
+            } else {
+                fs::copy(&path, &dest).map(|_| ()).unwrap()
+            }
+        }
+    }
+
+    /// A source edited without `cargo xtask build-ebpf` makes the check fail,
+    /// naming the object; the committed tree passes.
+    #[test]
+    fn edited_source_without_rebuild_is_reported_stale() {
+        if Command::new("clang").arg("--version").output().is_err() {
+            eprintln!(
+                "SKIP edited_source_without_rebuild_is_reported_stale: clang not installed (apt-get install clang libbpf-dev)"
+            );
+            return;
+        }
+        let copy =
+            std::env::temp_dir().join(format!("relay-ebpf-stale-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&copy);
+        copy_dir(
+            &workspace::root().join("relay-ebpf"),
+            &copy.join("relay-ebpf"),
+        );
+        check_fresh_at(&copy).expect("the committed objects match their sources");
+
+        let source = copy.join("relay-ebpf/src/observe.bpf.c");
+        let edited = fs::read_to_string(&source).unwrap().replace(
+            "return TC_ACT_UNSPEC;",
+            "return TC_ACT_UNSPEC; /* edited */",
+        );
+        fs::write(&source, edited).unwrap();
+        let err = check_fresh_at(&copy)
+            .expect_err("an edited source must be reported stale")
+            .to_string();
+        let _ = fs::remove_dir_all(&copy);
+        assert!(
+            err.contains("relay-ebpf/obj/observe.bpf.o") && err.contains("cargo xtask build-ebpf"),
+            "got: {err}"
+        );
+    }
 }
