@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
-use relay::forward::{ForwardError, Forwarder, RouteConfig};
+use relay::forward::{DataPath, ForwardError, Forwarder, RouteConfig};
 use relay::logging::{self, LogFormat};
 use relay::metrics::{self, Metrics};
 use relay::netns::Target;
@@ -140,6 +140,9 @@ struct RouteArgs {
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(global = true, long, value_parser = duration::parse, default_value = "30s")]
     drain_timeout: Duration,
+    /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel). TLS legs always copy.
+    #[arg(global = true, long, value_enum, default_value_t = DataPath::Auto)]
+    data_path: DataPath,
     /// Serve Prometheus metrics at http://<addr>/metrics; a bare port binds 127.0.0.1.
     #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
@@ -366,14 +369,18 @@ fn main() -> ExitCode {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
     });
-    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
+    let fits = u32::try_from(limits::connections_for(
+        nofile,
+        route.data_path.fds_per_connection(),
+    ))
+    .unwrap_or(u32::MAX);
     route.max_connections = Some(match route.max_connections {
         Some(asked) if asked > fits => {
             tracing::warn!(
                 requested = asked,
                 nofile,
                 max_connections = fits,
-                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
+                "--max-connections lowered to what the open-file limit holds (two descriptors per connection, six with splice)"
             );
             fits
         }
@@ -432,6 +439,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         tls_server,
         tls_client,
         handshake_timeout: tls_args.tls_handshake_timeout,
+        data_path: args.data_path,
     };
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();

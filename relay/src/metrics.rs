@@ -101,6 +101,7 @@ pub struct Metrics {
     connection_duration: HistogramVec,
     tls_handshakes: IntCounterVec,
     tls_duration: HistogramVec,
+    data_path: IntGaugeVec,
 }
 
 /// The children of every family for one route, resolved once so the hot
@@ -111,6 +112,7 @@ pub struct RouteMetrics {
     outcomes: Arc<[IntCounter; 10]>,
     tls_handshakes: IntCounterVec,
     tls_duration: HistogramVec,
+    data_path: IntGaugeVec,
     pub active: IntGauge,
     pub to_target: IntCounter,
     pub to_client: IntCounter,
@@ -154,6 +156,16 @@ impl RouteMetrics {
         self.tls_duration
             .with_label_values(&[&*self.name, role.as_str()])
             .observe(seconds);
+    }
+
+    /// Marks `path` (one of `paths`) as the data path in use: 1 for it, 0
+    /// for the others, so a dashboard sees a switch.
+    pub fn set_data_path(&self, path: &str, paths: &[&str]) {
+        for candidate in paths {
+            self.data_path
+                .with_label_values(&[&*self.name, candidate])
+                .set(i64::from(*candidate == path));
+        }
     }
 
     pub fn outcome(&self, outcome: Outcome) -> &IntCounter {
@@ -233,6 +245,14 @@ impl Metrics {
             &["route", "role"],
         )
         .expect("static metric definition is valid");
+        let data_path = IntGaugeVec::new(
+            Opts::new(
+                "relay_data_path",
+                "1 for the data path plain TCP bytes take on the route (copy, splice or sockmap), 0 for the others.",
+            ),
+            &["route", "path"],
+        )
+        .expect("static metric definition is valid");
         let build_info = IntGaugeVec::new(
             Opts::new("relay_build_info", "Always 1; labels carry the build."),
             &["version"],
@@ -249,6 +269,7 @@ impl Metrics {
             Box::new(connection_duration.clone()),
             Box::new(tls_handshakes.clone()),
             Box::new(tls_duration.clone()),
+            Box::new(data_path.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -265,6 +286,7 @@ impl Metrics {
             connection_duration,
             tls_handshakes,
             tls_duration,
+            data_path,
         }
     }
 
@@ -278,6 +300,7 @@ impl Metrics {
             ),
             tls_handshakes: self.tls_handshakes.clone(),
             tls_duration: self.tls_duration.clone(),
+            data_path: self.data_path.clone(),
             active: self.active.with_label_values(&[name]),
             to_target: self.bytes.with_label_values(&[name, "to_target"]),
             to_client: self.bytes.with_label_values(&[name, "to_client"]),

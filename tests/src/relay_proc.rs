@@ -185,16 +185,22 @@ impl RelayCmd {
         self
     }
 
-    /// The full argument list after `relay`.
+    /// The full argument list after `relay`. The forward and socat forms run
+    /// on the data path named by `RELAY_DATA_PATH` when it is set, so one
+    /// test suite covers every data path (`cargo xtask test` runs it per path).
     pub fn args(&self) -> Vec<String> {
+        let data_path = std::env::var("RELAY_DATA_PATH").ok().filter(|p| !p.is_empty());
+        let data_path = data_path.iter().flat_map(|p| ["--data-path".to_string(), p.clone()]);
         match &self.form {
             Form::Forward { listen, target } => {
                 let mut args = vec!["forward".to_string(), listen.clone(), target.clone()];
                 args.extend(self.options.iter().cloned());
+                args.extend(data_path);
                 args
             }
             Form::Socat { addr1, addr2 } => {
                 let mut args = self.options.clone();
+                args.extend(data_path);
                 args.extend([addr1.clone(), addr2.clone()]);
                 args
             }

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::stream::Stream;
 use super::upstream;
+use super::{DataPath, sockmap, splice};
 use super::{RouteContext, raised};
 use crate::metrics::Outcome;
 use crate::metrics::TlsRole;
@@ -243,7 +244,7 @@ struct Transfer {
 
 /// The time of the last byte relayed either way, as nanoseconds since the
 /// relay phase began; both directions update it, the idle timer reads it.
-struct Activity {
+pub(super) struct Activity {
     start: Instant,
     last: AtomicU64,
 }
@@ -256,18 +257,27 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(nanos, Ordering::Relaxed);
     }
 
-    /// Completes when nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
+    fn deadline(&self, idle: Duration) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle
+    }
+
+    /// Completes when nothing has moved for `idle`. `refresh` brings in
+    /// bytes the kernel moved without the pumps seeing them (the sockmap
+    /// path), so they count as activity before the verdict.
+    async fn idle_for(&self, idle: Duration, refresh: &(dyn Fn() + Sync)) {
         loop {
-            let deadline =
-                self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle;
+            let mut deadline = self.deadline(idle);
             if Instant::now() >= deadline {
-                return;
+                refresh();
+                deadline = self.deadline(idle);
+                if Instant::now() >= deadline {
+                    return;
+                }
             }
             tokio::time::sleep_until(deadline).await;
         }
@@ -281,65 +291,113 @@ async fn relay(
     transfer: &Transfer,
     close: &mut watch::Receiver<bool>,
 ) -> End {
+    let activity = Activity::new();
+    let metrics = &route.metrics;
+    let (up, down) = (
+        (&metrics.to_target, &transfer.to_target),
+        (&metrics.to_client, &transfer.to_client),
+    );
     match (client, upstream) {
-        // Borrowed TCP halves: no lock between the directions, and unlike
-        // owned halves they do not shut down on drop, so a reset stays a reset.
         (Stream::Plain(client), Stream::Plain(upstream)) => {
-            let (client_read, client_write) = client.split();
-            let (upstream_read, upstream_write) = upstream.split();
-            both_ways(
-                client_read,
-                client_write,
-                upstream_read,
-                upstream_write,
-                route,
-                transfer,
-                close,
-            )
-            .await
+            match route.data_path {
+                DataPath::Sockmap => {
+                    if let Some(pair) = pair(route, client, upstream) {
+                        let to_target = sockmap::pump(
+                            &pair,
+                            sockmap::From::Client,
+                            client,
+                            upstream,
+                            up.0,
+                            up.1,
+                            &activity,
+                        );
+                        let to_client = sockmap::pump(
+                            &pair,
+                            sockmap::From::Upstream,
+                            upstream,
+                            client,
+                            down.0,
+                            down.1,
+                            &activity,
+                        );
+                        let refresh = || {
+                            // A map that cannot be read leaves the clock as it
+                            // is; the pumps report that error themselves.
+                            let _ = pair.sync(sockmap::From::Client, up.0, up.1, &activity);
+                            let _ = pair.sync(sockmap::From::Upstream, down.0, down.1, &activity);
+                        };
+                        return both_ways(to_target, to_client, &activity, &refresh, route, close)
+                            .await;
+                    }
+                }
+                DataPath::Splice => {
+                    let to_target = splice::pump(client, upstream, up.0, up.1, &activity);
+                    let to_client = splice::pump(upstream, client, down.0, down.1, &activity);
+                    return both_ways(to_target, to_client, &activity, &|| {}, route, close)
+                        .await;
+                }
+                DataPath::Copy | DataPath::Auto => {}
+            }
+            // Borrowed TCP halves: no lock between the directions, and unlike
+            // owned halves they do not shut down on drop, so a reset stays a reset.
+            let (mut client_read, mut client_write) = client.split();
+            let (mut upstream_read, mut upstream_write) = upstream.split();
+            let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, &activity);
+            let to_client = pump(
+                &mut upstream_read,
+                &mut client_write,
+                down.0,
+                down.1,
+                &activity,
+            );
+            both_ways(to_target, to_client, &activity, &|| {}, route, close).await
         }
+        // TLS on a leg: always the copy path, through rustls.
         (client, upstream) => {
-            let (client_read, client_write) = tokio::io::split(client);
-            let (upstream_read, upstream_write) = tokio::io::split(upstream);
-            both_ways(
-                client_read,
-                client_write,
-                upstream_read,
-                upstream_write,
-                route,
-                transfer,
-                close,
-            )
-            .await
+            let (mut client_read, mut client_write) = tokio::io::split(client);
+            let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+            let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, &activity);
+            let to_client = pump(
+                &mut upstream_read,
+                &mut client_write,
+                down.0,
+                down.1,
+                &activity,
+            );
+            both_ways(to_target, to_client, &activity, &|| {}, route, close).await
         }
     }
 }
 
+/// Puts the connection on the kernel path; on failure (a full map, say)
+/// the connection takes the copy path and says why.
+fn pair<'a>(
+    route: &'a RouteContext,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> Option<sockmap::Pair<'a>> {
+    let sockmap = route.sockmap.as_ref()?;
+    sockmap
+        .pair(client, upstream)
+        .map_err(|err| {
+            tracing::warn!(route = %route.metrics.name, error = %err, "sockmap pairing failed; this connection copies instead");
+        })
+        .ok()
+}
+
+/// The result of one direction: how its source ended, or which leg failed.
+type Direction = Result<Eof, (Leg, io::Error)>;
+
+/// Runs both directions to their end (or the idle or drain timer's), and
+/// says how the connection ended. The data path only changes the futures.
 async fn both_ways(
-    mut client_read: impl Source,
-    mut client_write: impl AsyncWrite + Unpin + Send,
-    mut upstream_read: impl Source,
-    mut upstream_write: impl AsyncWrite + Unpin + Send,
+    to_target: impl Future<Output = Direction>,
+    to_client: impl Future<Output = Direction>,
+    activity: &Activity,
+    refresh: &(dyn Fn() + Sync),
     route: &RouteContext,
-    transfer: &Transfer,
     close: &mut watch::Receiver<bool>,
 ) -> End {
-    let activity = Activity::new();
-    let metrics = &route.metrics;
-    let to_target = pump(
-        &mut client_read,
-        &mut upstream_write,
-        &metrics.to_target,
-        &transfer.to_target,
-        &activity,
-    );
-    let to_client = pump(
-        &mut upstream_read,
-        &mut client_write,
-        &metrics.to_client,
-        &transfer.to_client,
-        &activity,
-    );
     tokio::pin!(to_target, to_client);
     let mut ends = Ends::default();
     loop {
@@ -352,7 +410,7 @@ async fn both_ways(
                 Ok(eof) => ends.record(Side::Target, eof),
                 Err((leg, error)) => return End::Failed { side: leg.or(Side::Target, Side::Client), error },
             },
-            _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX)), if route.idle_timeout.is_some() => {
+            _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX), refresh), if route.idle_timeout.is_some() => {
                 return End::Idle;
             }
             _ = raised(close) => return End::Drained,
@@ -412,7 +470,7 @@ impl Source for tokio::io::ReadHalf<&mut Stream> {
 
 /// How a direction's source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Eof {
+pub(super) enum Eof {
     Clean,
     /// A TLS peer closed TCP without sending close_notify first.
     WithoutCloseNotify,
@@ -420,7 +478,7 @@ enum Eof {
 
 /// Which socket of a direction an error came from.
 #[derive(Debug, Clone, Copy)]
-enum Leg {
+pub(super) enum Leg {
     Source,
     Destination,
 }

@@ -20,8 +20,11 @@
 //! ```
 
 pub mod connection;
+pub mod data_path;
 pub mod listener;
 pub mod namespace;
+pub mod sockmap;
+mod splice;
 pub mod stream;
 pub mod upstream;
 
@@ -38,6 +41,7 @@ use crate::addr::{ListenAddr, TargetAddr};
 use crate::metrics::{Outcome, RouteMetrics, TlsRole};
 use crate::tls::{self, TlsError};
 use connection::Connection;
+pub use data_path::DataPath;
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
@@ -53,6 +57,8 @@ pub enum ForwardError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Sockmap(#[from] sockmap::SockmapError),
 }
 
 fn bind_hint(cause: &io::Error) -> &'static str {
@@ -80,6 +86,7 @@ pub struct RouteConfig {
     /// Originate TLS to the target.
     pub tls_client: Option<tls::ClientOptions>,
     pub handshake_timeout: Duration,
+    pub data_path: DataPath,
 }
 
 impl RouteConfig {
@@ -95,6 +102,7 @@ impl RouteConfig {
             tls_server: None,
             tls_client: None,
             handshake_timeout: Duration::from_secs(10),
+            data_path: DataPath::Auto,
         }
     }
 }
@@ -109,6 +117,10 @@ pub struct RouteContext {
     pub connector: Option<tls::Connector>,
     /// The namespace the target lives in, if not the relay's own.
     pub namespace: Option<namespace::Namespace>,
+    /// Resolved: never `Auto`.
+    pub data_path: DataPath,
+    /// The loaded program, on the sockmap path.
+    pub sockmap: Option<Arc<sockmap::Sockmap>>,
     pub handshake_timeout: Duration,
 }
 
@@ -148,6 +160,9 @@ impl Forwarder {
             Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
             None => None,
         };
+        let selected = data_path::select(config.data_path, &metrics.name)?;
+        let paths = DataPath::CONCRETE.map(DataPath::as_str);
+        metrics.set_data_path(selected.path.as_str(), &paths);
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
@@ -162,6 +177,8 @@ impl Forwarder {
             acceptor,
             connector,
             namespace,
+            data_path: selected.path,
+            sockmap: selected.sockmap,
             handshake_timeout: config.handshake_timeout,
         });
         Ok(Forwarder {

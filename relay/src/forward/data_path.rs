@@ -1,0 +1,129 @@
+//! How bytes move between the two plain TCP sockets of a connection, and
+//! what `--data-path auto` means on this kernel. TLS legs always copy.
+//!
+//! The paths themselves live beside this module: the copy loop in
+//! `connection`, `splice`, and `sockmap`. This module only chooses, loads
+//! what the choice needs, and says why when it falls back.
+
+use std::sync::Arc;
+
+use super::sockmap::{Sockmap, SockmapError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DataPath {
+    /// The benchmark's winner on this kernel, falling back when the kernel refuses it.
+    #[default]
+    Auto,
+    /// read/write through an adaptive userspace buffer.
+    Copy,
+    /// splice(2) through a pipe per direction: no userspace copy.
+    Splice,
+    /// An eBPF sk_skb program redirects bytes between the sockets in the kernel.
+    Sockmap,
+}
+
+/// What `auto` tries, best first, as `cargo xtask bench` measured it on
+/// Linux 6.18 (README, Performance): see the data-path table there.
+const AUTO_PREFERENCE: [DataPath; 3] = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
+
+impl DataPath {
+    /// The paths a route can run on (not `Auto`).
+    pub const CONCRETE: [DataPath; 3] = [DataPath::Copy, DataPath::Splice, DataPath::Sockmap];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Auto => "auto",
+            DataPath::Copy => "copy",
+            DataPath::Splice => "splice",
+            DataPath::Sockmap => "sockmap",
+        }
+    }
+
+    /// Descriptors one connection holds at most: two sockets, plus two
+    /// pipes (four ends) on the splice path. For `auto`, the most any
+    /// candidate needs.
+    pub fn fds_per_connection(self) -> u64 {
+        match self {
+            DataPath::Splice => 6,
+            DataPath::Copy | DataPath::Sockmap => 2,
+            DataPath::Auto => AUTO_PREFERENCE
+                .iter()
+                .map(|p| p.fds_per_connection())
+                .max()
+                .unwrap_or(2),
+        }
+    }
+}
+
+/// The path a route runs on, and the kernel state it needs.
+pub struct Selected {
+    /// Never `Auto`.
+    pub path: DataPath,
+    /// Loaded when `path` is `Sockmap`.
+    pub sockmap: Option<Arc<Sockmap>>,
+}
+
+/// Resolves `asked`. An explicit `sockmap` that the kernel refuses is an
+/// error; under `auto` the refusal is logged once and the next path taken.
+pub fn select(asked: DataPath, route: &str) -> Result<Selected, SockmapError> {
+    let candidates: &[DataPath] = match asked {
+        DataPath::Auto => &AUTO_PREFERENCE,
+        DataPath::Copy => &[DataPath::Copy],
+        DataPath::Splice => &[DataPath::Splice],
+        DataPath::Sockmap => &[DataPath::Sockmap],
+    };
+    let mut refused = None;
+    for &path in candidates {
+        match path {
+            DataPath::Sockmap => match Sockmap::load() {
+                Ok(sockmap) => {
+                    return Ok(Selected {
+                        path,
+                        sockmap: Some(Arc::new(sockmap)),
+                    });
+                }
+                Err(err) if asked == DataPath::Auto => {
+                    tracing::warn!(route, error = %err, "data path auto: sockmap unavailable, falling back");
+                    refused = Some(err);
+                }
+                Err(err) => return Err(err),
+            },
+            path => {
+                if refused.is_some() || asked == DataPath::Auto {
+                    tracing::info!(route, data_path = path.as_str(), "data path auto chose");
+                }
+                return Ok(Selected {
+                    path,
+                    sockmap: None,
+                });
+            }
+        }
+    }
+    Err(refused.expect("every candidate list ends with a path that needs no kernel support"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_ends_with_a_path_that_always_works() {
+        assert_eq!(AUTO_PREFERENCE.last(), Some(&DataPath::Copy));
+    }
+
+    #[test]
+    fn explicit_paths_need_no_kernel_support_except_sockmap() {
+        for path in [DataPath::Copy, DataPath::Splice] {
+            let selected = select(path, "test").expect("copy and splice always load");
+            assert_eq!(selected.path, path);
+            assert!(selected.sockmap.is_none());
+        }
+    }
+
+    #[test]
+    fn splice_needs_the_most_descriptors() {
+        assert_eq!(DataPath::Splice.fds_per_connection(), 6);
+        assert_eq!(DataPath::Sockmap.fds_per_connection(), 2);
+        assert_eq!(DataPath::Auto.fds_per_connection(), 6);
+    }
+}

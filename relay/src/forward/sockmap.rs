@@ -1,0 +1,467 @@
+//! The `sockmap` data path for plain TCP legs: an sk_skb stream-verdict
+//! program (relay-ebpf/src/sockmap.bpf.c) redirects the bytes arriving on
+//! one socket of a connection to the other inside the kernel.
+//!
+//! This module owns the kernel side's lifecycle for one relay process: the
+//! loaded program and its three maps ([`Sockmap`]), a connection's entries
+//! in them ([`Pair`], removed when dropped), and the per-direction task that
+//! watches a redirected socket ([`pump`]).
+//!
+//! Userspace keeps the connection's semantics, as on the copy path:
+//! - EOF: a FIN makes the source readable; before the FIN is passed on with
+//!   `shutdown(SHUT_WR)`, the pump waits until the destination socket holds
+//!   every byte redirected to it (the kernel sends redirected bytes from a
+//!   work queue, so a FIN passed on at once could overtake them);
+//! - errors: a reset source, or a destination that fails, ends the
+//!   connection like the copy path (both reset);
+//! - bytes: the program counts what it redirected per source socket; the
+//!   pump adds the growth to the route's counters as it sees it, and at EOF;
+//! - idle: growth of those counts is activity.
+//!
+//! Bytes that reach userspace anyway (the verdict passes them when the peer
+//! is gone) are copied like the copy path does.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader, Pod};
+use prometheus::IntCounter;
+use thiserror::Error;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::connection::{Activity, Eof, Leg};
+
+/// The compiled program (`cargo xtask build-ebpf`), 8-byte aligned for ELF parsing.
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!("../../../relay-ebpf/obj/sockmap.bpf.o")
+}
+
+const PROGRAM: &str = "relay_redirect";
+const TARGETS: &str = "relay_targets";
+const SOURCES: &str = "relay_sources";
+const LINKS: &str = "relay_links";
+
+/// How often a pump reads the kernel's byte counts while bytes flow, so
+/// `/metrics` and the idle timer follow a long transfer.
+const SYNC_INTERVAL: Duration = Duration::from_millis(500);
+/// Polling step while waiting for redirected bytes to reach the peer.
+const FLUSH_STEP: Duration = Duration::from_micros(200);
+
+/// Mirrors `struct relay_link` (relay-ebpf/include/sockmap.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Link {
+    /// Socket cookie of the other leg.
+    pub peer: u64,
+    /// Bytes the program redirected from this socket to `peer`.
+    pub bytes: u64,
+}
+
+// SAFETY: `Link` is #[repr(C)], two u64 and no padding, so any bit pattern
+// is a valid value, as aya's map reads need.
+unsafe impl Pod for Link {}
+
+#[derive(Debug, Error)]
+pub enum SockmapError {
+    #[error(
+        "cannot load the sockmap program: {0} (the sockmap data path needs root, or CAP_BPF and CAP_NET_ADMIN; use --data-path copy or splice otherwise)"
+    )]
+    Load(String),
+    #[error(
+        "the embedded sockmap object has no `{0}` (stale relay-ebpf/obj? run `cargo xtask build-ebpf`)"
+    )]
+    Missing(&'static str),
+    #[error("{what}: {cause}")]
+    Kernel { what: &'static str, cause: String },
+}
+
+fn kernel(what: &'static str) -> impl Fn(aya::maps::MapError) -> SockmapError {
+    move |e| SockmapError::Kernel {
+        what,
+        cause: e.to_string(),
+    }
+}
+
+struct Maps {
+    targets: SockHash<MapData, u64>,
+    sources: SockHash<MapData, u64>,
+    links: HashMap<MapData, u64, Link>,
+}
+
+/// The loaded program and its maps, shared by every connection of the
+/// process. Dropping it detaches and unloads the program.
+pub struct Sockmap {
+    maps: Mutex<Maps>,
+    /// Owns the program and its attachment to `relay_sources`.
+    _ebpf: Ebpf,
+}
+
+impl Sockmap {
+    /// Loads the embedded object and attaches the verdict program to
+    /// `relay_sources`.
+    pub fn load() -> Result<Self, SockmapError> {
+        let mut ebpf = EbpfLoader::new()
+            .load(object())
+            .map_err(|e| SockmapError::Load(e.to_string()))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(SockmapError::Missing(name))
+        };
+        let targets = SockHash::try_from(take(&mut ebpf, TARGETS)?).map_err(kernel(TARGETS))?;
+        let sources: SockHash<MapData, u64> =
+            SockHash::try_from(take(&mut ebpf, SOURCES)?).map_err(kernel(SOURCES))?;
+        let links = HashMap::try_from(take(&mut ebpf, LINKS)?).map_err(kernel(LINKS))?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(SockmapError::Missing(PROGRAM))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| SockmapError::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| SockmapError::Load(e.to_string()))?;
+        program
+            .attach(sources.fd())
+            .map_err(|e| SockmapError::Load(e.to_string()))?;
+        Ok(Sockmap {
+            maps: Mutex::new(Maps {
+                targets,
+                sources,
+                links,
+            }),
+            _ebpf: ebpf,
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a connection's two sockets on the kernel path. Bytes already
+    /// queued on either socket go through the program too, in order.
+    pub fn pair<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+    ) -> Result<Pair<'a>, SockmapError> {
+        let cookies = [cookie(client)?, cookie(upstream)?];
+        // Before the program can hand either socket a byte.
+        let sent_before = [client, upstream].map(taken_to_send);
+        let sent_before = [
+            sent_before[0].as_ref().map_err(sent_error)?,
+            sent_before[1].as_ref().map_err(sent_error)?,
+        ]
+        .map(|n| *n);
+        let pair = Pair {
+            sockmap: self,
+            cookies,
+            sent_before,
+            seen: Default::default(),
+        };
+        {
+            let mut maps = self.maps();
+            for (own, peer, socket) in [
+                (cookies[0], cookies[1], client),
+                (cookies[1], cookies[0], upstream),
+            ] {
+                maps.links
+                    .insert(own, Link { peer, bytes: 0 }, 0)
+                    .map_err(kernel("adding a socket pair to relay_links"))?;
+                maps.targets
+                    .insert(own, socket.as_raw_fd(), 0)
+                    .map_err(kernel("adding a socket to relay_targets"))?;
+            }
+            // Only now, with both peers in place as destinations, may the
+            // program judge a byte.
+            for (own, socket) in [(cookies[0], client), (cookies[1], upstream)] {
+                maps.sources
+                    .insert(own, socket.as_raw_fd(), 0)
+                    .map_err(kernel("adding a socket to relay_sources"))?;
+            }
+        }
+        // Bytes that arrived before the socket entered relay_sources sit in
+        // its receive queue, and the program runs only when more arrive.
+        // Setting SO_RCVLOWAT makes TCP signal "data ready" now, which runs
+        // the program over what is queued, ahead of anything newer.
+        for socket in [client, upstream] {
+            kick(socket.as_fd()).map_err(|e| SockmapError::Kernel {
+                what: "setting SO_RCVLOWAT to flush queued bytes through the program",
+                cause: e.to_string(),
+            })?;
+        }
+        Ok(pair)
+    }
+}
+
+/// A connection's sockets in the maps; dropping it takes them out.
+pub struct Pair<'a> {
+    sockmap: &'a Sockmap,
+    /// Socket cookies: client, upstream.
+    cookies: [u64; 2],
+    /// What each socket had taken to send before it was paired.
+    sent_before: [u64; 2],
+    /// Redirected bytes already added to the counters, per source socket.
+    seen: [AtomicU64; 2],
+}
+
+/// Which socket of a pair bytes come from.
+#[derive(Debug, Clone, Copy)]
+pub enum From {
+    Client = 0,
+    Upstream = 1,
+}
+
+impl Pair<'_> {
+    /// Bytes the program redirected from `from` to its peer so far.
+    fn redirected(&self, from: From) -> io::Result<u64> {
+        let maps = self.sockmap.maps();
+        maps.links
+            .get(&self.cookies[from as usize], 0)
+            .map(|link| link.bytes)
+            .map_err(|e| io::Error::other(format!("reading relay_links: {e}")))
+    }
+}
+
+impl Pair<'_> {
+    /// Brings the route's counters and the activity clock up to what the
+    /// program redirected from `from`; returns that total. Pumps and the
+    /// idle timer both call it: `fetch_max` adds each byte once.
+    pub(super) fn sync(
+        &self,
+        from: From,
+        counter: &IntCounter,
+        moved: &AtomicU64,
+        activity: &Activity,
+    ) -> io::Result<u64> {
+        let now = self.redirected(from)?;
+        let before = self.seen[from as usize].fetch_max(now, Ordering::Relaxed);
+        if now > before {
+            counter.inc_by(now - before);
+            moved.fetch_add(now - before, Ordering::Relaxed);
+            activity.touch();
+        }
+        Ok(now)
+    }
+}
+
+impl Drop for Pair<'_> {
+    fn drop(&mut self) {
+        let mut maps = self.sockmap.maps();
+        for cookie in &self.cookies {
+            // Out of relay_sources first: no byte may be judged against a
+            // link that is about to go. A missing entry (pairing failed
+            // half-way) is no error here.
+            let _ = maps.sources.remove(cookie);
+            let _ = maps.links.remove(cookie);
+            let _ = maps.targets.remove(cookie);
+        }
+    }
+}
+
+fn sent_error(e: &io::Error) -> SockmapError {
+    SockmapError::Kernel {
+        what: "reading TCP_INFO and SIOCOUTQ",
+        cause: e.to_string(),
+    }
+}
+
+/// The kernel's socket cookie, the key of every map.
+fn cookie(socket: &TcpStream) -> Result<u64, SockmapError> {
+    const SO_COOKIE: nix::libc::c_int = 57;
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: the fd is a live socket borrowed from `socket`; `value` and
+    // `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(SockmapError::Kernel {
+            what: "reading SO_COOKIE",
+            cause: io::Error::last_os_error().to_string(),
+        });
+    }
+    Ok(value)
+}
+
+fn kick(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let one: nix::libc::c_int = 1;
+    // SAFETY: the fd is a live socket; `one` is a valid int for the call.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&one as *const nix::libc::c_int).cast(),
+            std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes a TCP socket has taken to send since it connected: acknowledged
+/// plus still queued (`tcpi_bytes_acked` + SIOCOUTQ).
+fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: tcp_info is plain data; zeroes are a valid value.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: `fd` is a live TCP socket; `info` and `len` are valid for writes.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd,
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            (&mut info as *mut nix::libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut queued: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to the pointer given.
+    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+}
+
+/// One direction, `src` to `dst`, while the kernel moves the bytes: waits
+/// for `src`'s EOF or error, keeps the counters current, and passes the
+/// EOF on once `dst` holds everything redirected to it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn pump(
+    pair: &Pair<'_>,
+    from: From,
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &IntCounter,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> Result<Eof, (Leg, io::Error)> {
+    // What dst had taken to send before it was paired.
+    let base = pair.sent_before[1 - from as usize];
+    let mut copied = 0u64;
+    let sync = || pair.sync(from, counter, moved, activity);
+    let mut buffer = Vec::new();
+    loop {
+        tokio::select! {
+            ready = src.readable() => ready.map_err(|e| (Leg::Source, e))?,
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {
+                sync().map_err(|e| (Leg::Source, e))?;
+                continue;
+            }
+        }
+        if buffer.capacity() == 0 {
+            buffer.reserve_exact(16 * 1024);
+        }
+        buffer.clear();
+        match src.try_read_buf(&mut buffer) {
+            Ok(0) => {
+                let redirected = sync().map_err(|e| (Leg::Source, e))?;
+                flushed(dst, base + redirected + copied)
+                    .await
+                    .map_err(|e| (Leg::Destination, e))?;
+                return socket2::SockRef::from(dst)
+                    .shutdown(std::net::Shutdown::Write)
+                    .map(|()| Eof::Clean)
+                    .map_err(|e| (Leg::Destination, e));
+            }
+            Ok(n) => {
+                // Passed to userspace (the peer was leaving the map):
+                // copy it, after what the kernel already redirected.
+                let redirected = sync().map_err(|e| (Leg::Source, e))?;
+                flushed(dst, base + redirected + copied)
+                    .await
+                    .map_err(|e| (Leg::Destination, e))?;
+                write_all(dst, &buffer[..n])
+                    .await
+                    .map_err(|e| (Leg::Destination, e))?;
+                copied += n as u64;
+                counter.inc_by(n as u64);
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+                activity.touch();
+                buffer = Vec::new();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err((Leg::Source, e)),
+        }
+    }
+}
+
+/// Completes when `dst` has taken `expected` bytes in all: the kernel's
+/// work queue has handed it everything redirected so far.
+async fn flushed(dst: &TcpStream, expected: u64) -> io::Result<()> {
+    while taken_to_send(dst)? < expected {
+        // A destination that failed will never catch up: report its error.
+        if let Some(err) = dst.take_error()? {
+            return Err(err);
+        }
+        tokio::time::sleep(FLUSH_STEP).await;
+    }
+    Ok(())
+}
+
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_io(Interest::WRITABLE, || {
+            nix::sys::socket::send(
+                dst.as_raw_fd(),
+                bytes,
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(io::Error::from)
+        }) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// The BTF of the committed object names `struct relay_link` with the
+    /// size and member offsets the Rust mirror must have.
+    #[test]
+    fn link_layout_matches_the_compiled_object() {
+        let object = concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-ebpf/obj/sockmap.bpf.o");
+        let dump = match std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file", object, "format", "c"])
+            .output()
+        {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+            _ => {
+                eprintln!("SKIP link_layout_matches_the_compiled_object: bpftool not available");
+                return;
+            }
+        };
+        assert!(
+            dump.contains("struct relay_link {\n\t__u64 peer;\n\t__u64 bytes;\n};"),
+            "struct relay_link in the object differs from the Rust mirror (peer: u64, bytes: u64):\n{dump}"
+        );
+        assert_eq!(size_of::<Link>(), 16);
+        assert_eq!(offset_of!(Link, peer), 0);
+        assert_eq!(offset_of!(Link, bytes), 8);
+    }
+}

@@ -1,0 +1,91 @@
+//! The `splice` data path for plain TCP legs: bytes go socket -> pipe ->
+//! socket inside the kernel with splice(2) and never through a userspace
+//! buffer. Readiness drives it exactly like the copy path, and EOF, errors,
+//! counting and idle tracking follow the same rules (see `connection`).
+//!
+//! Each direction owns a pipe, made when its first byte arrives, so an idle
+//! connection holds no pipe (and no extra descriptors).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use prometheus::IntCounter;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::connection::{Activity, Eof, Leg};
+
+/// Pipe capacity asked for: large moves per syscall, as the copy path's
+/// largest buffer. The kernel may grant less (fs.pipe-max-size).
+const PIPE_SIZE: usize = 1024 * 1024;
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A smaller pipe still works; only the batch size shrinks.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
+        Ok(Pipe { read, write })
+    }
+}
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+/// Moves `src` to `dst` until EOF on `src`, then shuts down writing on `dst`.
+pub(super) async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &IntCounter,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> Result<Eof, (Leg, io::Error)> {
+    let mut pipe: Option<Pipe> = None;
+    loop {
+        src.readable().await.map_err(|e| (Leg::Source, e))?;
+        let pipe = match &mut pipe {
+            Some(pipe) => pipe,
+            none => none.insert(Pipe::new().map_err(|e| (Leg::Source, e))?),
+        };
+        // try_io clears the readiness only when splice says EAGAIN.
+        let n = match src.try_io(Interest::READABLE, || {
+            Ok(splice(
+                src.as_fd(),
+                None,
+                &pipe.write,
+                None,
+                PIPE_SIZE,
+                FLAGS,
+            )?)
+        }) {
+            Ok(0) => {
+                return socket2::SockRef::from(dst)
+                    .shutdown(std::net::Shutdown::Write)
+                    .map(|()| Eof::Clean)
+                    .map_err(|e| (Leg::Destination, e));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err((Leg::Source, e)),
+        };
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await.map_err(|e| (Leg::Destination, e))?;
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(splice(&pipe.read, None, dst.as_fd(), None, left, FLAGS)?)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err((Leg::Destination, e)),
+            }
+        }
+        counter.inc_by(n as u64);
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
