@@ -18,11 +18,10 @@ pub fn raise_nofile() -> nix::Result<u64> {
     Ok(hard)
 }
 
-/// How many relayed connections `nofile` descriptors can hold at `per`
-/// descriptors each, so `--max-connections` can pause accepting before
-/// accept fails with EMFILE.
-pub fn connections_for(nofile: u64, per: u64) -> usize {
-    usize::try_from(nofile.saturating_sub(RESERVED_FDS.min(nofile / 8)) / per.max(1))
+/// How many relayed connections `nofile` descriptors can hold (two each),
+/// so `--max-connections` can pause accepting before accept fails with EMFILE.
+pub fn connections_for(nofile: u64) -> usize {
+    usize::try_from(nofile.saturating_sub(RESERVED_FDS.min(nofile / 8)) / 2)
         .unwrap_or(usize::MAX)
         .max(1)
 }
@@ -33,12 +32,11 @@ mod tests {
 
     #[test]
     fn two_descriptors_per_connection_after_the_reserve() {
-        assert_eq!(connections_for(20_000, 2), 9_968);
-        assert_eq!(connections_for(20_000, 6), 3_322);
-        assert_eq!(connections_for(1_048_576, 2), 524_256);
-        assert_eq!(connections_for(64, 2), 28);
+        assert_eq!(connections_for(20_000), 9_968);
+        assert_eq!(connections_for(1_048_576), 524_256);
+        assert_eq!(connections_for(64), 28);
         assert_eq!(
-            connections_for(1, 2),
+            connections_for(1),
             1,
             "a tiny limit still allows one connection"
         );

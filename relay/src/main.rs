@@ -369,18 +369,14 @@ fn main() -> ExitCode {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
     });
-    let fits = u32::try_from(limits::connections_for(
-        nofile,
-        route.data_path.fds_per_connection(),
-    ))
-    .unwrap_or(u32::MAX);
+    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
     route.max_connections = Some(match route.max_connections {
         Some(asked) if asked > fits => {
             tracing::warn!(
                 requested = asked,
                 nofile,
                 max_connections = fits,
-                "--max-connections lowered to what the open-file limit holds (two descriptors per connection, six with splice)"
+                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
             );
             fits
         }

@@ -99,6 +99,8 @@ pub struct RelayCmd {
     listen_port: Option<u16>,
     metrics: Option<SocketAddr>,
     nofile: Option<u64>,
+    /// Run with an empty capability bounding set (root without privileges).
+    unprivileged: bool,
 }
 
 impl RelayCmd {
@@ -150,6 +152,7 @@ impl RelayCmd {
             listen_port,
             metrics: None,
             nofile: None,
+            unprivileged: false,
         }
     }
 
@@ -185,11 +188,22 @@ impl RelayCmd {
         self
     }
 
+    /// Run under `setpriv --bounding-set=-all`: even as root, relay then has
+    /// no capability (no CAP_BPF, no CAP_NET_ADMIN), as an unprivileged user.
+    pub fn unprivileged(mut self) -> Self {
+        self.unprivileged = true;
+        self
+    }
+
     /// The full argument list after `relay`. The forward and socat forms run
-    /// on the data path named by `RELAY_DATA_PATH` when it is set, so one
-    /// test suite covers every data path (`cargo xtask test` runs it per path).
+    /// on the data path named by `RELAY_DATA_PATH` when it is set (and the
+    /// test did not choose one), so one test suite covers every data path
+    /// (`cargo xtask test` runs it per path).
     pub fn args(&self) -> Vec<String> {
-        let data_path = std::env::var("RELAY_DATA_PATH").ok().filter(|p| !p.is_empty());
+        let chosen = self.options.iter().any(|o| o == "--data-path");
+        let data_path = std::env::var("RELAY_DATA_PATH")
+            .ok()
+            .filter(|p| !p.is_empty() && !chosen);
         let data_path = data_path.iter().flat_map(|p| ["--data-path".to_string(), p.clone()]);
         match &self.form {
             Form::Forward { listen, target } => {
@@ -210,15 +224,18 @@ impl RelayCmd {
 
     fn command(&self) -> Result<Command> {
         let bin = relay_bin()?;
-        let mut cmd = match self.nofile {
-            Some(n) => {
-                let mut cmd = Command::new("prlimit");
-                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(&bin);
-                cmd
-            }
-            None => Command::new(&bin),
-        };
-        cmd.args(self.args());
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(n) = self.nofile {
+            line.extend(["prlimit".into(), format!("--nofile={n}:{n}").into(), "--".into()]);
+        }
+        if self.unprivileged {
+            line.extend(
+                ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"].map(Into::into),
+            );
+        }
+        line.push(bin.into());
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]).args(self.args());
         Ok(cmd)
     }
 

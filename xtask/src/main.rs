@@ -26,7 +26,7 @@ commands:
                    connections/s, 1-byte ping-pong latency, RSS per idle
                    connection, TLS bridge and handshakes; prints a markdown table and writes
                    target/bench/results.json (--quick: shorter runs;
-                   --only: some of throughput,connrate,latency,rss,tls)
+                   --only: some of throughput,connrate,latency,rss,tls,datapath)
   build-ebpf       compile relay-ebpf/src/*.bpf.c into the committed
                    relay-ebpf/obj/*.o (needs clang and libbpf-dev)
   help             this text";

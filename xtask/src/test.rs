@@ -39,7 +39,15 @@ const STEPS: &[Step] = &[
         name: "cargo test --workspace --release",
         run: cargo_test,
     },
+    Step {
+        name: "the forwarder's suite once more on each data path (copy, splice, sockmap)",
+        run: per_data_path,
+    },
 ];
+
+/// The test files whose every test runs once per data path.
+const PER_DATA_PATH_TESTS: &[&str] = &["forward", "lifecycle", "metrics"];
+const DATA_PATHS: &[&str] = &["copy", "splice", "sockmap"];
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut ctx = Ctx {
@@ -81,4 +89,29 @@ fn cargo_test(ctx: &mut Ctx) -> Result<()> {
             .args(ctx.cargo_test_args)
             .env("RELAY_BIN", relay_bin),
     )
+}
+
+/// The relay under test takes `--data-path $RELAY_DATA_PATH` (see the
+/// harness's `RelayCmd::args`): one suite, parametrized by the variable.
+/// Skipped when the caller filtered the run (ARGS given).
+fn per_data_path(ctx: &mut Ctx) -> Result<()> {
+    if !ctx.cargo_test_args.is_empty() {
+        println!("xtask: skipped: test arguments were given, so only that selection runs");
+        return Ok(());
+    }
+    let relay_bin = ctx
+        .relay_bin
+        .as_ref()
+        .expect("invariant: the build step runs before the test step");
+    for path in DATA_PATHS {
+        println!("xtask: RELAY_DATA_PATH={path}");
+        let mut cmd = workspace::cargo();
+        cmd.args(["test", "--release", "-p", "relay-tests"]);
+        for test in PER_DATA_PATH_TESTS {
+            cmd.args(["--test", test]);
+        }
+        cmd.env("RELAY_BIN", relay_bin).env("RELAY_DATA_PATH", path);
+        cmd::run_streaming(&mut cmd).with_context(|| format!("on data path {path}"))?;
+    }
+    Ok(())
 }

@@ -38,21 +38,6 @@ impl DataPath {
             DataPath::Sockmap => "sockmap",
         }
     }
-
-    /// Descriptors one connection holds at most: two sockets, plus two
-    /// pipes (four ends) on the splice path. For `auto`, the most any
-    /// candidate needs.
-    pub fn fds_per_connection(self) -> u64 {
-        match self {
-            DataPath::Splice => 6,
-            DataPath::Copy | DataPath::Sockmap => 2,
-            DataPath::Auto => AUTO_PREFERENCE
-                .iter()
-                .map(|p| p.fds_per_connection())
-                .max()
-                .unwrap_or(2),
-        }
-    }
 }
 
 /// The path a route runs on, and the kernel state it needs.
@@ -118,12 +103,5 @@ mod tests {
             assert_eq!(selected.path, path);
             assert!(selected.sockmap.is_none());
         }
-    }
-
-    #[test]
-    fn splice_needs_the_most_descriptors() {
-        assert_eq!(DataPath::Splice.fds_per_connection(), 6);
-        assert_eq!(DataPath::Sockmap.fds_per_connection(), 2);
-        assert_eq!(DataPath::Auto.fds_per_connection(), 6);
     }
 }

@@ -160,7 +160,19 @@ impl Forwarder {
             Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
             None => None,
         };
-        let selected = data_path::select(config.data_path, &metrics.name)?;
+        let selected = if acceptor.is_some() || connector.is_some() {
+            // A TLS leg's bytes pass through rustls: nothing else applies.
+            if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
+                tracing::warn!(route = %metrics.name, data_path = config.data_path.as_str(),
+                    "--data-path applies to plain TCP routes only; this route has a TLS leg and copies");
+            }
+            data_path::Selected {
+                path: DataPath::Copy,
+                sockmap: None,
+            }
+        } else {
+            data_path::select(config.data_path, &metrics.name)?
+        };
         let paths = DataPath::CONCRETE.map(DataPath::as_str);
         metrics.set_data_path(selected.path.as_str(), &paths);
         let listener = listener::bind(&config.listen).await?;

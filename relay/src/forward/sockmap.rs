@@ -184,9 +184,10 @@ impl Sockmap {
             }
         }
         // Bytes that arrived before the socket entered relay_sources sit in
-        // its receive queue, and the program runs only when more arrive.
-        // Setting SO_RCVLOWAT makes TCP signal "data ready" now, which runs
-        // the program over what is queued, ahead of anything newer.
+        // its receive queue, and the program runs only when more arrive or
+        // when userspace next reads (tcp_bpf hands the queue to the program
+        // then). Setting SO_RCVLOWAT makes TCP signal "data ready" now, so
+        // the queue moves at once, in order, ahead of anything newer.
         for socket in [client, upstream] {
             kick(socket.as_fd()).map_err(|e| SockmapError::Kernel {
                 what: "setting SO_RCVLOWAT to flush queued bytes through the program",

@@ -4,7 +4,10 @@
 //! counting and idle tracking follow the same rules (see `connection`).
 //!
 //! Each direction owns a pipe, made when its first byte arrives, so an idle
-//! connection holds no pipe (and no extra descriptors).
+//! connection holds no pipe (and no extra descriptors). A direction that
+//! cannot get a pipe (the process is out of descriptors) copies that batch
+//! through a small buffer instead and tries again on the next, so the
+//! connection limit can count two descriptors per connection.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,6 +23,8 @@ use super::connection::{Activity, Eof, Leg};
 /// Pipe capacity asked for: large moves per syscall, as the copy path's
 /// largest buffer. The kernel may grant less (fs.pipe-max-size).
 const PIPE_SIZE: usize = 1024 * 1024;
+/// The buffer of a batch copied without a pipe.
+const COPY_BATCH: usize = 16 * 1024;
 
 struct Pipe {
     read: OwnedFd,
@@ -50,7 +55,18 @@ pub(super) async fn pump(
         src.readable().await.map_err(|e| (Leg::Source, e))?;
         let pipe = match &mut pipe {
             Some(pipe) => pipe,
-            none => none.insert(Pipe::new().map_err(|e| (Leg::Source, e))?),
+            none => match Pipe::new() {
+                Ok(new) => none.insert(new),
+                Err(_) => match copy_batch(src, dst).await? {
+                    0 => return shut_down(dst),
+                    n => {
+                        counter.inc_by(n as u64);
+                        moved.fetch_add(n as u64, Ordering::Relaxed);
+                        activity.touch();
+                        continue;
+                    }
+                },
+            },
         };
         // try_io clears the readiness only when splice says EAGAIN.
         let n = match src.try_io(Interest::READABLE, || {
@@ -63,12 +79,7 @@ pub(super) async fn pump(
                 FLAGS,
             )?)
         }) {
-            Ok(0) => {
-                return socket2::SockRef::from(dst)
-                    .shutdown(std::net::Shutdown::Write)
-                    .map(|()| Eof::Clean)
-                    .map_err(|e| (Leg::Destination, e));
-            }
+            Ok(0) => return shut_down(dst),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err((Leg::Source, e)),
@@ -88,4 +99,37 @@ pub(super) async fn pump(
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
     }
+}
+
+/// Passes an EOF on: shuts down writing on `dst`.
+fn shut_down(dst: &TcpStream) -> Result<Eof, (Leg, io::Error)> {
+    socket2::SockRef::from(dst)
+        .shutdown(std::net::Shutdown::Write)
+        .map(|()| Eof::Clean)
+        .map_err(|e| (Leg::Destination, e))
+}
+
+/// One read and its write through a userspace buffer, for when no pipe
+/// can be made; 0 is EOF. `src` has just been reported readable.
+async fn copy_batch(src: &TcpStream, dst: &TcpStream) -> Result<usize, (Leg, io::Error)> {
+    let mut buffer = vec![0u8; COPY_BATCH];
+    let n = loop {
+        match src.try_read(&mut buffer) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.readable().await.map_err(|e| (Leg::Source, e))?;
+            }
+            Err(e) => return Err((Leg::Source, e)),
+        }
+    };
+    let mut rest = &buffer[..n];
+    while !rest.is_empty() {
+        dst.writable().await.map_err(|e| (Leg::Destination, e))?;
+        match dst.try_write(rest) {
+            Ok(m) => rest = &rest[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err((Leg::Destination, e)),
+        }
+    }
+    Ok(n)
 }

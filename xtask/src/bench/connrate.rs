@@ -11,7 +11,7 @@ use serde_json::json;
 use super::Ctx;
 use super::procs::{self, Proc, TempDir};
 use super::report::{PerVia, Row, SectionReport, Target, cell, median_by, ratio};
-use super::via::{Hop, HopOptions};
+use super::via::Hop;
 
 const TARGET_VS_SOCAT: f64 = 4.0;
 const THREADS: u32 = 2;
@@ -40,7 +40,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
                 nginx.port,
                 &ctx.relay_bin,
                 "connrate",
-                HopOptions::default(),
+                ctx.hop_options(),
             )?;
             let run = wrk(hop.port, secs, via.name())?;
             hop.check_alive()?;

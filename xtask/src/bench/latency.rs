@@ -137,7 +137,7 @@ impl Lane {
     fn open(ctx: &Ctx, via: Via, server_port: u16, warmup: usize) -> Result<Lane> {
         let opts = HopOptions {
             nodelay: true,
-            ..HopOptions::default()
+            ..ctx.hop_options()
         };
         let hop = Hop::start(via, server_port, &ctx.relay_bin, "latency", opts)?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, hop.port));
@@ -286,6 +286,7 @@ mod tests {
             relay_bin: "/nonexistent".into(),
             quick: true,
             max_held_connections: 0,
+            data_path: None,
         };
         let mut lane = Lane::open(&ctx, Via::Direct, server.port, 10).unwrap();
         lane.round_trips(100).unwrap();

@@ -8,6 +8,7 @@
 //! after everything else has run.
 
 mod connrate;
+mod datapath;
 mod latency;
 mod procs;
 mod report;
@@ -74,12 +75,25 @@ fn section_names() -> String {
 /// (stdio, listeners, epoll, logs) in this process and in relay.
 const FD_RESERVE: u64 = 64;
 
+#[derive(Clone)]
 pub struct Ctx {
     relay_bin: PathBuf,
     quick: bool,
     /// How many connections this process (client and server end each) and
     /// relay can hold, given RLIMIT_NOFILE.
     max_held_connections: usize,
+    /// relay's `--data-path` in this section (None: its default, auto).
+    data_path: Option<&'static str>,
+}
+
+impl Ctx {
+    /// Forwarder options every section starts from.
+    fn hop_options(&self) -> via::HopOptions {
+        via::HopOptions {
+            data_path: self.data_path,
+            ..via::HopOptions::default()
+        }
+    }
 }
 
 type Section = fn(&Ctx) -> report::SectionReport;
@@ -91,6 +105,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("latency", latency::run),
     ("rss", rss::run),
     ("tls", tls::run),
+    ("datapath", datapath::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -118,6 +133,7 @@ pub fn run(opts: &Options) -> Result<()> {
         relay_bin,
         quick: opts.quick,
         max_held_connections,
+        data_path: None,
     };
 
     let sections: Vec<report::SectionReport> = SECTIONS

@@ -322,3 +322,40 @@ pub fn raise_nofile(want: u64) -> Result<(u64, u64)> {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).context("setrlimit(RLIMIT_NOFILE)")?;
     Ok((soft, hard))
 }
+
+/// CPU time `pid` has used: user + system, plus that of its children once
+/// reaped (socat's forks), from /proc/<pid>/stat, in seconds.
+pub fn cpu_seconds(pid: i32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    parse_cpu_ticks(&stat)
+        .map(|ticks| ticks as f64 / clock_ticks_per_second())
+        .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+/// utime + stime + cutime + cstime (fields 14-17), counted after the
+/// command name, which may hold spaces and parentheses.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the name; 14..=17 follow.
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    (11..=14).map(|i| fields.get(i)?.parse::<u64>().ok()).sum()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_sum_the_four_fields_after_an_awkward_name() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 2 1 20 0 1 0 5 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(7 + 3 + 2 + 1));
+    }
+}

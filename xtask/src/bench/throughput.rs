@@ -1,6 +1,8 @@
 //! Single-stream throughput: iperf3 client to iperf3 server, directly and
 //! through each forwarder. iperf3 opens a control and a data connection;
 //! both go through the forwarder. Target: relay >= 3x socat.
+//! Also 8 parallel streams, and the forwarder's CPU time per GiB relayed
+//! (its utime + stime, children included for socat's forks).
 
 use std::process::Command;
 use std::time::Duration;
@@ -11,67 +13,116 @@ use serde_json::{Value, json};
 use super::Ctx;
 use super::procs::{self, Proc};
 use super::report::{PerVia, Row, SectionReport, Target, cell, median_by, ratio};
-use super::via::{Hop, HopOptions, Via};
+use super::via::{Hop, Via};
 
 const TARGET_VS_SOCAT: f64 = 3.0;
 
+/// Parallel streams of the multi-stream row.
+const MANY_STREAMS: usize = 8;
+
+/// One iperf3 run: the rate, and the CPU time the forwarder spent per GiB.
+#[derive(Clone, Debug)]
+struct Run {
+    gbps: f64,
+    /// None for direct (no forwarder).
+    cpu_s_per_gib: Option<f64>,
+}
+
 pub fn run(ctx: &Ctx) -> SectionReport {
     let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
-    println!(
-        "xtask: bench: throughput, 1 stream, iperf3 -t {secs}, median of {rounds} rotating round(s)"
-    );
-    let samples = PerVia::measure_rounds(rounds, |via| {
-        let gbps = measure(ctx, via, secs)?;
-        println!("xtask:   {:<6} {gbps:.2} Gbit/s", via.name());
-        Ok(gbps)
-    });
-    let gbps = samples.map(|s| median_by(s, |g| *g));
-
-    let relay_vs_socat = match (&gbps.relay, &gbps.socat) {
-        (Ok(r), Ok(s)) if *s > 0.0 => Some(r / s),
-        _ => None,
-    };
-    let row = Row {
-        metric: "throughput, 1 stream (Gbit/s)".to_string(),
-        values: [
-            cell(&gbps.direct, 2),
-            cell(&gbps.socat, 2),
-            cell(&gbps.relay, 2),
-        ],
-        vs_socat: ratio(gbps.relay.clone().ok(), gbps.socat.clone().ok()),
-        vs_direct: ratio(gbps.relay.clone().ok(), gbps.direct.clone().ok()),
-        target: Some(Target {
-            text: format!(">= {TARGET_VS_SOCAT}x socat"),
-            pass: relay_vs_socat.map(|r| r >= TARGET_VS_SOCAT),
-        }),
-    };
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    let mut errors = Vec::new();
+    for streams in [1, MANY_STREAMS] {
+        println!(
+            "xtask: bench: throughput, {streams} stream(s), iperf3 -P {streams} -t {secs}, median of {rounds} rotating round(s)"
+        );
+        let samples = PerVia::measure_rounds(rounds, |via| {
+            let run = measure(ctx, via, secs, streams)?;
+            let cpu = run
+                .cpu_s_per_gib
+                .map_or(String::new(), |c| format!(", {c:.3} CPU s/GiB"));
+            println!("xtask:   {:<6} {:.2} Gbit/s{cpu}", via.name(), run.gbps);
+            Ok(run)
+        });
+        let runs = samples.map(|s| median_by(s, |r| r.gbps));
+        let gbps = runs.map(|r| r.gbps);
+        let relay_vs_socat = match (&gbps.relay, &gbps.socat) {
+            (Ok(r), Ok(s)) if *s > 0.0 => Some(r / s),
+            _ => None,
+        };
+        rows.push(Row {
+            metric: format!("throughput, {streams} stream{} (Gbit/s)", if streams == 1 { "" } else { "s" }),
+            values: [
+                cell(&gbps.direct, 2),
+                cell(&gbps.socat, 2),
+                cell(&gbps.relay, 2),
+            ],
+            vs_socat: ratio(gbps.relay.clone().ok(), gbps.socat.clone().ok()),
+            vs_direct: ratio(gbps.relay.clone().ok(), gbps.direct.clone().ok()),
+            // The target is for one stream.
+            target: (streams == 1).then(|| Target {
+                text: format!(">= {TARGET_VS_SOCAT}x socat"),
+                pass: relay_vs_socat.map(|r| r >= TARGET_VS_SOCAT),
+            }),
+        });
+        if streams == 1 {
+            let cpu = runs.map(|r| r.cpu_s_per_gib.unwrap_or(f64::NAN));
+            let cpu_cell = |v: &Result<f64, String>| match v {
+                Ok(v) if v.is_finite() => format!("{v:.3}"),
+                Ok(_) => "-".to_string(),
+                Err(_) => "error".to_string(),
+            };
+            rows.push(Row {
+                metric: "forwarder CPU per GiB relayed, 1 stream (s)".to_string(),
+                values: ["-".to_string(), cpu_cell(&cpu.socat), cpu_cell(&cpu.relay)],
+                vs_socat: ratio(cpu.relay.clone().ok(), cpu.socat.clone().ok()),
+                vs_direct: "-".to_string(),
+                target: None,
+            });
+            json.insert("cpu_s_per_gib".into(), cpu.to_json(|v| json!(v.is_finite().then_some(*v))));
+            json.insert("relay_vs_socat".into(), json!(relay_vs_socat));
+        }
+        json.insert(
+            format!("streams_{streams}"),
+            json!({
+                "tool": format!("iperf3 -P {streams} -t {secs} (end.sum_received.bits_per_second), median of {rounds}"),
+                "gbit_per_s": gbps.to_json(|v| json!(v)),
+                "samples_gbit_per_s": samples.to_json(|v| json!(v.iter().map(|r| r.gbps).collect::<Vec<_>>())),
+            }),
+        );
+        errors.extend(gbps.errors());
+    }
+    json.insert("data_path".into(), json!(ctx.data_path.unwrap_or("auto")));
     SectionReport {
         key: "throughput",
-        json: json!({
-            "tool": format!("iperf3 -t {secs} (end.sum_received.bits_per_second), median of {rounds}"),
-            "gbit_per_s": gbps.to_json(|v| json!(v)),
-            "samples_gbit_per_s": samples.to_json(|v| json!(v)),
-            "relay_vs_socat": relay_vs_socat,
-        }),
-        errors: gbps.errors(),
-        rows: vec![row],
+        json: Value::Object(json),
+        errors,
+        rows,
     }
 }
 
 /// One iperf3 run through `via`, with a fresh server so a failed run
 /// cannot leave it busy for the next one.
-fn measure(ctx: &Ctx, via: Via, secs: u64) -> Result<f64> {
+fn measure(ctx: &Ctx, via: Via, secs: u64, streams: usize) -> Result<Run> {
     let (server_port, _server) = iperf3_server(via.name())?;
-    let mut hop = Hop::start(
-        via,
-        server_port,
-        &ctx.relay_bin,
-        "throughput",
-        HopOptions::default(),
-    )?;
-    let gbps = iperf3_client(hop.port, secs, via.name());
+    let mut hop = Hop::start(via, server_port, &ctx.relay_bin, "throughput", ctx.hop_options())?;
+    let pid = hop.proc.as_ref().map(|p| p.pid());
+    let cpu_before = pid.map(procs::cpu_seconds).transpose()?;
+    let gbps = iperf3_client(hop.port, secs, streams, via.name())?;
     hop.check_alive()?;
-    gbps
+    // socat's children are counted once reaped: give it a moment to reap.
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu_after = pid.map(procs::cpu_seconds).transpose()?;
+    let gib = gbps * 1e9 * secs as f64 / 8.0 / f64::from(1u32 << 30);
+    let cpu_s_per_gib = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if gib > 0.0 => Some((after - before) / gib),
+        _ => None,
+    };
+    Ok(Run {
+        gbps,
+        cpu_s_per_gib,
+    })
 }
 
 /// A fresh iperf3 server on a free loopback port, once it listens.
@@ -84,8 +135,9 @@ pub(super) fn iperf3_server(label: &str) -> Result<(u16, Proc)> {
     Ok((port, server))
 }
 
-/// `iperf3 -c 127.0.0.1 -p port -t secs`: the received rate in Gbit/s.
-pub(super) fn iperf3_client(port: u16, secs: u64, label: &str) -> Result<f64> {
+/// `iperf3 -c 127.0.0.1 -p port -t secs -P streams`: the received rate
+/// (all streams) in Gbit/s.
+pub(super) fn iperf3_client(port: u16, secs: u64, streams: usize, label: &str) -> Result<f64> {
     let mut cmd = Command::new("iperf3");
     cmd.args([
         "-c",
@@ -94,6 +146,8 @@ pub(super) fn iperf3_client(port: u16, secs: u64, label: &str) -> Result<f64> {
         &port.to_string(),
         "-t",
         &secs.to_string(),
+        "-P",
+        &streams.to_string(),
         "-J",
     ]);
     let client = Proc::spawn(&format!("iperf3-client-{label}"), cmd)?;

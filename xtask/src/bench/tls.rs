@@ -323,7 +323,7 @@ fn measure_throughput(ctx: &Ctx, certs: &Certs, via: Via, secs: u64) -> Result<f
         hops.extend([exit, entry]);
         port
     };
-    let gbps = iperf3_client(client_port, secs, &label);
+    let gbps = iperf3_client(client_port, secs, 1, &label);
     for hop in &mut hops {
         hop.check_alive()?;
     }

@@ -37,6 +37,8 @@ pub struct HopOptions {
     pub nodelay: bool,
     /// relay: `--max-connections` (None: relay's default).
     pub max_connections: Option<usize>,
+    /// relay: `--data-path` (None: relay's default, auto).
+    pub data_path: Option<&'static str>,
 }
 
 /// A running forwarder (or none, for `Direct`) and the port to dial.
@@ -83,6 +85,9 @@ impl Hop {
                     .arg(format!("127.0.0.1:{target_port}"));
                 if let Some(max) = opts.max_connections {
                     cmd.arg("--max-connections").arg(max.to_string());
+                }
+                if let Some(path) = opts.data_path {
+                    cmd.arg("--data-path").arg(path);
                 }
                 cmd
             }

@@ -1,0 +1,274 @@
+//! The data paths side by side: what only a kernel path (splice, sockmap)
+//! can get wrong, checked on every path.
+//!
+//! The whole forwarder suite (forward.rs, lifecycle.rs, metrics.rs) also
+//! runs once per data path: `cargo xtask test` sets RELAY_DATA_PATH.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use relay_tests::payload::read_fingerprint;
+use relay_tests::peers::{Backend, round_trip};
+use relay_tests::wait::poll_until;
+use relay_tests::{Fingerprint, Payload, Relay, RelayCmd, require_root, require_tool};
+
+const PATHS: [&str; 3] = ["copy", "splice", "sockmap"];
+const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn relay_on(path: &str, target: impl std::fmt::Display) -> Result<Relay> {
+    RelayCmd::loopback_to(target)?
+        .opts(&["--data-path", path])
+        .spawn()
+}
+
+/// The server speaks first, at once, and the client writes before the
+/// relay has even connected upstream: both sides' first bytes wait in a
+/// socket queue while the relay pairs the sockets, and must still arrive
+/// whole and in order.
+#[test]
+fn bytes_queued_before_the_relay_pairs_the_sockets_arrive_whole_in_order() -> Result<()> {
+    require_root!("the sockmap path loads an eBPF program");
+    let greeting = Payload::new(71, 256 << 10);
+    let request = Payload::new(72, 4 << 20);
+    for path in PATHS {
+        let (tx, rx) = mpsc::channel();
+        let backend = Backend::start(move |mut conn: TcpStream| {
+            let result = (|| -> std::io::Result<Fingerprint> {
+                greeting.write_to(&mut conn)?;
+                let got = read_fingerprint(&mut conn)?;
+                conn.shutdown(Shutdown::Write)?;
+                Ok(got)
+            })();
+            let _ = tx.send(result.map_err(|e| e.to_string()));
+        })?;
+        let relay = relay_on(path, backend.addr())?;
+        let mut client = relay.connect()?;
+        request.write_to(&mut client)?;
+        client.shutdown(Shutdown::Write)?;
+        let heard = read_fingerprint(&mut client)
+            .with_context(|| format!("{path}: reading the server's greeting"))?;
+        ensure!(
+            heard == greeting.fingerprint(),
+            "{path}: the greeting sent before pairing arrived as {heard:?}, expected {:?}",
+            greeting.fingerprint()
+        );
+        let got = rx
+            .recv_timeout(REPORT_TIMEOUT)
+            .map_err(|e| anyhow!("{path}: no report from the backend: {e}"))?
+            .map_err(|e| anyhow!("{path}: backend failed: {e}"))?;
+        ensure!(
+            got == request.fingerprint(),
+            "{path}: the request written before pairing arrived as {got:?}, expected {:?}",
+            request.fingerprint()
+        );
+    }
+    Ok(())
+}
+
+/// A target that sends and closes at once: its FIN must reach the client
+/// right after the last byte (no stall waiting for more data), and the
+/// byte count is exact.
+#[test]
+fn eof_right_after_redirected_bytes_arrives_promptly_as_eof() -> Result<()> {
+    require_root!("the sockmap path loads an eBPF program");
+    let reply = Payload::new(73, 3 << 20);
+    for path in PATHS {
+        let backend = Backend::start(move |mut conn: TcpStream| {
+            let _ = reply.write_to(&mut conn);
+            // Dropping the stream sends the FIN right behind the bytes.
+        })?;
+        let relay = relay_on(path, backend.addr())?;
+        let mut client = relay.connect()?;
+        client.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let heard = read_fingerprint(&mut client)
+            .with_context(|| format!("{path}: expected EOF within 5 s after the last byte"))?;
+        ensure!(
+            heard == reply.fingerprint(),
+            "{path}: got {heard:?}, expected {:?}",
+            reply.fingerprint()
+        );
+        relay.wait_metric(
+            "relay_bytes_total",
+            &[("direction", "to_client")],
+            reply.len as f64,
+            Duration::from_secs(5),
+        )?;
+    }
+    Ok(())
+}
+
+/// `relay_data_path` says which path a route runs on: 1 for it, 0 for the others.
+#[test]
+fn data_path_gauge_names_the_path_in_use() -> Result<()> {
+    require_root!("the sockmap path loads an eBPF program");
+    for path in PATHS {
+        let relay = relay_on(path, "127.0.0.1:9")?;
+        let scrape = relay.scrape()?;
+        for candidate in PATHS {
+            let value = scrape.value("relay_data_path", &[("path", candidate)]);
+            let expected = if candidate == path { 1.0 } else { 0.0 };
+            ensure!(
+                value == Some(expected),
+                "--data-path {path}: expected relay_data_path{{path=\"{candidate}\"}} {expected}, got {value:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Entries in the BPF maps that relay process `pid` holds, by map name,
+/// counted with bpftool.
+fn map_entries(pid: u32) -> Result<Vec<(String, usize)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .map(|v| v.trim().to_string())
+        else {
+            continue;
+        };
+        let show = std::process::Command::new("bpftool")
+            .args(["map", "show", "id", &id])
+            .output()?;
+        let show = String::from_utf8_lossy(&show.stdout).into_owned();
+        let name = show
+            .split_whitespace()
+            .skip_while(|w| *w != "name")
+            .nth(1)
+            .unwrap_or("?")
+            .to_string();
+        if found.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        // A sockhash's values cannot be read from userspace, but every key
+        // is listed either way.
+        let dump = std::process::Command::new("bpftool")
+            .args(["map", "dump", "id", &id])
+            .output()?;
+        let text = String::from_utf8_lossy(&dump.stdout);
+        let keys = text.lines().filter(|l| l.trim_start().starts_with("key:") || l.contains("\"key\":")).count();
+        found.push((name, keys));
+    }
+    Ok(found)
+}
+
+/// While connections are open each has its two sockets in the maps; once
+/// they close, relay has taken every entry out again.
+#[test]
+fn sockmap_maps_hold_open_connections_and_are_empty_after_they_close() -> Result<()> {
+    require_root!("the sockmap path loads an eBPF program");
+    require_tool!("bpftool");
+    const OPEN: usize = 20;
+    let backend = Backend::start(|mut conn: TcpStream| {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })?;
+    let relay = relay_on("sockmap", backend.addr())?;
+    let mut clients = Vec::new();
+    for i in 0..OPEN {
+        let mut client = relay.connect()?;
+        round_trip(&mut client, format!("hello {i}").as_bytes())?;
+        clients.push(client);
+    }
+    let expect_open: [(&str, usize); 3] = [
+        ("relay_targets", 2 * OPEN),
+        ("relay_sources", 2 * OPEN),
+        ("relay_links", 2 * OPEN),
+    ];
+    let entries = map_entries(relay.pid())?;
+    for (name, want) in expect_open {
+        let got = entries.iter().find(|(n, _)| n == name).map(|(_, k)| *k);
+        ensure!(
+            got == Some(want),
+            "with {OPEN} connections open, expected {want} entries in {name}, got {got:?} (all: {entries:?})"
+        );
+    }
+    drop(clients);
+    relay.wait_metric(
+        "relay_connections_total",
+        &[("outcome", "closed")],
+        OPEN as f64,
+        Duration::from_secs(10),
+    )?;
+    let mut last = Vec::new();
+    poll_until("relay's sockmap maps to be empty", Duration::from_secs(5), || {
+        last = map_entries(relay.pid())?;
+        Ok(last.iter().all(|(_, keys)| *keys == 0).then_some(()))
+    })
+    .with_context(|| format!("entries left after every connection closed: {last:?}"))?;
+    Ok(())
+}
+
+/// Without CAP_BPF/CAP_NET_ADMIN, `auto` logs why it cannot use sockmap and
+/// runs on the next path; an explicit `--data-path sockmap` refuses to start.
+#[test]
+fn without_privileges_auto_falls_back_and_explicit_sockmap_fails_naming_the_cause() -> Result<()> {
+    require_root!("drops capabilities with setpriv, which needs them to start with");
+    require_tool!("setpriv");
+    let relay = RelayCmd::loopback_to("127.0.0.1:9")?
+        .opts(&["--data-path", "auto"])
+        .unprivileged()
+        .spawn()?;
+    let scrape = relay.scrape()?;
+    ensure!(
+        scrape.value("relay_data_path", &[("path", "sockmap")]) == Some(0.0)
+            && scrape.value("relay_data_path", &[("path", "splice")]) == Some(1.0),
+        "auto without privileges: expected splice in use, got:\n{}",
+        scrape.text
+    );
+    let log = relay.stderr();
+    ensure!(
+        log.contains("sockmap unavailable, falling back") && log.contains("CAP_BPF"),
+        "auto without privileges: expected a log line saying why sockmap is not used, got:\n{log}"
+    );
+
+    let exited = RelayCmd::loopback_to("127.0.0.1:9")?
+        .opts(&["--data-path", "sockmap"])
+        .unprivileged()
+        .run_to_exit(Duration::from_secs(10))?;
+    ensure!(
+        exited.status.code() == Some(1)
+            && exited.stderr.contains("sockmap")
+            && exited.stderr.contains("CAP_BPF"),
+        "--data-path sockmap without privileges: expected exit 1 naming sockmap and CAP_BPF, got {:?}:\n{}",
+        exited.status,
+        exited.stderr
+    );
+    Ok(())
+}
+
+/// A TLS leg's bytes pass through rustls: whatever `--data-path` says, such
+/// a route copies, says so in the log, and the gauge shows it.
+#[test]
+fn tls_route_copies_whatever_data_path_is_asked() -> Result<()> {
+    let ca = relay_tests::certs::Ca::new("data path test CA")?;
+    let server = ca.issue("server", &relay_tests::certs::CertSpec::loopback_server())?;
+    let relay = RelayCmd::loopback_to("127.0.0.1:9")?
+        .listen_scheme("tls")
+        .opts(&["--data-path", "sockmap"])
+        .opts(&["--tls-cert".as_ref(), server.cert.as_os_str()].map(|s| s.to_string_lossy()))
+        .opts(&["--tls-key".as_ref(), server.key.as_os_str()].map(|s| s.to_string_lossy()))
+        .spawn()?;
+    let scrape = relay.scrape()?;
+    ensure!(
+        scrape.value("relay_data_path", &[("path", "copy")]) == Some(1.0)
+            && scrape.value("relay_data_path", &[("path", "sockmap")]) == Some(0.0),
+        "a TLS listener with --data-path sockmap: expected copy in use, got:\n{}",
+        scrape.text
+    );
+    ensure!(
+        relay.stderr().contains("plain TCP routes only"),
+        "expected a warning that --data-path does not apply to a TLS route, got:\n{}",
+        relay.stderr()
+    );
+    Ok(())
+}
