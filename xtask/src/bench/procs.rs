@@ -359,3 +359,37 @@ mod cpu_tests {
         assert_eq!(parse_cpu_ticks(stat), Some(7 + 3 + 2 + 1));
     }
 }
+
+/// CPU time the whole machine has been busy (every process, softirq and
+/// kernel worker included), from /proc/stat, in seconds. Work a kernel data
+/// path does outside the forwarder's own threads shows here only.
+pub fn host_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    parse_busy_ticks(&stat)
+        .map(|ticks| ticks as f64 / clock_ticks_per_second())
+        .context("unexpected first line in /proc/stat")
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...`: all but idle and iowait.
+fn parse_busy_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| fields.get(i).copied();
+    Some(at(0)? + at(1)? + at(2)? + at(5)? + at(6)? + at(7).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod busy_tests {
+    use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  10 1 5 1000 7 2 3 4 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(parse_busy_ticks(stat), Some(10 + 1 + 5 + 2 + 3 + 4));
+    }
+}

@@ -26,6 +26,9 @@ struct Run {
     gbps: f64,
     /// None for direct (no forwarder).
     cpu_s_per_gib: Option<f64>,
+    /// The whole machine's busy CPU time per GiB: client, server,
+    /// forwarder, softirq and kernel workers (where sockmap's work runs).
+    host_cpu_s_per_gib: f64,
 }
 
 pub fn run(ctx: &Ctx) -> SectionReport {
@@ -42,6 +45,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
             let cpu = run
                 .cpu_s_per_gib
                 .map_or(String::new(), |c| format!(", {c:.3} CPU s/GiB"));
+            let cpu = format!("{cpu}, host {:.3} CPU s/GiB", run.host_cpu_s_per_gib);
             println!("xtask:   {:<6} {:.2} Gbit/s{cpu}", via.name(), run.gbps);
             Ok(run)
         });
@@ -81,6 +85,15 @@ pub fn run(ctx: &Ctx) -> SectionReport {
                 target: None,
             });
             json.insert("cpu_s_per_gib".into(), cpu.to_json(|v| json!(v.is_finite().then_some(*v))));
+            let host = runs.map(|r| r.host_cpu_s_per_gib);
+            rows.push(Row {
+                metric: "host CPU per GiB relayed, 1 stream, all processes and kernel (s)".to_string(),
+                values: [cpu_cell(&host.direct), cpu_cell(&host.socat), cpu_cell(&host.relay)],
+                vs_socat: ratio(host.relay.clone().ok(), host.socat.clone().ok()),
+                vs_direct: ratio(host.relay.clone().ok(), host.direct.clone().ok()),
+                target: None,
+            });
+            json.insert("host_cpu_s_per_gib".into(), host.to_json(|v| json!(v.is_finite().then_some(*v))));
             json.insert("relay_vs_socat".into(), json!(relay_vs_socat));
         }
         json.insert(
@@ -109,7 +122,9 @@ fn measure(ctx: &Ctx, via: Via, secs: u64, streams: usize) -> Result<Run> {
     let mut hop = Hop::start(via, server_port, &ctx.relay_bin, "throughput", ctx.hop_options())?;
     let pid = hop.proc.as_ref().map(|p| p.pid());
     let cpu_before = pid.map(procs::cpu_seconds).transpose()?;
+    let host_before = procs::host_busy_seconds()?;
     let gbps = iperf3_client(hop.port, secs, streams, via.name())?;
+    let host_after = procs::host_busy_seconds()?;
     hop.check_alive()?;
     // socat's children are counted once reaped: give it a moment to reap.
     std::thread::sleep(Duration::from_millis(200));
@@ -122,6 +137,11 @@ fn measure(ctx: &Ctx, via: Via, secs: u64, streams: usize) -> Result<Run> {
     Ok(Run {
         gbps,
         cpu_s_per_gib,
+        host_cpu_s_per_gib: if gib > 0.0 {
+            (host_after - host_before) / gib
+        } else {
+            f64::NAN
+        },
     })
 }
 
