@@ -167,3 +167,21 @@ impl Drop for ChildProc {
         );
     }
 }
+
+/// Run `cmd` to completion (stdin closed); its stdout, or an error naming
+/// the command with its exit status and stderr.
+pub fn output_of(mut cmd: Command) -> Result<String> {
+    let line = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {line}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{line} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

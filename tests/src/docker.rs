@@ -226,20 +226,8 @@ pub fn docker(args: &[&str]) -> Result<String> {
     run(cmd)
 }
 
-fn run(mut cmd: Command) -> Result<String> {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "{line} exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+fn run(cmd: Command) -> Result<String> {
+    crate::child::output_of(cmd).map(|out| out.trim().to_string())
 }
 
 /// A container from [`image`], removed (`docker rm -f`) on drop.
@@ -275,11 +263,17 @@ impl Container {
     /// `busybox httpd` on the container's own `127.0.0.1:8080`, serving
     /// `/index.html` = [`Self::httpd_body`]; returns once it listens.
     pub fn httpd() -> Result<Self> {
+        Self::httpd_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// [`Self::httpd`] bound to `bind` inside the container: `0.0.0.0`
+    /// makes it reachable from the host at [`Self::ip`].
+    pub fn httpd_on(bind: std::net::Ipv4Addr) -> Result<Self> {
         let name = next_name();
         // The body is the container's name: no other container serves it.
         let script = format!(
             "mkdir -p /www && echo {name} > /www/index.html && \
-             exec httpd -f -p 127.0.0.1:{HTTPD_PORT} -h /www"
+             exec httpd -f -p {bind}:{HTTPD_PORT} -h /www"
         );
         let container = Self::run_named(name, &["sh", "-c", &script])?;
         container.wait_listening(HTTPD_PORT)?;
@@ -303,6 +297,13 @@ impl Container {
     /// `docker inspect --format <format>` of this container.
     pub fn inspect(&self, format: &str) -> Result<String> {
         docker(&["inspect", "--format", format, &self.name])
+    }
+
+    /// The container's address on Docker's bridge (its `eth0`).
+    pub fn ip(&self) -> Result<std::net::Ipv4Addr> {
+        let ip = self.inspect("{{.NetworkSettings.IPAddress}}")?;
+        ip.parse()
+            .with_context(|| format!("container {}: IPAddress {ip:?} is not IPv4", self.name))
     }
 
     /// The container's init process on the host.

@@ -12,6 +12,9 @@
 //! - [`tempdir`]: scratch directories removed on drop.
 //! - [`child`]: external processes killed (with their process group) on drop.
 //! - [`netns`]: network namespaces with a veth pair to the host.
+//! - [`namespaced`]: busybox httpd in a container, an `ip netns` or a pid's
+//!   namespace, named as relay targets; the namespace's counters and TC hooks.
+//! - [`observed`]: `relay observe`'s counters next to the kernel's, read quietly.
 //! - [`relay_proc`]: locating, spawning, signalling and scraping `relay`.
 //! - [`metrics`]: parsing the Prometheus text relay serves.
 //! - [`payload`]: deterministic payloads and their SHA-256 fingerprints.
@@ -32,7 +35,9 @@ pub mod gate;
 pub mod http;
 pub mod interactive;
 pub mod metrics;
+pub mod namespaced;
 pub mod netns;
+pub mod observed;
 pub mod openssl;
 pub mod payload;
 pub mod peers;

@@ -140,6 +140,16 @@ impl NetNs {
         self.addr
     }
 
+    /// The namespace's end of the veth pair (its only interface besides `lo`).
+    pub fn ns_if(&self) -> &str {
+        &self.ns_if
+    }
+
+    /// The host's end of the veth pair.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
     /// The host's address on this namespace's veth (the namespace's gateway).
     pub fn host_addr(&self) -> Ipv4Addr {
         self.host_addr

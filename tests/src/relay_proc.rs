@@ -240,32 +240,58 @@ impl RelayCmd {
     }
 
     /// Start the relay and wait until it listens (and serves metrics).
+    ///
+    /// A raw command line with metrics (`relay observe ...`, or a listener
+    /// inside another namespace, which `/proc/<relay>/net/tcp` does not
+    /// show) is ready once it serves metrics: relay binds its listener and
+    /// attaches its observer before it serves them.
     pub fn spawn(self) -> Result<Relay> {
-        let Some(listen_port) = self.listen_port else {
+        let ready: Vec<u16> = self
+            .listen_port
+            .into_iter()
+            .chain(self.metrics.map(|m| m.port()))
+            .collect();
+        if ready.is_empty() {
             bail!(
-                "RelayCmd::raw has no listen port to wait for; \
+                "RelayCmd::raw without with_metrics() has no port to wait for; \
                  use run_to_exit() for command lines that must fail"
             );
-        };
+        }
         let mut proc = ChildProc::spawn("relay", self.command()?)?;
-        for port in std::iter::once(listen_port).chain(self.metrics.map(|m| m.port())) {
+        for port in ready {
             proc.wait_listening(port, START_TIMEOUT)?;
         }
-        // The socat form listens on 0.0.0.0 (or bind=); loopback reaches it.
-        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port));
-        let listen = match &self.form {
-            Form::Forward { listen, .. } => listen
-                .rsplit_once("://")
-                .map_or(listen.as_str(), |(_, addr)| addr)
-                .parse()
-                .unwrap_or(loopback),
-            _ => loopback,
-        };
+        let listen = self.listen_port.map(|listen_port| {
+            // The socat form listens on 0.0.0.0 (or bind=); loopback reaches it.
+            let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port));
+            match &self.form {
+                Form::Forward { listen, .. } => listen
+                    .rsplit_once("://")
+                    .map_or(listen.as_str(), |(_, addr)| addr)
+                    .parse()
+                    .unwrap_or(loopback),
+                _ => loopback,
+            }
+        });
         Ok(Relay {
             proc,
-            listen: Some(listen),
+            listen,
             metrics: self.metrics,
         })
+    }
+
+    /// `relay publish <target> <port>:<host-port>` (listening on the
+    /// host's 127.0.0.1:<host-port>), with metrics.
+    pub fn publish(target: &str, port: u16, host_port: u16) -> Result<Self> {
+        Self::new(
+            Form::Raw(vec![
+                "publish".to_string(),
+                target.to_string(),
+                format!("{port}:{host_port}"),
+            ]),
+            Some(host_port),
+        )
+        .with_metrics()
     }
 
     /// Run the relay expecting it to exit by itself within `timeout`.
@@ -307,7 +333,7 @@ impl Relay {
     pub fn addr(&self) -> SocketAddr {
         let addr = self
             .listen
-            .expect("invariant: spawn() always records the listen address");
+            .expect("invariant: asked only of relays spawned with a listen port");
         if addr.ip().is_unspecified() {
             SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
         } else {
