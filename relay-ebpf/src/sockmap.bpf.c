@@ -61,6 +61,12 @@ int relay_redirect(struct __sk_buff *skb)
 	 * copies them like the copy path would. */
 	if (!link)
 		return SK_PASS;
+	/* A FIN that came in a segment of its own reaches the verdict as an
+	 * empty skb. Redirected, the peer's send of nothing would fail and
+	 * break its pipe (EPIPE); passed, it is the EOF userspace reads and
+	 * forwards once the redirected bytes have left. */
+	if (len == 0)
+		return SK_PASS;
 	if (bpf_sk_redirect_hash(skb, &relay_targets, &link->peer, 0) != SK_PASS)
 		/* The peer left relay_targets (it is closing): userspace reads
 		 * these bytes, fails to write them, and resets both sides. */

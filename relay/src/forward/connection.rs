@@ -326,8 +326,13 @@ async fn relay(
                             let _ = pair.sync(sockmap::From::Client, up.0, up.1, &activity);
                             let _ = pair.sync(sockmap::From::Upstream, down.0, down.1, &activity);
                         };
-                        return both_ways(to_target, to_client, &activity, &refresh, route, close)
-                            .await;
+                        let end =
+                            both_ways(to_target, to_client, &activity, &refresh, route, close)
+                                .await;
+                        // An error, the idle timer or the drain may end it
+                        // before a pump's last sync: count what moved.
+                        refresh();
+                        return end;
                     }
                 }
                 DataPath::Splice => {

@@ -84,7 +84,15 @@ pub enum SockmapError {
 fn kernel(what: &'static str) -> impl Fn(aya::maps::MapError) -> SockmapError {
     move |e| SockmapError::Kernel {
         what,
-        cause: e.to_string(),
+        cause: with_source(&e),
+    }
+}
+
+/// aya's map errors name the syscall and keep the errno as their source.
+fn with_source(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
     }
 }
 
@@ -362,7 +370,7 @@ pub(super) async fn pump(
     let mut buffer = Vec::new();
     loop {
         tokio::select! {
-            ready = src.readable() => ready.map_err(|e| (Leg::Source, e))?,
+            ready = src.readable() => ready.map_err(|e| (Leg::Source, context("waiting for readability", e)))?,
             _ = tokio::time::sleep(SYNC_INTERVAL) => {
                 sync().map_err(|e| (Leg::Source, e))?;
                 continue;
@@ -377,11 +385,11 @@ pub(super) async fn pump(
                 let redirected = sync().map_err(|e| (Leg::Source, e))?;
                 flushed(dst, base + redirected + copied)
                     .await
-                    .map_err(|e| (Leg::Destination, e))?;
+                    .map_err(|e| (Leg::Destination, context("waiting for redirected bytes to leave", e)))?;
                 return socket2::SockRef::from(dst)
                     .shutdown(std::net::Shutdown::Write)
                     .map(|()| Eof::Clean)
-                    .map_err(|e| (Leg::Destination, e));
+                    .map_err(|e| (Leg::Destination, context("passing the FIN on", e)));
             }
             Ok(n) => {
                 // Passed to userspace (the peer was leaving the map):
@@ -389,10 +397,11 @@ pub(super) async fn pump(
                 let redirected = sync().map_err(|e| (Leg::Source, e))?;
                 flushed(dst, base + redirected + copied)
                     .await
-                    .map_err(|e| (Leg::Destination, e))?;
+                    .map_err(|e| (Leg::Destination, context("waiting for redirected bytes to leave", e)))?;
+                tracing::debug!(bytes = n, "sockmap: bytes passed to userspace; copying them");
                 write_all(dst, &buffer[..n])
                     .await
-                    .map_err(|e| (Leg::Destination, e))?;
+                    .map_err(|e| (Leg::Destination, context("copying passed bytes", e)))?;
                 copied += n as u64;
                 counter.inc_by(n as u64);
                 moved.fetch_add(n as u64, Ordering::Relaxed);
@@ -400,9 +409,14 @@ pub(super) async fn pump(
                 buffer = Vec::new();
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err((Leg::Source, e)),
+            Err(e) => return Err((Leg::Source, context("reading", e))),
         }
     }
+}
+
+/// Says which step of the sockmap pump an error came from; the kind stays.
+fn context(step: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{step}: {e}"))
 }
 
 /// Completes when `dst` has taken `expected` bytes in all: the kernel's
