@@ -345,33 +345,40 @@ async fn relay(
             }
             // Borrowed TCP halves: no lock between the directions, and unlike
             // owned halves they do not shut down on drop, so a reset stays a reset.
-            let (mut client_read, mut client_write) = client.split();
-            let (mut upstream_read, mut upstream_write) = upstream.split();
-            let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, &activity);
-            let to_client = pump(
-                &mut upstream_read,
-                &mut client_write,
-                down.0,
-                down.1,
-                &activity,
-            );
-            both_ways(to_target, to_client, &activity, &|| {}, route, close).await
+            let (client_read, client_write) = client.split();
+            let (upstream_read, upstream_write) = upstream.split();
+            let halves = (client_read, client_write, upstream_read, upstream_write);
+            copy_both_ways(halves, (up, down), &activity, route, close).await
         }
         // TLS on a leg: always the copy path, through rustls.
         (client, upstream) => {
-            let (mut client_read, mut client_write) = tokio::io::split(client);
-            let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-            let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, &activity);
-            let to_client = pump(
-                &mut upstream_read,
-                &mut client_write,
-                down.0,
-                down.1,
-                &activity,
-            );
-            both_ways(to_target, to_client, &activity, &|| {}, route, close).await
+            let (client_read, client_write) = tokio::io::split(client);
+            let (upstream_read, upstream_write) = tokio::io::split(upstream);
+            let halves = (client_read, client_write, upstream_read, upstream_write);
+            copy_both_ways(halves, (up, down), &activity, route, close).await
         }
     }
+}
+
+/// A direction's counters: the route's metric and the connection's total.
+type Counters<'a> = (&'a IntCounter, &'a AtomicU64);
+
+/// The copy path: client read/write halves, then upstream's.
+async fn copy_both_ways(
+    (mut client_read, mut client_write, mut upstream_read, mut upstream_write): (
+        impl Source,
+        impl AsyncWrite + Unpin + Send,
+        impl Source,
+        impl AsyncWrite + Unpin + Send,
+    ),
+    (up, down): (Counters<'_>, Counters<'_>),
+    activity: &Activity,
+    route: &RouteContext,
+    close: &mut watch::Receiver<bool>,
+) -> End {
+    let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, activity);
+    let to_client = pump(&mut upstream_read, &mut client_write, down.0, down.1, activity);
+    both_ways(to_target, to_client, activity, &|| {}, route, close).await
 }
 
 /// Puts the connection on the kernel path; on failure (a full map, say)
