@@ -74,6 +74,8 @@ struct ObserveArgs {
     /// When the target stops, wait for it to run again and re-attach.
     #[arg(long)]
     follow: bool,
+    #[command(flatten)]
+    capture: observe::capture::CaptureArgs,
 }
 
 fn parse_observe_target(text: &str) -> Result<Target, String> {
@@ -91,6 +93,9 @@ struct ForwardArgs {
     /// Also count the traffic of this target with eBPF (container:<name>, pid:<pid>, netns:<name|path>, host).
     #[arg(long, value_name = "TARGET", value_parser = parse_observe_target)]
     observe: Option<Target>,
+    /// With --observe: sampled packets to pcapng.
+    #[command(flatten)]
+    capture: observe::capture::CaptureArgs,
 }
 
 #[derive(Args)]
@@ -246,6 +251,8 @@ struct Route {
     listen: ListenAddr,
     target: TargetAddr,
     observe: Option<Target>,
+    /// `--pcap` and friends, with `--observe`.
+    capture: Option<observe::capture::CaptureOptions>,
 }
 
 /// `publish web 8080[:18080]`: listen on the host, connect to the port on
@@ -265,6 +272,7 @@ fn publish_route(args: PublishArgs) -> Result<Route, String> {
         listen,
         target: connect,
         observe: args.observe.then_some(target),
+        capture: None,
     })
 }
 
@@ -313,9 +321,11 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
             loopback: false,
             top_flows: args.top_flows,
             bpf_stats: args.bpf_stats,
+            capture: None,
         },
         follow: args.follow,
         watch: args.watch,
+        capture: args.capture.options(),
     };
     let mut signals = Signals::install()?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -337,10 +347,17 @@ const USAGE: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let job = match (cli.command, cli.socat_listen, cli.socat_target) {
+        (Some(Command::Forward(args)), None, None)
+            if args.capture.pcap.is_some() && args.observe.is_none() =>
+        {
+            eprintln!("relay: error: --pcap on forward needs --observe <TARGET> (what to capture)");
+            return ExitCode::from(USAGE);
+        }
         (Some(Command::Forward(args)), None, None) => Job::Forward(Box::new(Route {
             listen: args.listen,
             target: args.target,
             observe: args.observe,
+            capture: args.capture.options(),
         })),
         (Some(Command::Publish(args)), None, None) => match publish_route(args) {
             Ok(route) => Job::Forward(Box::new(route)),
@@ -354,6 +371,7 @@ fn main() -> ExitCode {
             listen,
             target,
             observe: None,
+            capture: None,
         })),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
@@ -425,6 +443,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         listen,
         target,
         observe,
+        capture,
     } = route;
     let name = args.name.unwrap_or_else(|| listen.text.clone());
     let (tls_server, tls_client) =
@@ -457,6 +476,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
                 },
                 follow: true,
                 watch: false,
+                capture,
             };
             let session = observe::session::Session::start(target, options, &registry).await?;
             Some(tokio::spawn(session.run(observer_stop)))

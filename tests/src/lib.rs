@@ -11,6 +11,8 @@
 //! - [`ports`]: free ports, and who listens where (`/proc/<pid>/net/tcp`).
 //! - [`tempdir`]: scratch directories removed on drop.
 //! - [`child`]: external processes killed (with their process group) on drop.
+//! - [`crafted`]: packets with chosen addresses, ports and flags (pnet), and
+//!   reading them back out of a capture with tshark.
 //! - [`netns`]: network namespaces with a veth pair to the host.
 //! - [`namespaced`]: busybox httpd in a container, an `ip netns` or a pid's
 //!   namespace, named as relay targets; the namespace's counters and TC hooks.
@@ -30,6 +32,7 @@
 
 pub mod certs;
 pub mod child;
+pub mod crafted;
 pub mod docker;
 pub mod gate;
 pub mod http;
