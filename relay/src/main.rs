@@ -425,10 +425,12 @@ fn main() -> ExitCode {
             eprintln!("relay: error: {err:#}");
             // Bad input (a TLS file, a flag that does not fit, a target
             // that does not exist) is a usage error.
-            let usage = matches!(
-                err.downcast_ref::<ForwardError>(),
-                Some(ForwardError::Tls(_))
-            ) || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
+            let usage = match err.downcast_ref::<ForwardError>() {
+                Some(ForwardError::Tls(_)) => true,
+                // A namespaced address naming no container, process or namespace.
+                Some(ForwardError::Netns(e)) => e.is_bad_input(),
+                _ => false,
+            } || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
             if usage {
                 ExitCode::from(USAGE)
             } else {

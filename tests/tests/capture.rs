@@ -9,7 +9,8 @@
 //! tests do not send themselves are then non-IP (none in practice), so
 //! exact counts hold.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,7 @@ use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use relay_tests::child::ChildProc;
 use relay_tests::crafted::{Captured, Crafted, Sender, flags, pcap_ids, read_capture};
+use relay_tests::docker::{Container, HTTPD_PORT};
 use relay_tests::interactive::Interactive;
 use relay_tests::ports::free_port;
 use relay_tests::relay_proc::relay_bin;
@@ -536,5 +538,299 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
             exited.stderr
         );
     }
+    Ok(())
+}
+
+// ------------------------------------------------------ real peers, outputs
+
+#[test]
+fn a_containers_http_is_decoded_by_tshark_and_matches_the_counters() -> Result<()> {
+    relay_tests::require_docker!();
+    require_tool!("tshark");
+    let container = Container::httpd_on(std::net::Ipv4Addr::UNSPECIFIED)?;
+    let dir = TempDir::new("capture-docker")?;
+    let file = dir.join("web.pcapng");
+    let relay = Relay::spawn(&[
+        "observe".to_string(),
+        format!("container:{}", container.name()),
+        "--pcap".to_string(),
+        file.display().to_string(),
+        "--filter".to_string(),
+        "tcp".to_string(),
+    ])?;
+    let addr = std::net::SocketAddr::from((container.ip()?, HTTPD_PORT));
+    let uris: Vec<String> = (1..=5).map(|i| format!("/relay-capture-{i}")).collect();
+    for uri in &uris {
+        let stream = peers::connect(addr)?;
+        http::get(stream, "web", uri)?;
+    }
+    // Every TCP packet the counters saw on eth0 is a sample: wait until the
+    // two agree and stay put (the last ACKs of a close arrive a moment later).
+    let eth0 = [("iface", "eth0"), ("proto", "tcp")];
+    let mut previous = None;
+    let counted = poll_until(
+        "the counters and samples to agree and settle",
+        COUNT_TIMEOUT,
+        || {
+            let scrape = relay.scrape()?;
+            let packets = scrape.counter("relay_observe_packets_total", &eth0);
+            let samples = scrape.counter("relay_observe_samples_total", &[("iface", "eth0")]);
+            let settled = packets == samples && packets > 0.0 && previous == Some(packets);
+            previous = Some(packets);
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(settled.then_some(packets))
+        },
+    )?;
+    stop(relay)?;
+    let captured = read_capture(&file)?;
+    ensure!(
+        captured.len() as f64 == counted,
+        "the file holds {} packets, relay_observe_packets_total{{iface=eth0,proto=tcp}} says {counted}",
+        captured.len()
+    );
+    let name = format!("eth0@{}", container.name());
+    ensure!(
+        captured.iter().all(|p| p.interface == name),
+        "every packet should be on {name}: {:?}",
+        captured
+            .iter()
+            .map(|p| &p.interface)
+            .collect::<BTreeSet<_>>()
+    );
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-e",
+        "http.request.uri",
+    ]);
+    let out = Interactive::run("tshark-http", cmd, b"", Duration::from_secs(60))?;
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        got == uris,
+        "tshark decoded the URIs {got:?}, expected {uris:?}"
+    );
+    Ok(())
+}
+
+/// A child process killed on drop (for pipelines the harness does not build).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn pcap_to_stdout_is_read_live_by_tshark() -> Result<()> {
+    require_root!("creates network namespaces and attaches eBPF programs");
+    require_tool!("tshark");
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let lab = Lab::new("capture-stdout")?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let log = lab.dir.join("relay.log");
+    let mut relay = Killed(
+        Command::new(relay_bin()?)
+            .args(["observe", &lab.target(), "--pcap", "-", "--filter", "udp"])
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning relay")?,
+    );
+    let stream = relay.0.stdout.take().context("relay's stdout")?;
+    let mut tshark = Killed(
+        Command::new("tshark")
+            .args(["-r", "-", "-l", "-T", "fields", "-e", "ip.id"])
+            .stdin(stream)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning tshark -r -")?,
+    );
+    let out = tshark.0.stdout.take().context("tshark's stdout")?;
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    relay_tests::ports::wait_listening(relay.0.id(), metrics.port(), EXIT_TIMEOUT)
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    let mut sender = Sender::open(&lab.host_if)?;
+    for id in 1..=5u16 {
+        sender.send(&Crafted::udp(id, "198.18.0.1", "198.19.0.2", 7000, 9))?;
+        // Seen by tshark while relay keeps running: the stream is live.
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(5))
+            .with_context(|| format!("tshark -r - printed nothing within 5 s of packet {id}"))?;
+        ensure!(
+            line.trim() == format!("0x{id:04x}") || line.trim() == id.to_string(),
+            "tshark -r - printed {line:?} for packet {id}"
+        );
+        ensure!(
+            relay.0.try_wait()?.is_none(),
+            "relay exited: {}",
+            std::fs::read_to_string(&log)?
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn rotation_splits_into_valid_files_without_loss_or_duplicates() -> Result<()> {
+    require_root!("creates network namespaces and attaches eBPF programs");
+    require_tool!("tshark");
+    const SENT: u16 = 300;
+    let lab = Lab::new("capture-rotate")?;
+    let packets: Vec<Crafted> = (1..=SENT)
+        .map(|id| Crafted::udp(id, "198.18.0.1", "198.19.0.2", 7000, 9).with_payload(500))
+        .collect();
+    for keep in [None, Some(3usize)] {
+        let sub = lab.dir.join(&format!("keep-{keep:?}"));
+        std::fs::create_dir_all(&sub)?;
+        let mut extra = vec!["--filter", "udp", "--rotate-size", "20K"];
+        let count = keep.map(|k| k.to_string());
+        if let Some(count) = &count {
+            extra.extend(["--rotate-count", count]);
+        }
+        let relay = lab.capture(&sub.join("rot.pcapng"), &extra)?;
+        lab.send_in(&packets)?;
+        wait_accounted(&relay, &lab, &[], f64::from(SENT))?;
+        stop(relay)?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&sub)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        files.sort();
+        let mut ids = Vec::new();
+        for file in &files {
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+            let name = name.unwrap_or_default();
+            ensure!(
+                name.starts_with("rot-") && name.ends_with(".pcapng"),
+                "unexpected file {name}"
+            );
+            let size = std::fs::metadata(file)?.len();
+            ensure!(
+                size <= 20 * 1024,
+                "{name} is {size} bytes, over --rotate-size 20K"
+            );
+            // Each file opens on its own, with its statistics block.
+            let captured = read_capture(file).with_context(|| format!("reading {name}"))?;
+            ensure!(!captured.is_empty(), "{name} holds no packet");
+            ensure!(
+                !statistics_blocks(file)?.is_empty(),
+                "{name} has no interface statistics block"
+            );
+            ids.extend(pcap_ids(&captured));
+        }
+        let unique: BTreeSet<u16> = ids.iter().copied().collect();
+        ensure!(
+            unique.len() == ids.len(),
+            "duplicated packets across {} files",
+            files.len()
+        );
+        match keep {
+            None => {
+                ensure!(
+                    files.len() > 3,
+                    "300 packets of 542 bytes in 20K files: expected more than 3 files, got {}",
+                    files.len()
+                );
+                ensure!(
+                    ids == (1..=SENT).collect::<Vec<_>>(),
+                    "the {} files should hold packets 1-{SENT} once each; missing {:?}",
+                    files.len(),
+                    (1..=SENT)
+                        .filter(|i| !unique.contains(i))
+                        .collect::<Vec<_>>()
+                );
+            }
+            Some(k) => {
+                ensure!(
+                    files.len() == k,
+                    "--rotate-count {k}: {} files left",
+                    files.len()
+                );
+                // The newest files, contiguous up to the last packet.
+                let first = *ids.first().context("no packets")?;
+                ensure!(
+                    ids == (first..=SENT).collect::<Vec<_>>(),
+                    "--rotate-count {k}: the files kept should hold the last packets, got {ids:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(&at)?;
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "relay-test-full",
+            ])
+            .arg(&at)
+            .status()?;
+        ensure!(status.success(), "mount tmpfs on {} failed", at.display());
+        Ok(SmallDisk(at))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_capture_with_a_clear_error_and_a_valid_file() -> Result<()> {
+    require_root!("creates network namespaces, mounts a tmpfs");
+    require_tool!("tshark");
+    let lab = Lab::new("capture-full")?;
+    let disk = SmallDisk::mount(lab.dir.join("disk"), "64k")?;
+    let file = disk.0.join("full.pcapng");
+    let mut relay = lab.capture(&file, &["--filter", "udp"])?;
+    let packets: Vec<Crafted> = (1..=200u16)
+        .map(|id| Crafted::udp(id, "198.18.0.1", "198.19.0.2", 7000, 9).with_payload(1000))
+        .collect();
+    lab.send_in(&packets)?;
+    let status = relay
+        .proc
+        .wait_exit(EXIT_TIMEOUT)?
+        .with_context(|| format!("relay kept running on a full disk:\n{}", relay.stderr()))?;
+    let stderr = relay.stderr();
+    ensure!(
+        status.code() == Some(1)
+            && stderr.contains("capture stopped")
+            && stderr.contains("No space left on device")
+            && stderr.contains(&file.display().to_string()),
+        "expected exit 1 naming the file and the full disk, got {status}:\n{stderr}"
+    );
+    let captured = read_capture(&file)?;
+    ensure!(
+        !captured.is_empty() && captured.len() < packets.len(),
+        "expected the packets that fitted in 64 KiB, got {}",
+        captured.len()
+    );
     Ok(())
 }
