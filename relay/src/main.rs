@@ -52,6 +52,17 @@ enum Command {
     Observe(ObserveArgs),
     /// Publish a running container's port on the host, even one bound to the container's localhost.
     Publish(PublishArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (`relay man | man -l -`), or write every page to --dir.
+    Man {
+        /// Write relay.1 and relay-<subcommand>.1 into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -341,6 +352,26 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
     Ok(session.await?)
 }
 
+/// `relay man`: relay.1 on stdout, or with `--dir` relay.1 and one
+/// relay-<subcommand>.1 per subcommand (the pages relay.1 refers to).
+fn man_pages(dir: Option<PathBuf>) -> ExitCode {
+    let command = Cli::command();
+    let result = match &dir {
+        None => clap_mangen::Man::new(command).render(&mut std::io::stdout().lock()),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let place = dir.map_or_else(|| "stdout".to_string(), |d| d.display().to_string());
+            eprintln!("relay: error: cannot write man pages to {place}: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
 
@@ -367,6 +398,11 @@ fn main() -> ExitCode {
             }
         },
         (Some(Command::Observe(args)), None, None) => Job::Observe(args),
+        (Some(Command::Completions { shell }), None, None) => {
+            clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        (Some(Command::Man { dir }), None, None) => return man_pages(dir),
         (None, Some(listen), Some(target)) => Job::Forward(Box::new(Route {
             listen,
             target,
@@ -465,6 +501,10 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();
     let forwarder = Forwarder::bind(config, registry.route(&name)).await?;
+    let listening = registry
+        .readiness()
+        .register("listener", &forwarder.local_addr().to_string());
+    listening.set(true);
     // The observer follows its target across restarts (a forwarder does not
     // stop because the container it watches did) and includes loopback,
     // where a published container port is reached.
@@ -500,6 +540,8 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         }
         signal = signals.next() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
     }
+    // A draining relay accepts nothing more: orchestrators should stop sending.
+    listening.set(false);
     drain_tx.send_replace(true);
     tokio::select! {
         () = &mut run => {}

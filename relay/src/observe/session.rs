@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::capture::{CaptureOptions, CaptureRun};
 use super::export::ObserveMetrics;
 use super::{ObserveError, ObserveOptions, Observer, Snapshot};
+use crate::health::ReadyFlag;
 use crate::metrics::Metrics;
 use crate::netns::{self, Netns, Target};
 
@@ -75,6 +76,8 @@ pub struct Session {
     netns: Netns,
     observer: Arc<Observer>,
     capture: Option<CaptureRun>,
+    /// `/healthz`: set while attached.
+    ready: ReadyFlag,
 }
 
 impl Session {
@@ -117,6 +120,10 @@ impl Session {
         });
         export.attached(observer.target(), observer.interfaces(), true);
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
+        let ready = metrics
+            .readiness()
+            .register("observer", &target.to_string());
+        ready.set(true);
         Ok(Session {
             capture,
             target,
@@ -125,6 +132,7 @@ impl Session {
             slot,
             netns,
             observer,
+            ready,
         })
     }
 
@@ -138,6 +146,7 @@ impl Session {
             slot,
             mut netns,
             observer,
+            ready,
         } = self;
         let mut current = Some(observer);
         let mut before = (Snapshot::default(), Instant::now());
@@ -179,6 +188,7 @@ impl Session {
                         run.detach().await?;
                     }
                     current = None;
+                    ready.set(false);
                     if !options.follow {
                         return Err(ObserveError::TargetGone(target.to_string()));
                     }
@@ -192,6 +202,7 @@ impl Session {
                             run.attach(&observer, &netns)?;
                         }
                         current = Some(observer);
+                        ready.set(true);
                     }
                     Err(err) => tracing::debug!(error = %err, "target not back yet"),
                 },
@@ -204,6 +215,7 @@ impl Session {
             export.forget(observer.target(), observer.interfaces());
         }
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        ready.set(false);
         Ok(())
     }
 }
