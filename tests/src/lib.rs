@@ -22,6 +22,7 @@
 //! - [`payload`]: deterministic payloads and their SHA-256 fingerprints.
 //! - [`peers`]: Rust servers with scripted behaviour (echo, sink, source).
 //! - [`tools`]: external peers: socat, nginx, promtool.
+//! - [`prometheus`]: a real Prometheus scraping relays, queried over its HTTP API.
 //! - [`http`]: a minimal HTTP/1.0 GET over a given stream.
 //! - [`certs`]: a throwaway PKI (CA, server and client certificates) made at run time.
 //! - [`tls_client`]: an in-process TLS client whose every step a test steers.
@@ -44,6 +45,7 @@ pub mod observed;
 pub mod openssl;
 pub mod payload;
 pub mod peers;
+pub mod prometheus;
 pub mod ports;
 pub mod redis;
 pub mod relay_proc;
