@@ -63,4 +63,71 @@ struct relay_flow_key {
 	__u32 ifindex;
 };
 
+/* ---- capture: sampled packets to userspace (relay observe --pcap) ---- */
+
+/* Largest --snaplen; the per-CPU scratch buffer holds this many bytes. */
+#define RELAY_SNAPLEN_MAX 262144
+/* Filter rules at most (the and/or/not expression in disjunctive normal form). */
+#define RELAY_FILTER_MAX 32
+
+/* Counters of the `capture_stats` map, per interface. */
+enum relay_capture_stat {
+	RELAY_CAP_MATCHED = 0,   /* passed the filter */
+	RELAY_CAP_FILTERED = 1,  /* rejected by the filter */
+	RELAY_CAP_SAMPLED = 2,   /* matched, not picked by 1/N sampling (nor flow head) */
+	RELAY_CAP_RING_FULL = 3, /* picked, but the ring buffer had no room */
+	RELAY_CAP_SENT = 4,      /* in the ring buffer for relay to write */
+	RELAY_CAP_TRUNCATED = 5, /* sent, cut to the snap length */
+	RELAY_CAP_STATS = 6,
+};
+
+/* Key of the `capture_stats` map. */
+struct relay_capture_key {
+	__u32 ifindex;
+	__u32 stat;
+};
+
+/* What a filter rule tests. */
+enum relay_filter_kind {
+	RELAY_F_PROTO = 1,     /* value: enum relay_proto */
+	RELAY_F_FAMILY = 2,    /* value: 4 or 6 */
+	RELAY_F_NET = 3,       /* family, addr/mask; end */
+	RELAY_F_PORT = 4,      /* port_lo..port_hi (TCP and UDP); end */
+	RELAY_F_DIRECTION = 5, /* value: enum relay_direction */
+};
+
+/* Which end of a packet an address or port rule looks at. */
+enum relay_filter_end {
+	RELAY_END_EITHER = 0,
+	RELAY_END_SRC = 1,
+	RELAY_END_DST = 2,
+};
+
+/* One primitive of the filter. Rules with the same `term` are ANDed (each
+ * possibly negated); terms are ORed. Rules of one term are adjacent. */
+struct relay_filter_rule {
+	__u32 addr[4]; /* network byte order, already masked; IPv4 in addr[0] */
+	__u32 mask[4];
+	__u16 port_lo; /* host byte order, inclusive */
+	__u16 port_hi;
+	__u8 kind;
+	__u8 end;
+	__u8 negate;
+	__u8 value;
+	__u8 term;
+	__u8 family;
+	__u16 _pad;
+};
+
+/* Header of every record in the `samples` ring buffer; `caplen` bytes of
+ * the frame (from the link-layer header) follow it. */
+struct relay_sample {
+	__u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u32 ifindex;
+	__u32 len;    /* the frame's length on the wire (skb->len) */
+	__u32 caplen; /* bytes that follow */
+	__u8 direction;
+	__u8 _pad[3];
+};
+
 #endif

@@ -5,7 +5,12 @@
  * Counts packets and bytes per interface, direction, protocol class and IP
  * family; TCP SYN, SYN-ACK, FIN and RST; and per-flow packets and bytes in
  * an LRU map. Never changes a packet or a verdict: every exit is
- * TC_ACT_UNSPEC (TCX_NEXT), so programs after this one still decide. */
+ * TC_ACT_UNSPEC (TCX_NEXT), so programs after this one still decide.
+ *
+ * With capture on (relay observe --pcap), packets that pass the filter and
+ * the sampler are copied (up to the snap length) into the `samples` ring
+ * buffer; every packet not delivered is counted by reason in
+ * `capture_stats`. */
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -55,6 +60,82 @@ struct {
 	__type(value, __u32);
 } l2_len SEC(".maps");
 
+/* ---- capture tunables: set by relay at load time (EbpfLoader::override_global);
+ * with capture_on == 0 the verifier prunes the whole capture path. */
+const volatile __u32 capture_on = 0;
+/* Keep one matched packet in sample_every per CPU; 1 keeps all, 0 none
+ * (only the flow head, when flow_head > 0). */
+const volatile __u32 sample_every = 1;
+/* Keep the first flow_head packets of every flow, and every SYN, FIN and
+ * RST, whatever the sampler says. 0: off. */
+const volatile __u32 flow_head = 0;
+const volatile __u32 snaplen = RELAY_SNAPLEN_MAX;
+/* The filter: filter_len rules of filter_rules; 0 rules match everything. */
+const volatile __u32 filter_len = 0;
+const volatile struct relay_filter_rule filter_rules[RELAY_FILTER_MAX] = {};
+
+/* Written here (samples), read by relay's capture thread. Size: --ring-size,
+ * set by relay at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} samples SEC(".maps");
+
+/* Written here (increments), read by relay (pcapng statistics blocks and
+ * metrics). relay inserts every (ifindex, stat) key at attach time, so the
+ * program only increments its own CPU's value and no count is ever lost to
+ * a racing insert. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024 * RELAY_CAP_STATS);
+	__type(key, struct relay_capture_key);
+	__type(value, __u64);
+} capture_stats SEC(".maps");
+
+/* Written by relay: index 0 is 1 while capturing; relay clears it before
+ * its final read so the counts and the ring buffer settle. Read here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} capture_ctl SEC(".maps");
+
+/* Written here: packets seen per flow (both directions in one entry), for
+ * --flow-head. Nobody else reads it. LRU, so memory stays bounded. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct relay_flow_key);
+	__type(value, __u64);
+} capture_flows SEC(".maps");
+
+/* Written and read here: the 1/N sampler's count of matched packets, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sampler SEC(".maps");
+
+/* A sample being assembled: header and frame bytes, contiguous, so one
+ * bpf_ringbuf_output copies both. */
+struct relay_scratch {
+	struct relay_sample hdr;
+	__u8 data[RELAY_SNAPLEN_MAX];
+};
+
+/* Written and read here only: one scratch sample per CPU (a sample is too
+ * big for the stack). TC programs on one CPU do not nest (egress runs with
+ * bottom halves off, ingress in softirq), so a CPU's slot has one user.
+ * max_entries: the number of possible CPUs, set by relay at load time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct relay_scratch);
+} capture_scratch SEC(".maps");
+
 static __always_inline void add(void *map, const void *key, __u64 bytes)
 {
 	struct relay_counter *c = bpf_map_lookup_elem(map, key);
@@ -94,6 +175,171 @@ static __always_inline __u8 proto_class(__u8 ipproto)
 	}
 }
 
+static __always_inline void capture_count(__u32 ifindex, __u32 stat)
+{
+	struct relay_capture_key key = { .ifindex = ifindex, .stat = stat };
+	__u64 *n = bpf_map_lookup_elem(&capture_stats, &key);
+	if (n)
+		*n += 1;
+}
+
+/* Does word-wise masked `addr` equal the rule's network? */
+static __always_inline int net_matches(const volatile struct relay_filter_rule *r, const __u32 *addr)
+{
+	return (addr[0] & r->mask[0]) == r->addr[0] && (addr[1] & r->mask[1]) == r->addr[1] &&
+	       (addr[2] & r->mask[2]) == r->addr[2] && (addr[3] & r->mask[3]) == r->addr[3];
+}
+
+static __always_inline int port_in(const volatile struct relay_filter_rule *r, __u16 port)
+{
+	return port >= r->port_lo && port <= r->port_hi;
+}
+
+static __always_inline int rule_matches(const volatile struct relay_filter_rule *r,
+					const struct relay_flow_key *flow, __u8 direction)
+{
+	switch (r->kind) {
+	case RELAY_F_PROTO:
+		return flow->family != 0 && proto_class(flow->proto) == r->value;
+	case RELAY_F_FAMILY:
+		return flow->family == r->value;
+	case RELAY_F_NET:
+		if (flow->family != r->family)
+			return 0;
+		if (r->end == RELAY_END_SRC)
+			return net_matches(r, flow->saddr);
+		if (r->end == RELAY_END_DST)
+			return net_matches(r, flow->daddr);
+		return net_matches(r, flow->saddr) || net_matches(r, flow->daddr);
+	case RELAY_F_PORT:
+		if (flow->family == 0 || (flow->proto != IPPROTO_TCP && flow->proto != IPPROTO_UDP))
+			return 0;
+		if (r->end == RELAY_END_SRC)
+			return port_in(r, flow->sport);
+		if (r->end == RELAY_END_DST)
+			return port_in(r, flow->dport);
+		return port_in(r, flow->sport) || port_in(r, flow->dport);
+	case RELAY_F_DIRECTION:
+		return direction == r->value;
+	}
+	return 0;
+}
+
+/* The filter in disjunctive normal form: true when every rule of some term holds. */
+static __always_inline int filter_matches(const struct relay_flow_key *flow, __u8 direction)
+{
+	__u32 n = filter_len;
+	int term_ok = 1;
+	__u8 term = 0;
+
+	if (n == 0)
+		return 1;
+	for (__u32 i = 0; i < RELAY_FILTER_MAX; i++) {
+		if (i >= n)
+			break;
+		const volatile struct relay_filter_rule *r = &filter_rules[i];
+		if (r->term != term) {
+			if (term_ok)
+				return 1;
+			term = r->term;
+			term_ok = 1;
+		}
+		if (term_ok && rule_matches(r, flow, direction) == !!r->negate)
+			term_ok = 0;
+	}
+	return term_ok;
+}
+
+/* Is this packet among the first flow_head of its flow (either direction)? */
+static __always_inline int in_flow_head(const struct relay_flow_key *flow)
+{
+	struct relay_flow_key key = *flow;
+	int swap = 0;
+
+	/* One entry for both directions: the smaller (address, port) end first. */
+	for (int i = 0; i < 4; i++) {
+		if (flow->saddr[i] != flow->daddr[i]) {
+			swap = flow->saddr[i] > flow->daddr[i];
+			break;
+		}
+		if (i == 3)
+			swap = flow->sport > flow->dport;
+	}
+	if (swap) {
+		__builtin_memcpy(key.saddr, flow->daddr, sizeof(key.saddr));
+		__builtin_memcpy(key.daddr, flow->saddr, sizeof(key.daddr));
+		key.sport = flow->dport;
+		key.dport = flow->sport;
+	}
+	__u64 *seen = bpf_map_lookup_elem(&capture_flows, &key);
+	if (seen)
+		return __sync_fetch_and_add(seen, 1) < flow_head;
+	__u64 one = 1;
+	bpf_map_update_elem(&capture_flows, &key, &one, BPF_NOEXIST);
+	return 1;
+}
+
+/* Filter, sample, copy: the capture half of a packet's visit. */
+static __always_inline void capture(struct __sk_buff *skb, const struct relay_flow_key *flow,
+				    __u8 direction, __u8 tcp_flags_seen)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&capture_ctl, &zero);
+
+	if (!on || !*on)
+		return;
+	if (!filter_matches(flow, direction)) {
+		capture_count(ifindex, RELAY_CAP_FILTERED);
+		return;
+	}
+	capture_count(ifindex, RELAY_CAP_MATCHED);
+
+	int keep = 0;
+	if (flow_head > 0 && flow->family != 0) {
+		/* Every packet counts towards its flow's head, flagged ones too. */
+		keep = in_flow_head(flow);
+		if (tcp_flags_seen)
+			keep = 1;
+	}
+	if (!keep && sample_every > 0) {
+		__u64 *n = bpf_map_lookup_elem(&sampler, &zero);
+		if (n) {
+			keep = (*n % sample_every) == 0;
+			*n += 1;
+		}
+	}
+	if (!keep) {
+		capture_count(ifindex, RELAY_CAP_SAMPLED);
+		return;
+	}
+
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct relay_scratch *s = bpf_map_lookup_elem(&capture_scratch, &cpu);
+	if (!s) {
+		capture_count(ifindex, RELAY_CAP_RING_FULL);
+		return;
+	}
+	__u64 caplen = skb->len < snaplen ? skb->len : snaplen;
+	/* The verifier must see the very register passed to the helper bounded:
+	 * keep clang from checking a copy. */
+	asm volatile("" : "+r"(caplen));
+	s->hdr.ts_ns = bpf_ktime_get_ns();
+	s->hdr.ifindex = ifindex;
+	s->hdr.len = skb->len;
+	s->hdr.direction = direction;
+	if (caplen < 1 || caplen > RELAY_SNAPLEN_MAX || bpf_skb_load_bytes(skb, 0, s->data, caplen) < 0)
+		caplen = 0;
+	s->hdr.caplen = caplen;
+	if (bpf_ringbuf_output(&samples, s, sizeof(s->hdr) + caplen, 0) < 0) {
+		capture_count(ifindex, RELAY_CAP_RING_FULL);
+		return;
+	}
+	capture_count(ifindex, RELAY_CAP_SENT);
+	if (caplen < skb->len)
+		capture_count(ifindex, RELAY_CAP_TRUNCATED);
+}
+
 static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 {
 	__u32 ifindex = skb->ifindex;
@@ -102,6 +348,7 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 	struct relay_traffic_key key = { .ifindex = ifindex, .direction = direction, .proto = RELAY_PROTO_OTHER };
 	struct relay_flow_key flow = { .ifindex = ifindex };
 	__u32 l4 = 0;
+	__u8 tcp_flags_seen = 0; /* SYN, FIN or RST */
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
@@ -139,6 +386,7 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 				count_flag(ifindex, direction, RELAY_TCP_FIN);
 			if (tcp.rst)
 				count_flag(ifindex, direction, RELAY_TCP_RST);
+			tcp_flags_seen = tcp.syn || tcp.fin || tcp.rst;
 		}
 	} else if (flow.proto == IPPROTO_UDP) {
 		struct udphdr udp;
@@ -150,6 +398,8 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 	add(&flows, &flow, skb->len);
 count:
 	add(&traffic, &key, skb->len);
+	if (capture_on)
+		capture(skb, &flow, direction, tcp_flags_seen);
 	return TC_ACT_UNSPEC;
 }
 

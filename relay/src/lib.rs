@@ -4,14 +4,16 @@
 //! library: [`addr`] parses addresses, [`forward`] relays connections (with
 //! [`tls`] on either leg), [`netns`] resolves containers and namespaces,
 //! [`observe`] counts their traffic with eBPF, [`metrics`] keeps and serves
-//! the Prometheus registry.
+//! the Prometheus registry (and `/healthz`, from [`health`]).
 
 pub mod addr;
 pub mod duration;
 pub mod forward;
+pub mod health;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod observe;
+pub mod pcapng;
 pub mod tls;

@@ -52,6 +52,17 @@ enum Command {
     Observe(ObserveArgs),
     /// Publish a running container's port on the host, even one bound to the container's localhost.
     Publish(PublishArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (`relay man | man -l -`), or write every page to --dir.
+    Man {
+        /// Write relay.1 and relay-<subcommand>.1 into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -74,6 +85,8 @@ struct ObserveArgs {
     /// When the target stops, wait for it to run again and re-attach.
     #[arg(long)]
     follow: bool,
+    #[command(flatten)]
+    capture: observe::capture::CaptureArgs,
 }
 
 fn parse_observe_target(text: &str) -> Result<Target, String> {
@@ -91,6 +104,9 @@ struct ForwardArgs {
     /// Also count the traffic of this target with eBPF (container:<name>, pid:<pid>, netns:<name|path>, host).
     #[arg(long, value_name = "TARGET", value_parser = parse_observe_target)]
     observe: Option<Target>,
+    /// With --observe: sampled packets to pcapng.
+    #[command(flatten)]
+    capture: observe::capture::CaptureArgs,
 }
 
 #[derive(Args)]
@@ -246,6 +262,8 @@ struct Route {
     listen: ListenAddr,
     target: TargetAddr,
     observe: Option<Target>,
+    /// `--pcap` and friends, with `--observe`.
+    capture: Option<observe::capture::CaptureOptions>,
 }
 
 /// `publish web 8080[:18080]`: listen on the host, connect to the port on
@@ -265,6 +283,7 @@ fn publish_route(args: PublishArgs) -> Result<Route, String> {
         listen,
         target: connect,
         observe: args.observe.then_some(target),
+        capture: None,
     })
 }
 
@@ -313,9 +332,11 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
             loopback: false,
             top_flows: args.top_flows,
             bpf_stats: args.bpf_stats,
+            capture: None,
         },
         follow: args.follow,
         watch: args.watch,
+        capture: args.capture.options(),
     };
     let mut signals = Signals::install()?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -331,16 +352,43 @@ async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> an
     Ok(session.await?)
 }
 
+/// `relay man`: relay.1 on stdout, or with `--dir` relay.1 and one
+/// relay-<subcommand>.1 per subcommand (the pages relay.1 refers to).
+fn man_pages(dir: Option<PathBuf>) -> ExitCode {
+    let command = Cli::command();
+    let result = match &dir {
+        None => clap_mangen::Man::new(command).render(&mut std::io::stdout().lock()),
+        Some(dir) => {
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let place = dir.map_or_else(|| "stdout".to_string(), |d| d.display().to_string());
+            eprintln!("relay: error: cannot write man pages to {place}: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let job = match (cli.command, cli.socat_listen, cli.socat_target) {
+        (Some(Command::Forward(args)), None, None)
+            if args.capture.pcap.is_some() && args.observe.is_none() =>
+        {
+            eprintln!("relay: error: --pcap on forward needs --observe <TARGET> (what to capture)");
+            return ExitCode::from(USAGE);
+        }
         (Some(Command::Forward(args)), None, None) => Job::Forward(Box::new(Route {
             listen: args.listen,
             target: args.target,
             observe: args.observe,
+            capture: args.capture.options(),
         })),
         (Some(Command::Publish(args)), None, None) => match publish_route(args) {
             Ok(route) => Job::Forward(Box::new(route)),
@@ -350,10 +398,16 @@ fn main() -> ExitCode {
             }
         },
         (Some(Command::Observe(args)), None, None) => Job::Observe(args),
+        (Some(Command::Completions { shell }), None, None) => {
+            clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        (Some(Command::Man { dir }), None, None) => return man_pages(dir),
         (None, Some(listen), Some(target)) => Job::Forward(Box::new(Route {
             listen,
             target,
             observe: None,
+            capture: None,
         })),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
@@ -403,10 +457,12 @@ fn main() -> ExitCode {
             eprintln!("relay: error: {err:#}");
             // Bad input (a TLS file, a flag that does not fit, a target
             // that does not exist) is a usage error.
-            let usage = matches!(
-                err.downcast_ref::<ForwardError>(),
-                Some(ForwardError::Tls(_))
-            ) || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
+            let usage = match err.downcast_ref::<ForwardError>() {
+                Some(ForwardError::Tls(_)) => true,
+                // A namespaced address naming no container, process or namespace.
+                Some(ForwardError::Netns(e)) => e.is_bad_input(),
+                _ => false,
+            } || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
             if usage {
                 ExitCode::from(USAGE)
             } else {
@@ -421,6 +477,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         listen,
         target,
         observe,
+        capture,
     } = route;
     let name = args.name.unwrap_or_else(|| listen.text.clone());
     let (tls_server, tls_client) =
@@ -440,6 +497,10 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();
     let forwarder = Forwarder::bind(config, registry.route(&name)).await?;
+    let listening = registry
+        .readiness()
+        .register("listener", &forwarder.local_addr().to_string());
+    listening.set(true);
     // The observer follows its target across restarts (a forwarder does not
     // stop because the container it watches did) and includes loopback,
     // where a published container port is reached.
@@ -453,6 +514,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
                 },
                 follow: true,
                 watch: false,
+                capture,
             };
             let session = observe::session::Session::start(target, options, &registry).await?;
             Some(tokio::spawn(session.run(observer_stop)))
@@ -474,6 +536,8 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         }
         signal = signals.next() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
     }
+    // A draining relay accepts nothing more: orchestrators should stop sending.
+    listening.set(false);
     drain_tx.send_replace(true);
     tokio::select! {
         () = &mut run => {}

@@ -4,6 +4,10 @@
 //! `_seconds` units). Labels stay bounded: a route name, an outcome from a
 //! fixed set, a direction. Nothing here knows about sockets being relayed;
 //! `forward` reports into a [`RouteMetrics`].
+//!
+//! The same HTTP server answers `/healthz` from the run's [`Readiness`]
+//! (200 when every listener is bound and every observer attached, else 503),
+//! so orchestrators need one port only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +24,7 @@ use prometheus::{
 };
 use thiserror::Error;
 
+use crate::health::{Readiness, Report};
 use crate::tls::HandshakeOutcome;
 use tokio::net::TcpListener;
 
@@ -94,6 +99,7 @@ pub struct Metrics {
     /// Run before every render: sources that are read at scrape time (the
     /// observer's kernel maps) bring their series up to date here.
     on_scrape: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    readiness: Readiness,
     connections: IntCounterVec,
     active: IntGaugeVec,
     bytes: IntCounterVec,
@@ -189,6 +195,7 @@ pub enum MetricsError {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let readiness = Readiness::default();
         let connections = IntCounterVec::new(
             Opts::new(
                 "relay_connections_total",
@@ -271,6 +278,7 @@ impl Metrics {
             Box::new(tls_duration.clone()),
             Box::new(data_path.clone()),
             Box::new(build_info),
+            readiness.collector(),
         ] {
             registry
                 .register(collector)
@@ -279,6 +287,7 @@ impl Metrics {
         Metrics {
             registry,
             on_scrape: std::sync::Mutex::new(Vec::new()),
+            readiness,
             connections,
             active,
             bytes,
@@ -312,6 +321,12 @@ impl Metrics {
     /// The registry, for families kept by other modules.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The readiness flags `/healthz` answers from; listeners and observers
+    /// register theirs here.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
     }
 
     /// Runs `refresh` before every render.
@@ -365,7 +380,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|cause| MetricsError::Bind { addr, cause })
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
@@ -393,16 +408,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+    answer(metrics, req.method(), req.uri().path())
+}
+
+/// The response to `method path`; apart from hyper's request type so it
+/// can be tested without a socket.
+fn answer(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (method, path) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
+        (&Method::GET, "/healthz") => match metrics.readiness.report() {
+            Report::Ready => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+            Report::Waiting(parts) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", parts.join(", ")),
+            ),
+        },
         (&Method::GET, _) => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics\n".to_string(),
+            "not found; try /metrics or /healthz\n".to_string(),
         ),
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -433,6 +462,43 @@ mod tests {
         );
         assert!(parse_endpoint("[::1]:9100").is_ok());
         assert!(parse_endpoint("metrics").unwrap_err().contains("`metrics`"));
+    }
+
+    #[test]
+    fn healthz_is_503_until_every_part_is_ready() {
+        use http_body_util::BodyExt;
+        let body = |response: Response<Full<Bytes>>| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime builds");
+            let bytes = runtime
+                .block_on(response.into_body().collect())
+                .expect("a Full body cannot fail")
+                .to_bytes();
+            String::from_utf8(bytes.to_vec()).expect("healthz answers text")
+        };
+        let metrics = Metrics::new();
+        let listener = metrics.readiness().register("listener", "127.0.0.1:8080");
+        let observer = metrics.readiness().register("observer", "netns:blue");
+        listener.set(true);
+        let waiting = answer(&metrics, &Method::GET, "/healthz");
+        assert_eq!(waiting.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(waiting), "not ready: observer netns:blue\n");
+        observer.set(true);
+        let ready = answer(&metrics, &Method::GET, "/healthz");
+        assert_eq!(ready.status(), StatusCode::OK);
+        assert_eq!(body(ready), "ready\n");
+        assert!(
+            metrics
+                .render()
+                .contains("relay_ready{name=\"netns:blue\",part=\"observer\"} 1"),
+            "{}",
+            metrics.render()
+        );
+        assert_eq!(
+            answer(&metrics, &Method::POST, "/healthz").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`ports`]: free ports, and who listens where (`/proc/<pid>/net/tcp`).
 //! - [`tempdir`]: scratch directories removed on drop.
 //! - [`child`]: external processes killed (with their process group) on drop.
+//! - [`crafted`]: packets with chosen addresses, ports and flags (pnet), and
+//!   reading them back out of a capture with tshark.
 //! - [`netns`]: network namespaces with a veth pair to the host.
 //! - [`namespaced`]: busybox httpd in a container, an `ip netns` or a pid's
 //!   namespace, named as relay targets; the namespace's counters and TC hooks.
@@ -20,6 +22,7 @@
 //! - [`payload`]: deterministic payloads and their SHA-256 fingerprints.
 //! - [`peers`]: Rust servers with scripted behaviour (echo, sink, source).
 //! - [`tools`]: external peers: socat, nginx, promtool.
+//! - [`prometheus`]: a real Prometheus scraping relays, queried over its HTTP API.
 //! - [`http`]: a minimal HTTP/1.0 GET over a given stream.
 //! - [`certs`]: a throwaway PKI (CA, server and client certificates) made at run time.
 //! - [`tls_client`]: an in-process TLS client whose every step a test steers.
@@ -30,6 +33,7 @@
 
 pub mod certs;
 pub mod child;
+pub mod crafted;
 pub mod docker;
 pub mod gate;
 pub mod http;
@@ -41,6 +45,7 @@ pub mod observed;
 pub mod openssl;
 pub mod payload;
 pub mod peers;
+pub mod prometheus;
 pub mod ports;
 pub mod redis;
 pub mod relay_proc;

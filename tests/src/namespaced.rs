@@ -380,6 +380,20 @@ impl Subject {
     }
 }
 
+/// A pid no process has now (the highest free one below `pid_max`, the
+/// last the kernel hands out).
+pub fn missing_pid() -> Result<u32> {
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .context("reading /proc/sys/kernel/pid_max")?
+        .trim()
+        .parse()
+        .context("parsing /proc/sys/kernel/pid_max")?;
+    (2..pid_max)
+        .rev()
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .context("every pid is taken")
+}
+
 /// An interface's counters, as `ip -s link` reads them from the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkStats {

@@ -307,6 +307,26 @@ impl RelayCmd {
             stderr: relay.stderr(),
         })
     }
+
+    /// Run a command line relay must refuse as a usage error: exit 2 within
+    /// `timeout`, and an error line that contains every one of `names`.
+    pub fn expect_usage_error(self, timeout: Duration, names: &[&str]) -> Result<Exited> {
+        let line = self.args().join(" ");
+        let exited = self.run_to_exit(timeout)?;
+        let error_line = exited
+            .stderr
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or_default();
+        if exited.status.code() != Some(2) || !names.iter().all(|n| error_line.contains(n)) {
+            bail!(
+                "relay {line}: expected exit 2 and an error line naming {names:?}, got {} with stderr:\n{}",
+                exited.status,
+                exited.stderr
+            );
+        }
+        Ok(exited)
+    }
 }
 
 /// A relay that exited by itself.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
-use relay_tests::namespaced::{Bind, Kind, Subject};
+use relay_tests::namespaced::{Bind, Kind, Subject, missing_pid};
 use relay_tests::observed::{agree_since, settle, tcp_flag};
 use relay_tests::relay_proc::Relay;
 use relay_tests::tempdir::TempDir;
@@ -324,13 +324,7 @@ fn bad_targets_exit_2_naming_the_target_and_attach_nothing() -> Result<()> {
     let dir = TempDir::new("not-a-netns")?;
     let file = dir.join("plain-file");
     std::fs::write(&file, "not a namespace").context("writing a regular file")?;
-    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")?
-        .trim()
-        .parse()?;
-    let missing_pid = (2..pid_max)
-        .rev()
-        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-        .context("no free pid")?;
+    let missing_pid = missing_pid()?;
 
     let mut cases = vec![
         (
@@ -358,21 +352,7 @@ fn bad_targets_exit_2_naming_the_target_and_attach_nothing() -> Result<()> {
     for (args, names, cause) in cases {
         let mut command = vec!["observe".to_string()];
         command.extend(args);
-        let exited = RelayCmd::raw(&command).run_to_exit(EXIT_TIMEOUT)?;
-        let error_line = exited
-            .stderr
-            .lines()
-            .find(|l| l.contains("error"))
-            .unwrap_or_default();
-        ensure!(
-            exited.status.code() == Some(2)
-                && error_line.contains(&names)
-                && error_line.contains(cause),
-            "relay {command:?}: expected exit 2 and an error line naming {names:?} ({cause}), \
-             got {} with stderr:\n{}",
-            exited.status,
-            exited.stderr
-        );
+        RelayCmd::raw(&command).expect_usage_error(EXIT_TIMEOUT, &[&names, cause])?;
     }
     let left = subject.tc_attachments()?;
     ensure!(

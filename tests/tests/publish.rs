@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use relay_tests::child::ChildProc;
 use relay_tests::docker::HTTPD_PORT;
-use relay_tests::namespaced::{Bind, Kind, Subject};
+use relay_tests::namespaced::{Bind, Kind, Subject, missing_pid};
 use relay_tests::observed::{agree_since, settle, tcp_flag};
 use relay_tests::ports::{free_port, wait_listening};
 use relay_tests::relay_proc::Relay;
@@ -268,3 +268,50 @@ test_per_kind!(namespace_reaches_a_host_redis =>
     ip_netns_reaches_a_host_local_redis_through_relay,
     pid_namespace_reaches_a_host_local_redis_through_relay;
     requires "redis-server");
+
+/// Namespaced addresses that name no container, process or namespace stop
+/// relay at startup: exit 2, with a line naming the target and the cause.
+#[test]
+fn bad_namespaced_addresses_exit_2_naming_them() -> Result<()> {
+    require_kind!(Kind::Container);
+    let dir = TempDir::new("not-a-netns")?;
+    let file = dir.join("plain-file");
+    std::fs::write(&file, "not a namespace").context("writing a regular file")?;
+    let stopped = Subject::httpd(Kind::Container, Bind::Loopback)?;
+    stopped.stop()?;
+    let (pid, port) = (missing_pid()?, free_port()?.to_string());
+    let host = format!("127.0.0.1:{port}");
+    let unknown = format!("relay-t-{}-no-such-container", std::process::id());
+    let stopped_name = stopped.container()?.name().to_string();
+    let file_spec = format!("netns:{}", file.display());
+    for (args, names) in [
+        (
+            vec!["publish", unknown.as_str(), "8080:1"],
+            [format!("container:{unknown}"), "no such container".into()],
+        ),
+        (
+            vec!["publish", stopped_name.as_str(), "8080:1"],
+            [format!("container:{stopped_name}"), "not running".into()],
+        ),
+        (
+            vec![
+                "forward",
+                host.as_str(),
+                &format!("tcp://127.0.0.1:80@pid:{pid}"),
+            ],
+            [format!("pid:{pid}"), "no such process".into()],
+        ),
+        (
+            vec![
+                "forward",
+                &format!("tcp://127.0.0.1:{port}@{file_spec}"),
+                "127.0.0.1:1",
+            ],
+            [file_spec.clone(), "not a network namespace".into()],
+        ),
+    ] {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        RelayCmd::raw(&args).expect_usage_error(METRIC_TIMEOUT, &names)?;
+    }
+    Ok(())
+}

@@ -53,7 +53,7 @@ pub fn interfaces(only: &[String], loopback: bool) -> Result<Vec<Interface>, Obs
 
 /// Bytes before the IP header at TC for this interface: 14 unless the
 /// device has no link-layer header (ARPHRD_NONE, e.g. WireGuard, tun).
-fn l2_len(iface: &Interface) -> u32 {
+pub fn l2_len(iface: &Interface) -> u32 {
     let kind =
         std::fs::read_to_string(format!("/sys/class/net/{}/type", iface.name)).unwrap_or_default();
     // 65534 = ARPHRD_NONE. (sysfs shows the mounting namespace's devices;

@@ -12,6 +12,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::Snapshot;
 use super::attach::Interface;
+use super::maps::CaptureStat;
 
 /// The observe metric families, registered once per registry.
 pub struct ObserveMetrics {
@@ -23,6 +24,8 @@ pub struct ObserveMetrics {
     attached: IntGaugeVec,
     run_seconds: prometheus::CounterVec,
     runs: IntCounterVec,
+    samples: IntCounterVec,
+    sample_drops: IntCounterVec,
     /// Last exported total per series, keyed by family and labels.
     last: Mutex<HashMap<(&'static str, Vec<String>), u64>>,
     /// Flow series exported last time, per target, to remove stale ranks.
@@ -55,6 +58,12 @@ impl ObserveMetrics {
             )
             .expect("static metric definition is valid"),
             runs: counter("relay_observe_program_runs_total", "Runs of the observe programs, from the kernel's BPF statistics (--bpf-stats).", &["target", "program"]),
+            samples: counter("relay_observe_samples_total", "Packets sampled into the ring buffer for --pcap.", &["target", "iface"]),
+            sample_drops: counter(
+                "relay_observe_sample_drops_total",
+                "Packets not sampled whole for --pcap: reason=filter (did not match), sampled (left out by --sample), ring_full (no room in the ring buffer: lost), truncated (sampled, cut to --snaplen).",
+                &["target", "iface", "reason"],
+            ),
             last: Mutex::new(HashMap::new()),
             flow_labels: Mutex::new(HashMap::new()),
         };
@@ -67,6 +76,8 @@ impl ObserveMetrics {
             Box::new(metrics.attached.clone()),
             Box::new(metrics.run_seconds.clone()),
             Box::new(metrics.runs.clone()),
+            Box::new(metrics.samples.clone()),
+            Box::new(metrics.sample_drops.clone()),
         ] {
             registry
                 .register(collector)
@@ -144,6 +155,27 @@ impl ObserveMetrics {
             self.run_seconds
                 .with_label_values(&labels)
                 .inc_by(nanos as f64 / 1e9);
+        }
+        for ((ifindex, stat), count) in &snapshot.capture {
+            let iface = name(*ifindex);
+            let reason = match stat {
+                CaptureStat::Sent => {
+                    let labels = [target, iface.as_str()];
+                    self.samples
+                        .with_label_values(&labels)
+                        .inc_by(self.advance("samples", &labels, *count));
+                    continue;
+                }
+                CaptureStat::Matched => continue,
+                CaptureStat::Filtered => "filter",
+                CaptureStat::Sampled => "sampled",
+                CaptureStat::RingFull => "ring_full",
+                CaptureStat::Truncated => "truncated",
+            };
+            let labels = [target, iface.as_str(), reason];
+            self.sample_drops
+                .with_label_values(&labels)
+                .inc_by(self.advance("drops", &labels, *count));
         }
         self.export_flows(target, &name, snapshot, top);
     }
@@ -241,6 +273,8 @@ impl ObserveMetrics {
                 "bytes" => self.bytes.remove_label_values(&refs),
                 "flags" => self.flags.remove_label_values(&refs),
                 "runs" => self.runs.remove_label_values(&refs),
+                "samples" => self.samples.remove_label_values(&refs),
+                "drops" => self.sample_drops.remove_label_values(&refs),
                 _ => self.run_seconds.remove_label_values(&refs),
             };
         }

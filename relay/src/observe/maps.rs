@@ -1,8 +1,10 @@
 //! Rust mirrors of the structs in relay-ebpf/include/observe.h, and reading
 //! the observe program's maps into plain totals (summed over CPUs).
 //!
-//! Who writes what: the eBPF program writes `traffic`, `tcp_flags` and
-//! `flows`; relay writes `l2_len` once per interface at attach time.
+//! Who writes what: the eBPF program writes `traffic`, `tcp_flags`,
+//! `flows`, `capture_stats` and the `samples` ring buffer; relay writes
+//! `l2_len` once per interface at attach time, seeds `capture_stats` with
+//! zeros, and sets `capture_ctl`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -76,6 +78,72 @@ pub struct FlowKey {
     pub ifindex: u32,
 }
 
+/// `struct relay_filter_rule`: one primitive of the capture filter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterRule {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub kind: u8,
+    pub end: u8,
+    pub negate: u8,
+    pub value: u8,
+    pub term: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// `struct relay_capture_key`
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CaptureKey {
+    pub ifindex: u32,
+    pub stat: u32,
+}
+
+/// `struct relay_sample`: the header of a ring buffer record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SampleHeader {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub len: u32,
+    pub caplen: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `enum relay_capture_stat`, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CaptureStat {
+    Matched,
+    Filtered,
+    Sampled,
+    RingFull,
+    Sent,
+    Truncated,
+}
+
+impl CaptureStat {
+    pub const ALL: [CaptureStat; 6] = [
+        CaptureStat::Matched,
+        CaptureStat::Filtered,
+        CaptureStat::Sampled,
+        CaptureStat::RingFull,
+        CaptureStat::Sent,
+        CaptureStat::Truncated,
+    ];
+
+    pub fn raw(self) -> u32 {
+        self as u32
+    }
+}
+
+/// Capture counts per (ifindex, counter), summed over CPUs.
+pub type CaptureStats = HashMap<(u32, CaptureStat), u64>;
+
 // SAFETY: plain #[repr(C)] integers with explicit padding fields, so every
 // bit pattern is valid and there are no implicit padding bytes.
 unsafe impl aya::Pod for TrafficKey {}
@@ -85,6 +153,10 @@ unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for FlagKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FilterRule {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CaptureKey {}
 
 pub const PROTOS: [&str; 4] = ["tcp", "udp", "icmp", "other"];
 pub const FLAGS: [&str; 4] = ["syn", "synack", "fin", "rst"];
@@ -160,6 +232,16 @@ pub fn read_flags(map: &PerCpuHashMap<&MapData, FlagKey, u64>) -> Flags {
     out
 }
 
+pub fn read_capture(map: &PerCpuHashMap<&MapData, CaptureKey, u64>) -> CaptureStats {
+    let mut out = CaptureStats::new();
+    for (key, values) in map.iter().filter_map(Result::ok) {
+        if let Some(stat) = CaptureStat::ALL.get(key.stat as usize) {
+            out.insert((key.ifindex, *stat), values.iter().sum());
+        }
+    }
+    out
+}
+
 pub fn read_flows(map: &PerCpuHashMap<&MapData, FlowKey, Counter>) -> Vec<(FlowKey, Counter)> {
     map.iter()
         .filter_map(Result::ok)
@@ -226,7 +308,7 @@ mod tests {
                 return;
             }
         };
-        let rust: [(&str, usize, Vec<(&str, usize)>); 4] = [
+        let rust: [(&str, usize, Vec<(&str, usize)>); 7] = [
             (
                 "relay_traffic_key",
                 size_of::<TrafficKey>(),
@@ -268,6 +350,43 @@ mod tests {
                     ("proto", offset_of!(FlowKey, proto)),
                     ("_pad", offset_of!(FlowKey, _pad)),
                     ("ifindex", offset_of!(FlowKey, ifindex)),
+                ],
+            ),
+            (
+                "relay_filter_rule",
+                size_of::<FilterRule>(),
+                vec![
+                    ("addr", offset_of!(FilterRule, addr)),
+                    ("mask", offset_of!(FilterRule, mask)),
+                    ("port_lo", offset_of!(FilterRule, port_lo)),
+                    ("port_hi", offset_of!(FilterRule, port_hi)),
+                    ("kind", offset_of!(FilterRule, kind)),
+                    ("end", offset_of!(FilterRule, end)),
+                    ("negate", offset_of!(FilterRule, negate)),
+                    ("value", offset_of!(FilterRule, value)),
+                    ("term", offset_of!(FilterRule, term)),
+                    ("family", offset_of!(FilterRule, family)),
+                    ("_pad", offset_of!(FilterRule, _pad)),
+                ],
+            ),
+            (
+                "relay_capture_key",
+                size_of::<CaptureKey>(),
+                vec![
+                    ("ifindex", offset_of!(CaptureKey, ifindex)),
+                    ("stat", offset_of!(CaptureKey, stat)),
+                ],
+            ),
+            (
+                "relay_sample",
+                size_of::<SampleHeader>(),
+                vec![
+                    ("ts_ns", offset_of!(SampleHeader, ts_ns)),
+                    ("ifindex", offset_of!(SampleHeader, ifindex)),
+                    ("len", offset_of!(SampleHeader, len)),
+                    ("caplen", offset_of!(SampleHeader, caplen)),
+                    ("direction", offset_of!(SampleHeader, direction)),
+                    ("_pad", offset_of!(SampleHeader, _pad)),
                 ],
             ),
         ];

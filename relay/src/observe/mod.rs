@@ -3,27 +3,34 @@
 //!
 //! - [`attach`]: which interfaces, and attaching at TC ingress/egress;
 //! - [`maps`]: the structs shared with the C program, and reading its maps;
-//! - [`export`]: turning snapshots into Prometheus series.
+//! - [`export`]: turning snapshots into Prometheus series;
+//! - [`filter`], [`samples`], [`sink`], [`capture`]: sampled packets to
+//!   pcapng (`--pcap`), filtered and sampled in the kernel.
 //!
 //! The programs live in relay-ebpf/src/observe.bpf.c; the compiled object is
 //! committed and embedded here, so building relay needs no clang.
 
 pub mod attach;
+pub mod capture;
 pub mod export;
+pub mod filter;
 pub mod maps;
+pub mod samples;
 pub mod session;
+pub mod sink;
 pub mod watch;
 
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aya::maps::PerCpuHashMap;
+use aya::maps::{Array, MapData, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use thiserror::Error;
 
 pub use attach::Interface;
-use maps::{Counter, FlagKey, FlowKey, TrafficKey};
+use capture::KernelCapture;
+use maps::{CaptureKey, CaptureStat, CaptureStats, Counter, FlagKey, FlowKey, TrafficKey};
 
 use crate::netns::Netns;
 
@@ -68,6 +75,10 @@ pub enum ObserveError {
     TargetGone(String),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error(transparent)]
+    Sink(#[from] sink::SinkError),
+    #[error("{0}")]
+    CaptureFailed(String),
 }
 
 impl ObserveError {
@@ -77,6 +88,7 @@ impl ObserveError {
         match self {
             ObserveError::NoSuchInterface { .. } | ObserveError::NothingToObserve => true,
             ObserveError::Netns(err) => err.is_bad_input(),
+            ObserveError::Sink(sink::SinkError::Open { .. }) => true,
             _ => false,
         }
     }
@@ -94,6 +106,8 @@ pub struct ObserveOptions {
     pub top_flows: usize,
     /// Turn on the kernel's run-time accounting of BPF programs while attached.
     pub bpf_stats: bool,
+    /// Sample packets into the ring buffer (`--pcap`).
+    pub capture: Option<KernelCapture>,
 }
 
 impl Default for ObserveOptions {
@@ -103,6 +117,7 @@ impl Default for ObserveOptions {
             loopback: false,
             top_flows: 10,
             bpf_stats: false,
+            capture: None,
         }
     }
 }
@@ -122,6 +137,8 @@ pub struct Snapshot {
     /// Flows by bytes, largest first.
     pub flows: Vec<(FlowKey, Counter)>,
     pub programs: Vec<(&'static str, ProgramCost)>,
+    /// Capture counts (empty without `--pcap`).
+    pub capture: CaptureStats,
 }
 
 /// Programs loaded and attached in one namespace; dropping it detaches them.
@@ -129,6 +146,9 @@ pub struct Observer {
     target: String,
     interfaces: Vec<Interface>,
     ebpf: Mutex<Ebpf>,
+    /// The `samples` ring buffer until the capture thread takes it.
+    samples: Mutex<Option<RingBuf<MapData>>>,
+    capturing: bool,
     /// Keeps the kernel's BPF run-time accounting on while held.
     _stats: Option<OwnedFd>,
 }
@@ -138,18 +158,32 @@ impl Observer {
     /// that has entered it (never on an async worker).
     pub fn attach(netns: &Netns, options: &ObserveOptions) -> Result<Self, ObserveError> {
         let (only, loopback) = (options.interfaces.clone(), options.loopback);
-        let (ebpf, interfaces) =
+        let capture = options.capture.clone();
+        let capturing = capture.is_some();
+        let (mut ebpf, interfaces) =
             netns.run(move || -> Result<(Ebpf, Vec<Interface>), ObserveError> {
                 let interfaces = attach::interfaces(&only, loopback)?;
                 if interfaces.is_empty() {
                     return Err(ObserveError::NothingToObserve);
                 }
-                let mut ebpf = EbpfLoader::new()
-                    .load(object())
-                    .map_err(|e| ObserveError::Load(e.to_string()))?;
+                let mut ebpf = load(capture.as_ref())?;
+                if capture.is_some() {
+                    start_capture(&mut ebpf, &interfaces)?;
+                }
                 attach::attach_all(&mut ebpf, &interfaces)?;
                 Ok((ebpf, interfaces))
             })??;
+        let samples = if capturing {
+            let map = ebpf
+                .take_map("samples")
+                .ok_or(ObserveError::MissingMap("samples"))?;
+            Some(RingBuf::try_from(map).map_err(|e| ObserveError::Kernel {
+                what: "map samples".into(),
+                cause: e.to_string(),
+            })?)
+        } else {
+            None
+        };
         let stats = if options.bpf_stats {
             Some(
                 aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
@@ -170,6 +204,8 @@ impl Observer {
             target,
             interfaces,
             ebpf: Mutex::new(ebpf),
+            samples: Mutex::new(samples),
+            capturing,
             _stats: stats,
         })
     }
@@ -180,6 +216,40 @@ impl Observer {
 
     pub fn interfaces(&self) -> &[Interface] {
         &self.interfaces
+    }
+
+    /// The ring buffer samples arrive in (once: the capture thread owns it).
+    pub fn take_samples(&self) -> Result<RingBuf<MapData>, ObserveError> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or(ObserveError::MissingMap("samples"))
+    }
+
+    /// The kernel's capture counts, summed over CPUs (empty without capture).
+    pub fn capture_stats(&self) -> Result<CaptureStats, ObserveError> {
+        if !self.capturing {
+            return Ok(CaptureStats::new());
+        }
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let map: PerCpuHashMap<_, CaptureKey, u64> = PerCpuHashMap::try_from(
+            ebpf.map("capture_stats")
+                .ok_or(ObserveError::MissingMap("capture_stats"))?,
+        )
+        .map_err(|e| ObserveError::Kernel {
+            what: "map capture_stats".into(),
+            cause: e.to_string(),
+        })?;
+        Ok(maps::read_capture(&map))
+    }
+
+    /// Tells the programs to stop sampling (counting goes on).
+    pub fn stop_capture(&self) {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(err) = set_capture_ctl(&mut ebpf, 0) {
+            tracing::warn!(error = %err, "cannot stop the kernel side of the capture");
+        }
     }
 
     /// Reads every map once.
@@ -214,11 +284,95 @@ impl Observer {
                 ))
             })
             .collect();
+        let (traffic, flags) = (maps::read_traffic(&traffic), maps::read_flags(&flags));
+        drop(ebpf);
         Ok(Snapshot {
-            traffic: maps::read_traffic(&traffic),
-            flags: maps::read_flags(&flags),
+            traffic,
+            flags,
             flows,
             programs,
+            capture: self.capture_stats()?,
         })
     }
+}
+
+/// Loads the object, with the capture tunables when capturing (without,
+/// the verifier prunes the capture path: counting costs what it did).
+fn load(capture: Option<&KernelCapture>) -> Result<Ebpf, ObserveError> {
+    let Some(capture) = capture else {
+        return EbpfLoader::new()
+            .load(object())
+            .map_err(|e| ObserveError::Load(e.to_string()));
+    };
+    let (rules, filter_len) = capture.filter.table();
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| ObserveError::Kernel {
+        what: what.to_string(),
+        cause: e.to_string(),
+    })?;
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+    let on = 1u32;
+    EbpfLoader::new()
+        .override_global("capture_on", &on, true)
+        .override_global("sample_every", &capture.sample_every, true)
+        .override_global("flow_head", &capture.flow_head, true)
+        .override_global("snaplen", &capture.snaplen, true)
+        .override_global("filter_len", &filter_len, true)
+        .override_global("filter_rules", &rules, true)
+        .map_max_entries("samples", capture.ring_bytes)
+        .map_max_entries("capture_scratch", cpus)
+        .load(object())
+        .map_err(|e| ObserveError::Load(e.to_string()))
+}
+
+/// Seeds every (interface, counter) of `capture_stats` with zeros, so the
+/// programs only ever increment, then turns sampling on.
+fn start_capture(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), ObserveError> {
+    let kernel = |what: &str| {
+        let what = what.to_string();
+        move |e: aya::maps::MapError| ObserveError::Kernel {
+            what: what.clone(),
+            cause: e.to_string(),
+        }
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| ObserveError::Kernel {
+        what: what.to_string(),
+        cause: e.to_string(),
+    })?;
+    let mut stats: PerCpuHashMap<_, CaptureKey, u64> = PerCpuHashMap::try_from(
+        ebpf.map_mut("capture_stats")
+            .ok_or(ObserveError::MissingMap("capture_stats"))?,
+    )
+    .map_err(kernel("map capture_stats"))?;
+    for iface in interfaces {
+        for stat in CaptureStat::ALL {
+            let zeros =
+                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| ObserveError::Kernel {
+                    what: "per-CPU zeros".into(),
+                    cause: e.to_string(),
+                })?;
+            let key = CaptureKey {
+                ifindex: iface.index,
+                stat: stat.raw(),
+            };
+            stats
+                .insert(key, zeros, 0)
+                .map_err(kernel("seeding capture_stats"))?;
+        }
+    }
+    set_capture_ctl(ebpf, 1)
+}
+
+fn set_capture_ctl(ebpf: &mut Ebpf, on: u32) -> Result<(), ObserveError> {
+    let mut ctl: Array<_, u32> = Array::try_from(
+        ebpf.map_mut("capture_ctl")
+            .ok_or(ObserveError::MissingMap("capture_ctl"))?,
+    )
+    .map_err(|e| ObserveError::Kernel {
+        what: "map capture_ctl".into(),
+        cause: e.to_string(),
+    })?;
+    ctl.set(0, on, 0).map_err(|e| ObserveError::Kernel {
+        what: "writing capture_ctl".into(),
+        cause: e.to_string(),
+    })
 }

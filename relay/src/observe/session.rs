@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::capture::{CaptureOptions, CaptureRun};
 use super::export::ObserveMetrics;
 use super::{ObserveError, ObserveOptions, Observer, Snapshot};
+use crate::health::ReadyFlag;
 use crate::metrics::Metrics;
 use crate::netns::{self, Netns, Target};
 
@@ -22,6 +24,8 @@ pub struct SessionOptions {
     pub follow: bool,
     /// Redraw a table on the terminal every second.
     pub watch: bool,
+    /// Sample packets to pcapng (`--pcap`).
+    pub capture: Option<CaptureOptions>,
 }
 
 /// The observer currently attached, shared with the scrape hook.
@@ -55,6 +59,14 @@ async fn still_there(netns: &Netns) -> bool {
     })
 }
 
+/// Resolves when the capture (if any) failed to write; never without one.
+async fn capture_failed(capture: &mut Option<CaptureRun>) -> String {
+    match capture {
+        Some(run) => run.failed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An observation that has attached once; [`Session::run`] keeps it going.
 pub struct Session {
     target: Target,
@@ -63,6 +75,9 @@ pub struct Session {
     slot: Slot,
     netns: Netns,
     observer: Arc<Observer>,
+    capture: Option<CaptureRun>,
+    /// `/healthz`: set while attached.
+    ready: ReadyFlag,
 }
 
 impl Session {
@@ -73,7 +88,21 @@ impl Session {
         options: SessionOptions,
         metrics: &Metrics,
     ) -> Result<Self, ObserveError> {
+        let mut options = options;
+        // The output is opened first: an unwritable path fails before attaching.
+        let mut capture = match &options.capture {
+            Some(c) => Some(CaptureRun::open(
+                c,
+                &target.to_string(),
+                metrics.registry(),
+            )?),
+            None => None,
+        };
+        options.observe.capture = options.capture.as_ref().map(|c| c.kernel.clone());
         let (netns, observer) = attach(&target, &options.observe).await?;
+        if let Some(run) = &mut capture {
+            run.attach(&observer, &netns)?;
+        }
         let export = Arc::new(ObserveMetrics::register(metrics.registry()));
         let slot: Slot = Arc::new(Mutex::new(None));
         let (hook_slot, hook_export, top) =
@@ -91,25 +120,33 @@ impl Session {
         });
         export.attached(observer.target(), observer.interfaces(), true);
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
+        let ready = metrics
+            .readiness()
+            .register("observer", &target.to_string());
+        ready.set(true);
         Ok(Session {
+            capture,
             target,
             options,
             export,
             slot,
             netns,
             observer,
+            ready,
         })
     }
 
     /// Runs until `stop` turns true, or the target goes away without `follow`.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
         let Session {
+            mut capture,
             target,
             options,
             export,
             slot,
             mut netns,
             observer,
+            ready,
         } = self;
         let mut current = Some(observer);
         let mut before = (Snapshot::default(), Instant::now());
@@ -121,6 +158,9 @@ impl Session {
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
                 _ = stop.wait_for(|s| *s) => break,
+                message = capture_failed(&mut capture) => {
+                    return Err(ObserveError::CaptureFailed(message));
+                }
             }
             if options.watch
                 && let Some(observer) = &current
@@ -144,7 +184,11 @@ impl Session {
                     tracing::warn!(target = %observer.target(), "target stopped: detaching, its series are removed");
                     export.forget(observer.target(), observer.interfaces());
                     *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    if let Some(run) = &mut capture {
+                        run.detach().await?;
+                    }
                     current = None;
+                    ready.set(false);
                     if !options.follow {
                         return Err(ObserveError::TargetGone(target.to_string()));
                     }
@@ -154,16 +198,24 @@ impl Session {
                     Ok((new_netns, observer)) => {
                         tracing::info!(target = %observer.target(), "target is back: attached again");
                         netns = new_netns;
+                        if let Some(run) = &mut capture {
+                            run.attach(&observer, &netns)?;
+                        }
                         current = Some(observer);
+                        ready.set(true);
                     }
                     Err(err) => tracing::debug!(error = %err, "target not back yet"),
                 },
             }
         }
+        if let Some(run) = &mut capture {
+            run.detach().await?;
+        }
         if let Some(observer) = current {
             export.forget(observer.target(), observer.interfaces());
         }
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        ready.set(false);
         Ok(())
     }
 }

@@ -1,0 +1,525 @@
+//! Packet capture: the options (`--pcap`, `--filter`, `--sample`, ...), and
+//! the thread that moves samples from the kernel's ring buffer into a
+//! pcapng [`Sink`].
+//!
+//! The kernel side (filter, sampling, flow head, snap length, ring size) is
+//! fixed when the programs load ([`KernelCapture`]); this module owns the
+//! userspace side. One thread per attached observer: it waits on the ring
+//! buffer's fd with poll(2), drains every record, writes and flushes in
+//! small batches (so `--pcap -` shows packets live), and at the end stops
+//! the kernel side, drains what is left and writes the interface
+//! statistics blocks with the kernel's exact counts.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::filter::{Filter, FilterError};
+use super::maps::{CaptureStat, CaptureStats};
+use super::samples::{self, WallClock};
+use super::sink::{Output, Sink, SinkError, SinkOptions};
+use super::{ObserveError, Observer};
+use crate::pcapng::{self, Statistics};
+
+/// How long the thread sleeps in poll(2) when nothing arrives: the longest
+/// a batch waits to be flushed, and the reaction time to a stop.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+/// After the kernel side is told to stop, how long programs already
+/// running get to finish their sample before the last drain.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// The largest snap length (RELAY_SNAPLEN_MAX in observe.h).
+pub const SNAPLEN_MAX: u32 = 262_144;
+
+/// Capture flags, shared by `relay observe` and `relay forward --observe`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Capture (pcapng)")]
+pub struct CaptureArgs {
+    /// Write sampled packets as pcapng to FILE, or `-` for stdout (`| wireshark -k -i -`).
+    #[arg(long, value_name = "FILE|-")]
+    pub pcap: Option<Output>,
+    /// Which packets, decided in the kernel: tcp, udp, icmp, ip, ip6, inbound, outbound,
+    /// [src|dst] host ADDR, [src|dst] net CIDR, [src|dst] port N, [src|dst] portrange N-M,
+    /// combined with and, or, not and parentheses.
+    #[arg(long, value_name = "EXPR", requires = "pcap", value_parser = parse_filter)]
+    pub filter: Option<Filter>,
+    /// Keep all matching packets, none (with --flow-head: only flow heads) or 1 in N (per CPU).
+    #[arg(long, value_name = "all|none|1/N", default_value = "all", requires = "pcap", value_parser = parse_sample)]
+    pub sample: u32,
+    /// Also keep the first K packets of every flow, and every SYN, FIN and RST, whatever --sample says.
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "pcap")]
+    pub flow_head: u32,
+    /// Bytes kept of each packet (from the link-layer header).
+    #[arg(long, default_value_t = SNAPLEN_MAX, requires = "pcap",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SNAPLEN_MAX)))]
+    pub snaplen: u32,
+    /// Size of the kernel ring buffer samples wait in: a power of two, at least 4K (e.g. 64K, 8M).
+    #[arg(long, value_name = "BYTES", default_value = "8M", requires = "pcap", value_parser = parse_ring_size)]
+    pub ring_size: u32,
+    /// Start a new file when the current one would grow past this size (FILE becomes FILE-00000, -00001 ...).
+    #[arg(long, value_name = "BYTES", requires = "pcap", value_parser = parse_bytes)]
+    pub rotate_size: Option<u64>,
+    /// With --rotate-size: keep only the newest N files.
+    #[arg(long, value_name = "N", requires = "rotate_size", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rotate_count: Option<u32>,
+}
+
+fn parse_filter(text: &str) -> Result<Filter, FilterError> {
+    Filter::parse(text)
+}
+
+/// `all` (1), `none` (0) or `1/N`.
+fn parse_sample(text: &str) -> Result<u32, String> {
+    match text {
+        "all" => Ok(1),
+        "none" => Ok(0),
+        _ => text
+            .strip_prefix("1/")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("`{text}` is not all, none or 1/N (N >= 1)")),
+    }
+}
+
+/// `4096`, `64K`, `8M`, `1G` (powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use K, M or G)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{text}` is not a size such as 4096, 64K or 8M"))
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let bytes = parse_bytes(text)?;
+    u32::try_from(bytes)
+        .ok()
+        .filter(|b| b.is_power_of_two() && *b >= 4096)
+        .ok_or_else(|| {
+            format!("`{text}`: the ring buffer size must be a power of two from 4K to 2G")
+        })
+}
+
+/// What the kernel program is loaded with.
+#[derive(Debug, Clone)]
+pub struct KernelCapture {
+    pub filter: Filter,
+    /// 1: all; 0: none (flow heads only); N: 1 in N.
+    pub sample_every: u32,
+    pub flow_head: u32,
+    pub snaplen: u32,
+    pub ring_bytes: u32,
+}
+
+/// A capture to run beside an observer.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub kernel: KernelCapture,
+    pub sink: SinkOptions,
+}
+
+impl CaptureArgs {
+    /// The options, or None without `--pcap`.
+    pub fn options(&self) -> Option<CaptureOptions> {
+        let output = self.pcap.clone()?;
+        Some(CaptureOptions {
+            kernel: KernelCapture {
+                filter: self.filter.clone().unwrap_or_default(),
+                sample_every: self.sample,
+                flow_head: self.flow_head,
+                snaplen: self.snaplen,
+                ring_bytes: self.ring_size,
+            },
+            sink: SinkOptions {
+                output,
+                rotate_size: self.rotate_size,
+                rotate_count: self.rotate_count,
+            },
+        })
+    }
+}
+
+/// Why a capture stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+}
+
+/// The capture thread of one observer; [`Capture::finish`] ends it cleanly.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), CaptureError>>>,
+}
+
+/// One interface of the observer, as the pcapng file knows it.
+struct Known {
+    id: u32,
+    delivered: u64,
+}
+
+impl Capture {
+    /// Takes the observer's ring buffer, adds its interfaces to `sink`
+    /// (named `<iface>@<target>`, described by `description`) and starts
+    /// the thread. `on_failure` is called (from the thread) with the error
+    /// when writing fails, so the run can stop.
+    pub fn start(
+        observer: Arc<Observer>,
+        sink: Arc<Mutex<Sink>>,
+        description: &str,
+        snaplen: u32,
+        on_failure: impl FnOnce(String) + Send + 'static,
+    ) -> Result<Self, ObserveError> {
+        let ring = observer.take_samples()?;
+        let mut known = HashMap::new();
+        {
+            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+            for iface in observer.interfaces() {
+                let id = sink.add_interface(pcapng::Interface {
+                    name: format!("{}@{}", iface.name, observer.target()),
+                    description: format!("{} in {description}", iface.name),
+                    linktype: if super::attach::l2_len(iface) == 0 {
+                        pcapng::LINKTYPE_RAW
+                    } else {
+                        pcapng::LINKTYPE_ETHERNET
+                    },
+                    snaplen,
+                });
+                known.insert(iface.index, Known { id, delivered: 0 });
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("relay-capture".into())
+            .spawn(move || {
+                let mut worker = Worker {
+                    observer,
+                    sink,
+                    ring,
+                    known,
+                    clock: WallClock::measure(),
+                    start_ns: 0,
+                };
+                worker.start_ns = worker.clock.now_ns();
+                let result = worker.run(&thread_stop);
+                if let Err(err) = &result {
+                    // Stop the kernel side too: nothing reads the ring any more.
+                    worker.observer.stop_capture();
+                    on_failure(err.to_string());
+                }
+                result
+            })
+            .map_err(|e| ObserveError::Kernel {
+                what: "starting the capture thread".into(),
+                cause: e.to_string(),
+            })?;
+        Ok(Capture {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the kernel side, writes what is left and the statistics
+    /// blocks, and waits for the thread. Blocks: call it off async workers.
+    pub fn finish(mut self) -> Result<(), CaptureError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+struct Worker {
+    observer: Arc<Observer>,
+    sink: Arc<Mutex<Sink>>,
+    ring: RingBuf<MapData>,
+    known: HashMap<u32, Known>,
+    clock: WallClock,
+    start_ns: u64,
+}
+
+impl Worker {
+    fn run(&mut self, stop: &AtomicBool) -> Result<(), CaptureError> {
+        loop {
+            let stopping = stop.load(Ordering::Acquire);
+            if stopping {
+                // Programs that already read the flag finish within SETTLE;
+                // after it, the ring holds every sample there will be.
+                self.observer.stop_capture();
+                std::thread::sleep(SETTLE);
+            } else {
+                let mut fds = [PollFd::new(self.ring.as_fd(), PollFlags::POLLIN)];
+                let timeout = PollTimeout::try_from(POLL_EVERY).unwrap_or(PollTimeout::MAX);
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(errno) => {
+                        return Err(ObserveError::Kernel {
+                            what: "waiting on the samples ring buffer".into(),
+                            cause: errno.to_string(),
+                        }
+                        .into());
+                    }
+                }
+            }
+            self.drain()?;
+            if stopping {
+                let stats = self.statistics()?;
+                let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+                sink.statistics(&stats);
+                sink.flush()?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes every record waiting in the ring buffer, then flushes.
+    fn drain(&mut self) -> Result<(), CaptureError> {
+        let Worker {
+            observer,
+            sink,
+            ring,
+            known,
+            clock,
+            start_ns,
+        } = self;
+        let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(record) = ring.next() {
+            let Some(sample) = samples::parse(&record) else {
+                continue;
+            };
+            if !known.contains_key(&sample.header.ifindex) {
+                continue;
+            }
+            let block_len = 44 + sample.data.len().next_multiple_of(4);
+            if sink.rotation_due(block_len) {
+                let stats = statistics(observer, known, clock, *start_ns)?;
+                sink.rotate(&stats)?;
+            }
+            let known = known
+                .get_mut(&sample.header.ifindex)
+                .expect("invariant: checked above");
+            sink.packet(&pcapng::Packet {
+                interface: known.id,
+                timestamp_ns: clock.unix_ns(sample.header.ts_ns),
+                original_len: sample.header.len,
+                data: sample.data,
+                direction: if sample.header.direction == 0 {
+                    pcapng::Direction::Inbound
+                } else {
+                    pcapng::Direction::Outbound
+                },
+            })?;
+            known.delivered += 1;
+        }
+        sink.flush()?;
+        Ok(())
+    }
+
+    fn statistics(&self) -> Result<Vec<(Statistics, String)>, CaptureError> {
+        statistics(&self.observer, &self.known, &self.clock, self.start_ns)
+    }
+}
+
+/// One statistics block per interface, from the kernel's counts.
+fn statistics(
+    observer: &Observer,
+    known: &HashMap<u32, Known>,
+    clock: &WallClock,
+    start_ns: u64,
+) -> Result<Vec<(Statistics, String)>, CaptureError> {
+    {
+        let counts: CaptureStats = observer.capture_stats()?;
+        let now = clock.now_ns();
+        let mut blocks: Vec<(Statistics, String)> = known
+            .iter()
+            .map(|(ifindex, known)| {
+                let get = |stat| counts.get(&(*ifindex, stat)).copied().unwrap_or(0);
+                let matched = get(CaptureStat::Matched);
+                (
+                    Statistics {
+                        interface: known.id,
+                        timestamp_ns: now,
+                        start_ns,
+                        received: matched + get(CaptureStat::Filtered),
+                        dropped: get(CaptureStat::RingFull),
+                        filter_accept: matched,
+                        delivered: known.delivered,
+                    },
+                    format!(
+                        "relay: matched {matched}, sampled out {}, ring buffer full {}, cut to the snap length {}",
+                        get(CaptureStat::Sampled),
+                        get(CaptureStat::RingFull),
+                        get(CaptureStat::Truncated)
+                    ),
+                )
+            })
+            .collect();
+        blocks.sort_by_key(|(s, _)| s.interface);
+        Ok(blocks)
+    }
+}
+
+/// The capture of a whole run: one output, and the capture thread of the
+/// observer attached now (a new one after each re-attach with --follow,
+/// its interfaces added to the same output).
+pub struct CaptureRun {
+    sink: Arc<Mutex<Sink>>,
+    snaplen: u32,
+    current: Option<Capture>,
+    failed_tx: tokio::sync::watch::Sender<Option<String>>,
+    failed_rx: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl CaptureRun {
+    /// Opens the output (an unwritable path fails here, before attaching)
+    /// and registers `relay_observe_pcap_bytes_written_total`.
+    pub fn open(
+        options: &CaptureOptions,
+        target: &str,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, ObserveError> {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let uname = nix::sys::utsname::uname().ok();
+        let section = pcapng::Section {
+            hardware: uname
+                .as_ref()
+                .map(|u| u.machine().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            os: uname
+                .as_ref()
+                .map(|u| {
+                    format!(
+                        "{} {}",
+                        u.sysname().to_string_lossy(),
+                        u.release().to_string_lossy()
+                    )
+                })
+                .unwrap_or_default(),
+            application: format!("relay {}", env!("CARGO_PKG_VERSION")),
+            comment: format!(
+                "relay observe {target} on host {host}; filter: {}",
+                if options.kernel.filter.text().is_empty() {
+                    "(all)"
+                } else {
+                    options.kernel.filter.text()
+                }
+            ),
+        };
+        let mut sink = Sink::open(options.sink.clone(), section)?;
+        let bytes = prometheus::IntCounter::new(
+            "relay_observe_pcap_bytes_written_total",
+            "Bytes of pcapng written by --pcap (all files, or stdout).",
+        )
+        .expect("static metric definition is valid");
+        if let Err(err) = registry.register(Box::new(bytes.clone())) {
+            tracing::debug!(error = %err, "pcap bytes counter already registered");
+        }
+        sink.count_bytes(bytes);
+        let (failed_tx, failed_rx) = tokio::sync::watch::channel(None);
+        Ok(CaptureRun {
+            sink: Arc::new(Mutex::new(sink)),
+            snaplen: options.kernel.snaplen,
+            current: None,
+            failed_tx,
+            failed_rx,
+        })
+    }
+
+    /// Starts capturing from a freshly attached observer.
+    pub fn attach(
+        &mut self,
+        observer: &Arc<Observer>,
+        netns: &crate::netns::Netns,
+    ) -> Result<(), ObserveError> {
+        let description = format!("{} (network namespace {})", netns.target(), netns.id());
+        let failed = self.failed_tx.clone();
+        self.current = Some(Capture::start(
+            observer.clone(),
+            self.sink.clone(),
+            &description,
+            self.snaplen,
+            move |err| {
+                failed.send_replace(Some(err));
+            },
+        )?);
+        Ok(())
+    }
+
+    /// Ends the current observer's capture: the last samples and the
+    /// statistics blocks are written.
+    pub async fn detach(&mut self) -> Result<(), ObserveError> {
+        let Some(capture) = self.current.take() else {
+            return Ok(());
+        };
+        let finished = tokio::task::spawn_blocking(move || capture.finish())
+            .await
+            .map_err(|e| ObserveError::Kernel {
+                what: "capture thread".into(),
+                cause: e.to_string(),
+            })?;
+        finished.map_err(|e| ObserveError::CaptureFailed(e.to_string()))
+    }
+
+    /// Resolves when writing the capture failed (a full disk), with the error.
+    pub async fn failed(&mut self) -> String {
+        loop {
+            if let Some(message) = self.failed_rx.borrow_and_update().clone() {
+                return message;
+            }
+            if self.failed_rx.changed().await.is_err() {
+                // The sender lives in self: this does not happen.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_and_sizes_parse() {
+        assert_eq!(parse_sample("all"), Ok(1));
+        assert_eq!(parse_sample("none"), Ok(0));
+        assert_eq!(parse_sample("1/10"), Ok(10));
+        assert!(parse_sample("1/0").unwrap_err().contains("`1/0`"));
+        assert!(parse_sample("half").is_err());
+        assert_eq!(parse_bytes("64K"), Ok(65536));
+        assert_eq!(parse_bytes("1500"), Ok(1500));
+        assert_eq!(parse_ring_size("8M"), Ok(8 << 20));
+        assert!(parse_ring_size("5000").is_err());
+        assert!(parse_ring_size("1K").is_err());
+    }
+}

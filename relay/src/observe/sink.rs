@@ -1,0 +1,304 @@
+//! Where a capture's pcapng bytes go: a file (rotated by size, the oldest
+//! removed beyond a count) or stdout.
+//!
+//! Blocks are gathered in a buffer and written whole by [`Sink::flush`]; a
+//! failed write (a full disk) truncates the file back to the end of the
+//! last block written whole, so what is on disk stays a valid capture, and
+//! the error is returned for the capture to stop on. Every file starts with
+//! the section header and every interface block, so each opens on its own.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use prometheus::IntCounter;
+use thiserror::Error;
+
+use crate::pcapng::{self, Interface, Section, Statistics};
+
+/// Gathered bytes are written once there are this many, or at each flush.
+const BUFFER_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("cannot write the capture to {path}: {cause}")]
+    Open { path: String, cause: std::io::Error },
+    #[error(
+        "capture stopped: writing {path} failed: {cause}; the file holds every packet written before (a valid pcapng)"
+    )]
+    Write { path: String, cause: std::io::Error },
+    #[error("cannot remove the old capture file {path}: {cause}")]
+    Remove { path: String, cause: std::io::Error },
+}
+
+/// Where to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    File(PathBuf),
+    Stdout,
+}
+
+impl std::str::FromStr for Output {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(if text == "-" {
+            Output::Stdout
+        } else {
+            Output::File(PathBuf::from(text))
+        })
+    }
+}
+
+/// Output and rotation.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub output: Output,
+    /// Start a new file once the current one would grow past this many bytes.
+    pub rotate_size: Option<u64>,
+    /// Keep at most this many files, removing the oldest.
+    pub rotate_count: Option<u32>,
+}
+
+/// The file of rotation number `n`: `cap.pcapng` becomes `cap-00003.pcapng`.
+pub fn rotated_path(base: &Path, n: u64) -> PathBuf {
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match base.extension() {
+        Some(ext) => format!("{stem}-{n:05}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{n:05}"),
+    };
+    base.with_file_name(name)
+}
+
+enum Target {
+    File { file: File, path: PathBuf },
+    Stdout(std::io::Stdout),
+}
+
+/// A pcapng output: one section per file, interfaces, packets, statistics.
+pub struct Sink {
+    options: SinkOptions,
+    section: Section,
+    interfaces: Vec<Interface>,
+    target: Target,
+    /// Rotation number of the current file.
+    number: u64,
+    /// Files written, oldest first (with rotation).
+    files: VecDeque<PathBuf>,
+    /// Bytes on disk in the current file: all whole blocks.
+    written: u64,
+    /// Packets in the current file.
+    packets_in_file: u64,
+    buffer: Vec<u8>,
+    bytes_total: Option<IntCounter>,
+}
+
+impl Sink {
+    /// Creates the first file (or takes stdout) and writes the section
+    /// header, so an unwritable path fails here, before any packet.
+    pub fn open(options: SinkOptions, section: Section) -> Result<Self, SinkError> {
+        let target = match &options.output {
+            Output::Stdout => Target::Stdout(std::io::stdout()),
+            Output::File(path) => Self::create(&Self::path_of(&options, path, 0))?,
+        };
+        let mut sink = Sink {
+            options,
+            section,
+            interfaces: Vec::new(),
+            target,
+            number: 0,
+            files: VecDeque::new(),
+            written: 0,
+            packets_in_file: 0,
+            buffer: Vec::with_capacity(BUFFER_BYTES),
+            bytes_total: None,
+        };
+        if let Target::File { path, .. } = &sink.target {
+            sink.files.push_back(path.clone());
+        }
+        sink.start_section();
+        sink.flush()?;
+        Ok(sink)
+    }
+
+    fn path_of(options: &SinkOptions, base: &Path, n: u64) -> PathBuf {
+        if options.rotate_size.is_some() {
+            rotated_path(base, n)
+        } else {
+            base.to_path_buf()
+        }
+    }
+
+    fn create(path: &Path) -> Result<Target, SinkError> {
+        let file = File::create(path).map_err(|cause| SinkError::Open {
+            path: path.display().to_string(),
+            cause,
+        })?;
+        Ok(Target::File {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Counts every byte written in `relay_observe_pcap_bytes_written_total`.
+    pub fn count_bytes(&mut self, counter: IntCounter) {
+        self.bytes_total = Some(counter);
+    }
+
+    /// The file being written (None for stdout).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.target {
+            Target::File { path, .. } => Some(path),
+            Target::Stdout(_) => None,
+        }
+    }
+
+    fn start_section(&mut self) {
+        pcapng::section_header(&mut self.buffer, &self.section);
+        for interface in &self.interfaces {
+            pcapng::interface_description(&mut self.buffer, interface);
+        }
+    }
+
+    /// Adds an interface; its number is what packets and statistics name.
+    pub fn add_interface(&mut self, interface: Interface) -> u32 {
+        pcapng::interface_description(&mut self.buffer, &interface);
+        self.interfaces.push(interface);
+        u32::try_from(self.interfaces.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    /// True when a packet block of `len` bytes would take the current file
+    /// past `--rotate-size` (a file always takes at least one packet).
+    pub fn rotation_due(&self, len: usize) -> bool {
+        match (self.options.rotate_size, &self.target) {
+            (Some(limit), Target::File { .. }) => {
+                self.packets_in_file > 0 && self.written + (self.buffer.len() + len) as u64 > limit
+            }
+            _ => false,
+        }
+    }
+
+    pub fn packet(&mut self, packet: &pcapng::Packet<'_>) -> Result<(), SinkError> {
+        pcapng::enhanced_packet(&mut self.buffer, packet);
+        self.packets_in_file += 1;
+        if self.buffer.len() >= BUFFER_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Interface statistics blocks, one per entry, with a comment each.
+    pub fn statistics(&mut self, stats: &[(Statistics, String)]) {
+        for (stat, comment) in stats {
+            pcapng::interface_statistics(&mut self.buffer, stat, comment);
+        }
+    }
+
+    /// A decryption secrets block with NSS key log lines.
+    pub fn key_log(&mut self, lines: &[u8]) {
+        pcapng::tls_key_log(&mut self.buffer, lines);
+    }
+
+    /// Ends the current file with `stats` and starts the next one; removes
+    /// the oldest beyond `--rotate-count`.
+    pub fn rotate(&mut self, stats: &[(Statistics, String)]) -> Result<(), SinkError> {
+        self.statistics(stats);
+        self.flush()?;
+        let Output::File(base) = &self.options.output else {
+            return Ok(());
+        };
+        self.number += 1;
+        let path = Self::path_of(&self.options, base, self.number);
+        self.target = Self::create(&path)?;
+        self.files.push_back(path);
+        self.written = 0;
+        self.packets_in_file = 0;
+        if let Some(keep) = self.options.rotate_count {
+            while self.files.len() > keep.max(1) as usize {
+                if let Some(old) = self.files.pop_front() {
+                    std::fs::remove_file(&old).map_err(|cause| SinkError::Remove {
+                        path: old.display().to_string(),
+                        cause,
+                    })?;
+                }
+            }
+        }
+        self.start_section();
+        self.flush()
+    }
+
+    /// Writes what is gathered. On failure the file is cut back to its
+    /// last whole block.
+    pub fn flush(&mut self) -> Result<(), SinkError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let result = match &mut self.target {
+            Target::File { file, .. } => file.write_all(&self.buffer),
+            Target::Stdout(out) => out.write_all(&self.buffer).and_then(|()| out.flush()),
+        };
+        match result {
+            Ok(()) => {
+                let len = self.buffer.len() as u64;
+                self.written += len;
+                if let Some(counter) = &self.bytes_total {
+                    counter.inc_by(len);
+                }
+                self.buffer.clear();
+                Ok(())
+            }
+            Err(cause) => {
+                self.buffer.clear();
+                let path = match &self.target {
+                    Target::File { file, path } => {
+                        // Best effort: a partial block at the end would make
+                        // readers complain about the whole file.
+                        let _ = file.set_len(self.written);
+                        path.display().to_string()
+                    }
+                    Target::Stdout(_) => "stdout".to_string(),
+                };
+                Err(SinkError::Write { path, cause })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_keep_the_extension() {
+        assert_eq!(
+            rotated_path(Path::new("/tmp/web.pcapng"), 3),
+            PathBuf::from("/tmp/web-00003.pcapng")
+        );
+        assert_eq!(
+            rotated_path(Path::new("cap"), 12),
+            PathBuf::from("cap-00012")
+        );
+    }
+
+    #[test]
+    fn unwritable_path_fails_at_open() {
+        let err = Sink::open(
+            SinkOptions {
+                output: Output::File(PathBuf::from("/nonexistent-dir/x.pcapng")),
+                rotate_size: None,
+                rotate_count: None,
+            },
+            Section::default(),
+        )
+        .err()
+        .expect("no such directory");
+        assert!(
+            err.to_string().contains("/nonexistent-dir/x.pcapng"),
+            "{err}"
+        );
+    }
+}
