@@ -228,27 +228,34 @@ fn sockmap_maps_hold_open_connections_and_are_empty_after_they_close() -> Result
     Ok(())
 }
 
-/// Without CAP_BPF/CAP_NET_ADMIN, `auto` logs why it cannot use sockmap and
-/// runs on the next path; an explicit `--data-path sockmap` refuses to start.
+/// Without CAP_BPF/CAP_NET_ADMIN, `auto` still runs on its measured
+/// winner (which needs no privilege), and an explicit `--data-path
+/// sockmap` refuses to start, naming the cause. (A sockmap refused under
+/// auto falling back to the next path is a unit test in data_path.rs.)
 #[test]
-fn without_privileges_auto_falls_back_and_explicit_sockmap_fails_naming_the_cause() -> Result<()> {
+fn without_privileges_auto_runs_and_explicit_sockmap_fails_naming_the_cause() -> Result<()> {
     require_root!("drops capabilities with setpriv, which needs them to start with");
     require_tool!("setpriv");
-    let relay = RelayCmd::loopback_to("127.0.0.1:9")?
+    let backend = Backend::start(|mut conn: TcpStream| {
+        let _ = conn.write_all(b"hello");
+    })?;
+    let relay = RelayCmd::loopback_to(backend.addr())?
         .opts(&["--data-path", "auto"])
         .unprivileged()
         .spawn()?;
+    let mut client = relay.connect()?;
+    let mut heard = Vec::new();
+    client.read_to_end(&mut heard)?;
+    ensure!(heard == b"hello", "auto without privileges: expected the backend's hello, got {heard:?}");
     let scrape = relay.scrape()?;
+    let in_use: Vec<&str> = PATHS
+        .into_iter()
+        .filter(|p| scrape.value("relay_data_path", &[("path", p)]) == Some(1.0))
+        .collect();
     ensure!(
-        scrape.value("relay_data_path", &[("path", "sockmap")]) == Some(0.0)
-            && scrape.value("relay_data_path", &[("path", "splice")]) == Some(1.0),
-        "auto without privileges: expected splice in use, got:\n{}",
+        in_use.len() == 1 && in_use[0] != "sockmap",
+        "auto without privileges: expected one path in use, not sockmap; got {in_use:?}:\n{}",
         scrape.text
-    );
-    let log = relay.stderr();
-    ensure!(
-        log.contains("sockmap unavailable, falling back") && log.contains("CAP_BPF"),
-        "auto without privileges: expected a log line saying why sockmap is not used, got:\n{log}"
     );
 
     let exited = RelayCmd::loopback_to("127.0.0.1:9")?

@@ -22,9 +22,11 @@ pub enum DataPath {
     Sockmap,
 }
 
-/// What `auto` tries, best first, as `cargo xtask bench` measured it on
-/// Linux 6.18 (README, Performance): see the data-path table there.
-const AUTO_PREFERENCE: [DataPath; 3] = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
+/// What `auto` tries, best first, as `cargo xtask bench --only datapath`
+/// measured it on Linux 6.18 (README, Data paths): splice moved the most
+/// per CPU second; sockmap lost every row (its egress redirects go through
+/// a kernel work queue), so auto never takes it.
+const AUTO_PREFERENCE: [DataPath; 2] = [DataPath::Splice, DataPath::Copy];
 
 impl DataPath {
     /// The paths a route can run on (not `Auto`).
@@ -49,7 +51,7 @@ pub struct Selected {
 }
 
 /// Resolves `asked`. An explicit `sockmap` that the kernel refuses is an
-/// error; under `auto` the refusal is logged once and the next path taken.
+/// error; under `auto` a refusal is logged once and the next path taken.
 pub fn select(asked: DataPath, route: &str) -> Result<Selected, SockmapError> {
     let candidates: &[DataPath] = match asked {
         DataPath::Auto => &AUTO_PREFERENCE,
@@ -57,24 +59,35 @@ pub fn select(asked: DataPath, route: &str) -> Result<Selected, SockmapError> {
         DataPath::Splice => &[DataPath::Splice],
         DataPath::Sockmap => &[DataPath::Sockmap],
     };
+    select_from(candidates, asked == DataPath::Auto, route, Sockmap::load)
+}
+
+/// The first of `candidates` that loads; with `fall_back`, a refusal moves
+/// on to the next, else it is the error.
+fn select_from(
+    candidates: &[DataPath],
+    fall_back: bool,
+    route: &str,
+    load_sockmap: impl Fn() -> Result<Sockmap, SockmapError>,
+) -> Result<Selected, SockmapError> {
     let mut refused = None;
     for &path in candidates {
         match path {
-            DataPath::Sockmap => match Sockmap::load() {
+            DataPath::Sockmap => match load_sockmap() {
                 Ok(sockmap) => {
                     return Ok(Selected {
                         path,
                         sockmap: Some(Arc::new(sockmap)),
                     });
                 }
-                Err(err) if asked == DataPath::Auto => {
+                Err(err) if fall_back => {
                     tracing::warn!(route, error = %err, "data path auto: sockmap unavailable, falling back");
                     refused = Some(err);
                 }
                 Err(err) => return Err(err),
             },
             path => {
-                if refused.is_some() || asked == DataPath::Auto {
+                if fall_back {
                     tracing::info!(route, data_path = path.as_str(), "data path auto chose");
                 }
                 return Ok(Selected {
@@ -103,5 +116,25 @@ mod tests {
             assert_eq!(selected.path, path);
             assert!(selected.sockmap.is_none());
         }
+    }
+
+    fn refused() -> Result<Sockmap, SockmapError> {
+        Err(SockmapError::Load("Operation not permitted".into()))
+    }
+
+    #[test]
+    fn a_refused_sockmap_falls_back_to_the_next_candidate() {
+        let candidates = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
+        let selected = select_from(&candidates, true, "test", refused).expect("splice is next");
+        assert_eq!(selected.path, DataPath::Splice);
+        assert!(selected.sockmap.is_none());
+    }
+
+    #[test]
+    fn an_explicit_sockmap_that_is_refused_is_an_error_naming_the_capabilities() {
+        let err = select_from(&[DataPath::Sockmap], false, "test", refused)
+            .err()
+            .expect("no fallback when sockmap was asked for");
+        assert!(err.to_string().contains("CAP_BPF"), "{err}");
     }
 }
