@@ -15,16 +15,21 @@
 #   CAP_BPF, CAP_PERFMON   load the programs, read their maps
 #   CAP_NET_ADMIN          attach at TC ingress/egress (TCX links)
 #   CAP_SYS_ADMIN          setns() into a target's namespace; --bpf-stats
-# plus the host's pid namespace for pid:/container: targets, and the Docker
-# socket for container names:
+# CAP_SYS_ADMIN also grants what CAP_BPF and CAP_PERFMON do, so on Docker
+# 20.10 (Debian 12), which does not know the names BPF and PERFMON, add
+# NET_ADMIN and SYS_ADMIN only. Add the host's pid namespace for pid: and
+# container: targets, the Docker socket for container names, and the
+# host's /run/netns (at /var/run/netns: there is no /var/run -> /run link
+# in the image) for `ip netns` names:
 #
 #   docker run --rm --user 0 --network host --pid host \
-#     --cap-add BPF --cap-add PERFMON --cap-add NET_ADMIN --cap-add SYS_ADMIN \
-#     -v /var/run/docker.sock:/var/run/docker.sock \
+#     --cap-drop ALL --cap-add BPF --cap-add PERFMON --cap-add NET_ADMIN --cap-add SYS_ADMIN \
+#     -v /var/run/docker.sock:/var/run/docker.sock -v /run/netns:/var/run/netns:ro \
 #     relay:0.1.0 observe container:web --metrics 127.0.0.1:9100
 #
-# Tested by tests/tests/deploy.rs (build, --help, a forward over loopback
-# with --network host, as uid 65534).
+# Tested by tests/tests/deploy.rs: build, --help, a forward over loopback
+# with --network host as uid 65534, and `observe netns:<name>` with
+# --cap-drop ALL --cap-add NET_ADMIN --cap-add SYS_ADMIN.
 FROM scratch
 COPY relay /relay
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
