@@ -179,7 +179,13 @@ fn systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
 
 #[test]
 fn daemonset_passes_kubernetes_schema_validation() -> Result<()> {
-    require_tool!("kubernetes-validate");
+    if !relay_tests::gate::have_tool("kubernetes-validate") {
+        relay_tests::gate::report_skip(
+            "needs `kubernetes-validate` on PATH (PyPI: `pip install kubernetes-validate`; \
+             `cargo xtask test` installs it)",
+        );
+        return Ok(());
+    }
     let manifest = workspace().join("deploy/kubernetes/daemonset.yaml");
     let validate = |path: &Path| -> Result<Output> {
         Command::new("kubernetes-validate")
