@@ -159,7 +159,7 @@ struct RouteArgs {
     /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel). TLS legs always copy.
     #[arg(global = true, long, value_enum, default_value_t = DataPath::Auto)]
     data_path: DataPath,
-    /// Serve Prometheus metrics at http://<addr>/metrics; a bare port binds 127.0.0.1.
+    /// Serve Prometheus metrics at http://<addr>/metrics and readiness at /healthz; a bare port binds 127.0.0.1.
     #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
 }

@@ -1,11 +1,12 @@
 //! `cargo xtask`: the project's own build and check commands.
 //!
 //! This file only parses the command line and dispatches; each command
-//! lives in its own module (`test`, `bench`, `ebpf`). A failing child command's
+//! lives in its own module (`test`, `bench`, `ebpf`, `dist`). A failing child command's
 //! exit code becomes xtask's exit code (see `cmd::ExitCodeError`).
 
 mod bench;
 mod cmd;
+mod dist;
 mod ebpf;
 mod packages;
 mod test;
@@ -27,6 +28,9 @@ commands:
                    connection, TLS bridge and handshakes; prints a markdown table and writes
                    target/bench/results.json (--quick: shorter runs;
                    --only: some of throughput,connrate,latency,rss,tls,datapath)
+  dist             static relay binary (glibc, +crt-static), CA bundle, shell
+                   completions and man pages in target/dist; the Dockerfile
+                   builds its FROM scratch image from there
   build-ebpf       compile relay-ebpf/src/*.bpf.c into the committed
                    relay-ebpf/obj/*.o (needs clang and libbpf-dev)
   help             this text";
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("build-ebpf") => ebpf::build(),
+        Some("dist") => dist::run(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|opts| bench::run(&opts)),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

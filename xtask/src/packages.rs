@@ -95,7 +95,38 @@ pub const REQUIRED: &[Package] = &[
         name: "busybox-static",
         program: "busybox",
     },
+    // Deployment checks: `systemd-analyze verify` on deploy/systemd/relay.service.
+    Package {
+        name: "systemd",
+        program: "systemd-analyze",
+    },
 ];
+
+/// Checkers from PyPI (not packaged by Debian): (pip package, program).
+/// kubernetes-validate checks deploy/kubernetes/daemonset.yaml against the
+/// API schema it ships; the test skips, saying so, when it is missing.
+pub const PYTHON: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate")];
+
+/// `pip install` whatever in `PYTHON` is missing; a machine without pip (or
+/// one that refuses) only loses those checks, so this warns instead of failing.
+pub fn ensure_python() {
+    for (package, program) in PYTHON {
+        if find_program(program).is_some() {
+            continue;
+        }
+        let Some(pip) = ["pip3", "pip"].into_iter().find_map(find_program) else {
+            println!("xtask: warning: no pip to install {package}; its checks will be skipped");
+            continue;
+        };
+        if let Err(err) =
+            cmd::run_streaming(Command::new(pip).args(["install", "--quiet", package]))
+        {
+            println!(
+                "xtask: warning: cannot install {package} ({err:#}); its checks will be skipped"
+            );
+        }
+    }
+}
 
 /// Install whatever in `REQUIRED` is missing, or explain how to.
 pub fn ensure() -> Result<()> {

@@ -63,7 +63,9 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 fn ensure_packages(_: &mut Ctx) -> Result<()> {
-    packages::ensure()
+    packages::ensure()?;
+    packages::ensure_python();
+    Ok(())
 }
 
 fn ebpf_fresh(_: &mut Ctx) -> Result<()> {
