@@ -31,10 +31,9 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 const CLIENT_TIMEOUT_SECS: &str = "20";
 
 /// The data path these tests relay on: `$RELAY_DATA_PATH` when set (so a
-/// run per data path covers namespaced routes too), else `copy`. Not
-/// `auto`: it picks sockmap, which still resets about one short connection
-/// in a thousand (a race between a FIN and the redirect of the bytes before
-/// it, not a namespace matter), and these tests must not fail by chance.
+/// run per data path covers namespaced routes too), else `copy`, so that
+/// what they check does not move when `auto`'s choice does. (They found the
+/// sockmap path's lone-FIN bug; tests/tests/data_path.rs guards its fix.)
 fn data_path() -> [String; 2] {
     let path = std::env::var("RELAY_DATA_PATH")
         .ok()
