@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: direct vs socat vs relay on loopback, in one run.
 //!
-//! Each section (throughput, connection rate, latency, memory, TLS) lives in
+//! Each section (throughput, connection rate, latency, memory, TLS, the
+//! observer's cost) lives in
 //! its own module and hands back a `report::SectionReport`; this module
 //! builds relay, runs the sections in order, prints the markdown table and
 //! writes `target/bench/results.json`. A target missed is reported, not an
@@ -9,6 +10,7 @@
 
 mod connrate;
 mod latency;
+mod observe;
 mod procs;
 mod report;
 mod rss;
@@ -91,6 +93,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("latency", latency::run),
     ("rss", rss::run),
     ("tls", tls::run),
+    ("observe", observe::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
