@@ -397,6 +397,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(USAGE);
             }
         },
+        (Some(Command::Observe(args)), None, None) if args.capture.pcap_embed_keys => {
+            eprintln!(
+                "relay: error: --pcap-embed-keys needs a TLS route: use it with relay forward <tls listener or target> --observe"
+            );
+            return ExitCode::from(USAGE);
+        }
         (Some(Command::Observe(args)), None, None) => Job::Observe(args),
         (Some(Command::Completions { shell }), None, None) => {
             clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
@@ -480,8 +486,30 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         capture,
     } = route;
     let name = args.name.unwrap_or_else(|| listen.text.clone());
-    let (tls_server, tls_client) =
+    let (mut tls_server, mut tls_client) =
         tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
+    if let Some(keys) = capture.as_ref().and_then(|c| c.keys.clone()) {
+        // --pcap-embed-keys: every key log line of either leg also goes into the capture.
+        let legs = [
+            tls_server.as_mut().map(|s| &mut s.common),
+            tls_client.as_mut().map(|c| &mut c.common),
+        ];
+        let mut tls_legs = 0;
+        for common in legs.into_iter().flatten() {
+            let keys = keys.clone();
+            let tee =
+                tls::keylog::KeyLogTee::new(common.keylog.take(), move |line| keys.push(line));
+            common.keylog = Some(Arc::new(tee));
+            tls_legs += 1;
+        }
+        if tls_legs == 0 {
+            return Err(ForwardError::from(tls::TlsError::Config(
+                "--pcap-embed-keys needs a TLS listener or target (tls://... or OPENSSL:...)"
+                    .into(),
+            ))
+            .into());
+        }
+    }
     let config = RouteConfig {
         listen,
         target,

@@ -834,3 +834,82 @@ fn a_full_disk_stops_the_capture_with_a_clear_error_and_a_valid_file() -> Result
     );
     Ok(())
 }
+
+#[test]
+fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> Result<()> {
+    require_root!("creates network namespaces and attaches eBPF programs");
+    require_tool!("tshark");
+    require_tool!("openssl");
+    use relay_tests::certs::{Ca, CertSpec};
+    let lab = Lab::new("capture-keys")?;
+    // A TLS server inside the namespace; relay originates TLS to it across the veth.
+    let ca = Ca::new("capture-keys")?;
+    let addr = lab.ns.addr().to_string();
+    let server = ca.issue("server", &CertSpec::server(&[addr.as_str()]))?;
+    let mut cmd = lab.ns.command("openssl");
+    cmd.args(["s_server", "-accept", "4433", "-www", "-cert"])
+        .arg(&server.cert)
+        .arg("-key")
+        .arg(&server.key);
+    let mut s_server = ChildProc::spawn("openssl-s_server", cmd)?;
+    s_server.wait_listening(4433, EXIT_TIMEOUT)?;
+
+    let file = lab.dir.join("tls.pcapng");
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let mut relay = RelayCmd::forward(listen, format!("tls://{addr}:4433"))
+        .opts(&[
+            "--tls-ca",
+            &ca.cert_path().display().to_string(),
+            "--observe",
+            &lab.target(),
+            "--pcap",
+            &file.display().to_string(),
+            "--filter",
+            "tcp port 4433",
+            "--pcap-embed-keys",
+        ])
+        .spawn()?;
+    let uri = "/decrypted-from-the-embedded-keys";
+    let response = http::get(peers::connect(listen)?, "server", uri)?;
+    ensure!(
+        response.status == 200,
+        "GET through relay to s_server -www: status {}",
+        response.status
+    );
+    relay.signal(Signal::SIGINT)?;
+    let status = relay.wait_exit(EXIT_TIMEOUT)?;
+    ensure!(
+        status.success(),
+        "relay exited with {status}:\n{}",
+        relay.stderr()
+    );
+
+    // No key log file is given to tshark: the secrets come from the file.
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-d",
+        "tcp.port==4433,tls",
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-e",
+        "http.request.uri",
+    ]);
+    let out = Interactive::run("tshark-tls", cmd, b"", Duration::from_secs(60))?;
+    let uris = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if uris != uri {
+        let mut cmd = Command::new("tshark");
+        cmd.arg("-r")
+            .arg(&file)
+            .args(["-X", "read_format:MIME Files Format", "-T", "fields", "-e", "pcapng.block.type"]);
+        let all = Interactive::run("tshark-all", cmd, b"", Duration::from_secs(60))?;
+        eprintln!("the capture:\n{}", String::from_utf8_lossy(&all.stdout));
+    }
+    ensure!(
+        uris == uri,
+        "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {})",
+        out.stderr
+    );
+    Ok(())
+}

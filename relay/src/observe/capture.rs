@@ -21,7 +21,7 @@ use aya::maps::{MapData, RingBuf};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::filter::{Filter, FilterError};
-use super::maps::{CaptureStat, CaptureStats};
+use super::maps::{CaptureStat, CaptureStats, SampleHeader};
 use super::samples::{self, WallClock};
 use super::sink::{Output, Sink, SinkError, SinkOptions};
 use super::{ObserveError, Observer};
@@ -33,6 +33,13 @@ const POLL_EVERY: Duration = Duration::from_millis(50);
 /// After the kernel side is told to stop, how long programs already
 /// running get to finish their sample before the last drain.
 const SETTLE: Duration = Duration::from_millis(20);
+
+/// With `--pcap-embed-keys`, how long packets wait before they are written,
+/// so a TLS secret logged just after the packet that carried its handshake
+/// (TLS 1.3 derives the handshake keys from the ServerHello that arrives
+/// encrypted records after it) still goes in before it: readers that make
+/// one pass, like tshark, then decrypt the whole session.
+const KEY_HOLD: Duration = Duration::from_millis(100);
 
 /// The largest snap length (RELAY_SNAPLEN_MAX in observe.h).
 pub const SNAPLEN_MAX: u32 = 262_144;
@@ -68,6 +75,10 @@ pub struct CaptureArgs {
     /// With --rotate-size: keep only the newest N files.
     #[arg(long, value_name = "N", requires = "rotate_size", value_parser = clap::value_parser!(u32).range(1..))]
     pub rotate_count: Option<u32>,
+    /// With a TLS route (relay forward --observe): put the TLS key log into the pcapng
+    /// (decryption secrets blocks), so Wireshark decrypts it with no key log file.
+    #[arg(long, requires = "pcap")]
+    pub pcap_embed_keys: bool,
 }
 
 fn parse_filter(text: &str) -> Result<Filter, FilterError> {
@@ -134,6 +145,43 @@ pub struct KernelCapture {
 pub struct CaptureOptions {
     pub kernel: KernelCapture,
     pub sink: SinkOptions,
+    /// TLS key log lines to embed (`--pcap-embed-keys`).
+    pub keys: Option<Arc<KeyLines>>,
+}
+
+/// TLS key log lines on their way into the capture: the TLS side appends,
+/// the capture thread writes the new ones before the packets it drains
+/// next (a handshake's secrets are logged before its first encrypted
+/// record is sent), and every line again at the start of a rotated file.
+#[derive(Debug, Default)]
+pub struct KeyLines {
+    lines: Mutex<(Vec<u8>, usize)>,
+}
+
+impl KeyLines {
+    /// Appends one NSS key log line.
+    pub fn push(&self, line: &[u8]) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.0.extend_from_slice(line);
+    }
+
+    /// The lines not handed out yet.
+    fn take_new(&self) -> Vec<u8> {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let (all, written) = &mut *lines;
+        let new = all[*written..].to_vec();
+        *written = all.len();
+        new
+    }
+
+    /// Every line so far.
+    fn all(&self) -> Vec<u8> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
 }
 
 impl CaptureArgs {
@@ -153,6 +201,7 @@ impl CaptureArgs {
                 rotate_size: self.rotate_size,
                 rotate_count: self.rotate_count,
             },
+            keys: self.pcap_embed_keys.then(|| Arc::new(KeyLines::default())),
         })
     }
 }
@@ -188,6 +237,7 @@ impl Capture {
         sink: Arc<Mutex<Sink>>,
         description: &str,
         snaplen: u32,
+        keys: Option<Arc<KeyLines>>,
         on_failure: impl FnOnce(String) + Send + 'static,
     ) -> Result<Self, ObserveError> {
         let ring = observer.take_samples()?;
@@ -218,6 +268,8 @@ impl Capture {
                     sink,
                     ring,
                     known,
+                    keys,
+                    held: std::collections::VecDeque::new(),
                     clock: WallClock::measure(),
                     start_ns: 0,
                 };
@@ -263,6 +315,9 @@ struct Worker {
     sink: Arc<Mutex<Sink>>,
     ring: RingBuf<MapData>,
     known: HashMap<u32, Known>,
+    keys: Option<Arc<KeyLines>>,
+    /// With keys: samples waiting [`KEY_HOLD`] for the secrets that decrypt them.
+    held: std::collections::VecDeque<Held>,
     clock: WallClock,
     start_ns: u64,
 }
@@ -290,7 +345,7 @@ impl Worker {
                     }
                 }
             }
-            self.drain()?;
+            self.drain(stopping)?;
             if stopping {
                 let stats = self.statistics()?;
                 let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
@@ -301,44 +356,53 @@ impl Worker {
         }
     }
 
-    /// Writes every record waiting in the ring buffer, then flushes.
-    fn drain(&mut self) -> Result<(), CaptureError> {
+    /// Writes every record waiting in the ring buffer, then flushes. With
+    /// embedded keys, packets are held for [`KEY_HOLD`] first and the keys
+    /// logged meanwhile go in before them (`last`: write everything).
+    fn drain(&mut self, last: bool) -> Result<(), CaptureError> {
         let Worker {
             observer,
             sink,
             ring,
             known,
+            keys,
+            held,
             clock,
             start_ns,
         } = self;
         let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Writer {
+            sink: &mut sink,
+            observer,
+            known,
+            keys: keys.as_deref(),
+            clock,
+            start_ns: *start_ns,
+        };
         while let Some(record) = ring.next() {
             let Some(sample) = samples::parse(&record) else {
                 continue;
             };
-            if !known.contains_key(&sample.header.ifindex) {
-                continue;
+            if keys.is_some() {
+                held.push_back(Held::of(&sample));
+            } else {
+                out.packet(&sample.header, sample.data)?;
             }
-            let block_len = 44 + sample.data.len().next_multiple_of(4);
-            if sink.rotation_due(block_len) {
-                let stats = statistics(observer, known, clock, *start_ns)?;
-                sink.rotate(&stats)?;
+        }
+        if let Some(keys) = keys.as_deref() {
+            let new = keys.take_new();
+            if !new.is_empty() {
+                out.sink.key_log(&new);
             }
-            let known = known
-                .get_mut(&sample.header.ifindex)
-                .expect("invariant: checked above");
-            sink.packet(&pcapng::Packet {
-                interface: known.id,
-                timestamp_ns: clock.unix_ns(sample.header.ts_ns),
-                original_len: sample.header.len,
-                data: sample.data,
-                direction: if sample.header.direction == 0 {
-                    pcapng::Direction::Inbound
-                } else {
-                    pcapng::Direction::Outbound
-                },
-            })?;
-            known.delivered += 1;
+            let cutoff = if last {
+                u64::MAX
+            } else {
+                samples::monotonic_ns().saturating_sub(KEY_HOLD.as_nanos() as u64)
+            };
+            while held.front().is_some_and(|h| h.header.ts_ns <= cutoff) {
+                let h = held.pop_front().expect("invariant: front() was Some");
+                out.packet(&h.header, &h.data)?;
+            }
         }
         sink.flush()?;
         Ok(())
@@ -346,6 +410,68 @@ impl Worker {
 
     fn statistics(&self) -> Result<Vec<(Statistics, String)>, CaptureError> {
         statistics(&self.observer, &self.known, &self.clock, self.start_ns)
+    }
+}
+
+/// A sample copied out of the ring buffer, waiting for its keys.
+struct Held {
+    header: SampleHeader,
+    data: Vec<u8>,
+}
+
+impl Held {
+    fn of(sample: &samples::Sample<'_>) -> Self {
+        Held {
+            header: sample.header,
+            data: sample.data.to_vec(),
+        }
+    }
+}
+
+/// Writing one drain's packets: rotation, statistics and keys as they fall due.
+struct Writer<'a> {
+    sink: &'a mut Sink,
+    observer: &'a Observer,
+    known: &'a mut HashMap<u32, Known>,
+    keys: Option<&'a KeyLines>,
+    clock: &'a WallClock,
+    start_ns: u64,
+}
+
+impl Writer<'_> {
+    fn packet(&mut self, header: &SampleHeader, data: &[u8]) -> Result<(), CaptureError> {
+        if !self.known.contains_key(&header.ifindex) {
+            return Ok(());
+        }
+        let block_len = 44 + data.len().next_multiple_of(4);
+        if self.sink.rotation_due(block_len) {
+            let stats = statistics(self.observer, self.known, self.clock, self.start_ns)?;
+            self.sink.rotate(&stats)?;
+            if let Some(keys) = self.keys {
+                // Each file decrypts on its own.
+                let all = keys.all();
+                if !all.is_empty() {
+                    self.sink.key_log(&all);
+                }
+            }
+        }
+        let known = self
+            .known
+            .get_mut(&header.ifindex)
+            .expect("invariant: checked above");
+        self.sink.packet(&pcapng::Packet {
+            interface: known.id,
+            timestamp_ns: self.clock.unix_ns(header.ts_ns),
+            original_len: header.len,
+            data,
+            direction: if header.direction == 0 {
+                pcapng::Direction::Inbound
+            } else {
+                pcapng::Direction::Outbound
+            },
+        })?;
+        known.delivered += 1;
+        Ok(())
     }
 }
 
@@ -394,6 +520,7 @@ fn statistics(
 pub struct CaptureRun {
     sink: Arc<Mutex<Sink>>,
     snaplen: u32,
+    keys: Option<Arc<KeyLines>>,
     current: Option<Capture>,
     failed_tx: tokio::sync::watch::Sender<Option<String>>,
     failed_rx: tokio::sync::watch::Receiver<Option<String>>,
@@ -450,6 +577,7 @@ impl CaptureRun {
         Ok(CaptureRun {
             sink: Arc::new(Mutex::new(sink)),
             snaplen: options.kernel.snaplen,
+            keys: options.keys.clone(),
             current: None,
             failed_tx,
             failed_rx,
@@ -469,6 +597,7 @@ impl CaptureRun {
             self.sink.clone(),
             &description,
             self.snaplen,
+            self.keys.clone(),
             move |err| {
                 failed.send_replace(Some(err));
             },

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! expr      := term ( ("or" | "||") term )*
-//! term      := factor ( ("and" | "&&") factor )*
+//! term      := factor ( ["and" | "&&"] factor )*     (juxtaposition is `and`)
 //! factor    := ("not" | "!") factor | "(" expr ")" | primitive
 //! primitive := tcp | udp | icmp | icmp6 | ip | ip6 | inbound | outbound
 //!            | [src | dst] host <addr>      | [src | dst] net <addr>/<len>
@@ -196,8 +196,13 @@ impl Parser {
 
     fn term(&mut self) -> Result<Expr, FilterError> {
         let mut left = self.factor()?;
-        while matches!(self.peek(), Some("and" | "&&")) {
-            self.at += 1;
+        loop {
+            match self.peek() {
+                Some("and" | "&&") => self.at += 1,
+                // As in tcpdump, `tcp port 80` is `tcp and port 80`.
+                Some(token) if !matches!(token, "or" | "||" | ")") => {}
+                _ => break,
+            }
             left = Expr::And(Box::new(left), Box::new(self.factor()?));
         }
         Ok(left)
@@ -462,7 +467,7 @@ mod tests {
         let web = pkt("10.0.0.1", "10.0.0.2", 6, 40000, 80, true);
         let dns = pkt("10.0.0.2", "192.0.2.53", 17, 5353, 53, false);
         let v6 = pkt("2001:db8::1", "2001:db8:1::2", 6, 443, 50000, false);
-        let cases: [(&str, [bool; 3]); 16] = [
+        let cases: [(&str, [bool; 3]); 17] = [
             ("", [true, true, true]),
             ("tcp", [true, false, true]),
             ("udp", [false, true, false]),
@@ -479,6 +484,7 @@ mod tests {
             ("tcp and not port 80", [false, false, true]),
             ("udp or (tcp and inbound)", [true, true, false]),
             ("!(port 80 || port 53) && outbound", [false, false, true]),
+            ("tcp port 80", [true, false, false]),
         ];
         for (text, expected) in cases {
             let filter = Filter::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -500,7 +506,7 @@ mod tests {
         assert!(err("port 70000").contains("`70000`"));
         assert!(err("tcp and").contains("ends where"));
         assert!(err("(tcp").contains("expected `)`"));
-        assert!(err("tcp udp").contains("`udp` (word 2)"));
+        assert!(err("tcp )").contains("`)` (word 2)"), "{}", err("tcp )"));
     }
 
     #[test]

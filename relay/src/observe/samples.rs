@@ -41,6 +41,11 @@ pub fn parse(record: &[u8]) -> Option<Sample<'_>> {
     Some(Sample { header, data })
 }
 
+/// CLOCK_MONOTONIC now, the clock of the samples' timestamps.
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(nanos(ClockId::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
 /// CLOCK_MONOTONIC to nanoseconds since the Unix epoch, by one offset.
 #[derive(Debug, Clone, Copy)]
 pub struct WallClock {

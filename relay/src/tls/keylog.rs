@@ -1,6 +1,7 @@
 //! NSS key log lines (`CLIENT_RANDOM ...`, `CLIENT_TRAFFIC_SECRET_0 ...`)
 //! written to a file of the user's choosing, so Wireshark and tshark can
-//! decrypt captures of either TLS leg.
+//! decrypt captures of either TLS leg; and [`KeyLogTee`], which also hands
+//! every line to someone else (`--pcap-embed-keys` puts them in the pcapng).
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -43,9 +44,48 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
+fn nss_line(label: &str, client_random: &[u8], secret: &[u8]) -> String {
+    format!("{label} {} {}\n", hex(client_random), hex(secret))
+}
+
+/// A key log that passes every line to `also` and to the key log it wraps (if any).
+pub struct KeyLogTee {
+    inner: Option<std::sync::Arc<dyn rustls::KeyLog>>,
+    also: Box<dyn Fn(&[u8]) + Send + Sync>,
+}
+
+impl KeyLogTee {
+    pub fn new(
+        inner: Option<std::sync::Arc<dyn rustls::KeyLog>>,
+        also: impl Fn(&[u8]) + Send + Sync + 'static,
+    ) -> Self {
+        KeyLogTee {
+            inner,
+            also: Box::new(also),
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyLogTee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyLogTee")
+            .field("inner", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl rustls::KeyLog for KeyLogTee {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        (self.also)(nss_line(label, client_random, secret).as_bytes());
+        if let Some(inner) = &self.inner {
+            inner.log(label, client_random, secret);
+        }
+    }
+}
+
 impl rustls::KeyLog for KeyLogFile {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
-        let line = format!("{label} {} {}\n", hex(client_random), hex(secret));
+        let line = nss_line(label, client_random, secret);
         // One write per line, so concurrent handshakes never interleave.
         let mut file = self
             .file

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: direct vs socat vs relay on loopback, in one run.
 //!
-//! Each section (throughput, connection rate, latency, memory, TLS) lives in
+//! Each section (throughput, connection rate, latency, memory, TLS, the
+//! observer's cost) lives in
 //! its own module and hands back a `report::SectionReport`; this module
 //! builds relay, runs the sections in order, prints the markdown table and
 //! writes `target/bench/results.json`. A target missed is reported, not an
@@ -10,6 +11,7 @@
 mod connrate;
 mod datapath;
 mod latency;
+mod observe;
 mod procs;
 mod report;
 mod rss;
@@ -106,6 +108,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("rss", rss::run),
     ("tls", tls::run),
     ("datapath", datapath::run),
+    ("observe", observe::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {

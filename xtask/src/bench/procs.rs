@@ -264,9 +264,20 @@ pub fn free_port() -> Result<u16> {
 /// Poll /proc/net/tcp{,6} until something LISTENs on `port`; fail early if
 /// `owner` (the process expected to listen) exits.
 pub fn wait_listening(port: u16, owner: &mut Proc, timeout: Duration) -> Result<()> {
+    wait_listening_in("/proc/net", port, owner, timeout)
+}
+
+/// [`wait_listening`] in `owner`'s own network namespace (a server started
+/// under `ip netns exec`): `/proc/<owner>/net/tcp{,6}`.
+pub fn wait_listening_in_own_netns(port: u16, owner: &mut Proc, timeout: Duration) -> Result<()> {
+    let tables = format!("/proc/{}/net", owner.pid());
+    wait_listening_in(&tables, port, owner, timeout)
+}
+
+fn wait_listening_in(tables: &str, port: u16, owner: &mut Proc, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if is_listening(port)? {
+        if is_listening(tables, port)? {
             return Ok(());
         }
         owner.check_alive()?;
@@ -281,11 +292,11 @@ pub fn wait_listening(port: u16, owner: &mut Proc, timeout: Duration) -> Result<
     }
 }
 
-fn is_listening(port: u16) -> Result<bool> {
+fn is_listening(tables: &str, port: u16) -> Result<bool> {
     const TCP_LISTEN: &str = "0A";
     let want = format!("{port:04X}");
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = match std::fs::read_to_string(table) {
+    for table in [format!("{tables}/tcp"), format!("{tables}/tcp6")] {
+        let text = match std::fs::read_to_string(&table) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err).with_context(|| format!("cannot read {table}")),

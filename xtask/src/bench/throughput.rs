@@ -158,10 +158,22 @@ pub(super) fn iperf3_server(label: &str) -> Result<(u16, Proc)> {
 /// `iperf3 -c 127.0.0.1 -p port -t secs -P streams`: the received rate
 /// (all streams) in Gbit/s.
 pub(super) fn iperf3_client(port: u16, secs: u64, streams: usize, label: &str) -> Result<f64> {
-    let mut cmd = Command::new("iperf3");
+    iperf3_client_with(Command::new("iperf3"), "127.0.0.1", port, secs, streams, label)
+}
+
+/// `<iperf3> -c host -p port -t secs -P streams`, where `cmd` runs iperf3
+/// (maybe under `ip netns exec`): the received rate in Gbit/s.
+pub(super) fn iperf3_client_with(
+    mut cmd: Command,
+    host: &str,
+    port: u16,
+    secs: u64,
+    streams: usize,
+    label: &str,
+) -> Result<f64> {
     cmd.args([
         "-c",
-        "127.0.0.1",
+        host,
         "-p",
         &port.to_string(),
         "-t",
