@@ -345,3 +345,47 @@ fn short_http_exchanges_with_a_namespaced_busybox_httpd_end_cleanly() -> Result<
     }
     Ok(())
 }
+
+/// A connection that has gone quiet holds its two sockets and nothing more
+/// on every path: the splice path closes a direction's pipe after a second
+/// without bytes, so ten thousand idle connections fit the descriptor
+/// budget the connection limit assumes (two each).
+#[test]
+fn idle_connections_hold_two_descriptors_each_on_every_path() -> Result<()> {
+    require_root!("the sockmap path loads an eBPF program");
+    const OPEN: usize = 20;
+    let backend = Backend::start(|mut conn: TcpStream| {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })?;
+    for path in PATHS {
+        let relay = relay_on(path, backend.addr())?;
+        let baseline = relay.open_fds()?;
+        let mut clients = Vec::new();
+        for i in 0..OPEN {
+            let mut client = relay.connect()?;
+            round_trip(&mut client, format!("ping {i}").as_bytes())?;
+            clients.push(client);
+        }
+        let want = baseline + 2 * OPEN;
+        let mut last = 0;
+        poll_until(
+            &format!("{path}: relay to hold 2 descriptors per idle connection"),
+            Duration::from_secs(5),
+            || {
+                last = relay.open_fds()?;
+                Ok((last == want).then_some(()))
+            },
+        )
+        .with_context(|| format!("{path}: {OPEN} idle connections, expected {want} descriptors ({baseline} before), last saw {last}"))?;
+        // Quiet connections still work, and get their pipes back when needed.
+        for (i, client) in clients.iter_mut().enumerate() {
+            round_trip(client, format!("pong {i}").as_bytes())?;
+        }
+    }
+    Ok(())
+}

@@ -42,6 +42,9 @@ use crate::tls::server::Refused;
 /// are what lets bulk transfers approach the speed of a direct connection.
 const BUFFER_MIN: usize = 16 * 1024;
 const BUFFER_MAX: usize = 1024 * 1024;
+/// How long a connection that failed to pair half-way waits for the bytes
+/// the kernel redirected meanwhile to leave before it copies.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which end of the relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,7 +304,7 @@ async fn relay(
         (Stream::Plain(client), Stream::Plain(upstream)) => {
             match route.data_path {
                 DataPath::Sockmap => {
-                    if let Some(pair) = pair(route, client, upstream) {
+                    if let Some(pair) = pair(route, client, upstream, [up, down], &activity).await {
                         let to_target = sockmap::pump(
                             &pair,
                             sockmap::From::Client,
@@ -381,20 +384,39 @@ async fn copy_both_ways(
     both_ways(to_target, to_client, activity, &|| {}, route, close).await
 }
 
-/// Puts the connection on the kernel path; on failure (a full map, say)
-/// the connection takes the copy path and says why.
-fn pair<'a>(
+/// Puts the connection on the kernel path; when it cannot go there (a
+/// client that already sent its FIN, a full map) it takes the copy path,
+/// after any bytes the kernel redirected meanwhile have left.
+async fn pair<'a>(
     route: &'a RouteContext,
     client: &TcpStream,
     upstream: &TcpStream,
+    counters: [(&IntCounter, &AtomicU64); 2],
+    activity: &Activity,
 ) -> Option<sockmap::Pair<'a>> {
     let sockmap = route.sockmap.as_ref()?;
-    sockmap
-        .pair(client, upstream)
-        .map_err(|err| {
-            tracing::warn!(route = %route.metrics.name, error = %err, "sockmap pairing failed; this connection copies instead");
-        })
-        .ok()
+    let name = &route.metrics.name;
+    match sockmap.pair(client, upstream) {
+        Ok(pair) => Some(pair),
+        Err(sockmap::PairError::NotEstablished) => {
+            tracing::debug!(route = %name, "a side already closed; this connection copies");
+            None
+        }
+        Err(sockmap::PairError::Failed(err)) => {
+            tracing::warn!(route = %name, error = %err, "sockmap pairing failed; this connection copies instead");
+            None
+        }
+        Err(sockmap::PairError::Partial(pair, err)) => {
+            tracing::warn!(route = %name, error = %err, "sockmap pairing failed half-way; this connection copies once redirected bytes have left");
+            let settle = pair.settle(client, upstream, counters, activity);
+            match tokio::time::timeout(SETTLE_TIMEOUT, settle).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(route = %name, error = %err, "settling a half-paired connection"),
+                Err(_) => tracing::warn!(route = %name, "redirected bytes did not leave in time; copying anyway"),
+            }
+            None
+        }
+    }
 }
 
 /// The result of one direction: how its source ended, or which leg failed.

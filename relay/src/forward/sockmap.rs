@@ -155,7 +155,15 @@ impl Sockmap {
         &'a self,
         client: &TcpStream,
         upstream: &TcpStream,
-    ) -> Result<Pair<'a>, SockmapError> {
+    ) -> Result<Pair<'a>, PairError<'a>> {
+        // A socket past ESTABLISHED (a client that already sent its FIN)
+        // cannot enter a sockhash: copy it, and do not start half-way.
+        for socket in [client, upstream] {
+            let state = tcp_info(socket).map_err(|e| sent_error(&e))?.tcpi_state;
+            if state != TCP_ESTABLISHED {
+                return Err(PairError::NotEstablished);
+            }
+        }
         let cookies = [cookie(client)?, cookie(upstream)?];
         // Before the program can hand either socket a byte.
         let sent_before = [client, upstream].map(taken_to_send);
@@ -186,9 +194,13 @@ impl Sockmap {
             // Only now, with both peers in place as destinations, may the
             // program judge a byte.
             for (own, socket) in [(cookies[0], client), (cookies[1], upstream)] {
-                maps.sources
-                    .insert(own, socket.as_raw_fd(), 0)
-                    .map_err(kernel("adding a socket to relay_sources"))?;
+                if let Err(err) = maps.sources.insert(own, socket.as_raw_fd(), 0) {
+                    // The other socket may be judging bytes already (this one
+                    // turned CLOSE_WAIT in between, say): stop that before the
+                    // caller falls back to copying, and let it wait for them.
+                    let _ = maps.sources.remove(&cookies[0]);
+                    return Err(PairError::Partial(pair, kernel("adding a socket to relay_sources")(err)));
+                }
             }
         }
         // Bytes that arrived before the socket entered relay_sources sit in
@@ -197,14 +209,31 @@ impl Sockmap {
         // then). Setting SO_RCVLOWAT makes TCP signal "data ready" now, so
         // the queue moves at once, in order, ahead of anything newer.
         for socket in [client, upstream] {
-            kick(socket.as_fd()).map_err(|e| SockmapError::Kernel {
-                what: "setting SO_RCVLOWAT to flush queued bytes through the program",
-                cause: e.to_string(),
-            })?;
+            // Not fatal: the next read hands the queue to the program too.
+            if let Err(err) = kick(socket.as_fd()) {
+                tracing::debug!(error = %err, "sockmap: SO_RCVLOWAT failed; queued bytes move at the next read");
+            }
         }
         Ok(pair)
     }
 }
+
+/// Why a connection could not go on the kernel path.
+#[derive(Debug, Error)]
+pub enum PairError<'a> {
+    #[error("a socket is no longer ESTABLISHED (its peer already closed)")]
+    NotEstablished,
+    #[error(transparent)]
+    Failed(#[from] SockmapError),
+    /// One socket was judging bytes before the other failed to join: the
+    /// pair is out of `relay_sources` again, but bytes it redirected may
+    /// still be on their way; see [`Pair::settle`].
+    #[error("{1}")]
+    Partial(Pair<'a>, SockmapError),
+}
+
+/// `TCP_ESTABLISHED` in `tcpi_state`.
+const TCP_ESTABLISHED: u8 = 1;
 
 /// A connection's sockets in the maps; dropping it takes them out.
 pub struct Pair<'a> {
@@ -235,7 +264,34 @@ impl Pair<'_> {
     }
 }
 
+impl std::fmt::Debug for Pair<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair")
+            .field("cookies", &self.cookies)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pair<'_> {
+    /// After a [`PairError::Partial`]: waits until each peer has taken what
+    /// was redirected to it, so bytes copied next cannot overtake them, and
+    /// counts those bytes. `counters` are client-to-target's, then
+    /// target-to-client's.
+    pub(super) async fn settle(
+        &self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        counters: [(&IntCounter, &AtomicU64); 2],
+        activity: &Activity,
+    ) -> io::Result<()> {
+        for (from, dst) in [(From::Client, upstream), (From::Upstream, client)] {
+            let (counter, moved) = counters[from as usize];
+            let redirected = self.sync(from, counter, moved, activity)?;
+            flushed(dst, self.sent_before[1 - from as usize] + redirected).await?;
+        }
+        Ok(())
+    }
+
     /// Brings the route's counters and the activity clock up to what the
     /// program redirected from `from`; returns that total. Pumps and the
     /// idle timer both call it: `fetch_max` adds each byte once.
@@ -321,17 +377,15 @@ fn kick(socket: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes a TCP socket has taken to send since it connected: acknowledged
-/// plus still queued (`tcpi_bytes_acked` + SIOCOUTQ).
-fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
-    let fd = socket.as_raw_fd();
+/// The kernel's TCP_INFO for a socket.
+fn tcp_info(socket: &TcpStream) -> io::Result<nix::libc::tcp_info> {
     // SAFETY: tcp_info is plain data; zeroes are a valid value.
     let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
-    // SAFETY: `fd` is a live TCP socket; `info` and `len` are valid for writes.
+    // SAFETY: the fd is a live TCP socket; `info` and `len` are valid for writes.
     let rc = unsafe {
         nix::libc::getsockopt(
-            fd,
+            socket.as_raw_fd(),
             nix::libc::IPPROTO_TCP,
             nix::libc::TCP_INFO,
             (&mut info as *mut nix::libc::tcp_info).cast(),
@@ -341,13 +395,20 @@ fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Bytes a TCP socket has taken to send since it connected: acknowledged
+/// plus still queued (`tcpi_bytes_acked` + SIOCOUTQ).
+fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
+    let acked = tcp_info(socket)?.tcpi_bytes_acked;
     let mut queued: nix::libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to the pointer given.
-    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut queued) };
+    let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), nix::libc::TIOCOUTQ, &mut queued) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.tcpi_bytes_acked + u64::try_from(queued).unwrap_or(0))
+    Ok(acked + u64::try_from(queued).unwrap_or(0))
 }
 
 /// One direction, `src` to `dst`, while the kernel moves the bytes: waits

@@ -3,8 +3,11 @@
 //! buffer. Readiness drives it exactly like the copy path, and EOF, errors,
 //! counting and idle tracking follow the same rules (see `connection`).
 //!
-//! Each direction owns a pipe, made when its first byte arrives, so an idle
-//! connection holds no pipe (and no extra descriptors). A direction that
+//! Each direction owns a pipe while bytes flow: made when a byte arrives,
+//! at the kernel's default size, grown to 1 MiB once a batch fills it (as
+//! the copy path grows its buffer), and closed after a second without
+//! bytes, so an idle connection holds no pipe (and no extra descriptors:
+//! ten thousand idle connections cost two each, as on the copy path). A direction that
 //! cannot get a pipe (the process is out of descriptors) copies that batch
 //! through a small buffer instead and tries again on the next, so the
 //! connection limit can count two descriptors per connection.
@@ -12,6 +15,7 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use prometheus::IntCounter;
@@ -26,17 +30,33 @@ const PIPE_SIZE: usize = 1024 * 1024;
 /// The buffer of a batch copied without a pipe.
 const COPY_BATCH: usize = 16 * 1024;
 
+/// A direction's pipe is closed after this long without a byte.
+const PIPE_IDLE: Duration = Duration::from_secs(1);
+
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// What the pipe holds at most (the kernel's default, 64 KiB, at first).
+    capacity: usize,
 }
 
 impl Pipe {
     fn new() -> io::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        // A smaller pipe still works; only the batch size shrinks.
-        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
-        Ok(Pipe { read, write })
+        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_or(64 * 1024, |c| c as usize);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// After a batch that filled the pipe: ask for the large size. A
+    /// refusal (fs.pipe-max-size, memory) keeps the pipe as it is.
+    fn grow(&mut self) {
+        if let Ok(granted) = fcntl(&self.write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32)) {
+            self.capacity = granted as usize;
+        }
     }
 }
 
@@ -50,10 +70,20 @@ pub(super) async fn pump(
     moved: &AtomicU64,
     activity: &Activity,
 ) -> Result<Eof, (Leg, io::Error)> {
-    let mut pipe: Option<Pipe> = None;
+    let mut slot: Option<Pipe> = None;
     loop {
-        src.readable().await.map_err(|e| (Leg::Source, e))?;
-        let pipe = match &mut pipe {
+        if slot.is_some() {
+            tokio::select! {
+                ready = src.readable() => ready.map_err(|e| (Leg::Source, e))?,
+                () = tokio::time::sleep(PIPE_IDLE) => {
+                    slot = None;
+                    continue;
+                }
+            }
+        } else {
+            src.readable().await.map_err(|e| (Leg::Source, e))?;
+        }
+        let pipe = match &mut slot {
             Some(pipe) => pipe,
             none => match Pipe::new() {
                 Ok(new) => none.insert(new),
@@ -75,7 +105,7 @@ pub(super) async fn pump(
                 None,
                 &pipe.write,
                 None,
-                PIPE_SIZE,
+                pipe.capacity,
                 FLAGS,
             )?)
         }) {
@@ -94,6 +124,9 @@ pub(super) async fn pump(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err((Leg::Destination, e)),
             }
+        }
+        if n >= pipe.capacity && pipe.capacity < PIPE_SIZE {
+            pipe.grow();
         }
         counter.inc_by(n as u64);
         moved.fetch_add(n as u64, Ordering::Relaxed);
