@@ -8,6 +8,7 @@
 //! error; a measurement that could not be taken makes the command fail
 //! after everything else has run.
 
+mod capture;
 mod connrate;
 mod latency;
 mod observe;
@@ -94,6 +95,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("rss", rss::run),
     ("tls", tls::run),
     ("observe", observe::run),
+    ("capture", capture::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
