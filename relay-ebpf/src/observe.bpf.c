@@ -84,10 +84,11 @@ struct {
 /* Written here (increments), read by relay (pcapng statistics blocks and
  * metrics). relay inserts every (ifindex, stat) key at attach time, so the
  * program only increments its own CPU's value and no count is ever lost to
- * a racing insert. */
+ * a racing insert. max_entries: RELAY_CAP_STATS per interface, set by relay
+ * when capturing (the small default costs nothing when not). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 1024 * RELAY_CAP_STATS);
+	__uint(max_entries, RELAY_CAP_STATS);
 	__type(key, struct relay_capture_key);
 	__type(value, __u64);
 } capture_stats SEC(".maps");
@@ -102,10 +103,12 @@ struct {
 } capture_ctl SEC(".maps");
 
 /* Written here: packets seen per flow (both directions in one entry), for
- * --flow-head. Nobody else reads it. LRU, so memory stays bounded. */
+ * --flow-head. Nobody else reads it. LRU, so memory stays bounded; relay
+ * sizes it (65536 flows) only with --flow-head: an LRU map is allocated
+ * whole when created. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 1);
 	__type(key, struct relay_flow_key);
 	__type(value, __u64);
 } capture_flows SEC(".maps");

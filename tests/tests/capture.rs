@@ -492,7 +492,7 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
     let dir = TempDir::new("capture-bad")?;
     let file = dir.join("x.pcapng");
     let file = file.display().to_string();
-    let cases: [(Vec<&str>, &str); 4] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec![
                 "observe",
@@ -527,6 +527,14 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
                 "/nonexistent-relay-dir/x.pcapng",
             ],
             "/nonexistent-relay-dir/x.pcapng",
+        ),
+        (
+            vec!["observe", "host", "--pcap", "-", "--watch"],
+            "--watch draws on the terminal",
+        ),
+        (
+            vec!["observe", "host", "--pcap", &file, "--pcap-embed-keys"],
+            "--pcap-embed-keys needs a TLS route",
         ),
     ];
     for (args, says) in cases {
@@ -900,9 +908,14 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
     let uris = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if uris != uri {
         let mut cmd = Command::new("tshark");
-        cmd.arg("-r")
-            .arg(&file)
-            .args(["-X", "read_format:MIME Files Format", "-T", "fields", "-e", "pcapng.block.type"]);
+        cmd.arg("-r").arg(&file).args([
+            "-X",
+            "read_format:MIME Files Format",
+            "-T",
+            "fields",
+            "-e",
+            "pcapng.block.type",
+        ]);
         let all = Interactive::run("tshark-all", cmd, b"", Duration::from_secs(60))?;
         eprintln!("the capture:\n{}", String::from_utf8_lossy(&all.stdout));
     }
