@@ -137,17 +137,22 @@ impl Lab {
 }
 
 /// SIGINT, then a clean exit: the file is complete.
-fn stop(mut relay: Relay) -> Result<String> {
-    relay.proc.signal(Signal::SIGINT)?;
+fn stop(relay: Relay) -> Result<String> {
+    stop_with(relay, Signal::SIGINT)
+}
+
+/// `signal`, then a clean exit: the file is complete.
+fn stop_with(mut relay: Relay, signal: Signal) -> Result<String> {
+    relay.proc.signal(signal)?;
     let status = relay.proc.wait_exit(EXIT_TIMEOUT)?.with_context(|| {
         format!(
-            "relay still runs {EXIT_TIMEOUT:?} after SIGINT:\n{}",
+            "relay still runs {EXIT_TIMEOUT:?} after {signal}:\n{}",
             relay.stderr()
         )
     })?;
     ensure!(
         status.success(),
-        "relay exited with {status} after SIGINT; stderr:\n{}",
+        "relay exited with {status} after {signal}; stderr:\n{}",
         relay.stderr()
     );
     Ok(relay.stderr())
@@ -364,7 +369,8 @@ fn flow_head_keeps_the_first_packets_and_every_syn_fin_rst_of_each_flow() -> Res
     }
     lab.send_in(&packets)?;
     wait_accounted(&relay, &lab, &["sampled"], packets.len() as f64)?;
-    stop(relay)?;
+    // SIGTERM finishes the file as SIGINT does.
+    stop_with(relay, Signal::SIGTERM)?;
     expected.sort_unstable();
     let got = ids_of(&read_capture(&file)?);
     ensure!(
