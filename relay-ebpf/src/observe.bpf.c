@@ -70,6 +70,10 @@ const volatile __u32 sample_every = 1;
  * RST, whatever the sampler says. 0: off. */
 const volatile __u32 flow_head = 0;
 const volatile __u32 snaplen = RELAY_SNAPLEN_MAX;
+/* Wake relay's reader only once this many bytes wait in the ring buffer
+ * (it also drains on a short timer): a wakeup per sample costs more than
+ * the sample itself. 0: wake for every sample. */
+const volatile __u32 wakeup_bytes = 0;
 /* The filter: filter_len rules of filter_rules; 0 rules match everything. */
 const volatile __u32 filter_len = 0;
 const volatile struct relay_filter_rule filter_rules[RELAY_FILTER_MAX] = {};
@@ -334,7 +338,10 @@ static __always_inline void capture(struct __sk_buff *skb, const struct relay_fl
 	if (caplen < 1 || caplen > RELAY_SNAPLEN_MAX || bpf_skb_load_bytes(skb, 0, s->data, caplen) < 0)
 		caplen = 0;
 	s->hdr.caplen = caplen;
-	if (bpf_ringbuf_output(&samples, s, sizeof(s->hdr) + caplen, 0) < 0) {
+	__u64 wake = BPF_RB_FORCE_WAKEUP;
+	if (wakeup_bytes > 0 && bpf_ringbuf_query(&samples, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+		wake = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&samples, s, sizeof(s->hdr) + caplen, wake) < 0) {
 		capture_count(ifindex, RELAY_CAP_RING_FULL);
 		return;
 	}

@@ -314,6 +314,8 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
     })?;
     let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let on = 1u32;
+    // Woken at a quarter full; the reader also drains every few milliseconds.
+    let wakeup_bytes = capture.ring_bytes / 4;
     let stats_entries =
         u32::try_from(interfaces.max(1) * maps::CaptureStat::ALL.len()).unwrap_or(u32::MAX);
     // The LRU map is allocated whole at creation: only as big as --flow-head needs.
@@ -327,6 +329,7 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
         .override_global("sample_every", &capture.sample_every, true)
         .override_global("flow_head", &capture.flow_head, true)
         .override_global("snaplen", &capture.snaplen, true)
+        .override_global("wakeup_bytes", &wakeup_bytes, true)
         .override_global("filter_len", &filter_len, true)
         .override_global("filter_rules", &rules, true)
         .map_max_entries("samples", capture.ring_bytes)
