@@ -629,6 +629,26 @@ fn a_containers_http_is_decoded_by_tshark_and_matches_the_counters() -> Result<(
         got == uris,
         "tshark decoded the URIs {got:?}, expected {uris:?}"
     );
+    // The interface block says which container it belongs to.
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-c",
+        "1",
+        "-T",
+        "fields",
+        "-e",
+        "frame.interface_description",
+    ]);
+    let out = Interactive::run("tshark-idb", cmd, b"", Duration::from_secs(60))?;
+    let description = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let expected = format!(
+        "eth0 in container:{} (network namespace net:[",
+        container.name()
+    );
+    ensure!(
+        description.starts_with(&expected),
+        "interface description {description:?}, expected it to start with {expected:?}"
+    );
     Ok(())
 }
 

@@ -591,7 +591,11 @@ impl CaptureRun {
         observer: &Arc<Observer>,
         netns: &crate::netns::Netns,
     ) -> Result<(), ObserveError> {
-        let description = format!("{} (network namespace {})", netns.target(), netns.id());
+        let description = format!(
+            "{} (network namespace {})",
+            netns.target().spec(),
+            netns.id()
+        );
         let failed = self.failed_tx.clone();
         self.current = Some(Capture::start(
             observer.clone(),
