@@ -399,14 +399,21 @@ fn statistics_blocks(file: &Path) -> Result<Vec<(u64, u64)>> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .filter(|l| !l.trim().is_empty() && *l != "|")
-        .map(|l| {
+        .map(|l| -> Result<Vec<(u64, u64)>> {
+            // Several blocks in one line: `r1,r2|d1,d2`.
             let (received, dropped) = l.split_once('|').context("two fields")?;
-            Ok((
-                received.trim().parse().with_context(|| format!("{l:?}"))?,
-                dropped.trim().parse().with_context(|| format!("{l:?}"))?,
-            ))
+            let numbers = |list: &str| -> Result<Vec<u64>> {
+                list.split(',')
+                    .map(|n| n.trim().parse().with_context(|| format!("{l:?}")))
+                    .collect()
+            };
+            Ok(numbers(received)?
+                .into_iter()
+                .zip(numbers(dropped)?)
+                .collect())
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|lines| lines.into_iter().flatten().collect())
 }
 
 #[test]
@@ -949,6 +956,75 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
         uris == uri,
         "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {})",
         out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn follow_adds_the_restarted_containers_interface_to_the_same_file() -> Result<()> {
+    relay_tests::require_docker!();
+    require_tool!("tshark");
+    let container = Container::httpd_on(std::net::Ipv4Addr::UNSPECIFIED)?;
+    let dir = TempDir::new("capture-follow")?;
+    let file = dir.join("follow.pcapng");
+    let relay = Relay::spawn(&[
+        "observe".to_string(),
+        format!("container:{}", container.name()),
+        "--follow".to_string(),
+        "--pcap".to_string(),
+        file.display().to_string(),
+        "--filter".to_string(),
+        "tcp port 8080".to_string(),
+    ])?;
+    let get = |uri: &str| -> Result<()> {
+        let addr = std::net::SocketAddr::from((container.ip()?, HTTPD_PORT));
+        http::get(peers::connect(addr)?, "web", uri).map(drop)
+    };
+    get("/before-restart")?;
+    container.restart()?;
+    container.wait_listening(HTTPD_PORT)?;
+    poll_until(
+        "relay to attach to the new namespace",
+        COUNT_TIMEOUT,
+        || {
+            Ok(relay
+                .stderr()
+                .contains("target is back: attached again")
+                .then_some(()))
+        },
+    )?;
+    get("/after-restart")?;
+    std::thread::sleep(Duration::from_millis(200));
+    stop(relay)?;
+
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "frame.interface_id",
+        "-e",
+        "http.request.uri",
+    ]);
+    let out = Interactive::run("tshark-follow", cmd, b"", Duration::from_secs(60))?;
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // One interface block per namespace: the request after the restart is
+    // on the new one.
+    ensure!(
+        got == ["0|/before-restart", "1|/after-restart"],
+        "expected /before-restart on interface 0 and /after-restart on interface 1, got {got:?}"
+    );
+    let blocks = statistics_blocks(&file)?;
+    ensure!(
+        blocks.len() == 2,
+        "expected a statistics block for each namespace's eth0, got {blocks:?}"
     );
     Ok(())
 }
