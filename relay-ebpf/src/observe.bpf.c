@@ -70,6 +70,10 @@ const volatile __u32 sample_every = 1;
  * RST, whatever the sampler says. 0: off. */
 const volatile __u32 flow_head = 0;
 const volatile __u32 snaplen = RELAY_SNAPLEN_MAX;
+/* Wake relay's reader only once this many bytes wait in the ring buffer
+ * (it also drains on a short timer): a wakeup per sample costs more than
+ * the sample itself. 0: wake for every sample. */
+const volatile __u32 wakeup_bytes = 0;
 /* The filter: filter_len rules of filter_rules; 0 rules match everything. */
 const volatile __u32 filter_len = 0;
 const volatile struct relay_filter_rule filter_rules[RELAY_FILTER_MAX] = {};
@@ -84,10 +88,11 @@ struct {
 /* Written here (increments), read by relay (pcapng statistics blocks and
  * metrics). relay inserts every (ifindex, stat) key at attach time, so the
  * program only increments its own CPU's value and no count is ever lost to
- * a racing insert. */
+ * a racing insert. max_entries: RELAY_CAP_STATS per interface, set by relay
+ * when capturing (the small default costs nothing when not). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 1024 * RELAY_CAP_STATS);
+	__uint(max_entries, RELAY_CAP_STATS);
 	__type(key, struct relay_capture_key);
 	__type(value, __u64);
 } capture_stats SEC(".maps");
@@ -102,10 +107,12 @@ struct {
 } capture_ctl SEC(".maps");
 
 /* Written here: packets seen per flow (both directions in one entry), for
- * --flow-head. Nobody else reads it. LRU, so memory stays bounded. */
+ * --flow-head. Nobody else reads it. LRU, so memory stays bounded; relay
+ * sizes it (65536 flows) only with --flow-head: an LRU map is allocated
+ * whole when created. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 1);
 	__type(key, struct relay_flow_key);
 	__type(value, __u64);
 } capture_flows SEC(".maps");
@@ -331,7 +338,10 @@ static __always_inline void capture(struct __sk_buff *skb, const struct relay_fl
 	if (caplen < 1 || caplen > RELAY_SNAPLEN_MAX || bpf_skb_load_bytes(skb, 0, s->data, caplen) < 0)
 		caplen = 0;
 	s->hdr.caplen = caplen;
-	if (bpf_ringbuf_output(&samples, s, sizeof(s->hdr) + caplen, 0) < 0) {
+	__u64 wake = BPF_RB_FORCE_WAKEUP;
+	if (wakeup_bytes > 0 && bpf_ringbuf_query(&samples, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+		wake = BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&samples, s, sizeof(s->hdr) + caplen, wake) < 0) {
 		capture_count(ifindex, RELAY_CAP_RING_FULL);
 		return;
 	}

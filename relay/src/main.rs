@@ -403,6 +403,14 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(USAGE);
         }
+        (Some(Command::Observe(args)), None, None)
+            if args.watch && args.capture.pcap == Some(observe::sink::Output::Stdout) =>
+        {
+            eprintln!(
+                "relay: error: --watch draws on the terminal and --pcap - writes the capture to stdout: use one"
+            );
+            return ExitCode::from(USAGE);
+        }
         (Some(Command::Observe(args)), None, None) => Job::Observe(args),
         (Some(Command::Completions { shell }), None, None) => {
             clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());

@@ -137,17 +137,22 @@ impl Lab {
 }
 
 /// SIGINT, then a clean exit: the file is complete.
-fn stop(mut relay: Relay) -> Result<String> {
-    relay.proc.signal(Signal::SIGINT)?;
+fn stop(relay: Relay) -> Result<String> {
+    stop_with(relay, Signal::SIGINT)
+}
+
+/// `signal`, then a clean exit: the file is complete.
+fn stop_with(mut relay: Relay, signal: Signal) -> Result<String> {
+    relay.proc.signal(signal)?;
     let status = relay.proc.wait_exit(EXIT_TIMEOUT)?.with_context(|| {
         format!(
-            "relay still runs {EXIT_TIMEOUT:?} after SIGINT:\n{}",
+            "relay still runs {EXIT_TIMEOUT:?} after {signal}:\n{}",
             relay.stderr()
         )
     })?;
     ensure!(
         status.success(),
-        "relay exited with {status} after SIGINT; stderr:\n{}",
+        "relay exited with {status} after {signal}; stderr:\n{}",
         relay.stderr()
     );
     Ok(relay.stderr())
@@ -364,7 +369,8 @@ fn flow_head_keeps_the_first_packets_and_every_syn_fin_rst_of_each_flow() -> Res
     }
     lab.send_in(&packets)?;
     wait_accounted(&relay, &lab, &["sampled"], packets.len() as f64)?;
-    stop(relay)?;
+    // SIGTERM finishes the file as SIGINT does.
+    stop_with(relay, Signal::SIGTERM)?;
     expected.sort_unstable();
     let got = ids_of(&read_capture(&file)?);
     ensure!(
@@ -393,14 +399,21 @@ fn statistics_blocks(file: &Path) -> Result<Vec<(u64, u64)>> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .filter(|l| !l.trim().is_empty() && *l != "|")
-        .map(|l| {
+        .map(|l| -> Result<Vec<(u64, u64)>> {
+            // Several blocks in one line: `r1,r2|d1,d2`.
             let (received, dropped) = l.split_once('|').context("two fields")?;
-            Ok((
-                received.trim().parse().with_context(|| format!("{l:?}"))?,
-                dropped.trim().parse().with_context(|| format!("{l:?}"))?,
-            ))
+            let numbers = |list: &str| -> Result<Vec<u64>> {
+                list.split(',')
+                    .map(|n| n.trim().parse().with_context(|| format!("{l:?}")))
+                    .collect()
+            };
+            Ok(numbers(received)?
+                .into_iter()
+                .zip(numbers(dropped)?)
+                .collect())
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|lines| lines.into_iter().flatten().collect())
 }
 
 #[test]
@@ -492,7 +505,7 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
     let dir = TempDir::new("capture-bad")?;
     let file = dir.join("x.pcapng");
     let file = file.display().to_string();
-    let cases: [(Vec<&str>, &str); 4] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (
             vec![
                 "observe",
@@ -527,6 +540,14 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
                 "/nonexistent-relay-dir/x.pcapng",
             ],
             "/nonexistent-relay-dir/x.pcapng",
+        ),
+        (
+            vec!["observe", "host", "--pcap", "-", "--watch"],
+            "--watch draws on the terminal",
+        ),
+        (
+            vec!["observe", "host", "--pcap", &file, "--pcap-embed-keys"],
+            "--pcap-embed-keys needs a TLS route",
         ),
     ];
     for (args, says) in cases {
@@ -614,6 +635,26 @@ fn a_containers_http_is_decoded_by_tshark_and_matches_the_counters() -> Result<(
     ensure!(
         got == uris,
         "tshark decoded the URIs {got:?}, expected {uris:?}"
+    );
+    // The interface block says which container it belongs to.
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-c",
+        "1",
+        "-T",
+        "fields",
+        "-e",
+        "frame.interface_description",
+    ]);
+    let out = Interactive::run("tshark-idb", cmd, b"", Duration::from_secs(60))?;
+    let description = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let expected = format!(
+        "eth0 in container:{} (network namespace net:[",
+        container.name()
+    );
+    ensure!(
+        description.starts_with(&expected),
+        "interface description {description:?}, expected it to start with {expected:?}"
     );
     Ok(())
 }
@@ -900,9 +941,14 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
     let uris = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if uris != uri {
         let mut cmd = Command::new("tshark");
-        cmd.arg("-r")
-            .arg(&file)
-            .args(["-X", "read_format:MIME Files Format", "-T", "fields", "-e", "pcapng.block.type"]);
+        cmd.arg("-r").arg(&file).args([
+            "-X",
+            "read_format:MIME Files Format",
+            "-T",
+            "fields",
+            "-e",
+            "pcapng.block.type",
+        ]);
         let all = Interactive::run("tshark-all", cmd, b"", Duration::from_secs(60))?;
         eprintln!("the capture:\n{}", String::from_utf8_lossy(&all.stdout));
     }
@@ -910,6 +956,75 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
         uris == uri,
         "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {})",
         out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn follow_adds_the_restarted_containers_interface_to_the_same_file() -> Result<()> {
+    relay_tests::require_docker!();
+    require_tool!("tshark");
+    let container = Container::httpd_on(std::net::Ipv4Addr::UNSPECIFIED)?;
+    let dir = TempDir::new("capture-follow")?;
+    let file = dir.join("follow.pcapng");
+    let relay = Relay::spawn(&[
+        "observe".to_string(),
+        format!("container:{}", container.name()),
+        "--follow".to_string(),
+        "--pcap".to_string(),
+        file.display().to_string(),
+        "--filter".to_string(),
+        "tcp port 8080".to_string(),
+    ])?;
+    let get = |uri: &str| -> Result<()> {
+        let addr = std::net::SocketAddr::from((container.ip()?, HTTPD_PORT));
+        http::get(peers::connect(addr)?, "web", uri).map(drop)
+    };
+    get("/before-restart")?;
+    container.restart()?;
+    container.wait_listening(HTTPD_PORT)?;
+    poll_until(
+        "relay to attach to the new namespace",
+        COUNT_TIMEOUT,
+        || {
+            Ok(relay
+                .stderr()
+                .contains("target is back: attached again")
+                .then_some(()))
+        },
+    )?;
+    get("/after-restart")?;
+    std::thread::sleep(Duration::from_millis(200));
+    stop(relay)?;
+
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(&file).args([
+        "-Y",
+        "http.request",
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "frame.interface_id",
+        "-e",
+        "http.request.uri",
+    ]);
+    let out = Interactive::run("tshark-follow", cmd, b"", Duration::from_secs(60))?;
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // One interface block per namespace: the request after the restart is
+    // on the new one.
+    ensure!(
+        got == ["0|/before-restart", "1|/after-restart"],
+        "expected /before-restart on interface 0 and /after-restart on interface 1, got {got:?}"
+    );
+    let blocks = statistics_blocks(&file)?;
+    ensure!(
+        blocks.len() == 2,
+        "expected a statistics block for each namespace's eth0, got {blocks:?}"
     );
     Ok(())
 }

@@ -25,9 +25,12 @@ commands:
   bench [--quick] [--only SECTION,...]
                    direct vs socat vs relay on loopback: throughput, new
                    connections/s, 1-byte ping-pong latency, RSS per idle
-                   connection, TLS bridge and handshakes; prints a markdown table and writes
+                   connection, TLS bridge and handshakes, relay's data paths,
+                   the observer's cost,
+                   packet capture vs tcpdump; prints a markdown table and writes
                    target/bench/results.json (--quick: shorter runs;
-                   --only: some of throughput,connrate,latency,rss,tls,datapath)
+                   --only: some of throughput,connrate,latency,rss,tls,datapath,
+                   observe,capture)
   dist             static relay binary (glibc, +crt-static), CA bundle, shell
                    completions and man pages in target/dist; the Dockerfile
                    builds its FROM scratch image from there

@@ -95,6 +95,11 @@ pub const REQUIRED: &[Package] = &[
         name: "busybox-static",
         program: "busybox",
     },
+    // The capture bench compares relay observe --pcap with tcpdump -w.
+    Package {
+        name: "tcpdump",
+        program: "tcpdump",
+    },
     // Deployment checks: `systemd-analyze verify` on deploy/systemd/relay.service.
     Package {
         name: "systemd",

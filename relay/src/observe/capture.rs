@@ -27,9 +27,10 @@ use super::sink::{Output, Sink, SinkError, SinkOptions};
 use super::{ObserveError, Observer};
 use crate::pcapng::{self, Statistics};
 
-/// How long the thread sleeps in poll(2) when nothing arrives: the longest
-/// a batch waits to be flushed, and the reaction time to a stop.
-const POLL_EVERY: Duration = Duration::from_millis(50);
+/// How long the thread sleeps in poll(2): the kernel wakes it only when the
+/// ring buffer is a quarter full, so this is how long a sample may wait to
+/// be written (and flushed, for `--pcap -`), and the reaction time to a stop.
+const POLL_EVERY: Duration = Duration::from_millis(10);
 /// After the kernel side is told to stop, how long programs already
 /// running get to finish their sample before the last drain.
 const SETTLE: Duration = Duration::from_millis(20);
@@ -590,7 +591,11 @@ impl CaptureRun {
         observer: &Arc<Observer>,
         netns: &crate::netns::Netns,
     ) -> Result<(), ObserveError> {
-        let description = format!("{} (network namespace {})", netns.target(), netns.id());
+        let description = format!(
+            "{} (network namespace {})",
+            netns.target().spec(),
+            netns.id()
+        );
         let failed = self.failed_tx.clone();
         self.current = Some(Capture::start(
             observer.clone(),

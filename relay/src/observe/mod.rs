@@ -166,7 +166,7 @@ impl Observer {
                 if interfaces.is_empty() {
                     return Err(ObserveError::NothingToObserve);
                 }
-                let mut ebpf = load(capture.as_ref())?;
+                let mut ebpf = load(capture.as_ref(), interfaces.len())?;
                 if capture.is_some() {
                     start_capture(&mut ebpf, &interfaces)?;
                 }
@@ -296,9 +296,12 @@ impl Observer {
     }
 }
 
+/// Flows --flow-head tracks at once (the least recently seen make room).
+const FLOW_HEAD_FLOWS: u32 = 65536;
+
 /// Loads the object, with the capture tunables when capturing (without,
 /// the verifier prunes the capture path: counting costs what it did).
-fn load(capture: Option<&KernelCapture>) -> Result<Ebpf, ObserveError> {
+fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, ObserveError> {
     let Some(capture) = capture else {
         return EbpfLoader::new()
             .load(object())
@@ -311,15 +314,28 @@ fn load(capture: Option<&KernelCapture>) -> Result<Ebpf, ObserveError> {
     })?;
     let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let on = 1u32;
+    // Woken at a quarter full; the reader also drains every few milliseconds.
+    let wakeup_bytes = capture.ring_bytes / 4;
+    let stats_entries =
+        u32::try_from(interfaces.max(1) * maps::CaptureStat::ALL.len()).unwrap_or(u32::MAX);
+    // The LRU map is allocated whole at creation: only as big as --flow-head needs.
+    let flow_entries = if capture.flow_head > 0 {
+        FLOW_HEAD_FLOWS
+    } else {
+        1
+    };
     EbpfLoader::new()
         .override_global("capture_on", &on, true)
         .override_global("sample_every", &capture.sample_every, true)
         .override_global("flow_head", &capture.flow_head, true)
         .override_global("snaplen", &capture.snaplen, true)
+        .override_global("wakeup_bytes", &wakeup_bytes, true)
         .override_global("filter_len", &filter_len, true)
         .override_global("filter_rules", &rules, true)
         .map_max_entries("samples", capture.ring_bytes)
         .map_max_entries("capture_scratch", cpus)
+        .map_max_entries("capture_stats", stats_entries)
+        .map_max_entries("capture_flows", flow_entries)
         .load(object())
         .map_err(|e| ObserveError::Load(e.to_string()))
 }

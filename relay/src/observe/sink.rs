@@ -231,41 +231,73 @@ impl Sink {
         self.flush()
     }
 
-    /// Writes what is gathered. On failure the file is cut back to its
-    /// last whole block.
+    /// Writes what is gathered. On failure the file is cut back to the end
+    /// of the last block written whole, so it keeps every packet that fit.
     pub fn flush(&mut self) -> Result<(), SinkError> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        let result = match &mut self.target {
-            Target::File { file, .. } => file.write_all(&self.buffer),
-            Target::Stdout(out) => out.write_all(&self.buffer).and_then(|()| out.flush()),
+        let (done, result) = match &mut self.target {
+            Target::File { file, .. } => write_some(file, &self.buffer),
+            Target::Stdout(out) => {
+                let (done, result) = write_some(out, &self.buffer);
+                (done, result.and_then(|()| out.flush()))
+            }
         };
-        match result {
-            Ok(()) => {
-                let len = self.buffer.len() as u64;
-                self.written += len;
-                if let Some(counter) = &self.bytes_total {
-                    counter.inc_by(len);
-                }
-                self.buffer.clear();
-                Ok(())
+        let kept = match &result {
+            Ok(()) => done,
+            Err(_) => whole_blocks(&self.buffer, done),
+        };
+        self.written += kept as u64;
+        if let Some(counter) = &self.bytes_total {
+            counter.inc_by(kept as u64);
+        }
+        self.buffer.clear();
+        let Err(cause) = result else {
+            return Ok(());
+        };
+        let path = match &self.target {
+            Target::File { file, path } => {
+                // Best effort: a partial block at the end would make readers
+                // complain about the whole file.
+                let _ = file.set_len(self.written);
+                path.display().to_string()
             }
-            Err(cause) => {
-                self.buffer.clear();
-                let path = match &self.target {
-                    Target::File { file, path } => {
-                        // Best effort: a partial block at the end would make
-                        // readers complain about the whole file.
-                        let _ = file.set_len(self.written);
-                        path.display().to_string()
-                    }
-                    Target::Stdout(_) => "stdout".to_string(),
-                };
-                Err(SinkError::Write { path, cause })
-            }
+            Target::Stdout(_) => "stdout".to_string(),
+        };
+        Err(SinkError::Write { path, cause })
+    }
+}
+
+/// Writes `bytes` until done or an error; how many were written either way.
+fn write_some(out: &mut impl Write, bytes: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut done = 0;
+    while done < bytes.len() {
+        match out.write(&bytes[done..]) {
+            Ok(0) => return (done, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Err(e)),
         }
     }
+    (done, Ok(()))
+}
+
+/// The length of the whole pcapng blocks at the start of `buffer` that fit
+/// in its first `written` bytes.
+fn whole_blocks(buffer: &[u8], written: usize) -> usize {
+    let mut end = 0;
+    while let Some(len) = buffer
+        .get(end + 4..end + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+    {
+        if len == 0 || end + len > written {
+            break;
+        }
+        end += len;
+    }
+    end
 }
 
 #[cfg(test)]
@@ -282,6 +314,27 @@ mod tests {
             rotated_path(Path::new("cap"), 12),
             PathBuf::from("cap-00012")
         );
+    }
+
+    #[test]
+    fn a_short_write_keeps_the_whole_blocks_only() {
+        let mut buffer = Vec::new();
+        for data in [&[1u8; 10][..], &[2u8; 30][..]] {
+            pcapng::enhanced_packet(
+                &mut buffer,
+                &pcapng::Packet {
+                    interface: 0,
+                    timestamp_ns: 0,
+                    original_len: 0,
+                    data,
+                    direction: pcapng::Direction::Inbound,
+                },
+            );
+        }
+        let first = u32::from_le_bytes(buffer[4..8].try_into().unwrap()) as usize;
+        assert_eq!(whole_blocks(&buffer, buffer.len()), buffer.len());
+        assert_eq!(whole_blocks(&buffer, buffer.len() - 1), first);
+        assert_eq!(whole_blocks(&buffer, first - 1), 0);
     }
 
     #[test]

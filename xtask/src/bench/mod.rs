@@ -8,6 +8,7 @@
 //! error; a measurement that could not be taken makes the command fail
 //! after everything else has run.
 
+mod capture;
 mod connrate;
 mod datapath;
 mod latency;
@@ -109,6 +110,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("tls", tls::run),
     ("datapath", datapath::run),
     ("observe", observe::run),
+    ("capture", capture::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {

@@ -148,14 +148,15 @@ fn cost_row(ns_per_packet: Option<f64>) -> Row {
     }
 }
 
-/// Namespaces `a` and `b` joined by a veth pair; deleted on drop.
-struct NetnsPair {
+/// Namespaces `a` and `b` joined by a veth pair; deleted on drop. The
+/// capture section uses it too.
+pub(super) struct NetnsPair {
     a: String,
     b: String,
 }
 
 impl NetnsPair {
-    fn create() -> Result<NetnsPair> {
+    pub(super) fn create() -> Result<NetnsPair> {
         sweep_stale();
         let id = std::process::id();
         let pair = NetnsPair {
@@ -164,7 +165,7 @@ impl NetnsPair {
         };
         ip(&["netns", "add", &pair.a])?;
         ip(&["netns", "add", &pair.b])?;
-        let (veth_a, veth_b) = (format!("rb{id}a"), format!("rb{id}b"));
+        let (veth_a, veth_b) = (format!("rb{id}a"), pair.veth_b());
         ip(&[
             "link", "add", &veth_a, "netns", &pair.a, "type", "veth", "peer", "name", &veth_b,
             "netns", &pair.b,
@@ -177,13 +178,23 @@ impl NetnsPair {
         Ok(pair)
     }
 
-    fn exec(&self, ns: &str, program: &str) -> Command {
+    /// The receiving namespace (the iperf3 server's).
+    pub(super) fn b_name(&self) -> &str {
+        &self.b
+    }
+
+    /// `b`'s end of the veth pair.
+    pub(super) fn veth_b(&self) -> String {
+        format!("rb{}b", std::process::id())
+    }
+
+    pub(super) fn exec(&self, ns: &str, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, program]);
         cmd
     }
 
-    fn iperf3_server(&self) -> Result<Proc> {
+    pub(super) fn iperf3_server(&self) -> Result<Proc> {
         let mut cmd = self.exec(&self.b, "iperf3");
         cmd.args(["-s", "-B", ADDR_B, "-p", &IPERF_PORT.to_string()]);
         // `ip netns exec` execs: the process is iperf3, inside b.
@@ -192,7 +203,7 @@ impl NetnsPair {
         Ok(server)
     }
 
-    fn iperf3_client(&self, secs: u64) -> Result<f64> {
+    pub(super) fn iperf3_client(&self, secs: u64) -> Result<f64> {
         let cmd = self.exec(&self.a, "iperf3");
         iperf3_client_with(cmd, ADDR_B, IPERF_PORT, secs, 1, "observe-iperf3-client")
     }
