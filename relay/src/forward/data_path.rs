@@ -16,7 +16,7 @@ pub enum DataPath {
     Auto,
     /// read/write through an adaptive userspace buffer.
     Copy,
-    /// splice(2) through a pipe per direction: no userspace copy.
+    /// splice(2) through a pipe for bulk batches (no userspace copy), read/write for small ones.
     Splice,
     /// An eBPF sk_skb program redirects bytes between the sockets in the kernel.
     Sockmap,

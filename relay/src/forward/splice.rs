@@ -1,16 +1,19 @@
-//! The `splice` data path for plain TCP legs: bytes go socket -> pipe ->
-//! socket inside the kernel with splice(2) and never through a userspace
-//! buffer. Readiness drives it exactly like the copy path, and EOF, errors,
-//! counting and idle tracking follow the same rules (see `connection`).
+//! The `splice` data path for plain TCP legs: bulk bytes go socket ->
+//! pipe -> socket inside the kernel with splice(2) and never through a
+//! userspace buffer. Readiness drives it exactly like the copy path, and
+//! EOF, errors, counting and idle tracking follow the same rules (see
+//! `connection`).
 //!
-//! Each direction owns a pipe while bytes flow: made when a byte arrives,
-//! at the kernel's default size, grown to 1 MiB once a batch fills it (as
-//! the copy path grows its buffer), and closed after a second without
-//! bytes, so an idle connection holds no pipe (and no extra descriptors:
-//! ten thousand idle connections cost two each, as on the copy path). A direction that
-//! cannot get a pipe (the process is out of descriptors) copies that batch
-//! through a small buffer instead and tries again on the next, so the
-//! connection limit can count two descriptors per connection.
+//! A direction starts light: a message-sized batch is one read and one
+//! write through a small buffer, as on the copy path, because two splices
+//! and a pipe cost more than a copy for a few bytes (ping-pong latency, new
+//! connections per second). A read that fills the buffer means bulk: the
+//! direction makes a pipe (the kernel's default size, grown to 1 MiB once a
+//! batch fills it) and splices until a batch comes in small again or a
+//! second passes without bytes, when the pipe is closed. So an idle or
+//! chatty connection holds no pipe and two descriptors, as on the copy
+//! path, and a direction that cannot get a pipe (out of descriptors) just
+//! stays light.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -27,7 +30,7 @@ use super::connection::{Activity, Eof, Leg};
 /// Pipe capacity asked for: large moves per syscall, as the copy path's
 /// largest buffer. The kernel may grant less (fs.pipe-max-size).
 const PIPE_SIZE: usize = 1024 * 1024;
-/// The buffer of a batch copied without a pipe.
+/// The buffer of a light batch; a read that fills it makes the direction bulk.
 const COPY_BATCH: usize = 16 * 1024;
 
 /// A direction's pipe is closed after this long without a byte.
@@ -70,6 +73,7 @@ pub(super) async fn pump(
     moved: &AtomicU64,
     activity: &Activity,
 ) -> Result<Eof, (Leg, io::Error)> {
+    // Some while the direction is bulk.
     let mut slot: Option<Pipe> = None;
     loop {
         if slot.is_some() {
@@ -83,20 +87,20 @@ pub(super) async fn pump(
         } else {
             src.readable().await.map_err(|e| (Leg::Source, e))?;
         }
-        let pipe = match &mut slot {
-            Some(pipe) => pipe,
-            none => match Pipe::new() {
-                Ok(new) => none.insert(new),
-                Err(_) => match copy_batch(src, dst).await? {
-                    0 => return shut_down(dst),
-                    n => {
-                        counter.inc_by(n as u64);
-                        moved.fetch_add(n as u64, Ordering::Relaxed);
-                        activity.touch();
-                        continue;
+        let Some(pipe) = slot.as_mut() else {
+            match copy_batch(src, dst).await? {
+                0 => return shut_down(dst),
+                n => {
+                    counter.inc_by(n as u64);
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    activity.touch();
+                    if n == COPY_BATCH {
+                        // No pipe to be had: stay light.
+                        slot = Pipe::new().ok();
                     }
-                },
-            },
+                    continue;
+                }
+            }
         };
         // try_io clears the readiness only when splice says EAGAIN.
         let n = match src.try_io(Interest::READABLE, || {
@@ -125,12 +129,15 @@ pub(super) async fn pump(
                 Err(e) => return Err((Leg::Destination, e)),
             }
         }
-        if n >= pipe.capacity && pipe.capacity < PIPE_SIZE {
-            pipe.grow();
-        }
         counter.inc_by(n as u64);
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
+        if n < COPY_BATCH {
+            // The flow turned light: the pipe is empty, close it.
+            slot = None;
+        } else if n >= pipe.capacity && pipe.capacity < PIPE_SIZE {
+            pipe.grow();
+        }
     }
 }
 
@@ -142,8 +149,8 @@ fn shut_down(dst: &TcpStream) -> Result<Eof, (Leg, io::Error)> {
         .map_err(|e| (Leg::Destination, e))
 }
 
-/// One read and its write through a userspace buffer, for when no pipe
-/// can be made; 0 is EOF. `src` has just been reported readable.
+/// One read and its write through a userspace buffer (a light batch);
+/// 0 is EOF. `src` has just been reported readable.
 async fn copy_batch(src: &TcpStream, dst: &TcpStream) -> Result<usize, (Leg, io::Error)> {
     let mut buffer = vec![0u8; COPY_BATCH];
     let n = loop {
