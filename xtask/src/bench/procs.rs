@@ -30,8 +30,8 @@ static LIVE_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 /// Route SIGINT/SIGTERM/SIGHUP to a thread that kills every live process
 /// group, removes the temp dirs and exits 130. Call before any other thread is started, so that
-/// every thread inherits the blocked mask (children get a clean mask from
-/// std's spawn).
+/// every thread inherits the blocked mask ([`Proc::spawn`] clears it in
+/// children).
 pub fn install_signal_cleanup() -> Result<()> {
     let mut set = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -87,6 +87,18 @@ impl Proc {
             .stdout(out)
             .stderr(err)
             .process_group(0);
+        // The signals this process blocks for its cleanup thread stay
+        // blocked in children that std spawns (seen: SigBlk 0x4003 in a
+        // relay, whose SIGINT then never arrived). Unblock them in the child.
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // allowed; pthread_sigmask is one, and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(|| {
+                SigSet::empty()
+                    .thread_set_mask()
+                    .map_err(std::io::Error::from)
+            });
+        }
         // Hold the lock across spawn so the signal thread cannot miss a group.
         let mut live = LIVE_GROUPS
             .lock()
