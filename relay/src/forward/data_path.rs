@@ -22,11 +22,13 @@ pub enum DataPath {
     Sockmap,
 }
 
-/// What `auto` tries, best first, as `cargo xtask bench --only datapath`
-/// measured it on Linux 6.18 (README, Data paths): splice moved the most
-/// per CPU second; sockmap lost every row (its egress redirects go through
-/// a kernel work queue), so auto never takes it.
-const AUTO_PREFERENCE: [DataPath; 2] = [DataPath::Splice, DataPath::Copy];
+/// What `auto` tries, best first, as `cargo xtask bench` measured it on
+/// Linux 6.18 on an otherwise idle machine (README, Data paths): copy moved
+/// as much as a direct connection on one stream, with the best connection
+/// rate and the least memory per idle connection; splice did not beat it
+/// here, and sockmap lost every row (its egress redirects go through a
+/// kernel work queue). So auto copies.
+const AUTO_PREFERENCE: [DataPath; 1] = [DataPath::Copy];
 
 impl DataPath {
     /// The paths a route can run on (not `Auto`).
