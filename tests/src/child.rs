@@ -168,6 +168,23 @@ impl Drop for ChildProc {
     }
 }
 
+/// Run `cmd` to completion (stdin closed): its exit status and all it
+/// printed, stdout then stderr, for checkers whose verdict is in the text
+/// (promtool, systemd-analyze, kubernetes-validate).
+pub fn status_and_text(mut cmd: Command) -> Result<(ExitStatus, String)> {
+    let line = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {line}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status, text))
+}
+
 /// Run `cmd` to completion (stdin closed); its stdout, or an error naming
 /// the command with its exit status and stderr.
 pub fn output_of(mut cmd: Command) -> Result<String> {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use relay_tests::certs::{Ca, CertSpec};
-use relay_tests::child::ChildProc;
+use relay_tests::child::{ChildProc, status_and_text};
 use relay_tests::peers::{EchoServer, round_trip};
 use relay_tests::ports::free_port;
 use relay_tests::prometheus::Prometheus;
@@ -181,21 +181,13 @@ fn alert_rules_and_scrape_example_pass_promtool() -> Result<()> {
         ["check", "rules", "alerts.yml"],
         ["check", "config", "prometheus.yml"],
     ] {
-        let out = Command::new("promtool")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .context("running promtool")?;
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut promtool = Command::new("promtool");
+        promtool.args(args).current_dir(&dir);
+        let (status, said) = status_and_text(promtool)?;
         ensure!(
-            out.status.success(),
-            "promtool {} failed ({}):\n{said}",
-            args.join(" "),
-            out.status
+            status.success(),
+            "promtool {} failed ({status}):\n{said}",
+            args.join(" ")
         );
         ensure!(
             said.contains("SUCCESS"),

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use relay_tests::child::status_and_text;
 use relay_tests::docker::{self, docker};
 use relay_tests::peers::{EchoServer, round_trip};
 use relay_tests::ports::{free_port, is_listening};
@@ -156,20 +157,12 @@ fn systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
         &path,
         unit.replace("/usr/local/bin/relay", &relay_bin()?.display().to_string()),
     )?;
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .context("running systemd-analyze verify")?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut verify = Command::new("systemd-analyze");
+    verify.args(["verify", "--man=no"]).arg(&path);
+    let (status, said) = status_and_text(verify)?;
     ensure!(
-        out.status.success(),
-        "systemd-analyze verify failed ({}):\n{said}",
-        out.status
+        status.success(),
+        "systemd-analyze verify failed ({status}):\n{said}"
     );
     // Unknown keys are only warnings to systemd, but a hardening option it
     // does not know is one that does nothing.
@@ -187,21 +180,15 @@ fn daemonset_passes_kubernetes_schema_validation() -> Result<()> {
         return Ok(());
     }
     let manifest = workspace().join("deploy/kubernetes/daemonset.yaml");
-    let validate = |path: &Path| -> Result<Output> {
-        Command::new("kubernetes-validate")
-            .args(["--strict", "--kubernetes-version", "1.30.0"])
-            .arg(path)
-            .output()
-            .context("running kubernetes-validate")
+    let validate = |path: &Path| {
+        let mut cmd = Command::new("kubernetes-validate");
+        cmd.args(["--strict", "--kubernetes-version", "1.30.0"])
+            .arg(path);
+        status_and_text(cmd)
     };
-    let out = validate(&manifest)?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (status, said) = validate(&manifest)?;
     ensure!(
-        out.status.success() && said.contains("passed"),
+        status.success() && said.contains("passed"),
         "kubernetes-validate rejected {}:\n{said}",
         manifest.display()
     );
@@ -213,7 +200,7 @@ fn daemonset_passes_kubernetes_schema_validation() -> Result<()> {
         std::fs::read_to_string(&manifest)?.replace("hostNetwork:", "hostNetwrok:"),
     )?;
     ensure!(
-        !validate(&broken)?.status.success(),
+        !validate(&broken)?.0.success(),
         "kubernetes-validate accepted a misspelt hostNetwork"
     );
     Ok(())
