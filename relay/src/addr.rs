@@ -282,16 +282,29 @@ impl SocatOption<'_> {
     }
 }
 
-fn socat_options(list: &str) -> impl Iterator<Item = SocatOption<'_>> {
-    list.split(',').filter(|s| !s.is_empty()).map(|opt| {
+/// The options after an address's first comma. An empty one (`,,` or a
+/// trailing comma) is refused: it is a typo more often than not, and socat
+/// scripts that relay accepted silently would hide it.
+/// `list` is `None` when the address has no comma at all.
+fn socat_options<'a>(
+    input: &'a str,
+    list: Option<&'a str>,
+) -> impl Iterator<Item = Result<SocatOption<'a>, AddrError>> {
+    list.into_iter().flat_map(|l| l.split(',')).map(move |opt| {
+        if opt.trim().is_empty() {
+            return Err(invalid(
+                input,
+                "an empty option (two commas in a row, or a trailing comma); remove the extra comma",
+            ));
+        }
         let (key, value) = match opt.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (opt, None),
         };
-        SocatOption {
+        Ok(SocatOption {
             key: key.to_ascii_lowercase(),
             value,
-        }
+        })
     })
 }
 
@@ -360,12 +373,15 @@ fn parse_seconds(input: &str, key: &str, value: &str) -> Result<Duration, AddrEr
     value
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s > 0.0)
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= crate::duration::MAX.as_secs_f64())
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| {
             invalid(
                 input,
-                format!("`{key}={value}`: expected a positive number of seconds"),
+                format!(
+                    "`{key}={value}`: expected a positive number of seconds, at most {}",
+                    crate::duration::MAX.as_secs()
+                ),
             )
         })
 }
@@ -510,7 +526,9 @@ fn parse_socat_listen(
     rest: &str,
     tls: bool,
 ) -> Result<ListenAddr, AddrError> {
-    let (port, options) = rest.split_once(',').unwrap_or((rest, ""));
+    let (port, options) = rest
+        .split_once(',')
+        .map_or((rest, None), |(p, o)| (p, Some(o)));
     let mut addr = ListenAddr {
         host: Host::Ip(match family {
             Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
@@ -530,7 +548,8 @@ fn parse_socat_listen(
         netns: None,
         text: input.to_string(),
     };
-    for opt in socat_options(options) {
+    for opt in socat_options(input, options) {
+        let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {
             addr.netns = Some(target);
             continue;
@@ -568,7 +587,17 @@ fn parse_socat_listen(
                     .strip_prefix('[')
                     .and_then(|v| v.strip_suffix(']'))
                     .unwrap_or(value);
-                addr.host = parse_host(input, host)?;
+                // A listener binds an address of this host: a name would be
+                // a DNS lookup at start, and a typo an exit 1 after it.
+                let ip: IpAddr = host.parse().map_err(|_| {
+                    invalid(
+                        input,
+                        format!(
+                            "`bind={value}`: expected an IP address of this host (for example bind=127.0.0.1 or bind=[::1])"
+                        ),
+                    )
+                })?;
+                addr.host = Host::Ip(ip);
             }
             "backlog" => {
                 let value = opt.required(input)?;
@@ -636,7 +665,9 @@ fn parse_socat_target(
     rest: &str,
     tls: bool,
 ) -> Result<TargetAddr, AddrError> {
-    let (hostport, options) = rest.split_once(',').unwrap_or((rest, ""));
+    let (hostport, options) = rest
+        .split_once(',')
+        .map_or((rest, None), |(h, o)| (h, Some(o)));
     let (host, port) = host_port(input, hostport)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
@@ -663,7 +694,8 @@ fn parse_socat_target(
         netns: None,
         text: input.to_string(),
     };
-    for opt in socat_options(options) {
+    for opt in socat_options(input, options) {
+        let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {
             addr.netns = Some(target);
             continue;
@@ -905,6 +937,23 @@ mod tests {
                 "second address must connect",
             ),
             (parse_target("127.0.0.1:0").map(|_| ()), "port 0"),
+            (
+                parse_listen("TCP-LISTEN:80,,fork").map(|_| ()),
+                "an empty option",
+            ),
+            (
+                parse_listen("TCP-LISTEN:80,fork,").map(|_| ()),
+                "an empty option",
+            ),
+            (
+                parse_target("TCP:db:5432,,nodelay").map(|_| ()),
+                "an empty option",
+            ),
+            (parse_target("TCP:db:5432,").map(|_| ()), "an empty option"),
+            (
+                parse_listen("TCP-LISTEN:80,bind=notanip").map(|_| ()),
+                "`bind=notanip`: expected an IP address",
+            ),
         ];
         for (result, expected) in cases {
             let err = result.expect_err(expected).to_string();

@@ -146,9 +146,10 @@ struct RouteArgs {
     /// Give up connecting to the target after this long.
     #[arg(global = true, long, value_parser = duration::parse, default_value = "10s")]
     connect_timeout: Duration,
-    /// Close a connection with no bytes either way for this long (socat's -T).
-    #[arg(global = true, long, short = 'T', value_parser = duration::parse)]
-    idle_timeout: Option<Duration>,
+    /// Close a connection with no bytes either way for this long (socat's -T); `none` never does.
+    #[arg(global = true, long, short = 'T', value_name = "DURATION|none",
+          default_value_t = duration::Timeout(Some(relay::forward::DEFAULT_IDLE_TIMEOUT)))]
+    idle_timeout: duration::Timeout,
     /// Open connections at most; beyond it accepting pauses until one closes
     /// [default: 10000, or what the open-file limit holds if less].
     #[arg(global = true, long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -287,10 +288,14 @@ fn publish_route(args: PublishArgs) -> Result<Route, String> {
     })
 }
 
-/// SIGTERM and SIGINT, as one stream of named signals.
+/// SIGTERM and SIGINT, as one stream of named signals. SIGHUP is caught
+/// too, so that a closing terminal or a `kill -HUP` meant as "reload" does
+/// not end the relay without a drain: it is logged and ignored, since a
+/// single-route relay has no configuration to read again.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -300,13 +305,21 @@ impl Signals {
                 .context("cannot install the SIGTERM handler")?,
             interrupt: signal(SignalKind::interrupt())
                 .context("cannot install the SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
         })
     }
 
+    /// The next signal that stops the relay.
     async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return "SIGTERM",
+                _ = self.interrupt.recv() => return "SIGINT",
+                _ = self.hangup.recv() => tracing::warn!(
+                    signal = "SIGHUP",
+                    "ignored: this relay was started from the command line and has no configuration file to reload; stop it with SIGTERM"
+                ),
+            }
         }
     }
 }
@@ -471,12 +484,8 @@ fn main() -> ExitCode {
             eprintln!("relay: error: {err:#}");
             // Bad input (a TLS file, a flag that does not fit, a target
             // that does not exist) is a usage error.
-            let usage = match err.downcast_ref::<ForwardError>() {
-                Some(ForwardError::Tls(_)) => true,
-                // A namespaced address naming no container, process or namespace.
-                Some(ForwardError::Netns(e)) => e.is_bad_input(),
-                _ => false,
-            } || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
+            let usage = matches!(err.downcast_ref::<ForwardError>(), Some(e) if e.is_bad_input())
+                || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
             if usage {
                 ExitCode::from(USAGE)
             } else {
@@ -493,6 +502,8 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         observe,
         capture,
     } = route;
+    // First, so that no signal meant for a drain ends the relay abruptly.
+    let mut signals = Signals::install()?;
     let name = args.name.unwrap_or_else(|| listen.text.clone());
     let (mut tls_server, mut tls_client) =
         tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
@@ -522,7 +533,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         listen,
         target,
         connect_timeout: args.connect_timeout,
-        idle_timeout: args.idle_timeout,
+        idle_timeout: args.idle_timeout.0,
         max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) as usize,
         drain_timeout: args.drain_timeout,
         tls_server,
@@ -558,9 +569,7 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
         None => None,
     };
     serve_metrics(args.metrics, &registry).await?;
-    tracing::info!(route = %name, target = %target_text, "listening on {}", forwarder.local_addr());
-
-    let mut signals = Signals::install()?;
+    tracing::info!(route = %name, upstream = %target_text, "listening on {}", forwarder.local_addr());
 
     let (drain_tx, drain_rx) = watch::channel(false);
     let run = forwarder.run(drain_rx);

@@ -97,7 +97,66 @@ fn malformed_arguments_exit_2_naming_the_offending_token() -> Result<()> {
             2,
             "--bogus-flag",
         ),
+        refusal(
+            &["TCP-LISTEN:80,,fork", "TCP:127.0.0.1:1"],
+            2,
+            "an empty option",
+        ),
+        refusal(&[&socat_listen, "TCP:127.0.0.1:1,"], 2, "an empty option"),
+        // A listen address is an address of this host, never a DNS lookup.
+        refusal(
+            &["TCP-LISTEN:80,bind=notanip", "TCP:127.0.0.1:1"],
+            2,
+            "`bind=notanip`",
+        ),
+        refusal(
+            &["forward", "notanip.invalid:80", "127.0.0.1:1"],
+            2,
+            "notanip.invalid:80",
+        ),
+        refusal(
+            &[
+                "forward",
+                &listen,
+                "127.0.0.1:1",
+                "--drain-timeout",
+                "18446744073709551616",
+            ],
+            2,
+            "`18446744073709551616` is too long",
+        ),
+        refusal(
+            &["forward", &listen, "127.0.0.1:1", "--idle-timeout", "0"],
+            2,
+            "write `none`",
+        ),
     ])
+}
+
+/// Idle connections are closed after ten minutes unless told otherwise,
+/// so that vanished clients cannot hold every connection slot for ever.
+#[test]
+fn idle_timeout_has_a_default_and_can_be_turned_off() -> Result<()> {
+    let help = RelayCmd::raw(&["forward", "--help"]).run_to_exit(EXIT_TIMEOUT)?;
+    // The harness logs stdout and stderr together.
+    let line = help
+        .stderr
+        .lines()
+        .skip_while(|l| !l.contains("--idle-timeout"))
+        .take(5)
+        .collect::<Vec<_>>()
+        .join("\n");
+    ensure!(
+        line.contains("[default: 10m]") && line.contains("none"),
+        "expected --idle-timeout to document its 10m default and `none`, got:\n{line}"
+    );
+    let echo = EchoServer::start()?;
+    let relay = RelayCmd::loopback_to(echo.addr())?
+        .opts(&["--idle-timeout", "none"])
+        .spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"no idle timeout")?;
+    Ok(())
 }
 
 /// socat address keywords relay does not implement are unknown keywords
@@ -309,6 +368,192 @@ fn drain_timeout_closes_endless_connection_and_exits_0() -> Result<()> {
         "expected one connection logged with outcome \"drained\", got {} in:\n{log}",
         json_log_lines_with(&log, "outcome", "drained")
     );
+    Ok(())
+}
+
+/// A transfer still moving when the drain timeout runs out is cut: both
+/// ends see a reset, never a clean EOF that would pass for the end of the
+/// transfer; the log says so.
+#[test]
+fn drain_timeout_resets_both_sides_of_a_transfer_it_cuts() -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let backend = Backend::start(move |mut conn| {
+        let _ = tx.send(SLOW_TRANSFER.write_paced(&mut conn, Some(SLOW_PAUSE)));
+    })?;
+    let mut relay = RelayCmd::loopback_to(backend.addr())?
+        .opts(&["--drain-timeout", "500ms", "--log-format", "json"])
+        .spawn()?;
+    let mut client = relay.connect()?;
+    let mut head = vec![0u8; 64 * 1024];
+    client
+        .read_exact(&mut head)
+        .context("the first 64 KiB of the slow transfer")?;
+    relay.signal(Signal::SIGTERM)?;
+    client.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut received = head.len();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match client.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => received += n,
+            Err(e) => break Err(e),
+        }
+    };
+    ensure!(
+        received < SLOW_TRANSFER.len as usize,
+        "the transfer ({} bytes) finished before the drain timeout; make SLOW_TRANSFER slower",
+        SLOW_TRANSFER.len
+    );
+    match end {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => bail!(
+            "a transfer cut by the drain timeout after {received} of {} bytes: expected the client to read a reset, got {other:?}",
+            SLOW_TRANSFER.len
+        ),
+    }
+    let sender = rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|e| anyhow!("no report from the slow sender: {e}"))?;
+    ensure!(
+        sender.is_err(),
+        "the target side of a cut transfer: expected its writes to fail (reset), but it sent everything: {sender:?}"
+    );
+    let status = relay.wait_exit(EXIT_TIMEOUT)?;
+    ensure!(
+        status.code() == Some(0),
+        "after the drain timeout: expected exit 0, got {status}"
+    );
+    let log = relay.stderr();
+    ensure!(
+        json_log_lines_with(
+            &log,
+            "reason",
+            "drain timeout after shutdown signal: both sides reset"
+        ) == 1,
+        "expected one connection logged as reset by the drain timeout, in:\n{log}"
+    );
+    Ok(())
+}
+
+/// The idle timer closing a connection whose target stopped reading cuts
+/// the bytes stuck on the way: the client sees a reset, not a clean close.
+#[test]
+fn idle_timeout_resets_a_connection_with_bytes_stuck_in_flight() -> Result<()> {
+    let backend = Backend::start(|conn| {
+        // Accept, never read; hold the socket until the relay gives up.
+        std::thread::sleep(Duration::from_secs(15));
+        drop(conn);
+    })?;
+    let relay = RelayCmd::loopback_to(backend.addr())?
+        .opts(&["--idle-timeout", "1s"])
+        .spawn()?;
+    let mut client = relay.connect()?;
+    client.set_nonblocking(true)?;
+    // Fill every buffer on the way: the target's receive queue, relay's
+    // buffer and sockets, the client's send queue.
+    let chunk = vec![7u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_millis(300) {
+        match std::io::Write::write(&mut client, &chunk) {
+            Ok(_) => quiet_since = Instant::now(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => bail!("writing toward a target that does not read: {e}"),
+        }
+    }
+    client.set_nonblocking(false)?;
+    let (closed, after) = expect_close(&mut client, Duration::from_secs(5))?;
+    ensure!(
+        closed == relay_tests::peers::Closed::Reset,
+        "idle timeout with bytes stuck toward the target: expected a reset, got {closed:?} after {after:?}"
+    );
+    relay.wait_metric(
+        "relay_connections_total",
+        &[("outcome", "idle_timeout")],
+        1.0,
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        relay
+            .stderr()
+            .contains("bytes still in flight: both sides reset"),
+        "expected the close logged as a reset with bytes in flight:\n{}",
+        relay.stderr()
+    );
+    Ok(())
+}
+
+/// SIGHUP (a closing terminal, or a `kill -HUP` meant as a reload) is
+/// logged and ignored: the relay keeps serving and still drains on SIGTERM.
+#[test]
+fn sighup_is_logged_and_ignored() -> Result<()> {
+    let echo = EchoServer::start()?;
+    let mut relay = RelayCmd::loopback_to(echo.addr())?.spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"before SIGHUP")?;
+    relay.signal(Signal::SIGHUP)?;
+    poll_until("relay to log the SIGHUP", Duration::from_secs(5), || {
+        Ok(relay.stderr().contains("SIGHUP").then_some(()))
+    })?;
+    round_trip(&mut client, b"after SIGHUP, same connection")?;
+    let mut fresh = relay.connect()?;
+    round_trip(&mut fresh, b"after SIGHUP, new connection")?;
+    drop((client, fresh));
+    relay.signal(Signal::SIGTERM)?;
+    let status = relay.wait_exit(EXIT_TIMEOUT)?;
+    ensure!(
+        status.code() == Some(0),
+        "SIGTERM after SIGHUP: expected exit 0, got {status}"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------- logs
+
+/// A route name with a newline (or any control character) cannot forge a
+/// log line: each text log line starts with a timestamp and the name is
+/// escaped; the JSON "listening on" line has each key once.
+#[test]
+fn names_from_outside_cannot_forge_log_lines() -> Result<()> {
+    let echo = EchoServer::start()?;
+    let forged = "x\n2026-01-01T00:00:00Z  INFO relay: forged\u{1b}[2J";
+    let mut relay = RelayCmd::loopback_to(echo.addr())?
+        .opts(&["--name", forged])
+        .spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"logged")?;
+    drop(client);
+    relay.wait_metric("relay_active_connections", &[], 0.0, Duration::from_secs(5))?;
+    relay.signal(Signal::SIGTERM)?;
+    relay.wait_exit(EXIT_TIMEOUT)?;
+    let log = relay.stderr();
+    let forged_lines = log
+        .lines()
+        .filter(|l| l.starts_with("2026-01-01T00:00:00Z"))
+        .count();
+    ensure!(
+        forged_lines == 0 && !log.contains('\u{1b}') && log.contains("route=x\\n2026-01-01T"),
+        "expected the name escaped on one line (route=x\\n2026-01-01T...), no forged line, no raw escape character; got {forged_lines} forged lines in:\n{log}"
+    );
+
+    let mut relay = RelayCmd::loopback_to(echo.addr())?
+        .opts(&["--log-format", "json"])
+        .spawn()?;
+    relay.signal(Signal::SIGTERM)?;
+    relay.wait_exit(EXIT_TIMEOUT)?;
+    let log = relay.stderr();
+    let listening = log
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .with_context(|| format!("no \"listening on\" line in:\n{log}"))?;
+    for key in ["\"target\":", "\"route\":", "\"upstream\":"] {
+        ensure!(
+            listening.matches(key).count() == 1,
+            "expected the key {key} once in the JSON line {listening}"
+        );
+    }
     Ok(())
 }
 

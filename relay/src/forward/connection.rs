@@ -8,6 +8,13 @@
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;
 //! - drain: when the drain timeout after SIGTERM runs out, both are closed;
+//! - a cut is never a clean end, so no peer takes a truncated transfer for
+//!   a finished one: the drain timeout resets both sides (a connection
+//!   still open then has at least one direction that never ended, and no
+//!   moment of a paced transfer tells "done" from "between two writes");
+//!   the idle timer resets them when bytes are still in flight (held by
+//!   relay, or unread in either socket: a target that stopped reading),
+//!   and sends FINs when there are none;
 //! - TLS: a leg's handshake comes first (bounded by the handshake timeout);
 //!   a clean end sends close_notify, and a peer's EOF without close_notify
 //!   is named in the log but ends its direction like any EOF.
@@ -18,7 +25,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -67,16 +74,12 @@ impl Side {
 enum End {
     /// Both directions ended with EOF; `first` sent its FIN first;
     /// `unclean` is a TLS side whose EOF came without close_notify.
-    Closed {
-        first: Side,
-        unclean: Option<Side>,
-    },
+    Closed { first: Side, unclean: Option<Side> },
     /// An I/O error on `side` (a reset, a broken pipe).
-    Failed {
-        side: Side,
-        error: io::Error,
-    },
-    Idle,
+    Failed { side: Side, error: io::Error },
+    /// The idle timer fired; `cut`: bytes were still in flight.
+    Idle { cut: bool },
+    /// The drain timeout ran out (both sides are reset).
     Drained,
 }
 
@@ -85,9 +88,25 @@ impl End {
         match self {
             End::Closed { .. } => Outcome::Closed,
             End::Failed { .. } => Outcome::Reset,
-            End::Idle => Outcome::IdleTimeout,
+            End::Idle { .. } => Outcome::IdleTimeout,
             End::Drained => Outcome::Drained,
         }
+    }
+
+    /// Records whether the idle timer's close cuts bytes in flight.
+    fn with_in_flight(self, in_flight: impl FnOnce() -> bool) -> Self {
+        match self {
+            End::Idle { .. } => End::Idle { cut: in_flight() },
+            end => end,
+        }
+    }
+
+    /// Whether both sides are reset rather than sent a FIN.
+    fn resets(&self) -> bool {
+        matches!(
+            self,
+            End::Failed { .. } | End::Idle { cut: true } | End::Drained
+        )
     }
 
     fn describe(&self) -> String {
@@ -107,8 +126,11 @@ impl End {
                 )
             }
             End::Failed { side, error } => format!("{} failed: {error}", side.as_str()),
-            End::Idle => "idle timeout".to_string(),
-            End::Drained => "drain timeout after shutdown signal".to_string(),
+            End::Idle { cut: false } => "idle timeout".to_string(),
+            End::Idle { cut: true } => {
+                "idle timeout with bytes still in flight: both sides reset".to_string()
+            }
+            End::Drained => "drain timeout after shutdown signal: both sides reset".to_string(),
         }
     }
 }
@@ -168,7 +190,10 @@ impl Connection {
         let upstream = tokio::select! {
             result = upstream::connect(&route.target, route.namespace.as_ref(), route.connect_timeout) => result,
             _ = raised(&mut close) => {
-                finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting");
+                // The client may have sent a request already: a FIN would
+                // read as "served", a reset says it was not.
+                reset(client.tcp());
+                finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting: client reset");
                 return;
             }
         };
@@ -222,8 +247,18 @@ impl Connection {
         };
 
         let transfer = Transfer::default();
-        let end = relay(&mut client, &mut upstream, &route, &transfer, &mut close).await;
-        if matches!(end, End::Failed { .. }) {
+        let activity = Activity::new();
+        let end = relay(
+            &mut client,
+            &mut upstream,
+            &route,
+            &transfer,
+            &activity,
+            &mut close,
+        )
+        .await
+        .with_in_flight(|| activity.holding() || client.has_unread() || upstream.has_unread());
+        if end.resets() {
             reset(client.tcp());
             reset(upstream.tcp());
         }
@@ -250,6 +285,11 @@ struct Transfer {
 pub(super) struct Activity {
     start: Instant,
     last: AtomicU64,
+    /// Directions holding bytes read from one side and not yet written to
+    /// the other. A pump raises it after a read and lowers it after the
+    /// write; a pump dropped in between (by a timer) leaves it raised,
+    /// which is how the close learns that it cuts a transfer.
+    held: AtomicU32,
 }
 
 impl Activity {
@@ -257,7 +297,22 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            held: AtomicU32::new(0),
         }
+    }
+
+    /// A direction now holds bytes it has yet to write.
+    pub(super) fn hold(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The bytes of [`Activity::hold`] were written.
+    pub(super) fn release(&self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn holding(&self) -> bool {
+        self.held.load(Ordering::Relaxed) > 0
     }
 
     pub(super) fn touch(&self) {
@@ -292,9 +347,9 @@ async fn relay(
     upstream: &mut Stream,
     route: &RouteContext,
     transfer: &Transfer,
+    activity: &Activity,
     close: &mut watch::Receiver<bool>,
 ) -> End {
-    let activity = Activity::new();
     let metrics = &route.metrics;
     let (up, down) = (
         (&metrics.to_target, &transfer.to_target),
@@ -304,7 +359,7 @@ async fn relay(
         (Stream::Plain(client), Stream::Plain(upstream)) => {
             match route.data_path {
                 DataPath::Sockmap => {
-                    if let Some(pair) = pair(route, client, upstream, [up, down], &activity).await {
+                    if let Some(pair) = pair(route, client, upstream, [up, down], activity).await {
                         let to_target = sockmap::pump(
                             &pair,
                             sockmap::From::Client,
@@ -312,7 +367,7 @@ async fn relay(
                             upstream,
                             up.0,
                             up.1,
-                            &activity,
+                            activity,
                         );
                         let to_client = sockmap::pump(
                             &pair,
@@ -321,17 +376,16 @@ async fn relay(
                             client,
                             down.0,
                             down.1,
-                            &activity,
+                            activity,
                         );
                         let refresh = || {
                             // A map that cannot be read leaves the clock as it
                             // is; the pumps report that error themselves.
-                            let _ = pair.sync(sockmap::From::Client, up.0, up.1, &activity);
-                            let _ = pair.sync(sockmap::From::Upstream, down.0, down.1, &activity);
+                            let _ = pair.sync(sockmap::From::Client, up.0, up.1, activity);
+                            let _ = pair.sync(sockmap::From::Upstream, down.0, down.1, activity);
                         };
                         let end =
-                            both_ways(to_target, to_client, &activity, &refresh, route, close)
-                                .await;
+                            both_ways(to_target, to_client, activity, &refresh, route, close).await;
                         // An error, the idle timer or the drain may end it
                         // before a pump's last sync: count what moved.
                         refresh();
@@ -339,10 +393,9 @@ async fn relay(
                     }
                 }
                 DataPath::Splice => {
-                    let to_target = splice::pump(client, upstream, up.0, up.1, &activity);
-                    let to_client = splice::pump(upstream, client, down.0, down.1, &activity);
-                    return both_ways(to_target, to_client, &activity, &|| {}, route, close)
-                        .await;
+                    let to_target = splice::pump(client, upstream, up.0, up.1, activity);
+                    let to_client = splice::pump(upstream, client, down.0, down.1, activity);
+                    return both_ways(to_target, to_client, activity, &|| {}, route, close).await;
                 }
                 DataPath::Copy | DataPath::Auto => {}
             }
@@ -351,14 +404,14 @@ async fn relay(
             let (client_read, client_write) = client.split();
             let (upstream_read, upstream_write) = upstream.split();
             let halves = (client_read, client_write, upstream_read, upstream_write);
-            copy_both_ways(halves, (up, down), &activity, route, close).await
+            copy_both_ways(halves, (up, down), activity, route, close).await
         }
         // TLS on a leg: always the copy path, through rustls.
         (client, upstream) => {
             let (client_read, client_write) = tokio::io::split(client);
             let (upstream_read, upstream_write) = tokio::io::split(upstream);
             let halves = (client_read, client_write, upstream_read, upstream_write);
-            copy_both_ways(halves, (up, down), &activity, route, close).await
+            copy_both_ways(halves, (up, down), activity, route, close).await
         }
     }
 }
@@ -380,7 +433,13 @@ async fn copy_both_ways(
     close: &mut watch::Receiver<bool>,
 ) -> End {
     let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, activity);
-    let to_client = pump(&mut upstream_read, &mut client_write, down.0, down.1, activity);
+    let to_client = pump(
+        &mut upstream_read,
+        &mut client_write,
+        down.0,
+        down.1,
+        activity,
+    );
     both_ways(to_target, to_client, activity, &|| {}, route, close).await
 }
 
@@ -411,8 +470,12 @@ async fn pair<'a>(
             let settle = pair.settle(client, upstream, counters, activity);
             match tokio::time::timeout(SETTLE_TIMEOUT, settle).await {
                 Ok(Ok(())) => {}
-                Ok(Err(err)) => tracing::debug!(route = %name, error = %err, "settling a half-paired connection"),
-                Err(_) => tracing::warn!(route = %name, "redirected bytes did not leave in time; copying anyway"),
+                Ok(Err(err)) => {
+                    tracing::debug!(route = %name, error = %err, "settling a half-paired connection")
+                }
+                Err(_) => {
+                    tracing::warn!(route = %name, "redirected bytes did not leave in time; copying anyway")
+                }
             }
             None
         }
@@ -445,7 +508,7 @@ async fn both_ways(
                 Err((leg, error)) => return End::Failed { side: leg.or(Side::Target, Side::Client), error },
             },
             _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX), refresh), if route.idle_timeout.is_some() => {
-                return End::Idle;
+                return End::Idle { cut: false };
             }
             _ = raised(close) => return End::Drained,
         }
@@ -555,9 +618,11 @@ async fn pump(
                     .map_err(|e| (Leg::Destination, e));
             }
             Ok(n) => {
+                activity.hold();
                 dst.write_all(&buffer)
                     .await
                     .map_err(|e| (Leg::Destination, e))?;
+                activity.release();
                 counter.inc_by(n as u64);
                 moved.fetch_add(n as u64, Ordering::Relaxed);
                 activity.touch();

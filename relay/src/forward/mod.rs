@@ -51,7 +51,9 @@ pub enum ForwardError {
         resolved: SocketAddr,
         cause: io::Error,
     },
-    #[error("cannot resolve listen address {addr}: {cause}")]
+    #[error(
+        "cannot resolve listen address {addr}: {cause} (a listener binds an address of this host: give an IP address such as 127.0.0.1 or [::1])"
+    )]
     ResolveListen { addr: String, cause: io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -59,6 +61,19 @@ pub enum ForwardError {
     Netns(#[from] crate::netns::NetnsError),
     #[error(transparent)]
     Sockmap(#[from] sockmap::SockmapError),
+}
+
+impl ForwardError {
+    /// Errors in what the user wrote (a TLS file, a listen name that is no
+    /// address of this host, a namespace that does not exist), as opposed
+    /// to a failure of the running system: the CLI exits 2 for these.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ForwardError::Tls(_) | ForwardError::ResolveListen { .. } => true,
+            ForwardError::Netns(e) => e.is_bad_input(),
+            ForwardError::Bind { .. } | ForwardError::Sockmap(_) => false,
+        }
+    }
 }
 
 fn bind_hint(cause: &io::Error) -> &'static str {
@@ -71,6 +86,16 @@ fn bind_hint(cause: &io::Error) -> &'static str {
         _ => "",
     }
 }
+
+/// Idle connections are closed after this long by default. socat has no
+/// idle timeout, and HAProxy's sample configurations close idle clients
+/// after 50 s (`timeout client`); relay carries long-lived TCP sessions
+/// (database pools, shells, Docker API streams) where a minute would
+/// surprise, yet without any timeout idle or vanished clients can hold
+/// every `--max-connections` slot for ever. Ten minutes gives the slots
+/// back while leaving quiet sessions alone; `--idle-timeout none` turns
+/// it off.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Everything one route needs; built from the command line.
 #[derive(Debug, Clone)]
@@ -96,7 +121,7 @@ impl RouteConfig {
             listen,
             target,
             connect_timeout: Duration::from_secs(10),
-            idle_timeout: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             tls_server: None,

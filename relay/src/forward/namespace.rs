@@ -45,7 +45,7 @@ impl Namespace {
                 *checked = Instant::now();
                 return Ok(netns.clone());
             }
-            tracing::info!(target = %self.target.spec(), "namespace changed (container restarted?); resolving again");
+            tracing::info!(namespace = %self.target.spec(), "namespace changed (container restarted?); resolving again");
         }
         *current = None;
         let netns = Arc::new(netns::resolve(&self.target).await?);

@@ -88,7 +88,7 @@ pub(super) async fn pump(
             src.readable().await.map_err(|e| (Leg::Source, e))?;
         }
         let Some(pipe) = slot.as_mut() else {
-            match copy_batch(src, dst).await? {
+            match copy_batch(src, dst, activity).await? {
                 0 => return shut_down(dst),
                 n => {
                     counter.inc_by(n as u64);
@@ -118,6 +118,8 @@ pub(super) async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err((Leg::Source, e)),
         };
+        // The pipe holds the batch until it has all gone out.
+        activity.hold();
         let mut left = n;
         while left > 0 {
             dst.writable().await.map_err(|e| (Leg::Destination, e))?;
@@ -129,6 +131,7 @@ pub(super) async fn pump(
                 Err(e) => return Err((Leg::Destination, e)),
             }
         }
+        activity.release();
         counter.inc_by(n as u64);
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
@@ -151,7 +154,11 @@ fn shut_down(dst: &TcpStream) -> Result<Eof, (Leg, io::Error)> {
 
 /// One read and its write through a userspace buffer (a light batch);
 /// 0 is EOF. `src` has just been reported readable.
-async fn copy_batch(src: &TcpStream, dst: &TcpStream) -> Result<usize, (Leg, io::Error)> {
+async fn copy_batch(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+) -> Result<usize, (Leg, io::Error)> {
     let mut buffer = vec![0u8; COPY_BATCH];
     let n = loop {
         match src.try_read(&mut buffer) {
@@ -162,6 +169,7 @@ async fn copy_batch(src: &TcpStream, dst: &TcpStream) -> Result<usize, (Leg, io:
             Err(e) => return Err((Leg::Source, e)),
         }
     };
+    activity.hold();
     let mut rest = &buffer[..n];
     while !rest.is_empty() {
         dst.writable().await.map_err(|e| (Leg::Destination, e))?;
@@ -171,5 +179,6 @@ async fn copy_batch(src: &TcpStream, dst: &TcpStream) -> Result<usize, (Leg, io:
             Err(e) => return Err((Leg::Destination, e)),
         }
     }
+    activity.release();
     Ok(n)
 }

@@ -25,6 +25,34 @@ impl Stream {
             Stream::TlsClient(tls) => tls.get_ref().0,
         }
     }
+
+    /// Whether the peer sent bytes the relay has not read yet. On a TLS
+    /// leg rustls may hold decrypted bytes too, but only while the pump
+    /// that reads them is stuck writing, which the pump itself records
+    /// (`Activity::hold`).
+    pub fn has_unread(&self) -> bool {
+        unread_bytes(self.tcp()) > 0
+    }
+}
+
+/// Bytes waiting in the socket's receive queue (FIONREAD); 0 when the
+/// kernel cannot say (the socket is already gone).
+pub fn unread_bytes(socket: &TcpStream) -> usize {
+    let mut queued: std::ffi::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer given; the fd is
+    // open for as long as `socket` is borrowed.
+    let rc = unsafe {
+        nix::libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            nix::libc::FIONREAD,
+            &mut queued,
+        )
+    };
+    if rc == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Calls the same poll method on whichever stream this is.

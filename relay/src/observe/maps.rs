@@ -308,7 +308,9 @@ mod tests {
                 return;
             }
         };
-        let rust: [(&str, usize, Vec<(&str, usize)>); 7] = [
+        /// A struct's name and size, and each field's name and offset.
+        type Layout = (&'static str, usize, Vec<(&'static str, usize)>);
+        let rust: [Layout; 7] = [
             (
                 "relay_traffic_key",
                 size_of::<TrafficKey>(),

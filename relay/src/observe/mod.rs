@@ -198,7 +198,7 @@ impl Observer {
         };
         let target = netns.label().to_string();
         for iface in &interfaces {
-            tracing::info!(target = %target, iface = %iface.name, "observing (ingress and egress)");
+            tracing::info!(observed = %target, iface = %iface.name, "observing (ingress and egress)");
         }
         Ok(Observer {
             target,

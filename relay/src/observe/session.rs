@@ -181,7 +181,7 @@ impl Session {
             }
             match &current {
                 Some(observer) if !still_there(&netns).await => {
-                    tracing::warn!(target = %observer.target(), "target stopped: detaching, its series are removed");
+                    tracing::warn!(observed = %observer.target(), "target stopped: detaching, its series are removed");
                     export.forget(observer.target(), observer.interfaces());
                     *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     if let Some(run) = &mut capture {
@@ -196,7 +196,7 @@ impl Session {
                 Some(_) => {}
                 None => match attach(&target, &options.observe).await {
                     Ok((new_netns, observer)) => {
-                        tracing::info!(target = %observer.target(), "target is back: attached again");
+                        tracing::info!(observed = %observer.target(), "target is back: attached again");
                         netns = new_netns;
                         if let Some(run) = &mut capture {
                             run.attach(&observer, &netns)?;

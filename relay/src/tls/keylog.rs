@@ -48,10 +48,13 @@ fn nss_line(label: &str, client_random: &[u8], secret: &[u8]) -> String {
     format!("{label} {} {}\n", hex(client_random), hex(secret))
 }
 
+/// Where a [`KeyLogTee`] sends each line besides the wrapped key log.
+type LineSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A key log that passes every line to `also` and to the key log it wraps (if any).
 pub struct KeyLogTee {
     inner: Option<std::sync::Arc<dyn rustls::KeyLog>>,
-    also: Box<dyn Fn(&[u8]) + Send + Sync>,
+    also: LineSink,
 }
 
 impl KeyLogTee {
