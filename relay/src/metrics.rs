@@ -14,11 +14,14 @@
 //! most [`EndpointLimits::max_connections`] connections (the descriptors
 //! `limits` keeps aside for it), a connection has
 //! [`EndpointLimits::header_read_timeout`] to send its request head, and none
-//! lives longer than [`EndpointLimits::max_connection_age`].
+//! lives longer than [`EndpointLimits::max_connection_age`]. Nor may clients
+//! that never ask keep scrapers out: at the cap, a new connection replaces
+//! the oldest one still without a request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,7 +38,6 @@ use thiserror::Error;
 use crate::health::{Readiness, Report};
 use crate::tls::HandshakeOutcome;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 /// How a relayed connection ended; the `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +100,11 @@ impl Outcome {
 pub enum EndpointOutcome {
     /// Answered (or the client left without asking), closed without error.
     Closed,
-    /// Closed at once: the endpoint already held its maximum of connections.
+    /// Closed before its request head was in, to make room for a newer
+    /// connection at the cap.
+    Evicted,
+    /// Closed at once: the endpoint was at its cap and every connection was
+    /// answering a request.
     Refused,
     /// No complete request head within the header-read timeout.
     HeaderTimeout,
@@ -110,8 +116,9 @@ pub enum EndpointOutcome {
 }
 
 impl EndpointOutcome {
-    pub const ALL: [EndpointOutcome; 5] = [
+    pub const ALL: [EndpointOutcome; 6] = [
         EndpointOutcome::Closed,
+        EndpointOutcome::Evicted,
         EndpointOutcome::Refused,
         EndpointOutcome::HeaderTimeout,
         EndpointOutcome::MaxAge,
@@ -121,6 +128,7 @@ impl EndpointOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             EndpointOutcome::Closed => "closed",
+            EndpointOutcome::Evicted => "evicted",
             EndpointOutcome::Refused => "refused",
             EndpointOutcome::HeaderTimeout => "header_timeout",
             EndpointOutcome::MaxAge => "max_age",
@@ -132,9 +140,10 @@ impl EndpointOutcome {
 /// What one metrics connection may cost the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointLimits {
-    /// Connections served at once; one more is accepted only to be closed,
-    /// which takes it out of the listen backlog (a full backlog would make
-    /// every scraper time out rather than fail fast).
+    /// Connections held at once. The next one is accepted and then either
+    /// takes the slot of the oldest connection still without a request, or
+    /// is closed; either way it leaves the listen backlog (a full backlog
+    /// would make every scraper time out rather than fail fast).
     pub max_connections: usize,
     /// Time to send a whole request head. Prometheus sends its request at
     /// once; a client that trickles (slowloris) is cut off here.
@@ -347,7 +356,7 @@ impl Metrics {
         let endpoint_connections = IntCounterVec::new(
             Opts::new(
                 "relay_metrics_connections_total",
-                "Connections to the metrics endpoint by how they ended (refused: over its connection cap).",
+                "Connections to the metrics endpoint by how they ended (evicted: closed without a request to make room at the cap; refused: closed at once, every slot answering).",
             ),
             &["outcome"],
         )
@@ -498,10 +507,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 /// [`serve`] under `limits`.
+///
+/// At the cap, a new connection takes the slot of the oldest one that has
+/// not finished its request head yet (it is closed and counted `evicted`):
+/// a scraper sends its request at once, so a flood of clients that never
+/// ask cannot keep it out. Only when every slot is busy answering is the
+/// new connection closed at once (`refused`).
 pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: EndpointLimits) {
-    let slots = Arc::new(Semaphore::new(
-        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let table = Arc::new(std::sync::Mutex::new(Table::<tokio::task::JoinHandle<()>>::new(
+        limits.max_connections,
+    )));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -511,36 +526,133 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: En
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Closing at once frees the descriptor and the backlog entry; a
-            // flood then costs one descriptor for a moment, not one each.
-            drop(stream);
-            metrics.endpoint_ended(EndpointOutcome::Refused);
-            tracing::debug!(
-                max_connections = limits.max_connections,
-                "metrics endpoint: connection refused, the endpoint is at its connection cap"
-            );
-            continue;
-        };
-        metrics.endpoint_active.inc();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let outcome = serve_connection(stream, &metrics, limits).await;
-            metrics.endpoint_active.dec();
-            metrics.endpoint_ended(outcome);
-            drop(slot);
+        let room = lock(&table).make_room();
+        match room {
+            Room::Free => {}
+            Room::Evict(oldest) => {
+                oldest.abort();
+                // Waiting for the aborted task closes its descriptor before
+                // the new connection is served: the endpoint never holds
+                // more than the cap (plus the one just accepted).
+                let _ = oldest.await;
+                metrics.endpoint_ended(EndpointOutcome::Evicted);
+            }
+            Room::Full => {
+                // Closing at once frees the descriptor and the backlog entry.
+                drop(stream);
+                metrics.endpoint_ended(EndpointOutcome::Refused);
+                tracing::debug!(
+                    max_connections = limits.max_connections,
+                    "metrics endpoint: connection refused, every slot is answering a request"
+                );
+                continue;
+            }
+        }
+        let asked = Arc::new(AtomicBool::new(false));
+        // Held across the spawn so the task cannot look for its entry
+        // before the entry exists.
+        let mut open = lock(&table);
+        let id = open.next_id();
+        let task = tokio::spawn({
+            let (metrics, table, asked) = (metrics.clone(), table.clone(), asked.clone());
+            async move {
+                let outcome = serve_connection(stream, &metrics, &asked, limits).await;
+                let mut open = lock(&table);
+                // An entry already gone was evicted, and counted as such.
+                if open.remove(id) {
+                    metrics.endpoint_active.set(open.len() as i64);
+                    metrics.endpoint_ended(outcome);
+                }
+            }
         });
+        open.insert(id, asked, task);
+        metrics.endpoint_active.set(open.len() as i64);
+    }
+}
+
+fn lock<T>(table: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The table stays consistent through a panic: every change is one call.
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the endpoint can do with one more connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Room<T> {
+    /// Under the cap.
+    Free,
+    /// At the cap; this entry, the oldest still without a request, was
+    /// taken out of the table and must be closed.
+    Evict(T),
+    /// At the cap and every connection is answering a request.
+    Full,
+}
+
+/// The metrics connections open now, oldest first; `T` is what closes one
+/// (a task handle).
+struct Table<T> {
+    cap: usize,
+    last_id: u64,
+    open: std::collections::VecDeque<(u64, Arc<AtomicBool>, T)>,
+}
+
+impl<T> Table<T> {
+    fn new(cap: usize) -> Self {
+        Table {
+            cap: cap.max(1),
+            last_id: 0,
+            open: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Makes room for one more connection if it can.
+    fn make_room(&mut self) -> Room<T> {
+        if self.open.len() < self.cap {
+            return Room::Free;
+        }
+        let idle = self
+            .open
+            .iter()
+            .position(|(_, asked, _)| !asked.load(Ordering::Acquire));
+        match idle.and_then(|index| self.open.remove(index)) {
+            Some((_, _, handle)) => Room::Evict(handle),
+            None => Room::Full,
+        }
+    }
+
+    fn insert(&mut self, id: u64, asked: Arc<AtomicBool>, handle: T) {
+        self.open.push_back((id, asked, handle));
+    }
+
+    /// Takes connection `id` out; false if it was no longer there (evicted).
+    fn remove(&mut self, id: u64) -> bool {
+        match self.open.iter().position(|(open, _, _)| *open == id) {
+            Some(index) => self.open.remove(index).is_some(),
+            None => false,
+        }
     }
 }
 
 /// One HTTP connection under `limits`; the stream is closed on return.
+/// `asked` turns true once the request head is in (the connection is then
+/// busy answering and no longer evicted).
 async fn serve_connection(
     stream: TcpStream,
     metrics: &Arc<Metrics>,
+    asked: &Arc<AtomicBool>,
     limits: EndpointLimits,
 ) -> EndpointOutcome {
-    let for_service = metrics.clone();
+    let (for_service, asked) = (metrics.clone(), asked.clone());
     let service = hyper::service::service_fn(move |req| {
+        asked.store(true, Ordering::Release);
         let metrics = for_service.clone();
         async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
     });
@@ -674,10 +786,37 @@ mod tests {
         assert_eq!(post.headers()[hyper::header::ALLOW], "GET, HEAD");
     }
 
-    /// The endpoint at its cap closes the surplus at once, cuts off clients
-    /// that never finish a request head, and still answers afterwards.
+    #[test]
+    fn at_the_cap_the_oldest_connection_without_a_request_makes_room() {
+        let mut table = Table::new(3);
+        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        for (name, asked) in ["first", "second", "third"].into_iter().zip(&flags) {
+            assert_eq!(table.make_room(), Room::Free);
+            let id = table.next_id();
+            table.insert(id, asked.clone(), name);
+        }
+        flags[0].store(true, Ordering::Release);
+        assert_eq!(
+            table.make_room(),
+            Room::Evict("second"),
+            "the first is answering; the second is the oldest still silent"
+        );
+        let id = table.next_id();
+        table.insert(id, Arc::new(AtomicBool::new(true)), "fourth");
+        assert_eq!(table.make_room(), Room::Evict("third"));
+        let id = table.next_id();
+        table.insert(id, Arc::new(AtomicBool::new(true)), "fifth");
+        assert_eq!(table.make_room(), Room::Full, "every slot is answering");
+        assert!(table.remove(1), "the first ends on its own");
+        assert!(!table.remove(2), "the second was evicted already");
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.make_room(), Room::Free);
+    }
+
+    /// Slow clients that never finish a request head give way to a scraper
+    /// at the cap, and are cut off at the header timeout.
     #[tokio::test]
-    async fn endpoint_refuses_past_its_cap_and_times_out_slow_heads() {
+    async fn endpoint_serves_a_scraper_past_a_cap_of_slow_clients() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         use tokio::time::{Instant, timeout};
 
@@ -705,50 +844,51 @@ mod tests {
                 }
             }
         }
-
-        let mut slow = Vec::new();
-        for _ in 0..limits.max_connections {
+        async fn slow_client(addr: SocketAddr) -> TcpStream {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(b"GET /metr").await.expect("write");
-            slow.push(stream);
+            stream
         }
-        // Wait until both hold a slot before the one that must be refused.
+
+        let mut oldest = slow_client(addr).await;
+        let mut newer = slow_client(addr).await;
         while metrics.endpoint_active.get() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut surplus = TcpStream::connect(addr).await.expect("connect");
-        let refused_after = closed_after(&mut surplus).await;
-        assert!(
-            refused_after < limits.header_read_timeout,
-            "expected the surplus connection closed at once, it took {refused_after:?}"
-        );
-        for stream in &mut slow {
-            let after = closed_after(stream).await;
-            assert!(
-                after < limits.header_read_timeout * 3,
-                "expected a slow head cut off near {:?}, it took {after:?}",
-                limits.header_read_timeout
-            );
-        }
-
         let mut scraper = TcpStream::connect(addr).await.expect("connect");
         scraper
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write");
+        let evicted_after = closed_after(&mut oldest).await;
+        assert!(
+            evicted_after < limits.header_read_timeout,
+            "expected the oldest slow client closed at once for the scraper, it took {evicted_after:?}"
+        );
         let mut response = String::new();
         timeout(Duration::from_secs(5), scraper.read_to_string(&mut response))
             .await
             .expect("the endpoint answers and closes (no keep-alive) within 5 s")
             .expect("the response is UTF-8");
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        for (outcome, count) in [("refused", 1), ("header_timeout", 2)] {
-            let series = format!("relay_metrics_connections_total{{outcome=\"{outcome}\"}} {count}");
-            assert!(response.contains(&series), "missing {series} in\n{response}");
+        for series in [
+            "relay_metrics_connections_total{outcome=\"evicted\"} 1",
+            "relay_metrics_active_connections 2",
+        ] {
+            assert!(response.contains(series), "missing {series} in\n{response}");
         }
+        let timed_out_after = closed_after(&mut newer).await;
         assert!(
-            response.contains("relay_metrics_active_connections 1"),
-            "the scrape counts itself:\n{response}"
+            timed_out_after < limits.header_read_timeout * 3,
+            "expected the slow head cut off near {:?}, it took {timed_out_after:?}",
+            limits.header_read_timeout
+        );
+        assert!(
+            metrics
+                .render()
+                .contains("relay_metrics_connections_total{outcome=\"header_timeout\"} 1"),
+            "{}",
+            metrics.render()
         );
         server.abort();
     }
