@@ -30,8 +30,7 @@ const BASE_RESERVED_FDS: u64 = 64;
 /// Descriptors kept aside from relayed connections (an eighth of a small
 /// limit). The cap is a first line of defence: accept still backs off on
 /// EMFILE when the estimate is short.
-const RESERVED_FDS: u64 =
-    BASE_RESERVED_FDS + EndpointLimits::DEFAULT.max_connections as u64 + 1;
+const RESERVED_FDS: u64 = BASE_RESERVED_FDS + EndpointLimits::DEFAULT.max_connections as u64 + 1;
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> nix::Result<u64> {

@@ -514,9 +514,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 /// ask cannot keep it out. Only when every slot is busy answering is the
 /// new connection closed at once (`refused`).
 pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: EndpointLimits) {
-    let table = Arc::new(std::sync::Mutex::new(Table::<tokio::task::JoinHandle<()>>::new(
-        limits.max_connections,
-    )));
+    let table = Arc::new(std::sync::Mutex::new(
+        Table::<tokio::task::JoinHandle<()>>::new(limits.max_connections),
+    ));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -789,7 +789,8 @@ mod tests {
     #[test]
     fn at_the_cap_the_oldest_connection_without_a_request_makes_room() {
         let mut table = Table::new(3);
-        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let flags: Vec<Arc<AtomicBool>> =
+            (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
         for (name, asked) in ["first", "second", "third"].into_iter().zip(&flags) {
             assert_eq!(table.make_room(), Room::Free);
             let id = table.next_id();
@@ -829,7 +830,9 @@ mod tests {
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("binding 127.0.0.1:0 works");
-        let addr = listener.local_addr().expect("a bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         let server = tokio::spawn(serve_with(listener, metrics.clone(), limits));
 
         /// Reads until EOF or a reset; returns how long that took.
@@ -866,10 +869,13 @@ mod tests {
             "expected the oldest slow client closed at once for the scraper, it took {evicted_after:?}"
         );
         let mut response = String::new();
-        timeout(Duration::from_secs(5), scraper.read_to_string(&mut response))
-            .await
-            .expect("the endpoint answers and closes (no keep-alive) within 5 s")
-            .expect("the response is UTF-8");
+        timeout(
+            Duration::from_secs(5),
+            scraper.read_to_string(&mut response),
+        )
+        .await
+        .expect("the endpoint answers and closes (no keep-alive) within 5 s")
+        .expect("the response is UTF-8");
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         for series in [
             "relay_metrics_connections_total{outcome=\"evicted\"} 1",

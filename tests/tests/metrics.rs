@@ -185,7 +185,12 @@ const FLOOD_NOFILE: u64 = 1_200;
 
 /// `method path` on a fresh connection to `addr`, failing after `timeout`
 /// rather than waiting for an endpoint that no longer answers.
-fn fresh_request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<http::Response> {
+fn fresh_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<http::Response> {
     let stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
@@ -239,7 +244,14 @@ fn closed_by(mut stream: &TcpStream, deadline: Instant) -> bool {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
             Err(_) => return true,
         }
     }
@@ -348,7 +360,12 @@ fn slowloris_on_the_metrics_port_cannot_stop_forwarding() -> Result<()> {
             Ok((counted == SLOWLORIS as f64).then_some(scrape))
         },
     )
-    .with_context(|| format!("last scrape:\n{}", relay.scrape().map(|s| s.text).unwrap_or_default()))?;
+    .with_context(|| {
+        format!(
+            "last scrape:\n{}",
+            relay.scrape().map(|s| s.text).unwrap_or_default()
+        )
+    })?;
     // All but the last cap's worth gave way to newer connections.
     let evicted = outcome(&settled, "evicted");
     ensure!(
@@ -401,6 +418,9 @@ fn head_answers_like_get_without_a_body() -> Result<()> {
     let post = fresh_request(metrics, "POST", "/metrics", Duration::from_secs(5))?;
     match post.status {
         405 => Ok(()),
-        other => bail!("expected POST /metrics to answer 405, got {other}: {}", post.head),
+        other => bail!(
+            "expected POST /metrics to answer 405, got {other}: {}",
+            post.head
+        ),
     }
 }
