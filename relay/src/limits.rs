@@ -1,13 +1,36 @@
 //! Process limits a relay needs: every relayed connection costs two file
 //! descriptors, and the usual soft limit of 1024 would cap a relay at about
 //! 500 connections while the hard limit allows far more.
+//!
+//! The descriptor budget, for an open-file limit of N:
+//!
+//! ```text
+//! N = 2 * max_connections          two per relayed connection (client, target)
+//!   + 64                           listeners, logs, eBPF maps and ring buffers,
+//!                                  the runtime's epoll and wakeup descriptors
+//!   + 64                           the metrics endpoint's connection cap
+//!   + 1                            the one connection past that cap, accepted
+//!                                  only to be closed
+//! ```
+//!
+//! so N = 20,000 holds 9,935 relayed connections, and however many clients
+//! the metrics endpoint meets it never takes a descriptor the forwarder's
+//! connections were counted on. Below 8 × 129 = 1,032 descriptors the
+//! reserve shrinks to an eighth of the limit, so a tiny limit still relays
+//! more than a handful of connections; there accept's backoff on EMFILE is
+//! what keeps the relay alive.
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-/// Descriptors kept aside for listeners, the metrics endpoint, logs and the
-/// runtime itself (an eighth of a small limit). The cap is a first line of
-/// defence: accept still backs off on EMFILE when the estimate is short.
-const RESERVED_FDS: u64 = 64;
+use crate::metrics::EndpointLimits;
+
+/// Descriptors of everything but relayed connections and the metrics endpoint.
+const BASE_RESERVED_FDS: u64 = 64;
+
+/// Descriptors kept aside from relayed connections (an eighth of a small
+/// limit). The cap is a first line of defence: accept still backs off on
+/// EMFILE when the estimate is short.
+const RESERVED_FDS: u64 = BASE_RESERVED_FDS + EndpointLimits::DEFAULT.max_connections as u64 + 1;
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> nix::Result<u64> {
@@ -32,8 +55,10 @@ mod tests {
 
     #[test]
     fn two_descriptors_per_connection_after_the_reserve() {
-        assert_eq!(connections_for(20_000), 9_968);
-        assert_eq!(connections_for(1_048_576), 524_256);
+        assert_eq!(RESERVED_FDS, 129, "the budget in the module doc");
+        assert_eq!(connections_for(20_000), 9_935);
+        assert_eq!(connections_for(1_048_576), 524_223);
+        assert_eq!(connections_for(1_032), 451);
         assert_eq!(connections_for(64), 28);
         assert_eq!(
             connections_for(1),

@@ -75,8 +75,10 @@ fn section_names() -> String {
 
 /// What every section needs.
 /// File descriptors kept free for everything but the held connections
-/// (stdio, listeners, epoll, logs) in this process and in relay.
-const FD_RESERVE: u64 = 64;
+/// (stdio, listeners, epoll, logs) in this process and in relay. Relay's
+/// own reserve (relay/src/limits.rs: 64, plus 65 for its metrics endpoint)
+/// caps its `--max-connections` below what a smaller reserve would ask of it.
+const FD_RESERVE: u64 = 129;
 
 #[derive(Clone)]
 pub struct Ctx {
