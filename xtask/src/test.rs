@@ -22,6 +22,15 @@ struct Step {
 }
 
 const STEPS: &[Step] = &[
+    // First: they take seconds and fail for reasons a reader fixes at once.
+    Step {
+        name: "cargo fmt --all --check",
+        run: fmt_check,
+    },
+    Step {
+        name: "cargo clippy --workspace --all-targets -- -D warnings",
+        run: clippy,
+    },
     Step {
         name: "Debian packages for real peers",
         run: ensure_packages,
@@ -60,6 +69,24 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     println!("xtask: all {} steps passed", STEPS.len());
     Ok(())
+}
+
+fn fmt_check(_: &mut Ctx) -> Result<()> {
+    cmd::run_streaming(workspace::cargo().args(["fmt", "--all", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all` and commit the result")
+}
+
+fn clippy(_: &mut Ctx) -> Result<()> {
+    cmd::run_streaming(workspace::cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found warnings: fix them (the test run treats every warning as an error)")
 }
 
 fn ensure_packages(_: &mut Ctx) -> Result<()> {
