@@ -318,7 +318,9 @@ pub fn round_trip(stream: &mut (impl io::Read + io::Write), bytes: &[u8]) -> Res
 /// stall (past the stream's read timeout) is an error naming the bytes
 /// received so far.
 pub fn echo_payload(stream: TcpStream, payload: crate::Payload) -> Result<crate::Fingerprint> {
-    let mut writer = stream.try_clone().context("cloning the echo client's socket")?;
+    let mut writer = stream
+        .try_clone()
+        .context("cloning the echo client's socket")?;
     let sender = std::thread::Builder::new()
         .name("echo-payload-writer".into())
         .spawn(move || -> io::Result<()> {
@@ -326,7 +328,10 @@ pub fn echo_payload(stream: TcpStream, payload: crate::Payload) -> Result<crate:
             writer.shutdown(std::net::Shutdown::Write)
         })
         .context("spawning the echo client's writer")?;
-    let mut reader = CountingReader { inner: stream, read: 0 };
+    let mut reader = CountingReader {
+        inner: stream,
+        read: 0,
+    };
     let heard = crate::payload::read_fingerprint(&mut reader).with_context(|| {
         format!(
             "reading the echo of {} bytes: failed after {} bytes",

@@ -131,8 +131,25 @@ impl ShapedLink {
         };
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if])?;
         ip(&["link", "set", &host_if, "mtu", &MTU.to_string(), "up"])?;
-        ip(&["-n", ns.name(), "addr", "add", &format!("{addr}/30"), "dev", &ns_if])?;
-        ip(&["-n", ns.name(), "link", "set", &ns_if, "mtu", &MTU.to_string(), "up"])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            &ns_if,
+        ])?;
+        ip(&[
+            "-n",
+            ns.name(),
+            "link",
+            "set",
+            &ns_if,
+            "mtu",
+            &MTU.to_string(),
+            "up",
+        ])?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let to_ns = Arc::new(Counters::default());
@@ -154,7 +171,13 @@ impl ShapedLink {
         // From here on, Drop stops whatever threads were started.
         let directions = [
             ("to-ns", &host_tun, &ns_tun, Arc::clone(&link.to_ns), seed),
-            ("to-host", &ns_tun, &host_tun, Arc::clone(&link.to_host), !seed),
+            (
+                "to-host",
+                &ns_tun,
+                &host_tun,
+                Arc::clone(&link.to_host),
+                !seed,
+            ),
         ];
         for (name, from, to, counters, seed) in directions {
             let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();

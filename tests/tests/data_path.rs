@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use relay_tests::payload::read_fingerprint;
 use relay_tests::peers::{Backend, round_trip};
-use relay_tests::wait::poll_until;
 use relay_tests::ports::free_port;
 use relay_tests::relay_proc::EXPERIMENTAL_SOCKMAP;
+use relay_tests::wait::poll_until;
 use relay_tests::{Fingerprint, Payload, Relay, RelayCmd, require_root, require_tool};
 
 const PATHS: [&str; 3] = ["copy", "splice", "sockmap"];
@@ -44,7 +44,10 @@ fn sockmap_without_the_experimental_switch_is_refused_naming_the_switch() -> Res
     // Free ports: on code that does not refuse, relay would bind and run.
     let listen = format!("127.0.0.1:{}", free_port()?);
     let exited = RelayCmd::raw(&["forward", &listen, "127.0.0.1:9", "--data-path", "sockmap"])
-        .expect_usage_error(Duration::from_secs(10), &["sockmap", "experimental", EXPERIMENTAL_SOCKMAP])?;
+        .expect_usage_error(
+            Duration::from_secs(10),
+            &["sockmap", "experimental", EXPERIMENTAL_SOCKMAP],
+        )?;
     ensure!(
         exited.stderr.contains("duplicate") && exited.stderr.contains("backpressure"),
         "expected the refusal to say why (duplicated bytes, no backpressure), got:\n{}",

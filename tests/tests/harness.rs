@@ -103,7 +103,10 @@ fn shaped_link_delays_and_drops_packets_and_is_removed_on_drop() -> Result<()> {
     require_root!("creates network namespaces and TUN devices");
     const DELAY: Duration = Duration::from_millis(25);
     let link = ShapedLink::new(DELAY, 0.0)?;
-    let echo = EchoServer::on(link.ns().tcp_listen(SocketAddr::from((link.addr(), 7000)))?)?;
+    let echo = EchoServer::on(
+        link.ns()
+            .tcp_listen(SocketAddr::from((link.addr(), 7000)))?,
+    )?;
     let started = Instant::now();
     let mut client = peers::connect(echo.addr())?;
     let handshake = started.elapsed();
@@ -119,16 +122,27 @@ fn shaped_link_delays_and_drops_packets_and_is_removed_on_drop() -> Result<()> {
     }
     let (name, host_if) = (link.ns().name().to_string(), link.host_if().to_string());
     drop((client, echo, link));
-    let shown = std::process::Command::new("ip").args(["link", "show", &host_if]).output()?;
-    ensure!(!shown.status.success(), "expected TUN device {host_if} gone after drop, it is still there");
-    let list = std::process::Command::new("ip").args(["netns", "list"]).output()?;
+    let shown = std::process::Command::new("ip")
+        .args(["link", "show", &host_if])
+        .output()?;
+    ensure!(
+        !shown.status.success(),
+        "expected TUN device {host_if} gone after drop, it is still there"
+    );
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
     ensure!(
         !String::from_utf8_lossy(&list.stdout).contains(&name),
         "expected netns {name} gone after drop"
     );
 
     let lossy = ShapedLink::new(Duration::from_millis(2), 0.05)?;
-    let echo = EchoServer::on(lossy.ns().tcp_listen(SocketAddr::from((lossy.addr(), 7000)))?)?;
+    let echo = EchoServer::on(
+        lossy
+            .ns()
+            .tcp_listen(SocketAddr::from((lossy.addr(), 7000)))?,
+    )?;
     let payload = Payload::new(81, 1 << 20);
     let heard = peers::echo_payload(peers::connect(echo.addr())?, payload)?;
     ensure!(

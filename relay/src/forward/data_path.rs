@@ -146,7 +146,10 @@ mod tests {
         assert!(err.to_string().contains(EXPERIMENTAL_SOCKMAP_FLAG), "{err}");
         assert!(require_opt_in(DataPath::Sockmap, true).is_ok());
         for path in [DataPath::Auto, DataPath::Copy, DataPath::Splice] {
-            assert!(require_opt_in(path, false).is_ok(), "{path:?} needs no switch");
+            assert!(
+                require_opt_in(path, false).is_ok(),
+                "{path:?} needs no switch"
+            );
         }
         assert!(!AUTO_PREFERENCE.contains(&DataPath::Sockmap));
     }
