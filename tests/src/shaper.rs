@@ -48,7 +48,7 @@ const READ_BUF: usize = 65_536;
 /// How often a blocked shaper thread checks whether it should stop.
 const STOP_POLL_MS: i32 = 50;
 /// The seed of [`ShapedLink::new`]: runs lose the same packet numbers.
-pub const DEFAULT_SEED: u64 = 0x5EED_12;
+pub const DEFAULT_SEED: u64 = 0x0051_EED5;
 
 /// Packets each direction has seen, read with [`ShapedLink::stats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
