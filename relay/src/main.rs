@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
-use relay::forward::{DataPath, ForwardError, Forwarder, RouteConfig};
+use relay::forward::{DataPath, ForwardError, Forwarder, RouteConfig, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics::{self, Metrics};
 use relay::netns::Target;
@@ -157,9 +157,12 @@ struct RouteArgs {
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(global = true, long, value_parser = duration::parse, default_value = "30s")]
     drain_timeout: Duration,
-    /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel). TLS legs always copy.
+    /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel; experimental, needs --experimental-sockmap). TLS legs always copy.
     #[arg(global = true, long, value_enum, default_value_t = DataPath::Auto)]
     data_path: DataPath,
+    /// Allow --data-path sockmap, which has known defects (duplicated bytes over veth/TUN links, resets after a large write and half-close, no backpressure; README, Data paths).
+    #[arg(global = true, long)]
+    experimental_sockmap: bool,
     /// Serve Prometheus metrics at http://<addr>/metrics and readiness at /healthz; a bare port binds 127.0.0.1.
     #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
@@ -441,10 +444,23 @@ fn main() -> ExitCode {
             return ExitCode::from(USAGE);
         }
     };
+    if let Err(err) = data_path::require_opt_in(cli.route.data_path, cli.route.experimental_sockmap)
+    {
+        eprintln!("relay: error: {err}");
+        return ExitCode::from(USAGE);
+    }
     logging::init(
         cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
+    if cli.route.data_path == DataPath::Sockmap {
+        // Once per process, before any route starts: the operator chose a
+        // path known to lose data, and the log should say so where it begins.
+        tracing::warn!(
+            "--experimental-sockmap: running the sockmap data path, which has known defects: {}",
+            data_path::SOCKMAP_DEFECTS
+        );
+    }
     let mut route = cli.route;
     let nofile = limits::raise_nofile().unwrap_or_else(|err| {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");

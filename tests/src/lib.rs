@@ -14,6 +14,8 @@
 //! - [`crafted`]: packets with chosen addresses, ports and flags (pnet), and
 //!   reading them back out of a capture with tshark.
 //! - [`netns`]: network namespaces with a veth pair to the host.
+//! - [`shaper`]: a namespace reached over a TUN link with added delay and
+//!   loss, shaped in userspace (no `tc netem` on this kernel).
 //! - [`namespaced`]: busybox httpd in a container, an `ip netns` or a pid's
 //!   namespace, named as relay targets; the namespace's counters and TC hooks.
 //! - [`observed`]: `relay observe`'s counters next to the kernel's, read quietly.
@@ -49,6 +51,7 @@ pub mod prometheus;
 pub mod ports;
 pub mod redis;
 pub mod relay_proc;
+pub mod shaper;
 pub mod tempdir;
 pub mod tls_client;
 pub mod tools;
@@ -59,3 +62,4 @@ pub use metrics::Scrape;
 pub use netns::NetNs;
 pub use payload::{Fingerprint, Payload};
 pub use relay_proc::{Relay, RelayCmd};
+pub use shaper::ShapedLink;

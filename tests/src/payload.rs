@@ -152,7 +152,9 @@ pub fn read_fingerprint(r: &mut impl Read) -> io::Result<Fingerprint> {
     })
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
+/// One step of SplitMix64: a small, fast, seedable PRNG (also the
+/// shaper's loss draw).
+pub(crate) fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

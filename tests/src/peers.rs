@@ -6,7 +6,8 @@
 //! - [`EchoServer`]: a tokio echo server for many concurrent connections,
 //!   half-close aware (it shuts down its write side after the client's EOF).
 //! - client helpers: [`connect`] with timeouts, [`reset`] (SO_LINGER 0
-//!   close), and [`expect_close`] which says how and when a peer hung up.
+//!   close), [`expect_close`] which says how and when a peer hung up, and
+//!   [`echo_payload`] which sends a payload to an echo and reads it back.
 //!
 //! Real third-party peers (socat, nginx) live in [`crate::tools`].
 
@@ -309,4 +310,52 @@ pub fn round_trip(stream: &mut (impl io::Read + io::Write), bytes: &[u8]) -> Res
         bail!("echo mismatch: sent {:?}, got back {:?}", bytes, back);
     }
     Ok(())
+}
+
+/// Send `payload` over `stream` (from a thread of its own, so a large
+/// echo never deadlocks on full buffers), shut down writing, and read
+/// until EOF: returns the fingerprint of what came back. A reset or a
+/// stall (past the stream's read timeout) is an error naming the bytes
+/// received so far.
+pub fn echo_payload(stream: TcpStream, payload: crate::Payload) -> Result<crate::Fingerprint> {
+    let mut writer = stream
+        .try_clone()
+        .context("cloning the echo client's socket")?;
+    let sender = std::thread::Builder::new()
+        .name("echo-payload-writer".into())
+        .spawn(move || -> io::Result<()> {
+            payload.write_to(&mut writer)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        })
+        .context("spawning the echo client's writer")?;
+    let mut reader = CountingReader {
+        inner: stream,
+        read: 0,
+    };
+    let heard = crate::payload::read_fingerprint(&mut reader).with_context(|| {
+        format!(
+            "reading the echo of {} bytes: failed after {} bytes",
+            payload.len, reader.read
+        )
+    });
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the echo client's writer panicked"))?;
+    let heard = heard?;
+    sent.with_context(|| format!("writing {} bytes to the echo", payload.len))?;
+    Ok(heard)
+}
+
+/// Counts the bytes read, for error messages.
+struct CountingReader {
+    inner: TcpStream,
+    read: u64,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
 }

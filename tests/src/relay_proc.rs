@@ -26,6 +26,9 @@ use crate::metrics::{Scrape, Selector};
 use crate::ports::{free_port, is_listening};
 use crate::wait::poll_until;
 
+/// The switch without which relay refuses `--data-path sockmap`.
+pub const EXPERIMENTAL_SOCKMAP: &str = "--experimental-sockmap";
+
 /// How long a relay may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -204,7 +207,16 @@ impl RelayCmd {
         let data_path = std::env::var("RELAY_DATA_PATH")
             .ok()
             .filter(|p| !p.is_empty() && !chosen);
-        let data_path = data_path.iter().flat_map(|p| ["--data-path".to_string(), p.clone()]);
+        // sockmap is experimental: a suite run on it opts in, or relay refuses.
+        let data_path: Vec<String> = match data_path {
+            Some(p) if p == "sockmap" => vec![
+                "--data-path".to_string(),
+                p,
+                EXPERIMENTAL_SOCKMAP.to_string(),
+            ],
+            Some(p) => vec!["--data-path".to_string(), p],
+            None => Vec::new(),
+        };
         match &self.form {
             Form::Forward { listen, target } => {
                 let mut args = vec!["forward".to_string(), listen.clone(), target.clone()];

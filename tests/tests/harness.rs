@@ -3,14 +3,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use relay_tests::netns::NetNs;
 use relay_tests::peers::{self, Backend, EchoServer, round_trip};
 use relay_tests::ports::free_port;
 use relay_tests::tools::{Nginx, Socat};
-use relay_tests::{http, require_root, require_tool};
+use relay_tests::{Payload, ShapedLink, http, require_root, require_tool};
 
 #[test]
 fn namespace_socket_is_reachable_at_namespace_address_and_removed_on_drop() -> Result<()> {
@@ -90,6 +90,71 @@ fn promtool_check_rejects_a_broken_exposition() -> Result<()> {
     ensure!(
         verdict.is_err(),
         "expected promtool to reject an unterminated label, it accepted it"
+    );
+    Ok(())
+}
+
+/// The shaped link adds its delay to every packet each way (a TCP
+/// handshake and an echo round trip each take at least twice the delay),
+/// drops packets at its loss rate, and leaves no TUN device or namespace
+/// behind.
+#[test]
+fn shaped_link_delays_and_drops_packets_and_is_removed_on_drop() -> Result<()> {
+    require_root!("creates network namespaces and TUN devices");
+    const DELAY: Duration = Duration::from_millis(25);
+    let link = ShapedLink::new(DELAY, 0.0)?;
+    let echo = EchoServer::on(
+        link.ns()
+            .tcp_listen(SocketAddr::from((link.addr(), 7000)))?,
+    )?;
+    let started = Instant::now();
+    let mut client = peers::connect(echo.addr())?;
+    let handshake = started.elapsed();
+    let started = Instant::now();
+    round_trip(&mut client, b"through the shaper")?;
+    let echoed = started.elapsed();
+    for (what, took) in [("connect", handshake), ("echo round trip", echoed)] {
+        ensure!(
+            took >= 2 * DELAY && took < 2 * DELAY + Duration::from_millis(500),
+            "{what} over a link with {DELAY:?} each way: expected about {:?}, took {took:?}",
+            2 * DELAY
+        );
+    }
+    let (name, host_if) = (link.ns().name().to_string(), link.host_if().to_string());
+    drop((client, echo, link));
+    let shown = std::process::Command::new("ip")
+        .args(["link", "show", &host_if])
+        .output()?;
+    ensure!(
+        !shown.status.success(),
+        "expected TUN device {host_if} gone after drop, it is still there"
+    );
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    ensure!(
+        !String::from_utf8_lossy(&list.stdout).contains(&name),
+        "expected netns {name} gone after drop"
+    );
+
+    let lossy = ShapedLink::new(Duration::from_millis(2), 0.05)?;
+    let echo = EchoServer::on(
+        lossy
+            .ns()
+            .tcp_listen(SocketAddr::from((lossy.addr(), 7000)))?,
+    )?;
+    let payload = Payload::new(81, 1 << 20);
+    let heard = peers::echo_payload(peers::connect(echo.addr())?, payload)?;
+    ensure!(
+        heard == payload.fingerprint(),
+        "1 MiB echoed over a 5% lossy link: got {heard}, expected {}",
+        payload.fingerprint()
+    );
+    let stats = lossy.stats();
+    let rate = stats.dropped() as f64 / (stats.dropped() + stats.delivered()) as f64;
+    ensure!(
+        (0.02..0.10).contains(&rate),
+        "a link losing 5% of packets dropped {rate:.3} of them: {stats:?}"
     );
     Ok(())
 }

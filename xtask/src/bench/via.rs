@@ -88,6 +88,10 @@ impl Hop {
                 }
                 if let Some(path) = opts.data_path {
                     cmd.arg("--data-path").arg(path);
+                    if path == "sockmap" {
+                        // Experimental (known defects); the bench still measures it.
+                        cmd.arg("--experimental-sockmap");
+                    }
                 }
                 cmd
             }
