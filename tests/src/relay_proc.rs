@@ -99,6 +99,8 @@ pub struct RelayCmd {
     listen_port: Option<u16>,
     metrics: Option<SocketAddr>,
     nofile: Option<u64>,
+    /// Address-space limit in bytes (`prlimit --as`).
+    memory: Option<u64>,
     /// Run with an empty capability bounding set (root without privileges).
     unprivileged: bool,
 }
@@ -152,6 +154,7 @@ impl RelayCmd {
             listen_port,
             metrics: None,
             nofile: None,
+            memory: None,
             unprivileged: false,
         }
     }
@@ -188,6 +191,13 @@ impl RelayCmd {
         self
     }
 
+    /// Run under `prlimit --as=<bytes>`: a relay that would exhaust memory
+    /// fails to allocate (and aborts) instead of taking the test host's.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = Some(bytes);
+        self
+    }
+
     /// Run under `setpriv --bounding-set=-all`: even as root, relay then has
     /// no capability (no CAP_BPF, no CAP_NET_ADMIN), as an unprivileged user.
     pub fn unprivileged(mut self) -> Self {
@@ -204,7 +214,9 @@ impl RelayCmd {
         let data_path = std::env::var("RELAY_DATA_PATH")
             .ok()
             .filter(|p| !p.is_empty() && !chosen);
-        let data_path = data_path.iter().flat_map(|p| ["--data-path".to_string(), p.clone()]);
+        let data_path = data_path
+            .iter()
+            .flat_map(|p| ["--data-path".to_string(), p.clone()]);
         match &self.form {
             Form::Forward { listen, target } => {
                 let mut args = vec!["forward".to_string(), listen.clone(), target.clone()];
@@ -225,8 +237,15 @@ impl RelayCmd {
     fn command(&self) -> Result<Command> {
         let bin = relay_bin()?;
         let mut line: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(n) = self.nofile {
-            line.extend(["prlimit".into(), format!("--nofile={n}:{n}").into(), "--".into()]);
+        if self.nofile.is_some() || self.memory.is_some() {
+            line.push("prlimit".into());
+            if let Some(n) = self.nofile {
+                line.push(format!("--nofile={n}:{n}").into());
+            }
+            if let Some(bytes) = self.memory {
+                line.push(format!("--as={bytes}:{bytes}").into());
+            }
+            line.push("--".into());
         }
         if self.unprivileged {
             line.extend(

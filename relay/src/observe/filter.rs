@@ -636,4 +636,117 @@ mod tests {
             Err(FilterError::TooComplex { .. })
         ));
     }
+
+    /// `(port 1 or port 2) and (port 3 or port 4) and ...`, `groups` long.
+    fn groups(groups: usize) -> String {
+        (0..groups)
+            .map(|i| format!("(port {} or port {})", 2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    #[test]
+    fn products_of_many_alternatives_are_refused_without_being_built() {
+        // 20 groups took 1.5 GB and 40 would never finish: refused while
+        // parsing (more primitives than rules) ...
+        for n in [20, 40] {
+            let err = Filter::parse(&groups(n)).unwrap_err();
+            assert!(
+                matches!(err, FilterError::TooManyPrimitives { .. }),
+                "{n} groups: {err}"
+            );
+            assert!(err.to_string().contains("32 rules"), "{err}");
+        }
+        // ... and 16 groups, 32 primitives but 2^16 terms, by the expansion,
+        // which sizes each product before building it.
+        let err = Filter::parse(&groups(16)).unwrap_err();
+        assert_eq!(err, FilterError::TooComplex);
+        assert!(err.to_string().contains("more than 32 rules"), "{err}");
+        assert!(err.to_string().contains("Wireshark"), "{err}");
+    }
+
+    #[test]
+    fn the_expansion_is_bounded_whatever_tree_it_is_given() {
+        // A front end other than this parser (libpcap, issue 13) may hand
+        // over a tree with no primitive limit: 40 groups, 2^40 terms.
+        let port = |n: u16| {
+            Expr::Primitive(Primitive(FilterRule {
+                kind: KIND_PORT,
+                port_lo: n,
+                port_hi: n,
+                ..FilterRule::default()
+            }))
+        };
+        let group = |i: u16| Expr::Or(Box::new(port(2 * i)), Box::new(port(2 * i + 1)));
+        let tree = (1..40).fold(group(0), |acc, i| {
+            Expr::And(Box::new(acc), Box::new(group(i)))
+        });
+        assert_eq!(dnf(&tree, false, 0).unwrap_err(), FilterError::TooComplex);
+        // `not` turns it into a union of 80 single rules: refused as well.
+        assert_eq!(dnf(&tree, true, 0).unwrap_err(), FilterError::TooComplex);
+        // And a chain deeper than any parse the parser allows.
+        let deep = (0..10_000).fold(port(1), |acc, _| Expr::Not(Box::new(acc)));
+        assert_eq!(dnf(&deep, false, 0).unwrap_err(), FilterError::TooComplex);
+        // Dropping a 10,000-deep Box chain recurses too; unwind it by hand
+        // so the test checks dnf(), not the test thread's stack.
+        let mut deep = deep;
+        while let Expr::Not(inner) = deep {
+            deep = *inner;
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let parens = |n: usize| format!("{}tcp{}", "(".repeat(n), ")".repeat(n));
+        let nots = |n: usize, word: &str| format!("{}tcp", word.repeat(n));
+        // At the limit: accepted, and the same as plain `tcp` (an even
+        // number of `not`s).
+        let tcp = Filter::parse("tcp").unwrap();
+        for text in [parens(MAX_NESTING), nots(MAX_NESTING, "not ")] {
+            assert_eq!(Filter::parse(&text).unwrap().rules, tcp.rules, "{text}");
+        }
+        // One past it, written each way: the error names the word and the limit.
+        for (text, token, position) in [
+            (parens(MAX_NESTING + 1), "(", MAX_NESTING + 1),
+            (nots(MAX_NESTING + 1, "! "), "!", MAX_NESTING + 1),
+            (nots(MAX_NESTING + 1, "not "), "not", MAX_NESTING + 1),
+            (parens(1000), "(", MAX_NESTING + 1),
+            (
+                format!("{}tcp", "not (".repeat(500)),
+                "not",
+                MAX_NESTING + 1,
+            ),
+        ] {
+            let err = Filter::parse(&text).unwrap_err();
+            assert_eq!(
+                err,
+                FilterError::TooDeep {
+                    token: token.into(),
+                    position
+                },
+                "{}...",
+                &text[..20]
+            );
+            assert!(err.to_string().contains("at most 64 deep"), "{err}");
+        }
+        // What crashed relay: 10,000 parentheses, 30,000 nots (longer than
+        // any filter accepted, so refused before they are even tokenized),
+        // 30,000 `!` (short enough to reach the parser).
+        let err = Filter::parse(&parens(10_000)).unwrap_err();
+        assert_eq!(err, FilterError::TooLong { len: 20_003 });
+        assert!(err.to_string().contains("at most 8192"), "{err}");
+        let err = Filter::parse(&nots(30_000, "not ")).unwrap_err();
+        assert!(matches!(err, FilterError::TooLong { .. }), "{err}");
+        let err = Filter::parse(&nots(8000, "!")).unwrap_err();
+        assert!(matches!(err, FilterError::TooDeep { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_empty_filter_is_refused_not_taken_as_everything() {
+        for text in ["", " ", "\t\n  "] {
+            let err = Filter::parse(text).unwrap_err();
+            assert_eq!(err, FilterError::Empty, "{text:?}");
+            assert!(err.to_string().contains("empty"), "{err}");
+        }
+    }
 }
