@@ -102,6 +102,8 @@ pub struct RelayCmd {
     listen_port: Option<u16>,
     metrics: Option<SocketAddr>,
     nofile: Option<u64>,
+    /// Address-space limit in bytes (`prlimit --as`).
+    memory: Option<u64>,
     /// Run with an empty capability bounding set (root without privileges).
     unprivileged: bool,
 }
@@ -155,6 +157,7 @@ impl RelayCmd {
             listen_port,
             metrics: None,
             nofile: None,
+            memory: None,
             unprivileged: false,
         }
     }
@@ -188,6 +191,13 @@ impl RelayCmd {
     /// its soft limit to the hard one).
     pub fn nofile(mut self, limit: u64) -> Self {
         self.nofile = Some(limit);
+        self
+    }
+
+    /// Run under `prlimit --as=<bytes>`: a relay that would exhaust memory
+    /// fails to allocate (and aborts) instead of taking the test host's.
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = Some(bytes);
         self
     }
 
@@ -237,8 +247,15 @@ impl RelayCmd {
     fn command(&self) -> Result<Command> {
         let bin = relay_bin()?;
         let mut line: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(n) = self.nofile {
-            line.extend(["prlimit".into(), format!("--nofile={n}:{n}").into(), "--".into()]);
+        if self.nofile.is_some() || self.memory.is_some() {
+            line.push("prlimit".into());
+            if let Some(n) = self.nofile {
+                line.push(format!("--nofile={n}:{n}").into());
+            }
+            if let Some(bytes) = self.memory {
+                line.push(format!("--as={bytes}:{bytes}").into());
+            }
+            line.push("--".into());
         }
         if self.unprivileged {
             line.extend(

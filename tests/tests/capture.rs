@@ -562,6 +562,54 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
     Ok(())
 }
 
+/// Filters that once took gigabytes or overflowed the stack (issue 12):
+/// each is refused as a usage error that names the limit, before relay
+/// needs any privilege, in bounded memory (the address space is capped so a
+/// regression aborts here instead of exhausting the test host).
+#[test]
+fn filters_too_large_too_deep_or_empty_are_refused_naming_the_limit() -> Result<()> {
+    const MEMORY: u64 = 1 << 30;
+    let dir = TempDir::new("capture-filter-limits")?;
+    let file = dir.join("x.pcapng").display().to_string();
+    let groups = (0..22)
+        .map(|i| format!("(port {} or port {})", 2 * i + 1, 2 * i + 2))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let parens = |n: usize| format!("{}tcp{}", "(".repeat(n), ")".repeat(n));
+    let cases: [(&str, String, &[&str]); 6] = [
+        (
+            "22 groups of alternatives",
+            groups,
+            &["32 rules", "Wireshark"],
+        ),
+        (
+            "10,000 nested parentheses",
+            parens(10_000),
+            &["too long", "at most 8192"],
+        ),
+        (
+            "30,000 nots",
+            format!("{}tcp", "not ".repeat(30_000)),
+            &["too long", "at most 8192"],
+        ),
+        (
+            "4,000 nested parentheses",
+            parens(4_000),
+            &["`(` (word 65)", "at most 64 deep"],
+        ),
+        ("an empty filter", String::new(), &["empty"]),
+        ("a blank filter", " \t ".to_string(), &["empty"]),
+    ];
+    for (what, filter, names) in cases {
+        let args = ["observe", "host", "--pcap", &file, "--filter", &filter];
+        RelayCmd::raw(&args)
+            .memory(MEMORY)
+            .expect_usage_error(EXIT_TIMEOUT, names)
+            .with_context(|| format!("--filter with {what}"))?;
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------ real peers, outputs
 
 #[test]

@@ -130,8 +130,9 @@ fn eof_right_after_redirected_bytes_arrives_promptly_as_eof() -> Result<()> {
                 for _ in 0..connections {
                     let mut client = relay.connect()?;
                     client.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    let heard = read_fingerprint(&mut client)
-                        .with_context(|| format!("{case}: expected the bytes, then EOF within 5 s"))?;
+                    let heard = read_fingerprint(&mut client).with_context(|| {
+                        format!("{case}: expected the bytes, then EOF within 5 s")
+                    })?;
                     ensure!(
                         heard == reply.fingerprint(),
                         "{case}: got {heard:?}, expected {:?}",
@@ -207,7 +208,10 @@ fn map_entries(pid: u32) -> Result<Vec<(String, usize)>> {
             .args(["map", "dump", "id", &id])
             .output()?;
         let text = String::from_utf8_lossy(&dump.stdout);
-        let keys = text.lines().filter(|l| l.trim_start().starts_with("key:") || l.contains("\"key\":")).count();
+        let keys = text
+            .lines()
+            .filter(|l| l.trim_start().starts_with("key:") || l.contains("\"key\":"))
+            .count();
         found.push((name, keys));
     }
     Ok(found)
@@ -256,10 +260,14 @@ fn sockmap_maps_hold_open_connections_and_are_empty_after_they_close() -> Result
         Duration::from_secs(10),
     )?;
     let mut last = Vec::new();
-    poll_until("relay's sockmap maps to be empty", Duration::from_secs(5), || {
-        last = map_entries(relay.pid())?;
-        Ok(last.iter().all(|(_, keys)| *keys == 0).then_some(()))
-    })
+    poll_until(
+        "relay's sockmap maps to be empty",
+        Duration::from_secs(5),
+        || {
+            last = map_entries(relay.pid())?;
+            Ok(last.iter().all(|(_, keys)| *keys == 0).then_some(()))
+        },
+    )
     .with_context(|| format!("entries left after every connection closed: {last:?}"))?;
     Ok(())
 }
@@ -282,7 +290,10 @@ fn without_privileges_auto_runs_and_explicit_sockmap_fails_naming_the_cause() ->
     let mut client = relay.connect()?;
     let mut heard = Vec::new();
     client.read_to_end(&mut heard)?;
-    ensure!(heard == b"hello", "auto without privileges: expected the backend's hello, got {heard:?}");
+    ensure!(
+        heard == b"hello",
+        "auto without privileges: expected the backend's hello, got {heard:?}"
+    );
     let scrape = relay.scrape()?;
     let in_use: Vec<&str> = PATHS
         .into_iter()
@@ -359,9 +370,11 @@ fn short_http_exchanges_with_a_namespaced_busybox_httpd_end_cleanly() -> Result<
     for path in PATHS {
         // The first relay may come up before httpd listens: retry its first GET.
         let relay = relay_on(path, &target)?;
-        poll_until("busybox httpd in the namespace to answer", Duration::from_secs(10), || {
-            Ok(relay_tests::http::get(relay.connect()?, "localhost", "/index.html").ok())
-        })?;
+        poll_until(
+            "busybox httpd in the namespace to answer",
+            Duration::from_secs(10),
+            || Ok(relay_tests::http::get(relay.connect()?, "localhost", "/index.html").ok()),
+        )?;
         for i in 1..EXCHANGES {
             let response = relay_tests::http::get(relay.connect()?, "localhost", "/index.html")
                 .with_context(|| format!("{path}: exchange {i}"))?;

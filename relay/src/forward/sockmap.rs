@@ -199,7 +199,10 @@ impl Sockmap {
                     // turned CLOSE_WAIT in between, say): stop that before the
                     // caller falls back to copying, and let it wait for them.
                     let _ = maps.sources.remove(&cookies[0]);
-                    return Err(PairError::Partial(pair, kernel("adding a socket to relay_sources")(err)));
+                    return Err(PairError::Partial(
+                        pair,
+                        kernel("adding a socket to relay_sources")(err),
+                    ));
                 }
             }
         }
@@ -446,7 +449,12 @@ pub(super) async fn pump(
                 let redirected = sync().map_err(|e| (Leg::Source, e))?;
                 flushed(dst, base + redirected + copied)
                     .await
-                    .map_err(|e| (Leg::Destination, context("waiting for redirected bytes to leave", e)))?;
+                    .map_err(|e| {
+                        (
+                            Leg::Destination,
+                            context("waiting for redirected bytes to leave", e),
+                        )
+                    })?;
                 return socket2::SockRef::from(dst)
                     .shutdown(std::net::Shutdown::Write)
                     .map(|()| Eof::Clean)
@@ -458,8 +466,16 @@ pub(super) async fn pump(
                 let redirected = sync().map_err(|e| (Leg::Source, e))?;
                 flushed(dst, base + redirected + copied)
                     .await
-                    .map_err(|e| (Leg::Destination, context("waiting for redirected bytes to leave", e)))?;
-                tracing::debug!(bytes = n, "sockmap: bytes passed to userspace; copying them");
+                    .map_err(|e| {
+                        (
+                            Leg::Destination,
+                            context("waiting for redirected bytes to leave", e),
+                        )
+                    })?;
+                tracing::debug!(
+                    bytes = n,
+                    "sockmap: bytes passed to userspace; copying them"
+                );
                 write_all(dst, &buffer[..n])
                     .await
                     .map_err(|e| (Leg::Destination, context("copying passed bytes", e)))?;
@@ -521,7 +537,10 @@ mod tests {
     /// size and member offsets the Rust mirror must have.
     #[test]
     fn link_layout_matches_the_compiled_object() {
-        let object = concat!(env!("CARGO_MANIFEST_DIR"), "/../relay-ebpf/obj/sockmap.bpf.o");
+        let object = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../relay-ebpf/obj/sockmap.bpf.o"
+        );
         let dump = match std::process::Command::new("bpftool")
             .args(["btf", "dump", "file", object, "format", "c"])
             .output()

@@ -15,6 +15,14 @@
 //! negated), so the expression is turned into that form here: `not` is
 //! pushed down to the primitives, `and` is distributed over `or`. A filter
 //! that needs more than [`MAX_RULES`] rules that way is refused.
+//!
+//! Every step is bounded before it runs, so a hostile or mistaken filter is
+//! refused in bounded time and memory rather than exhausting either: the
+//! text is at most [`MAX_FILTER_LEN`] bytes, `(` and `not` nest at most
+//! [`MAX_NESTING`] deep, and the expansion computes the size of each
+//! product before building it, never holding more than [`MAX_RULES`] rules.
+//! These limits belong to the kernel table, not to this grammar: a
+//! front end that replaces this parser (libpcap, issue 13) keeps them.
 
 use std::net::IpAddr;
 
@@ -24,6 +32,27 @@ use super::maps::FilterRule;
 
 /// Rules the kernel program holds (`RELAY_FILTER_MAX`).
 pub const MAX_RULES: usize = 32;
+
+/// The longest filter text accepted, in bytes. Every primitive takes at
+/// least one of the [`MAX_RULES`] rules and the longest primitive is about
+/// 60 bytes (`src net <full IPv6>/128`), so any filter the kernel can hold
+/// fits in a quarter of this, with room for operators and layout; refusing
+/// longer text up front bounds the tokens held before anything is checked.
+pub const MAX_FILTER_LEN: usize = 8192;
+
+/// How deep `(` and `not` may nest (counted together). The parser and the
+/// expansion recurse once per level, so this bounds their stack (10,000
+/// nested parentheses overflowed it); no sensible filter needs more than
+/// a handful of levels, and a chain of `not`s can always be shortened.
+pub const MAX_NESTING: usize = 64;
+
+/// The deepest expression tree the expansion walks: the nesting above plus
+/// one `and`/`or` node per primitive beyond the first. The parser never
+/// builds a deeper one; the check guards any other front end.
+const MAX_TREE_DEPTH: usize = MAX_NESTING + MAX_RULES;
+
+/// What a refusal for size tells the user to do instead.
+const SIMPLER: &str = "use fewer alternatives, or capture wider and filter in Wireshark";
 
 // enum relay_filter_kind, relay_filter_end, relay_direction, relay_proto
 const KIND_PROTO: u8 = 1;
@@ -52,9 +81,27 @@ pub enum FilterError {
         why: String,
     },
     #[error(
-        "filter too complex: {rules} rules once `not` and `and` are expanded, the kernel program holds {MAX_RULES}"
+        "invalid filter: it is empty; write an expression such as `tcp port 80`, or leave the filter out to keep every packet"
     )]
-    TooComplex { rules: usize },
+    Empty,
+    #[error(
+        "filter too long: {len} bytes, at most {MAX_FILTER_LEN} are accepted (the kernel program holds {MAX_RULES} rules, far less text); {SIMPLER}"
+    )]
+    TooLong { len: usize },
+    #[error(
+        "filter nested too deeply: `{token}` (word {position}) opens level {}, `(` and `not` nest at most {MAX_NESTING} deep; remove redundant parentheses and double negations",
+        MAX_NESTING + 1
+    )]
+    TooDeep { token: String, position: usize },
+    #[error(
+        "filter too complex: `{token}` (word {position}) is primitive {}, and each primitive takes at least one of the {MAX_RULES} rules the kernel program holds; {SIMPLER}",
+        MAX_RULES + 1
+    )]
+    TooManyPrimitives { token: String, position: usize },
+    #[error(
+        "filter too complex: it expands to more than {MAX_RULES} rules (the kernel program holds {MAX_RULES}) once `not` is pushed down and `and` distributed over `or`; {SIMPLER}"
+    )]
+    TooComplex,
 }
 
 /// One primitive, as the kernel tests it (everything of a [`FilterRule`]
@@ -84,11 +131,22 @@ impl Filter {
     }
 
     pub fn parse(text: &str) -> Result<Self, FilterError> {
-        let tokens = tokenize(text);
-        if tokens.is_empty() {
-            return Ok(Filter::all());
+        // Checked before tokenizing, so the tokens held are bounded too.
+        if text.len() > MAX_FILTER_LEN {
+            return Err(FilterError::TooLong { len: text.len() });
         }
-        let mut parser = Parser { tokens, at: 0 };
+        let tokens = tokenize(text);
+        // An empty --filter is almost always a shell variable that expanded
+        // to nothing; capturing everything instead would be a silent surprise.
+        if tokens.is_empty() {
+            return Err(FilterError::Empty);
+        }
+        let mut parser = Parser {
+            tokens,
+            at: 0,
+            depth: 0,
+            primitives: 0,
+        };
         let expr = parser.expr()?;
         if let Some(token) = parser.peek() {
             return Err(FilterError::Unexpected {
@@ -97,12 +155,14 @@ impl Filter {
                 expected: "expected `and`, `or` or the end",
             });
         }
-        let terms = dnf(&expr, false);
-        let rules: usize = terms.iter().map(Vec::len).sum();
-        if rules > MAX_RULES || terms.len() > usize::from(u8::MAX) {
-            return Err(FilterError::TooComplex { rules });
+        let terms = dnf(&expr, false, 0)?;
+        let count = rules(&terms);
+        // dnf() holds at most MAX_RULES rules and every term at least one;
+        // checked again because the kernel's term number is a u8.
+        if count > MAX_RULES || terms.len() > usize::from(u8::MAX) {
+            return Err(FilterError::TooComplex);
         }
-        let mut compiled = Vec::with_capacity(rules);
+        let mut compiled = Vec::with_capacity(count);
         for (term, conjunction) in terms.iter().enumerate() {
             for (primitive, negate) in conjunction {
                 let mut rule = primitive.0;
@@ -168,6 +228,10 @@ fn tokenize(text: &str) -> Vec<String> {
 struct Parser {
     tokens: Vec<String>,
     at: usize,
+    /// `(` and `not` open around the token being parsed.
+    depth: usize,
+    /// Primitives parsed so far.
+    primitives: usize,
 }
 
 impl Parser {
@@ -218,20 +282,24 @@ impl Parser {
                 ..FilterRule::default()
             })))
         };
-        match token.as_str() {
-            "not" | "!" => Ok(Expr::Not(Box::new(self.factor()?))),
-            "(" => {
-                let inner = self.expr()?;
-                let (close, position) = self.next("expected `)`")?;
-                if close != ")" {
-                    return Err(FilterError::Unexpected {
-                        token: close,
-                        position,
-                        expected: "expected `)`",
-                    });
-                }
-                Ok(inner)
+        if matches!(token.as_str(), "not" | "!" | "(") {
+            // Both recurse: the depth is checked before, so the stack is bounded.
+            if self.depth >= MAX_NESTING {
+                return Err(FilterError::TooDeep { token, position });
             }
+            self.depth += 1;
+            let nested = self.nested(&token);
+            self.depth -= 1;
+            return nested;
+        }
+        // Each primitive takes at least one rule (the expansion copies
+        // primitives, never drops one), so more than MAX_RULES of them can
+        // be refused here, before the tree grows.
+        self.primitives += 1;
+        if self.primitives > MAX_RULES {
+            return Err(FilterError::TooManyPrimitives { token, position });
+        }
+        match token.as_str() {
             "tcp" => rule(KIND_PROTO, 0),
             "udp" => rule(KIND_PROTO, 1),
             "icmp" | "icmp6" => rule(KIND_PROTO, 2),
@@ -251,6 +319,23 @@ impl Parser {
                 expected: PRIMITIVE,
             }),
         }
+    }
+
+    /// What follows `not` or `(` (`opened`).
+    fn nested(&mut self, opened: &str) -> Result<Expr, FilterError> {
+        if opened != "(" {
+            return Ok(Expr::Not(Box::new(self.factor()?)));
+        }
+        let inner = self.expr()?;
+        let (close, position) = self.next("expected `)`")?;
+        if close != ")" {
+            return Err(FilterError::Unexpected {
+                token: close,
+                position,
+                expected: "expected `)`",
+            });
+        }
+        Ok(inner)
     }
 
     /// `host|net|port|portrange <value>`, after an optional `src`/`dst`.
@@ -353,29 +438,57 @@ fn net_rule(rule: &mut FilterRule, addr: IpAddr, len: u8) -> bool {
     exact
 }
 
-/// The expression as OR of ANDs of (primitive, negated).
-fn dnf(expr: &Expr, negated: bool) -> Vec<Vec<(Primitive, bool)>> {
-    let product = |a: Vec<Vec<(Primitive, bool)>>, b: Vec<Vec<(Primitive, bool)>>| {
-        let mut out = Vec::with_capacity(a.len() * b.len());
-        for x in &a {
-            for y in &b {
-                out.push(x.iter().chain(y).copied().collect());
-            }
-        }
-        out
-    };
-    match (expr, negated) {
+/// A disjunction of conjunctions of (primitive, negated).
+type Dnf = Vec<Vec<(Primitive, bool)>>;
+
+/// Rules a [`Dnf`] takes in the kernel table.
+fn rules(terms: &Dnf) -> usize {
+    terms.iter().map(Vec::len).sum()
+}
+
+/// The expression as OR of ANDs of (primitive, negated), `depth` levels
+/// down the tree; refused as soon as any part needs more than
+/// [`MAX_RULES`] rules. Rules only grow on the way up (a product has at
+/// least the rules of each side, a union their sum), so a part over the
+/// limit means the whole is, and no part ever holds more than the limit.
+fn dnf(expr: &Expr, negated: bool, depth: usize) -> Result<Dnf, FilterError> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(FilterError::TooComplex);
+    }
+    let next = depth + 1;
+    let terms = match (expr, negated) {
         (Expr::Primitive(p), _) => vec![vec![(*p, negated)]],
-        (Expr::Not(inner), _) => dnf(inner, !negated),
+        (Expr::Not(inner), _) => dnf(inner, !negated, next)?,
         (Expr::And(a, b), false) | (Expr::Or(a, b), true) => {
-            product(dnf(a, negated), dnf(b, negated))
+            let (a, b) = (dnf(a, negated, next)?, dnf(b, negated, next)?);
+            // Every term of a meets every term of b: each term of a appears
+            // |b| times and each of b |a| times. Sized before it is built,
+            // saturating, so 2^20 terms are refused, not allocated.
+            let size = a
+                .len()
+                .saturating_mul(rules(&b))
+                .saturating_add(b.len().saturating_mul(rules(&a)));
+            if size > MAX_RULES {
+                return Err(FilterError::TooComplex);
+            }
+            let mut out = Vec::with_capacity(a.len() * b.len());
+            for x in &a {
+                for y in &b {
+                    out.push(x.iter().chain(y).copied().collect());
+                }
+            }
+            out
         }
         (Expr::Or(a, b), false) | (Expr::And(a, b), true) => {
-            let mut terms = dnf(a, negated);
-            terms.extend(dnf(b, negated));
+            let mut terms = dnf(a, negated, next)?;
+            terms.extend(dnf(b, negated, next)?);
             terms
         }
+    };
+    if rules(&terms) > MAX_RULES {
+        return Err(FilterError::TooComplex);
     }
+    Ok(terms)
 }
 
 #[cfg(test)]
@@ -467,8 +580,7 @@ mod tests {
         let web = pkt("10.0.0.1", "10.0.0.2", 6, 40000, 80, true);
         let dns = pkt("10.0.0.2", "192.0.2.53", 17, 5353, 53, false);
         let v6 = pkt("2001:db8::1", "2001:db8:1::2", 6, 443, 50000, false);
-        let cases: [(&str, [bool; 3]); 17] = [
-            ("", [true, true, true]),
+        let cases: [(&str, [bool; 3]); 16] = [
             ("tcp", [true, false, true]),
             ("udp", [false, true, false]),
             ("ip6", [false, false, true]),
@@ -491,6 +603,9 @@ mod tests {
             let got = [&web, &dns, &v6].map(|p| eval(&filter, p));
             assert_eq!(got, expected, "filter {text:?}");
         }
+        // No --filter at all keeps everything.
+        let all = Filter::all();
+        assert_eq!([&web, &dns, &v6].map(|p| eval(&all, p)), [true; 3]);
     }
 
     #[test]
@@ -516,9 +631,119 @@ mod tests {
             .map(|i| format!("(port {i} or host 10.0.0.{i})"))
             .collect::<Vec<_>>()
             .join(" and ");
-        assert!(matches!(
-            Filter::parse(&text),
-            Err(FilterError::TooComplex { .. })
-        ));
+        assert_eq!(Filter::parse(&text), Err(FilterError::TooComplex));
+    }
+
+    /// `(port 1 or port 2) and (port 3 or port 4) and ...`, `groups` long.
+    fn groups(groups: usize) -> String {
+        (0..groups)
+            .map(|i| format!("(port {} or port {})", 2 * i + 1, 2 * i + 2))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    #[test]
+    fn products_of_many_alternatives_are_refused_without_being_built() {
+        // 20 groups took 1.5 GB and 40 would never finish: refused while
+        // parsing (more primitives than rules) ...
+        for n in [20, 40] {
+            let err = Filter::parse(&groups(n)).unwrap_err();
+            assert!(
+                matches!(err, FilterError::TooManyPrimitives { .. }),
+                "{n} groups: {err}"
+            );
+            assert!(err.to_string().contains("32 rules"), "{err}");
+        }
+        // ... and 16 groups, 32 primitives but 2^16 terms, by the expansion,
+        // which sizes each product before building it.
+        let err = Filter::parse(&groups(16)).unwrap_err();
+        assert_eq!(err, FilterError::TooComplex);
+        assert!(err.to_string().contains("more than 32 rules"), "{err}");
+        assert!(err.to_string().contains("Wireshark"), "{err}");
+    }
+
+    #[test]
+    fn the_expansion_is_bounded_whatever_tree_it_is_given() {
+        // A front end other than this parser (libpcap, issue 13) may hand
+        // over a tree with no primitive limit: 40 groups, 2^40 terms.
+        let port = |n: u16| {
+            Expr::Primitive(Primitive(FilterRule {
+                kind: KIND_PORT,
+                port_lo: n,
+                port_hi: n,
+                ..FilterRule::default()
+            }))
+        };
+        let group = |i: u16| Expr::Or(Box::new(port(2 * i)), Box::new(port(2 * i + 1)));
+        let tree = (1..40).fold(group(0), |acc, i| {
+            Expr::And(Box::new(acc), Box::new(group(i)))
+        });
+        assert_eq!(dnf(&tree, false, 0).unwrap_err(), FilterError::TooComplex);
+        // `not` turns it into a union of 80 single rules: refused as well.
+        assert_eq!(dnf(&tree, true, 0).unwrap_err(), FilterError::TooComplex);
+        // And a chain deeper than any parse the parser allows.
+        let deep = (0..10_000).fold(port(1), |acc, _| Expr::Not(Box::new(acc)));
+        assert_eq!(dnf(&deep, false, 0).unwrap_err(), FilterError::TooComplex);
+        // Dropping a 10,000-deep Box chain recurses too; unwind it by hand
+        // so the test checks dnf(), not the test thread's stack.
+        let mut deep = deep;
+        while let Expr::Not(inner) = deep {
+            deep = *inner;
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let parens = |n: usize| format!("{}tcp{}", "(".repeat(n), ")".repeat(n));
+        let nots = |n: usize, word: &str| format!("{}tcp", word.repeat(n));
+        // At the limit: accepted, and the same as plain `tcp` (an even
+        // number of `not`s).
+        let tcp = Filter::parse("tcp").unwrap();
+        for text in [parens(MAX_NESTING), nots(MAX_NESTING, "not ")] {
+            assert_eq!(Filter::parse(&text).unwrap().rules, tcp.rules, "{text}");
+        }
+        // One past it, written each way: the error names the word and the limit.
+        for (text, token, position) in [
+            (parens(MAX_NESTING + 1), "(", MAX_NESTING + 1),
+            (nots(MAX_NESTING + 1, "! "), "!", MAX_NESTING + 1),
+            (nots(MAX_NESTING + 1, "not "), "not", MAX_NESTING + 1),
+            (parens(1000), "(", MAX_NESTING + 1),
+            (
+                format!("{}tcp", "not (".repeat(500)),
+                "not",
+                MAX_NESTING + 1,
+            ),
+        ] {
+            let err = Filter::parse(&text).unwrap_err();
+            assert_eq!(
+                err,
+                FilterError::TooDeep {
+                    token: token.into(),
+                    position
+                },
+                "{}...",
+                &text[..20]
+            );
+            assert!(err.to_string().contains("at most 64 deep"), "{err}");
+        }
+        // What crashed relay: 10,000 parentheses, 30,000 nots (longer than
+        // any filter accepted, so refused before they are even tokenized),
+        // 30,000 `!` (short enough to reach the parser).
+        let err = Filter::parse(&parens(10_000)).unwrap_err();
+        assert_eq!(err, FilterError::TooLong { len: 20_003 });
+        assert!(err.to_string().contains("at most 8192"), "{err}");
+        let err = Filter::parse(&nots(30_000, "not ")).unwrap_err();
+        assert!(matches!(err, FilterError::TooLong { .. }), "{err}");
+        let err = Filter::parse(&nots(8000, "!")).unwrap_err();
+        assert!(matches!(err, FilterError::TooDeep { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_empty_filter_is_refused_not_taken_as_everything() {
+        for text in ["", " ", "\t\n  "] {
+            let err = Filter::parse(text).unwrap_err();
+            assert_eq!(err, FilterError::Empty, "{text:?}");
+            assert!(err.to_string().contains("empty"), "{err}");
+        }
     }
 }

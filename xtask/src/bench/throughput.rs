@@ -56,7 +56,10 @@ pub fn run(ctx: &Ctx) -> SectionReport {
             _ => None,
         };
         rows.push(Row {
-            metric: format!("throughput, {streams} stream{} (Gbit/s)", if streams == 1 { "" } else { "s" }),
+            metric: format!(
+                "throughput, {streams} stream{} (Gbit/s)",
+                if streams == 1 { "" } else { "s" }
+            ),
             values: [
                 cell(&gbps.direct, 2),
                 cell(&gbps.socat, 2),
@@ -84,16 +87,27 @@ pub fn run(ctx: &Ctx) -> SectionReport {
                 vs_direct: "-".to_string(),
                 target: None,
             });
-            json.insert("cpu_s_per_gib".into(), cpu.to_json(|v| json!(v.is_finite().then_some(*v))));
+            json.insert(
+                "cpu_s_per_gib".into(),
+                cpu.to_json(|v| json!(v.is_finite().then_some(*v))),
+            );
             let host = runs.map(|r| r.host_cpu_s_per_gib);
             rows.push(Row {
-                metric: "host CPU per GiB relayed, 1 stream, all processes and kernel (s)".to_string(),
-                values: [cpu_cell(&host.direct), cpu_cell(&host.socat), cpu_cell(&host.relay)],
+                metric: "host CPU per GiB relayed, 1 stream, all processes and kernel (s)"
+                    .to_string(),
+                values: [
+                    cpu_cell(&host.direct),
+                    cpu_cell(&host.socat),
+                    cpu_cell(&host.relay),
+                ],
                 vs_socat: ratio(host.relay.clone().ok(), host.socat.clone().ok()),
                 vs_direct: ratio(host.relay.clone().ok(), host.direct.clone().ok()),
                 target: None,
             });
-            json.insert("host_cpu_s_per_gib".into(), host.to_json(|v| json!(v.is_finite().then_some(*v))));
+            json.insert(
+                "host_cpu_s_per_gib".into(),
+                host.to_json(|v| json!(v.is_finite().then_some(*v))),
+            );
             json.insert("relay_vs_socat".into(), json!(relay_vs_socat));
         }
         json.insert(
@@ -119,7 +133,13 @@ pub fn run(ctx: &Ctx) -> SectionReport {
 /// cannot leave it busy for the next one.
 fn measure(ctx: &Ctx, via: Via, secs: u64, streams: usize) -> Result<Run> {
     let (server_port, _server) = iperf3_server(via.name())?;
-    let mut hop = Hop::start(via, server_port, &ctx.relay_bin, "throughput", ctx.hop_options())?;
+    let mut hop = Hop::start(
+        via,
+        server_port,
+        &ctx.relay_bin,
+        "throughput",
+        ctx.hop_options(),
+    )?;
     let pid = hop.proc.as_ref().map(|p| p.pid());
     let cpu_before = pid.map(procs::cpu_seconds).transpose()?;
     let host_before = procs::host_busy_seconds()?;
@@ -158,7 +178,14 @@ pub(super) fn iperf3_server(label: &str) -> Result<(u16, Proc)> {
 /// `iperf3 -c 127.0.0.1 -p port -t secs -P streams`: the received rate
 /// (all streams) in Gbit/s.
 pub(super) fn iperf3_client(port: u16, secs: u64, streams: usize, label: &str) -> Result<f64> {
-    iperf3_client_with(Command::new("iperf3"), "127.0.0.1", port, secs, streams, label)
+    iperf3_client_with(
+        Command::new("iperf3"),
+        "127.0.0.1",
+        port,
+        secs,
+        streams,
+        label,
+    )
 }
 
 /// `<iperf3> -c host -p port -t secs -P streams`, where `cmd` runs iperf3
