@@ -7,6 +7,7 @@
 //! the Prometheus registry (and `/healthz`, from [`health`]).
 
 pub mod addr;
+pub mod config;
 pub mod duration;
 pub mod forward;
 pub mod health;

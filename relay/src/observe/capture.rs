@@ -82,12 +82,15 @@ pub struct CaptureArgs {
     pub pcap_embed_keys: bool,
 }
 
-fn parse_filter(text: &str) -> Result<Filter, FilterError> {
+/// The ring buffer's size when none is given (`--ring-size 8M`).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
     Filter::parse(text)
 }
 
 /// `all` (1), `none` (0) or `1/N`.
-fn parse_sample(text: &str) -> Result<u32, String> {
+pub fn parse_sample(text: &str) -> Result<u32, String> {
     match text {
         "all" => Ok(1),
         "none" => Ok(0),
@@ -100,7 +103,7 @@ fn parse_sample(text: &str) -> Result<u32, String> {
 }
 
 /// `4096`, `64K`, `8M`, `1G` (powers of 1024).
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((at, _)) => text.split_at(at),
         None => (text, ""),
@@ -120,7 +123,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is not a size such as 4096, 64K or 8M"))
 }
 
-fn parse_ring_size(text: &str) -> Result<u32, String> {
+pub fn parse_ring_size(text: &str) -> Result<u32, String> {
     let bytes = parse_bytes(text)?;
     u32::try_from(bytes)
         .ok()

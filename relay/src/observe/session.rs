@@ -18,6 +18,7 @@ use crate::netns::{self, Netns, Target};
 /// How often the target is checked for having gone (and, with follow, come back).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub observe: ObserveOptions,
     /// Re-attach when a namespace for the target appears again.

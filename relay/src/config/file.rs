@@ -1,0 +1,671 @@
+//! The config file: TOML, keys in kebab-case, unknown keys refused. This
+//! module owns the file's shape and turns it into a [`Spec`], reporting
+//! every problem it finds with file, line, column and key path
+//! (`relay.toml:12:10: route[2].listen: ...`), as `nginx -t` does.
+//!
+//! Values are read with the same parsers as the command line (addresses in
+//! URL or socat form, durations, filters, sizes), so a route reads the same
+//! in either place. `docs/CONFIG.md` documents the format.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    DEFAULT_TOP_FLOWS, ObserverSpec, RouteSpec, Spec, TlsFlags,
+};
+use crate::addr::{self, Host};
+use crate::duration::{self, Timeout};
+use crate::forward::{DataPath, data_path};
+use crate::netns::Target;
+use crate::observe::ObserveOptions;
+use crate::observe::capture::{self, CaptureOptions, KernelCapture, SNAPLEN_MAX};
+use crate::observe::session::SessionOptions;
+use crate::observe::sink::{Output, SinkOptions};
+
+/// One problem in a config file, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no place (the file as a whole).
+    pub line: usize,
+    pub column: usize,
+    /// `route[2].listen`; empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Spec, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Validates config `text`, read from `file` (named in the problems).
+pub fn parse(file: &Path, text: &str) -> Result<Spec, Problems> {
+    let mut report = Report {
+        file,
+        text,
+        problems: Vec::new(),
+    };
+    let model: Model = match toml::Deserializer::parse(text)
+        .map_err(|e| (String::new(), e))
+        .and_then(|de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                // Spanned values add a private segment to the path.
+                let key = e
+                    .path()
+                    .to_string()
+                    .replace(".$__serde_spanned_private_value", "");
+                (key, e.into_inner())
+            })
+        }) {
+        Ok(model) => model,
+        Err((key, e)) => {
+            report.at(e.span(), &key, e.message());
+            return Err(Problems(report.problems));
+        }
+    };
+    let spec = report.spec(model);
+    if report.problems.is_empty() {
+        Ok(spec)
+    } else {
+        Err(Problems(report.problems))
+    }
+}
+
+// ------------------------------------------------------------------ model
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Model {
+    #[serde(default)]
+    route: Vec<RouteEntry>,
+    #[serde(default)]
+    observe: Vec<ObserveEntry>,
+    metrics: Option<MetricsEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MetricsEntry {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RouteEntry {
+    name: Option<Spanned<String>>,
+    listen: Spanned<String>,
+    target: Spanned<String>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u32>>,
+    drain_timeout: Option<Spanned<String>>,
+    data_path: Option<Spanned<String>>,
+    #[serde(default)]
+    experimental_sockmap: bool,
+    tls: Option<TlsEntry>,
+    observe: Option<Spanned<String>>,
+    capture: Option<Spanned<CaptureEntry>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct TlsEntry {
+    ca: Option<PathBuf>,
+    sni: Option<String>,
+    #[serde(default)]
+    no_sni: bool,
+    name: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    upstream_cert: Option<PathBuf>,
+    upstream_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    allow_names: Vec<String>,
+    #[serde(default)]
+    alpn: Vec<String>,
+    min_version: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure: bool,
+    keylog: Option<PathBuf>,
+    handshake_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ObserveEntry {
+    target: Spanned<String>,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    top_flows: Option<usize>,
+    #[serde(default)]
+    bpf_stats: bool,
+    /// A daemon follows its targets across restarts unless told not to.
+    #[serde(default = "yes")]
+    follow: bool,
+    capture: Option<Spanned<CaptureEntry>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CaptureEntry {
+    pcap: Spanned<String>,
+    filter: Option<Spanned<String>>,
+    sample: Option<Spanned<String>>,
+    #[serde(default)]
+    flow_head: u32,
+    snaplen: Option<Spanned<u32>>,
+    ring_size: Option<Spanned<String>>,
+    rotate_size: Option<Spanned<String>>,
+    rotate_count: Option<u32>,
+    #[serde(default)]
+    embed_keys: bool,
+}
+
+// ------------------------------------------------------------- validation
+
+/// Problems found so far, and what is needed to place them.
+struct Report<'a> {
+    file: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn at(&mut self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) {
+        let (line, column) = match span {
+            Some(span) => line_column(self.text, span.start),
+            None => (0, 0),
+        };
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Parses `value` with `parse`; a failure is a problem at its place.
+    fn value<T, E: fmt::Display>(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        match parse(value.get_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.at(Some(value.span()), key, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn spec(&mut self, model: Model) -> Spec {
+        let metrics = model.metrics.and_then(|m| {
+            self.value(&m.listen, "metrics.listen", crate::metrics::parse_endpoint)
+        });
+        let mut routes = Vec::new();
+        // Where each name and listen address was first declared.
+        let mut names: HashMap<String, String> = HashMap::new();
+        let mut listens: HashMap<String, String> = HashMap::new();
+        for (i, entry) in model.route.into_iter().enumerate() {
+            let key = format!("route[{i}]");
+            let name_span = entry.name.as_ref().map(Spanned::span);
+            let listen_span = entry.listen.span();
+            let Some(route) = self.route(&key, entry) else {
+                continue;
+            };
+            if let Some(first) = names.insert(route.name.clone(), key.clone()) {
+                let span = name_span.unwrap_or(listen_span.clone());
+                self.at(
+                    Some(span),
+                    &format!("{key}.name"),
+                    format!(
+                        "route name `{}` is already used by {first}: names label metrics and logs, so each must be unique",
+                        route.name
+                    ),
+                );
+            }
+            if let Some(first) = listens.insert(listen_identity(&route.listen), key.clone()) {
+                self.at(
+                    Some(listen_span),
+                    &format!("{key}.listen"),
+                    format!(
+                        "`{}` listens where {first} already does: give each route its own address or port",
+                        route.listen.text
+                    ),
+                );
+            }
+            routes.push(route);
+        }
+        let observers = model
+            .observe
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, entry)| self.observer(&format!("observe[{i}]"), entry))
+            .collect();
+        Spec {
+            routes,
+            observers,
+            metrics,
+        }
+    }
+
+    fn route(&mut self, key: &str, entry: RouteEntry) -> Option<RouteSpec> {
+        let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
+        let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
+        let (listen, target) = (listen?, target?);
+        let mut route = RouteSpec::new(listen, target);
+        if let Some(name) = &entry.name {
+            if name.get_ref().trim().is_empty() {
+                self.at(Some(name.span()), &format!("{key}.name"), "a route name cannot be empty");
+            }
+            route.name = name.get_ref().clone();
+        }
+        let duration = |report: &mut Self, v: &Option<Spanned<String>>, field: &str| {
+            v.as_ref()
+                .and_then(|v| report.value(v, &format!("{key}.{field}"), duration::parse))
+        };
+        if let Some(d) = duration(self, &entry.connect_timeout, "connect-timeout") {
+            route.connect_timeout = d;
+        }
+        if let Some(d) = duration(self, &entry.drain_timeout, "drain-timeout") {
+            route.drain_timeout = d;
+        }
+        if let Some(idle) = &entry.idle_timeout
+            && let Some(Timeout(idle)) =
+                self.value(idle, &format!("{key}.idle-timeout"), Timeout::from_str)
+        {
+            route.idle_timeout = idle;
+        }
+        if let Some(max) = &entry.max_connections {
+            if *max.get_ref() == 0 {
+                self.at(
+                    Some(max.span()),
+                    &format!("{key}.max-connections"),
+                    "must be at least 1",
+                );
+            }
+            route.max_connections = Some(*max.get_ref());
+        }
+        if let Some(path) = &entry.data_path
+            && let Some(path) = self.value(path, &format!("{key}.data-path"), |p| {
+                DataPath::from_str(p, true).map_err(|_| {
+                    format!("`{p}` is not a data path; expected auto, copy, splice or sockmap")
+                })
+            })
+        {
+            route.data_path = path;
+        }
+        route.experimental_sockmap = entry.experimental_sockmap;
+        if let Err(e) = data_path::require_opt_in(route.data_path, route.experimental_sockmap) {
+            let span = entry.data_path.as_ref().map(Spanned::span);
+            self.at(
+                span,
+                &format!("{key}.data-path"),
+                e.to_string().replace(
+                    data_path::EXPERIMENTAL_SOCKMAP_FLAG,
+                    "experimental-sockmap = true",
+                ),
+            );
+        }
+        let tls = entry.tls.unwrap_or_default();
+        if let Some(d) = duration(self, &tls.handshake_timeout, "tls.handshake-timeout") {
+            route.handshake_timeout = d;
+        }
+        let tls13_only = match &tls.min_version {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                "1.2" => false,
+                "1.3" => true,
+                other => {
+                    self.at(
+                        Some(v.span()),
+                        &format!("{key}.tls.min-version"),
+                        format!("`{other}` is not a TLS version relay speaks; expected \"1.2\" or \"1.3\""),
+                    );
+                    false
+                }
+            },
+        };
+        route.tls = TlsFlags {
+            ca: tls.ca,
+            sni: tls.sni,
+            no_sni: tls.no_sni,
+            name: tls.name,
+            cert: tls.cert,
+            key: tls.key,
+            upstream_cert: tls.upstream_cert,
+            upstream_key: tls.upstream_key,
+            client_ca: tls.client_ca,
+            allow_names: tls.allow_names,
+            alpn: tls.alpn,
+            tls13_only,
+            insecure: tls.insecure,
+            keylog: tls.keylog,
+        };
+        self.tls_material(key, &entry.target, &route);
+        if let Some(observe) = &entry.observe {
+            route.observe = self.value(observe, &format!("{key}.observe"), Target::from_str);
+        }
+        if let Some(capture) = &entry.capture {
+            if entry.observe.is_none() {
+                self.at(
+                    Some(capture.span()),
+                    &format!("{key}.capture"),
+                    "a route's capture needs `observe = \"<target>\"` (what to capture)",
+                );
+            }
+            route.capture = self.capture(&format!("{key}.capture"), capture.get_ref());
+        }
+        Some(route)
+    }
+
+    /// Loads the route's certificates, keys and CAs as the forwarder will,
+    /// so an unreadable file or a key that does not match its certificate
+    /// is found before serving.
+    fn tls_material(&mut self, key: &str, target_value: &Spanned<String>, route: &RouteSpec) {
+        let (server, client) =
+            match crate::tls::settings::resolve(&route.listen, &route.target, &route.tls) {
+                Ok(legs) => legs,
+                Err(e) => {
+                    self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+                    return;
+                }
+            };
+        if let Some(server) = &server
+            && let Err(e) = crate::tls::Acceptor::new(server)
+        {
+            self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+        }
+        if let Some(client) = &client
+            && let Err(e) = crate::tls::Connector::new(client, &route.target.host)
+        {
+            self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+        }
+    }
+
+    fn observer(&mut self, key: &str, entry: ObserveEntry) -> Option<ObserverSpec> {
+        let target = self.value(&entry.target, &format!("{key}.target"), Target::from_str)?;
+        let capture = entry
+            .capture
+            .as_ref()
+            .and_then(|c| self.capture(&format!("{key}.capture"), c.get_ref()));
+        Some(ObserverSpec {
+            target,
+            session: SessionOptions {
+                observe: ObserveOptions {
+                    interfaces: entry.interfaces,
+                    loopback: false,
+                    top_flows: entry.top_flows.unwrap_or(DEFAULT_TOP_FLOWS),
+                    bpf_stats: entry.bpf_stats,
+                    capture: None,
+                },
+                follow: entry.follow,
+                watch: false,
+                capture,
+            },
+        })
+    }
+
+    fn capture(&mut self, key: &str, entry: &CaptureEntry) -> Option<CaptureOptions> {
+        let mut ok = true;
+        let filter = match &entry.filter {
+            Some(f) => self.value(f, &format!("{key}.filter"), capture::parse_filter),
+            None => Some(Default::default()),
+        };
+        let sample = match &entry.sample {
+            Some(s) => self.value(s, &format!("{key}.sample"), capture::parse_sample),
+            None => Some(1),
+        };
+        let ring = match &entry.ring_size {
+            Some(r) => self.value(r, &format!("{key}.ring-size"), capture::parse_ring_size),
+            None => Some(capture::DEFAULT_RING_BYTES),
+        };
+        let rotate_size = match &entry.rotate_size {
+            Some(r) => self
+                .value(r, &format!("{key}.rotate-size"), capture::parse_bytes)
+                .map(Some),
+            None => Some(None),
+        };
+        let snaplen = match &entry.snaplen {
+            Some(s) if !(1..=SNAPLEN_MAX).contains(s.get_ref()) => {
+                self.at(
+                    Some(s.span()),
+                    &format!("{key}.snaplen"),
+                    format!("must be between 1 and {SNAPLEN_MAX}"),
+                );
+                ok = false;
+                SNAPLEN_MAX
+            }
+            Some(s) => *s.get_ref(),
+            None => SNAPLEN_MAX,
+        };
+        if entry.rotate_count.is_some() && entry.rotate_size.is_none() {
+            self.at(
+                Some(entry.pcap.span()),
+                &format!("{key}.rotate-count"),
+                "needs rotate-size (when to start a new file)",
+            );
+            ok = false;
+        }
+        let (filter, sample_every, ring_bytes, rotate_size) = (filter?, sample?, ring?, rotate_size?);
+        if !ok {
+            return None;
+        }
+        let output = Output::from_str(entry.pcap.get_ref()).unwrap_or_else(|never| match never {});
+        Some(CaptureOptions {
+            kernel: KernelCapture {
+                filter,
+                sample_every,
+                flow_head: entry.flow_head,
+                snaplen,
+                ring_bytes,
+            },
+            sink: SinkOptions {
+                output,
+                rotate_size,
+                rotate_count: entry.rotate_count,
+            },
+            keys: entry
+                .embed_keys
+                .then(|| std::sync::Arc::new(capture::KeyLines::default())),
+        })
+    }
+}
+
+/// What makes two listen addresses collide: the same host and port in the
+/// same namespace. (Two names for one address, or a wildcard beside a
+/// specific address, are left to the bind, which reports them.)
+fn listen_identity(listen: &addr::ListenAddr) -> String {
+    let host = match &listen.host {
+        Host::Ip(ip) => ip.to_string(),
+        Host::Name(name) => name.to_ascii_lowercase(),
+    };
+    let netns = listen.netns.as_ref().map(Target::spec).unwrap_or_default();
+    format!("{host}|{}|{netns}", listen.port)
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(Path::new("relay.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(Problems(p)) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn a_file_of_routes_and_observers_reads_as_a_spec() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            r#"
+[metrics]
+listen = "9100"
+
+[[route]]
+name = "web"
+listen = "127.0.0.1:8080"
+target = "TCP:127.0.0.1:80,connect-timeout=2"
+idle-timeout = "none"
+max-connections = 500
+drain-timeout = "5s"
+data-path = "splice"
+
+[[route]]
+listen = "TCP-LISTEN:6379,fork,reuseaddr,bind=127.0.0.1"
+target = "127.0.0.1:6380"
+
+[[observe]]
+target = "host"
+interfaces = ["eth0"]
+"#,
+        )
+        .expect("a valid file");
+        assert_eq!(spec.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(spec.routes.len(), 2);
+        let web = &spec.routes[0];
+        assert_eq!(web.name, "web");
+        assert_eq!(web.idle_timeout, None);
+        assert_eq!(web.max_connections, Some(500));
+        assert_eq!(web.drain_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(web.data_path, DataPath::Splice);
+        let redis = &spec.routes[1];
+        assert_eq!(redis.name, "TCP-LISTEN:6379,fork,reuseaddr,bind=127.0.0.1");
+        assert_eq!(redis.idle_timeout, Some(super::super::DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(spec.observers.len(), 1);
+        assert!(spec.observers[0].session.follow, "a daemon follows by default");
+    }
+
+    #[test]
+    fn problems_name_file_line_column_and_key() {
+        let text = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"TCP:host\"\n";
+        assert_eq!(
+            problems(text),
+            vec!["relay.toml:3:10: route[0].target: `TCP:host`: `host` has no port; expected `host:port`"]
+        );
+        let unknown = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"127.0.0.1:80\"\nconect-timeout = \"1s\"\n";
+        let found = problems(unknown);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("relay.toml:4:1: route[0].conect-timeout: unknown field `conect-timeout`"),
+            "{found:?}"
+        );
+        let wrong_type = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"127.0.0.1:80\"\nmax-connections = \"many\"\n";
+        let found = problems(wrong_type);
+        assert!(found[0].starts_with("relay.toml:4:19: route[0].max-connections: invalid type"), "{found:?}");
+        let broken = problems("[[route]\n");
+        assert!(broken[0].starts_with("relay.toml:1:"), "{broken:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_only_the_first() {
+        let text = r#"
+[[route]]
+name = "a"
+listen = "127.0.0.1:8080"
+target = "127.0.0.1:80"
+drain-timeout = "soon"
+
+[[route]]
+name = "a"
+listen = "127.0.0.1:8080"
+target = "127.0.0.1:81"
+data-path = "sockmap"
+
+[[observe]]
+target = "nonsense:x"
+"#;
+        let found = problems(text);
+        let expect = [
+            "relay.toml:6:17: route[0].drain-timeout: `soon`",
+            "relay.toml:12:13: route[1].data-path: --data-path sockmap is experimental",
+            "relay.toml:9:8: route[1].name: route name `a` is already used by route[0]",
+            "relay.toml:10:10: route[1].listen: `127.0.0.1:8080` listens where route[0] already does",
+            "relay.toml:15:10: observe[0].target:",
+        ];
+        assert_eq!(found.len(), expect.len(), "{found:#?}");
+        for (found, expect) in found.iter().zip(expect) {
+            assert!(found.starts_with(expect), "expected `{expect}...`, got `{found}`");
+        }
+        assert!(found[1].contains("experimental-sockmap = true"), "{}", found[1]);
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let spec = parse(Path::new("<embedded>"), super::super::EMBEDDED_DEFAULT)
+            .expect("the embedded default parses");
+        assert!(spec.routes.is_empty());
+        assert_eq!(spec.observers.len(), 1);
+        assert_eq!(spec.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn line_and_column_count_characters_from_one() {
+        assert_eq!(line_column("ab\ncé\nx", 0), (1, 1));
+        assert_eq!(line_column("ab\ncé\nx", 3), (2, 1));
+        assert_eq!(line_column("ab\ncé\nx", 7), (3, 1));
+    }
+}

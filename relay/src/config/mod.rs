@@ -1,0 +1,100 @@
+//! The spec: everything one relay process runs (routes, observers, the
+//! metrics endpoint), with every default written once. Every way of
+//! starting relay builds a [`Spec`]: the command line (`forward`, the socat
+//! form, `publish`, `observe`) in `main.rs`, a TOML file through
+//! [`file`]. The supervisor (`run`) only ever sees a `Spec`.
+//!
+//! Not here: serving. A spec is plain data, already validated: addresses
+//! parsed, filters compiled, durations in range. What needs the running
+//! system (binding, loading programs) is the supervisor's.
+
+pub mod file;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::addr::{ListenAddr, TargetAddr};
+use crate::forward::DataPath;
+use crate::netns::Target;
+use crate::observe::capture::CaptureOptions;
+use crate::observe::session::SessionOptions;
+use crate::tls::settings::Flags as TlsFlags;
+
+/// Give up connecting to a route's target after this long.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After SIGTERM/SIGINT, how long open connections may take to finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Give up a TLS handshake after this long.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per route at most (lowered to what the open-file
+/// limit holds, see `limits`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Flows exported by name per observer.
+pub const DEFAULT_TOP_FLOWS: usize = 10;
+pub use crate::forward::DEFAULT_IDLE_TIMEOUT;
+
+/// What one relay process runs.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub routes: Vec<RouteSpec>,
+    pub observers: Vec<ObserverSpec>,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// One route: a listener, its target, and how connections between them live.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// The `route` label in metrics and logs.
+    pub name: String,
+    pub listen: ListenAddr,
+    pub target: TargetAddr,
+    pub connect_timeout: Duration,
+    /// `None`: connections may stay idle for ever.
+    pub idle_timeout: Option<Duration>,
+    /// `None`: [`DEFAULT_MAX_CONNECTIONS`], or what the open-file limit holds.
+    pub max_connections: Option<u32>,
+    pub drain_timeout: Duration,
+    pub data_path: DataPath,
+    /// Allows `data_path = sockmap` (known defects; see `forward::data_path`).
+    pub experimental_sockmap: bool,
+    pub tls: TlsFlags,
+    pub handshake_timeout: Duration,
+    /// Observe this target beside the route (`forward --observe`).
+    pub observe: Option<Target>,
+    /// With `observe`: sampled packets to pcapng.
+    pub capture: Option<CaptureOptions>,
+}
+
+impl RouteSpec {
+    /// A route with the documented defaults, named after its listen address.
+    pub fn new(listen: ListenAddr, target: TargetAddr) -> Self {
+        RouteSpec {
+            name: listen.text.clone(),
+            listen,
+            target,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_connections: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            data_path: DataPath::Auto,
+            experimental_sockmap: false,
+            tls: TlsFlags::default(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            observe: None,
+            capture: None,
+        }
+    }
+}
+
+/// One observed target and how it is observed.
+#[derive(Debug, Clone)]
+pub struct ObserverSpec {
+    pub target: Target,
+    pub session: SessionOptions,
+}
+
+/// The spec `relay run` uses when no file is given: observe this host's
+/// interfaces, with `/metrics` on 127.0.0.1:9100. It makes sense on any
+/// host and binds nothing beyond loopback.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
