@@ -80,7 +80,7 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
                     map: "l2_len",
                     action: "write",
                     iface: iface.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
     }
@@ -92,9 +92,14 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
             .program_mut(program)
             .ok_or(ObserveError::MissingProgram(program))?
             .try_into()
-            .map_err(|source| ObserveError::ProgramType { program, source })?;
-        prog.load()
-            .map_err(|source| ObserveError::LoadProgram { program, source })?;
+            .map_err(|source| ObserveError::ProgramType {
+                program,
+                source: Box::new(source),
+            })?;
+        prog.load().map_err(|source| ObserveError::LoadProgram {
+            program,
+            source: Box::new(source),
+        })?;
         for iface in interfaces {
             if !has_tcx() {
                 // Pre-TCX kernels: cls_bpf needs a clsact qdisc; one that
@@ -110,7 +115,7 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
                     } else {
                         "egress"
                     },
-                    source,
+                    source: Box::new(source),
                 })?;
         }
     }

@@ -66,7 +66,7 @@ pub enum ObserveError {
     #[error("cannot load the eBPF programs{}", privilege_hint(.source))]
     Load {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error(
         "program `{program}` of the embedded eBPF object is not a TC classifier (stale relay-ebpf/obj? run `cargo xtask build-ebpf`)"
@@ -74,13 +74,13 @@ pub enum ObserveError {
     ProgramType {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot load the eBPF program `{program}`{}", privilege_hint(.source))]
     LoadProgram {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot attach to {iface} ({direction}){}", attach_hint(.source))]
     Attach {
@@ -88,7 +88,7 @@ pub enum ObserveError {
         iface: String,
         direction: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("cannot {action} the map `{map}`")]
     Map {
@@ -96,7 +96,7 @@ pub enum ObserveError {
         /// "open", "write", ...
         action: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("cannot {action} the map `{map}` for {iface}")]
     MapEntry {
@@ -104,7 +104,7 @@ pub enum ObserveError {
         action: &'static str,
         iface: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("cannot count the possible CPUs ({what})")]
     Cpus {
@@ -416,7 +416,9 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
     let Some(capture) = capture else {
         return EbpfLoader::new()
             .load(object())
-            .map_err(|source| ObserveError::Load { source });
+            .map_err(|source| ObserveError::Load {
+                source: Box::new(source),
+            });
     };
     let (rules, filter_len) = capture.filter.table();
     let cpus = nr_cpus()?;
@@ -445,7 +447,9 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
         .map_max_entries("capture_stats", stats_entries)
         .map_max_entries("capture_flows", flow_entries)
         .load(object())
-        .map_err(|source| ObserveError::Load { source })
+        .map_err(|source| ObserveError::Load {
+            source: Box::new(source),
+        })
 }
 
 /// Seeds every (interface, counter) of `capture_stats` with zeros, so the
@@ -474,7 +478,7 @@ fn start_capture(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Observ
                     map: "capture_stats",
                     action: "seed",
                     iface: iface.name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
     }
@@ -498,7 +502,7 @@ fn map_error(
     move |source| ObserveError::Map {
         map,
         action,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -525,10 +529,10 @@ mod tests {
     #[test]
     fn a_refused_load_keeps_the_errno_and_says_what_privileges_it_needs() {
         let err = ObserveError::Load {
-            source: aya::EbpfError::MapError(MapError::CreateError {
+            source: Box::new(aya::EbpfError::MapError(MapError::CreateError {
                 name: "traffic".into(),
                 io_error: os(Errno::EPERM),
-            }),
+            })),
         };
         assert_eq!(err.errno(), Some(Errno::EPERM));
         assert!(err.is_permission_denied());
@@ -553,10 +557,10 @@ mod tests {
     fn a_load_failing_for_another_reason_does_not_blame_privileges() {
         let err = ObserveError::LoadProgram {
             program: "observe_ingress",
-            source: ProgramError::SyscallError(SyscallError {
+            source: Box::new(ProgramError::SyscallError(SyscallError {
                 call: "bpf_prog_load",
                 io_error: os(Errno::EINVAL),
-            }),
+            })),
         };
         assert_eq!(err.errno(), Some(Errno::EINVAL));
         assert!(!err.is_permission_denied());
@@ -572,10 +576,10 @@ mod tests {
             program: "observe_egress",
             iface: "veth0".into(),
             direction: "egress",
-            source: ProgramError::SyscallError(SyscallError {
+            source: Box::new(ProgramError::SyscallError(SyscallError {
                 call: "bpf_link_create",
                 io_error: os(Errno::ENODEV),
-            }),
+            })),
         };
         assert_eq!(err.errno(), Some(Errno::ENODEV));
         assert_eq!(
