@@ -157,6 +157,15 @@ impl ObserveError {
     /// The kernel's errno behind this error, if one is: the first OS error
     /// in the source chain (EPERM: no privileges; ENOENT/ENODEV: the
     /// interface went away).
+    ///
+    /// ```
+    /// use nix::errno::Errno;
+    /// use relay::observe::ObserveError;
+    ///
+    /// let err = ObserveError::Interfaces(Errno::EMFILE);
+    /// assert_eq!(err.errno(), Some(Errno::EMFILE));
+    /// assert!(!err.is_permission_denied());
+    /// ```
     pub fn errno(&self) -> Option<Errno> {
         errno_of(self)
     }
