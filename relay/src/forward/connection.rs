@@ -39,8 +39,8 @@ use super::stream::Stream;
 use super::upstream;
 use super::{DataPath, sockmap, splice};
 use super::{RouteContext, raised};
-use crate::metrics::Outcome;
-use crate::metrics::TlsRole;
+use crate::forward::metrics::Outcome;
+use crate::forward::metrics::TlsRole;
 use crate::tls::HandshakeOutcome;
 use crate::tls::server::Refused;
 

@@ -7,13 +7,14 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), relay::forward::ForwardError> {
-//! use relay::{addr, forward::{Forwarder, RouteConfig}, metrics::Metrics};
+//! use relay::{addr, forward::{Forwarder, RouteConfig, metrics::ForwardMetrics}, metrics::Metrics};
 //! let config = RouteConfig::new(
 //!     addr::parse_listen("127.0.0.1:8080").unwrap(),
 //!     addr::parse_target("127.0.0.1:80").unwrap(),
 //! );
 //! let metrics = Metrics::new();
-//! let forwarder = Forwarder::bind(config, metrics.route("web")).await?;
+//! let forwarding = ForwardMetrics::register(metrics.registry());
+//! let forwarder = Forwarder::bind(config, forwarding.route("web")).await?;
 //! let (_drain, drain_rx) = tokio::sync::watch::channel(false);
 //! forwarder.run(drain_rx).await;
 //! # Ok(()) }
@@ -22,6 +23,7 @@
 pub mod connection;
 pub mod data_path;
 pub mod listener;
+pub mod metrics;
 pub mod namespace;
 pub mod sockmap;
 mod splice;
@@ -38,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::addr::{ListenAddr, TargetAddr};
-use crate::metrics::{Outcome, RouteMetrics, TlsRole};
+use crate::forward::metrics::{Outcome, RouteMetrics, TlsRole};
 use crate::tls::{self, TlsError};
 use connection::Connection;
 pub use data_path::DataPath;
@@ -198,8 +200,7 @@ impl Forwarder {
         } else {
             data_path::select(config.data_path, &metrics.name)?
         };
-        let paths = DataPath::CONCRETE.map(DataPath::as_str);
-        metrics.set_data_path(selected.path.as_str(), &paths);
+        metrics.set_data_path(selected.path);
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
