@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::stream::Stream;
 use super::upstream;
-use super::{DataPath, sockmap, splice};
+use super::{Engine, sockmap, splice};
 use super::{RouteContext, raised};
 use crate::metrics::Outcome;
 use crate::metrics::TlsRole;
@@ -357,9 +357,11 @@ async fn relay(
     );
     match (client, upstream) {
         (Stream::Plain(client), Stream::Plain(upstream)) => {
-            match route.data_path {
-                DataPath::Sockmap => {
-                    if let Some(pair) = pair(route, client, upstream, [up, down], activity).await {
+            match &route.engine {
+                Engine::Sockmap(sockmap) => {
+                    if let Some(pair) =
+                        pair(sockmap, route, client, upstream, [up, down], activity).await
+                    {
                         let to_target = sockmap::pump(
                             &pair,
                             sockmap::From::Client,
@@ -392,12 +394,12 @@ async fn relay(
                         return end;
                     }
                 }
-                DataPath::Splice => {
+                Engine::Splice => {
                     let to_target = splice::pump(client, upstream, up.0, up.1, activity);
                     let to_client = splice::pump(upstream, client, down.0, down.1, activity);
                     return both_ways(to_target, to_client, activity, &|| {}, route, close).await;
                 }
-                DataPath::Copy | DataPath::Auto => {}
+                Engine::Copy => {}
             }
             // Borrowed TCP halves: no lock between the directions, and unlike
             // owned halves they do not shut down on drop, so a reset stays a reset.
@@ -447,13 +449,13 @@ async fn copy_both_ways(
 /// client that already sent its FIN, a full map) it takes the copy path,
 /// after any bytes the kernel redirected meanwhile have left.
 async fn pair<'a>(
-    route: &'a RouteContext,
+    sockmap: &'a sockmap::Sockmap,
+    route: &RouteContext,
     client: &TcpStream,
     upstream: &TcpStream,
     counters: [(&IntCounter, &AtomicU64); 2],
     activity: &Activity,
 ) -> Option<sockmap::Pair<'a>> {
-    let sockmap = route.sockmap.as_ref()?;
     let name = &route.metrics.name;
     match sockmap.pair(client, upstream) {
         Ok(pair) => Some(pair),

@@ -41,7 +41,7 @@ use crate::addr::{ListenAddr, TargetAddr};
 use crate::metrics::{Outcome, RouteMetrics, TlsRole};
 use crate::tls::{self, TlsError};
 use connection::Connection;
-pub use data_path::DataPath;
+pub use data_path::{DataPath, Engine};
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
@@ -142,10 +142,8 @@ pub struct RouteContext {
     pub connector: Option<tls::Connector>,
     /// The namespace the target lives in, if not the relay's own.
     pub namespace: Option<namespace::Namespace>,
-    /// Resolved: never `Auto`.
-    pub data_path: DataPath,
-    /// The loaded program, on the sockmap path.
-    pub sockmap: Option<Arc<sockmap::Sockmap>>,
+    /// How plain TCP bytes move (TLS legs always copy).
+    pub engine: Engine,
     pub handshake_timeout: Duration,
 }
 
@@ -185,21 +183,18 @@ impl Forwarder {
             Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
             None => None,
         };
-        let selected = if acceptor.is_some() || connector.is_some() {
+        let engine = if acceptor.is_some() || connector.is_some() {
             // A TLS leg's bytes pass through rustls: nothing else applies.
             if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
                 tracing::warn!(route = %metrics.name, data_path = config.data_path.as_str(),
                     "--data-path applies to plain TCP routes only; this route has a TLS leg and copies");
             }
-            data_path::Selected {
-                path: DataPath::Copy,
-                sockmap: None,
-            }
+            Engine::Copy
         } else {
             data_path::select(config.data_path, &metrics.name)?
         };
         let paths = DataPath::CONCRETE.map(DataPath::as_str);
-        metrics.set_data_path(selected.path.as_str(), &paths);
+        metrics.set_data_path(engine.path().as_str(), &paths);
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
@@ -214,8 +209,7 @@ impl Forwarder {
             acceptor,
             connector,
             namespace,
-            data_path: selected.path,
-            sockmap: selected.sockmap,
+            engine,
             handshake_timeout: config.handshake_timeout,
         });
         Ok(Forwarder {
