@@ -20,9 +20,11 @@
 //! ```
 
 pub mod connection;
+mod copy;
 pub mod data_path;
 pub mod listener;
 pub mod namespace;
+mod pump;
 pub mod sockmap;
 mod splice;
 pub mod stream;
