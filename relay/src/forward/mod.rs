@@ -3,7 +3,10 @@
 //! This module owns the accept loop and the route's lifetime: the
 //! connection limit, backing off when the process runs out of file
 //! descriptors (never leaving the loop), and the drain after a shutdown
-//! signal. What happens to a single connection lives in [`connection`].
+//! signal. What happens to a single connection lives in [`connection`];
+//! how its bytes move is the route's [`Engine`], chosen once in
+//! [`data_path`] and run by the sibling pumps `copy`, `splice` and
+//! [`sockmap`] over the contract in `pump`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), relay::forward::ForwardError> {

@@ -222,9 +222,7 @@ impl Sockmap {
         }
         Ok(pair)
     }
-}
 
-impl Sockmap {
     /// Puts the connection on the kernel path; `None` when it cannot go
     /// there (a client that already sent its FIN, a full map) and takes the
     /// copy path instead, after any bytes the kernel redirected meanwhile
