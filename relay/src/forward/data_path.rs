@@ -204,8 +204,7 @@ mod tests {
     #[test]
     fn an_explicit_sockmap_that_is_refused_is_an_error_naming_the_capabilities() {
         let err = select_from(&[DataPath::Sockmap], false, "test", refused)
-            .err()
-            .expect("no fallback when sockmap was asked for");
+            .expect_err("no fallback when sockmap was asked for");
         assert!(err.to_string().contains("CAP_BPF"), "{err}");
     }
 }
