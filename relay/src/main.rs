@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
+use relay::forward::metrics::ForwardMetrics;
 use relay::forward::{DataPath, ForwardError, Forwarder, RouteConfig, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics::{self, Metrics};
@@ -559,7 +560,8 @@ async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Resu
     };
     let registry = Arc::new(Metrics::new());
     let target_text = config.target.text.clone();
-    let forwarder = Forwarder::bind(config, registry.route(&name)).await?;
+    let route_metrics = ForwardMetrics::register(registry.registry()).route(&name);
+    let forwarder = Forwarder::bind(config, route_metrics).await?;
     let listening = registry
         .readiness()
         .register("listener", &forwarder.local_addr().to_string());

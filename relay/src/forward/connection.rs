@@ -1,5 +1,8 @@
-//! One relayed connection: connect to the target, copy bytes both ways, and
-//! end it for a named reason.
+//! One relayed connection: the TLS handshakes, the connect to the target,
+//! two pumps on the route's [`Engine`] (one per direction, see `pump`),
+//! and the end, for a named reason, with its log line and outcome count.
+//! How bytes move is the engines' (`copy`, `splice`, `sockmap`); when the
+//! connection ends, and how, is decided here.
 //!
 //! The rules live here and nowhere else:
 //! - half-close: EOF from one side becomes `shutdown(SHUT_WR)` on the other,
@@ -18,40 +21,27 @@
 //! - TLS: a leg's handshake comes first (bounded by the handshake timeout);
 //!   a clean end sends close_notify, and a peer's EOF without close_notify
 //!   is named in the log but ends its direction like any EOF.
-//!
-//! Buffers exist only while bytes flow: an idle connection holds none, so
-//! ten thousand idle connections cost sockets and a task each, not buffers.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::pump::{Activity, Counters, Direction, Eof};
 use super::stream::Stream;
 use super::upstream;
-use super::{DataPath, sockmap, splice};
+use super::{Engine, copy, sockmap, splice};
 use super::{RouteContext, raised};
-use crate::metrics::Outcome;
-use crate::metrics::TlsRole;
+use crate::forward::metrics::Outcome;
+use crate::forward::metrics::TlsRole;
 use crate::tls::HandshakeOutcome;
 use crate::tls::server::Refused;
-
-/// A direction's buffer starts small (ping-pong traffic never needs more)
-/// and doubles each time a read fills it, up to the maximum: large reads
-/// are what lets bulk transfers approach the speed of a direct connection.
-const BUFFER_MIN: usize = 16 * 1024;
-const BUFFER_MAX: usize = 1024 * 1024;
-/// How long a connection that failed to pair half-way waits for the bytes
-/// the kernel redirected meanwhile to leave before it copies.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which end of the relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,68 +270,7 @@ struct Transfer {
     to_client: AtomicU64,
 }
 
-/// The time of the last byte relayed either way, as nanoseconds since the
-/// relay phase began; both directions update it, the idle timer reads it.
-pub(super) struct Activity {
-    start: Instant,
-    last: AtomicU64,
-    /// Directions holding bytes read from one side and not yet written to
-    /// the other. A pump raises it after a read and lowers it after the
-    /// write; a pump dropped in between (by a timer) leaves it raised,
-    /// which is how the close learns that it cuts a transfer.
-    held: AtomicU32,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-            held: AtomicU32::new(0),
-        }
-    }
-
-    /// A direction now holds bytes it has yet to write.
-    pub(super) fn hold(&self) {
-        self.held.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The bytes of [`Activity::hold`] were written.
-    pub(super) fn release(&self) {
-        self.held.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn holding(&self) -> bool {
-        self.held.load(Ordering::Relaxed) > 0
-    }
-
-    pub(super) fn touch(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos, Ordering::Relaxed);
-    }
-
-    fn deadline(&self, idle: Duration) -> Instant {
-        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + idle
-    }
-
-    /// Completes when nothing has moved for `idle`. `refresh` brings in
-    /// bytes the kernel moved without the pumps seeing them (the sockmap
-    /// path), so they count as activity before the verdict.
-    async fn idle_for(&self, idle: Duration, refresh: &(dyn Fn() + Sync)) {
-        loop {
-            let mut deadline = self.deadline(idle);
-            if Instant::now() >= deadline {
-                refresh();
-                deadline = self.deadline(idle);
-                if Instant::now() >= deadline {
-                    return;
-                }
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
+/// Moves bytes both ways on the route's engine until the connection ends.
 async fn relay(
     client: &mut Stream,
     upstream: &mut Stream,
@@ -351,22 +280,29 @@ async fn relay(
     close: &mut watch::Receiver<bool>,
 ) -> End {
     let metrics = &route.metrics;
-    let (up, down) = (
-        (&metrics.to_target, &transfer.to_target),
-        (&metrics.to_client, &transfer.to_client),
-    );
+    let up = Counters {
+        metric: &metrics.to_target,
+        total: &transfer.to_target,
+    };
+    let down = Counters {
+        metric: &metrics.to_client,
+        total: &transfer.to_client,
+    };
     match (client, upstream) {
         (Stream::Plain(client), Stream::Plain(upstream)) => {
-            match route.data_path {
-                DataPath::Sockmap => {
-                    if let Some(pair) = pair(route, client, upstream, [up, down], activity).await {
+            match &route.engine {
+                Engine::Sockmap(sockmap) => {
+                    let name = &metrics.name;
+                    if let Some(pair) = sockmap
+                        .enter(client, upstream, [up, down], activity, name)
+                        .await
+                    {
                         let to_target = sockmap::pump(
                             &pair,
                             sockmap::From::Client,
                             client,
                             upstream,
-                            up.0,
-                            up.1,
+                            up,
                             activity,
                         );
                         let to_client = sockmap::pump(
@@ -374,15 +310,14 @@ async fn relay(
                             sockmap::From::Upstream,
                             upstream,
                             client,
-                            down.0,
-                            down.1,
+                            down,
                             activity,
                         );
                         let refresh = || {
                             // A map that cannot be read leaves the clock as it
                             // is; the pumps report that error themselves.
-                            let _ = pair.sync(sockmap::From::Client, up.0, up.1, activity);
-                            let _ = pair.sync(sockmap::From::Upstream, down.0, down.1, activity);
+                            let _ = pair.sync(sockmap::From::Client, up, activity);
+                            let _ = pair.sync(sockmap::From::Upstream, down, activity);
                         };
                         let end =
                             both_ways(to_target, to_client, activity, &refresh, route, close).await;
@@ -391,13 +326,14 @@ async fn relay(
                         refresh();
                         return end;
                     }
+                    // Not paired: this connection copies.
                 }
-                DataPath::Splice => {
-                    let to_target = splice::pump(client, upstream, up.0, up.1, activity);
-                    let to_client = splice::pump(upstream, client, down.0, down.1, activity);
+                Engine::Splice => {
+                    let to_target = splice::pump(client, upstream, up, activity);
+                    let to_client = splice::pump(upstream, client, down, activity);
                     return both_ways(to_target, to_client, activity, &|| {}, route, close).await;
                 }
-                DataPath::Copy | DataPath::Auto => {}
+                Engine::Copy => {}
             }
             // Borrowed TCP halves: no lock between the directions, and unlike
             // owned halves they do not shut down on drop, so a reset stays a reset.
@@ -416,15 +352,12 @@ async fn relay(
     }
 }
 
-/// A direction's counters: the route's metric and the connection's total.
-type Counters<'a> = (&'a IntCounter, &'a AtomicU64);
-
 /// The copy path: client read/write halves, then upstream's.
 async fn copy_both_ways(
     (mut client_read, mut client_write, mut upstream_read, mut upstream_write): (
-        impl Source,
+        impl copy::Source,
         impl AsyncWrite + Unpin + Send,
-        impl Source,
+        impl copy::Source,
         impl AsyncWrite + Unpin + Send,
     ),
     (up, down): (Counters<'_>, Counters<'_>),
@@ -432,58 +365,10 @@ async fn copy_both_ways(
     route: &RouteContext,
     close: &mut watch::Receiver<bool>,
 ) -> End {
-    let to_target = pump(&mut client_read, &mut upstream_write, up.0, up.1, activity);
-    let to_client = pump(
-        &mut upstream_read,
-        &mut client_write,
-        down.0,
-        down.1,
-        activity,
-    );
+    let to_target = copy::pump(&mut client_read, &mut upstream_write, up, activity);
+    let to_client = copy::pump(&mut upstream_read, &mut client_write, down, activity);
     both_ways(to_target, to_client, activity, &|| {}, route, close).await
 }
-
-/// Puts the connection on the kernel path; when it cannot go there (a
-/// client that already sent its FIN, a full map) it takes the copy path,
-/// after any bytes the kernel redirected meanwhile have left.
-async fn pair<'a>(
-    route: &'a RouteContext,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    counters: [(&IntCounter, &AtomicU64); 2],
-    activity: &Activity,
-) -> Option<sockmap::Pair<'a>> {
-    let sockmap = route.sockmap.as_ref()?;
-    let name = &route.metrics.name;
-    match sockmap.pair(client, upstream) {
-        Ok(pair) => Some(pair),
-        Err(sockmap::PairError::NotEstablished) => {
-            tracing::debug!(route = %name, "a side already closed; this connection copies");
-            None
-        }
-        Err(sockmap::PairError::Failed(err)) => {
-            tracing::warn!(route = %name, error = %err, "sockmap pairing failed; this connection copies instead");
-            None
-        }
-        Err(sockmap::PairError::Partial(pair, err)) => {
-            tracing::warn!(route = %name, error = %err, "sockmap pairing failed half-way; this connection copies once redirected bytes have left");
-            let settle = pair.settle(client, upstream, counters, activity);
-            match tokio::time::timeout(SETTLE_TIMEOUT, settle).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    tracing::debug!(route = %name, error = %err, "settling a half-paired connection")
-                }
-                Err(_) => {
-                    tracing::warn!(route = %name, "redirected bytes did not leave in time; copying anyway")
-                }
-            }
-            None
-        }
-    }
-}
-
-/// The result of one direction: how its source ended, or which leg failed.
-type Direction = Result<Eof, (Leg, io::Error)>;
 
 /// Runs both directions to their end (or the idle or drain timer's), and
 /// says how the connection ended. The data path only changes the futures.
@@ -540,112 +425,6 @@ impl Ends {
         self.first.get_or_insert(side);
         if eof == Eof::WithoutCloseNotify {
             self.unclean = Some(side);
-        }
-    }
-}
-
-/// The reading half of a leg, as the copy loop needs it.
-trait Source: AsyncRead + Unpin + Send {
-    /// Completes when a read may make progress; the loop waits here before
-    /// it allocates a buffer, so an idle leg holds none.
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
-}
-
-impl Source for ReadHalf<'_> {
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        self.as_ref().readable()
-    }
-}
-
-/// A TLS leg: rustls may already hold decrypted bytes while the socket is
-/// quiet, so readiness of the socket says nothing; read directly.
-impl Source for tokio::io::ReadHalf<&mut Stream> {
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        std::future::ready(Ok(()))
-    }
-}
-
-/// How a direction's source ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Eof {
-    Clean,
-    /// A TLS peer closed TCP without sending close_notify first.
-    WithoutCloseNotify,
-}
-
-/// Which socket of a direction an error came from.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Leg {
-    Source,
-    Destination,
-}
-
-impl Leg {
-    fn or(self, source: Side, destination: Side) -> Side {
-        match self {
-            Leg::Source => source,
-            Leg::Destination => destination,
-        }
-    }
-}
-
-/// Copies `src` to `dst` until EOF on `src`, then shuts down writing on `dst`.
-///
-/// `read_buf` (rather than `try_read`) lets tokio clear the socket's
-/// readiness after a short read, which saves a read that would only say
-/// EAGAIN on every small message.
-async fn pump(
-    src: &mut impl Source,
-    dst: &mut (impl AsyncWrite + Unpin),
-    counter: &IntCounter,
-    moved: &AtomicU64,
-    activity: &Activity,
-) -> Result<Eof, (Leg, io::Error)> {
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut size = BUFFER_MIN;
-    loop {
-        if buffer.capacity() == 0 {
-            // Wait before allocating, so an idle direction holds no buffer.
-            src.ready().await.map_err(|e| (Leg::Source, e))?;
-            buffer.reserve_exact(size);
-        }
-        match src.read_buf(&mut buffer).await {
-            Ok(0) => {
-                return dst
-                    .shutdown()
-                    .await
-                    .map(|()| Eof::Clean)
-                    .map_err(|e| (Leg::Destination, e));
-            }
-            Ok(n) => {
-                activity.hold();
-                dst.write_all(&buffer)
-                    .await
-                    .map_err(|e| (Leg::Destination, e))?;
-                activity.release();
-                counter.inc_by(n as u64);
-                moved.fetch_add(n as u64, Ordering::Relaxed);
-                activity.touch();
-                if n == buffer.capacity() && size < BUFFER_MAX {
-                    size *= 2;
-                    buffer = Vec::new();
-                } else if 2 * n < buffer.capacity() {
-                    // A light flow gives its buffer back, so a connection
-                    // that goes quiet holds no buffer memory; a bulk flow
-                    // keeps it rather than fault in fresh pages each time.
-                    buffer = Vec::new();
-                } else {
-                    buffer.clear();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return dst
-                    .shutdown()
-                    .await
-                    .map(|()| Eof::WithoutCloseNotify)
-                    .map_err(|e| (Leg::Destination, e));
-            }
-            Err(e) => return Err((Leg::Source, e)),
         }
     }
 }

@@ -1,9 +1,11 @@
-//! How bytes move between the two plain TCP sockets of a connection, and
-//! what `--data-path auto` means on this kernel. TLS legs always copy.
+//! How bytes move between the two plain TCP sockets of a connection: the
+//! user's choice ([`DataPath`], `--data-path`, with what `auto` means on
+//! this kernel) and what a route runs on once it is made ([`Engine`]).
+//! TLS legs always copy.
 //!
-//! The paths themselves live beside this module: the copy loop in
-//! `connection`, `splice`, and `sockmap`. This module only chooses, loads
-//! what the choice needs, and says why when it falls back.
+//! The paths themselves live beside this module, as siblings over the
+//! contract of `pump`: `copy`, `splice` and `sockmap`. This module only
+//! chooses, loads what the choice needs, and says why when it falls back.
 
 use std::sync::Arc;
 
@@ -77,17 +79,39 @@ impl DataPath {
     }
 }
 
-/// The path a route runs on, and the kernel state it needs.
-pub struct Selected {
-    /// Never `Auto`.
-    pub path: DataPath,
-    /// Loaded when `path` is `Sockmap`.
-    pub sockmap: Option<Arc<Sockmap>>,
+/// The data path a route runs on, with the kernel state it needs: what
+/// [`DataPath`] becomes once `auto` is resolved and the sockmap program
+/// loaded. Every connection of the route moves its plain TCP bytes with it.
+#[derive(Clone)]
+pub enum Engine {
+    /// The adaptive read/write buffer (also every TLS leg).
+    Copy,
+    /// splice(2) through a pipe for bulk batches.
+    Splice,
+    /// The loaded sk_skb program and its maps, shared by the route's connections.
+    Sockmap(Arc<Sockmap>),
+}
+
+impl Engine {
+    /// The concrete path this engine runs, as `relay_data_path` names it.
+    pub fn path(&self) -> DataPath {
+        match self {
+            Engine::Copy => DataPath::Copy,
+            Engine::Splice => DataPath::Splice,
+            Engine::Sockmap(_) => DataPath::Sockmap,
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path().as_str())
+    }
 }
 
 /// Resolves `asked`. An explicit `sockmap` that the kernel refuses is an
 /// error; under `auto` a refusal is logged once and the next path taken.
-pub fn select(asked: DataPath, route: &str) -> Result<Selected, SockmapError> {
+pub fn select(asked: DataPath, route: &str) -> Result<Engine, SockmapError> {
     let candidates: &[DataPath] = match asked {
         DataPath::Auto => &AUTO_PREFERENCE,
         DataPath::Copy => &[DataPath::Copy],
@@ -104,32 +128,31 @@ fn select_from(
     fall_back: bool,
     route: &str,
     load_sockmap: impl Fn() -> Result<Sockmap, SockmapError>,
-) -> Result<Selected, SockmapError> {
+) -> Result<Engine, SockmapError> {
+    let chose = |engine: Engine| {
+        if fall_back {
+            tracing::info!(
+                route,
+                data_path = engine.path().as_str(),
+                "data path auto chose"
+            );
+        }
+        engine
+    };
     let mut refused = None;
     for &path in candidates {
         match path {
             DataPath::Sockmap => match load_sockmap() {
-                Ok(sockmap) => {
-                    return Ok(Selected {
-                        path,
-                        sockmap: Some(Arc::new(sockmap)),
-                    });
-                }
+                Ok(sockmap) => return Ok(Engine::Sockmap(Arc::new(sockmap))),
                 Err(err) if fall_back => {
                     tracing::warn!(route, error = %err, "data path auto: sockmap unavailable, falling back");
                     refused = Some(err);
                 }
                 Err(err) => return Err(err),
             },
-            path => {
-                if fall_back {
-                    tracing::info!(route, data_path = path.as_str(), "data path auto chose");
-                }
-                return Ok(Selected {
-                    path,
-                    sockmap: None,
-                });
-            }
+            DataPath::Splice => return Ok(chose(Engine::Splice)),
+            // `Auto` is what the lists resolve, never one of them.
+            DataPath::Copy | DataPath::Auto => return Ok(chose(Engine::Copy)),
         }
     }
     Err(refused.expect("every candidate list ends with a path that needs no kernel support"))
@@ -162,9 +185,8 @@ mod tests {
     #[test]
     fn explicit_paths_need_no_kernel_support_except_sockmap() {
         for path in [DataPath::Copy, DataPath::Splice] {
-            let selected = select(path, "test").expect("copy and splice always load");
-            assert_eq!(selected.path, path);
-            assert!(selected.sockmap.is_none());
+            let engine = select(path, "test").expect("copy and splice always load");
+            assert_eq!(engine.path(), path);
         }
     }
 
@@ -175,16 +197,14 @@ mod tests {
     #[test]
     fn a_refused_sockmap_falls_back_to_the_next_candidate() {
         let candidates = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
-        let selected = select_from(&candidates, true, "test", refused).expect("splice is next");
-        assert_eq!(selected.path, DataPath::Splice);
-        assert!(selected.sockmap.is_none());
+        let engine = select_from(&candidates, true, "test", refused).expect("splice is next");
+        assert!(matches!(engine, Engine::Splice), "{engine:?}");
     }
 
     #[test]
     fn an_explicit_sockmap_that_is_refused_is_an_error_naming_the_capabilities() {
         let err = select_from(&[DataPath::Sockmap], false, "test", refused)
-            .err()
-            .expect("no fallback when sockmap was asked for");
+            .expect_err("no fallback when sockmap was asked for");
         assert!(err.to_string().contains("CAP_BPF"), "{err}");
     }
 }

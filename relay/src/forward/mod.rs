@@ -3,26 +3,33 @@
 //! This module owns the accept loop and the route's lifetime: the
 //! connection limit, backing off when the process runs out of file
 //! descriptors (never leaving the loop), and the drain after a shutdown
-//! signal. What happens to a single connection lives in [`connection`].
+//! signal. What happens to a single connection lives in [`connection`];
+//! how its bytes move is the route's [`Engine`], chosen once in
+//! [`data_path`] and run by the sibling pumps `copy`, `splice` and
+//! [`sockmap`] over the contract in `pump`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), relay::forward::ForwardError> {
-//! use relay::{addr, forward::{Forwarder, RouteConfig}, metrics::Metrics};
+//! use relay::{addr, forward::{Forwarder, RouteConfig, metrics::ForwardMetrics}, metrics::Metrics};
 //! let config = RouteConfig::new(
 //!     addr::parse_listen("127.0.0.1:8080").unwrap(),
 //!     addr::parse_target("127.0.0.1:80").unwrap(),
 //! );
 //! let metrics = Metrics::new();
-//! let forwarder = Forwarder::bind(config, metrics.route("web")).await?;
+//! let forwarding = ForwardMetrics::register(metrics.registry());
+//! let forwarder = Forwarder::bind(config, forwarding.route("web")).await?;
 //! let (_drain, drain_rx) = tokio::sync::watch::channel(false);
 //! forwarder.run(drain_rx).await;
 //! # Ok(()) }
 //! ```
 
 pub mod connection;
+mod copy;
 pub mod data_path;
 pub mod listener;
+pub mod metrics;
 pub mod namespace;
+mod pump;
 pub mod sockmap;
 mod splice;
 pub mod stream;
@@ -38,10 +45,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::addr::{ListenAddr, TargetAddr};
-use crate::metrics::{Outcome, RouteMetrics, TlsRole};
+use crate::forward::metrics::{Outcome, RouteMetrics, TlsRole};
 use crate::tls::{self, TlsError};
 use connection::Connection;
-pub use data_path::DataPath;
+pub use data_path::{DataPath, Engine};
 
 #[derive(Debug, Error)]
 pub enum ForwardError {
@@ -142,10 +149,8 @@ pub struct RouteContext {
     pub connector: Option<tls::Connector>,
     /// The namespace the target lives in, if not the relay's own.
     pub namespace: Option<namespace::Namespace>,
-    /// Resolved: never `Auto`.
-    pub data_path: DataPath,
-    /// The loaded program, on the sockmap path.
-    pub sockmap: Option<Arc<sockmap::Sockmap>>,
+    /// How plain TCP bytes move (TLS legs always copy).
+    pub engine: Engine,
     pub handshake_timeout: Duration,
 }
 
@@ -185,21 +190,17 @@ impl Forwarder {
             Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
             None => None,
         };
-        let selected = if acceptor.is_some() || connector.is_some() {
+        let engine = if acceptor.is_some() || connector.is_some() {
             // A TLS leg's bytes pass through rustls: nothing else applies.
             if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
                 tracing::warn!(route = %metrics.name, data_path = config.data_path.as_str(),
                     "--data-path applies to plain TCP routes only; this route has a TLS leg and copies");
             }
-            data_path::Selected {
-                path: DataPath::Copy,
-                sockmap: None,
-            }
+            Engine::Copy
         } else {
             data_path::select(config.data_path, &metrics.name)?
         };
-        let paths = DataPath::CONCRETE.map(DataPath::as_str);
-        metrics.set_data_path(selected.path.as_str(), &paths);
+        metrics.set_data_path(engine.path());
         let listener = listener::bind(&config.listen).await?;
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
@@ -214,8 +215,7 @@ impl Forwarder {
             acceptor,
             connector,
             namespace,
-            data_path: selected.path,
-            sockmap: selected.sockmap,
+            engine,
             handshake_timeout: config.handshake_timeout,
         });
         Ok(Forwarder {

@@ -4,10 +4,11 @@
 //!
 //! This module owns the kernel side's lifecycle for one relay process: the
 //! loaded program and its three maps ([`Sockmap`]), a connection's entries
-//! in them ([`Pair`], removed when dropped), and the per-direction task that
+//! in them ([`Pair`], removed when dropped; [`Sockmap::enter`] falls back
+//! to copying when they cannot be made), and the per-direction task that
 //! watches a redirected socket ([`pump`]).
 //!
-//! Userspace keeps the connection's semantics, as on the copy path:
+//! Userspace keeps the contract of `pump`, as the copy path does:
 //! - EOF: a FIN makes the source readable; before the FIN is passed on with
 //!   `shutdown(SHUT_WR)`, the pump waits until the destination socket holds
 //!   every byte redirected to it (the kernel sends redirected bytes from a
@@ -30,12 +31,11 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader, Pod};
-use prometheus::IntCounter;
 use thiserror::Error;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::connection::{Activity, Eof, Leg};
+use super::pump::{Activity, Counters, Direction, Eof, Leg};
 
 /// The compiled program (`cargo xtask build-ebpf`), 8-byte aligned for ELF parsing.
 fn object() -> &'static [u8] {
@@ -52,6 +52,9 @@ const LINKS: &str = "relay_links";
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Polling step while waiting for redirected bytes to reach the peer.
 const FLUSH_STEP: Duration = Duration::from_micros(200);
+/// How long a connection that failed to pair half-way waits for the bytes
+/// the kernel redirected meanwhile to leave before it copies.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Mirrors `struct relay_link` (relay-ebpf/include/sockmap.h).
 #[repr(C)]
@@ -219,6 +222,48 @@ impl Sockmap {
         }
         Ok(pair)
     }
+
+    /// Puts the connection on the kernel path; `None` when it cannot go
+    /// there (a client that already sent its FIN, a full map) and takes the
+    /// copy path instead, after any bytes the kernel redirected meanwhile
+    /// have left. `counters` are client-to-target's, then target-to-client's.
+    pub(super) async fn enter<'a>(
+        &'a self,
+        client: &TcpStream,
+        upstream: &TcpStream,
+        counters: [Counters<'_>; 2],
+        activity: &Activity,
+        route: &str,
+    ) -> Option<Pair<'a>> {
+        match self.pair(client, upstream) {
+            Ok(pair) => Some(pair),
+            Err(PairError::NotEstablished) => {
+                tracing::debug!(route = %route, "a side already closed; this connection copies");
+                None
+            }
+            Err(PairError::Failed(err)) => {
+                tracing::warn!(route = %route, error = %err, "sockmap pairing failed; this connection copies instead");
+                None
+            }
+            Err(PairError::Partial(pair, err)) => {
+                tracing::warn!(route = %route, error = %err, "sockmap pairing failed half-way; this connection copies once redirected bytes have left");
+                let settle = pair.settle(client, upstream, counters, activity);
+                match tokio::time::timeout(SETTLE_TIMEOUT, settle).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::debug!(route = %route, error = %err, "settling a half-paired connection")
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            route = %route,
+                            "redirected bytes did not leave in time; copying anyway"
+                        )
+                    }
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Why a connection could not go on the kernel path.
@@ -284,12 +329,11 @@ impl Pair<'_> {
         &self,
         client: &TcpStream,
         upstream: &TcpStream,
-        counters: [(&IntCounter, &AtomicU64); 2],
+        counters: [Counters<'_>; 2],
         activity: &Activity,
     ) -> io::Result<()> {
         for (from, dst) in [(From::Client, upstream), (From::Upstream, client)] {
-            let (counter, moved) = counters[from as usize];
-            let redirected = self.sync(from, counter, moved, activity)?;
+            let redirected = self.sync(from, counters[from as usize], activity)?;
             flushed(dst, self.sent_before[1 - from as usize] + redirected).await?;
         }
         Ok(())
@@ -301,15 +345,13 @@ impl Pair<'_> {
     pub(super) fn sync(
         &self,
         from: From,
-        counter: &IntCounter,
-        moved: &AtomicU64,
+        counters: Counters<'_>,
         activity: &Activity,
     ) -> io::Result<u64> {
         let now = self.redirected(from)?;
         let before = self.seen[from as usize].fetch_max(now, Ordering::Relaxed);
         if now > before {
-            counter.inc_by(now - before);
-            moved.fetch_add(now - before, Ordering::Relaxed);
+            counters.add(now - before);
             activity.touch();
         }
         Ok(now)
@@ -417,20 +459,18 @@ fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
 /// One direction, `src` to `dst`, while the kernel moves the bytes: waits
 /// for `src`'s EOF or error, keeps the counters current, and passes the
 /// EOF on once `dst` holds everything redirected to it.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn pump(
     pair: &Pair<'_>,
     from: From,
     src: &TcpStream,
     dst: &TcpStream,
-    counter: &IntCounter,
-    moved: &AtomicU64,
+    counters: Counters<'_>,
     activity: &Activity,
-) -> Result<Eof, (Leg, io::Error)> {
+) -> Direction {
     // What dst had taken to send before it was paired.
     let base = pair.sent_before[1 - from as usize];
     let mut copied = 0u64;
-    let sync = || pair.sync(from, counter, moved, activity);
+    let sync = || pair.sync(from, counters, activity);
     let mut buffer = Vec::new();
     loop {
         tokio::select! {
@@ -480,8 +520,7 @@ pub(super) async fn pump(
                     .await
                     .map_err(|e| (Leg::Destination, context("copying passed bytes", e)))?;
                 copied += n as u64;
-                counter.inc_by(n as u64);
-                moved.fetch_add(n as u64, Ordering::Relaxed);
+                counters.add(n as u64);
                 activity.touch();
                 buffer = Vec::new();
             }

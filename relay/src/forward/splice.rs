@@ -1,8 +1,8 @@
 //! The `splice` data path for plain TCP legs: bulk bytes go socket ->
 //! pipe -> socket inside the kernel with splice(2) and never through a
 //! userspace buffer. Readiness drives it exactly like the copy path, and
-//! EOF, errors, counting and idle tracking follow the same rules (see
-//! `connection`).
+//! EOF, errors, counting and idle tracking follow the same rules (the
+//! contract of `pump`).
 //!
 //! A direction starts light: a message-sized batch is one read and one
 //! write through a small buffer, as on the copy path, because two splices
@@ -17,15 +17,13 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use prometheus::IntCounter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::connection::{Activity, Eof, Leg};
+use super::pump::{Activity, Counters, Direction, Eof, Leg};
 
 /// Pipe capacity asked for: large moves per syscall, as the copy path's
 /// largest buffer. The kernel may grant less (fs.pipe-max-size).
@@ -69,10 +67,9 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLI
 pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    counter: &IntCounter,
-    moved: &AtomicU64,
+    counters: Counters<'_>,
     activity: &Activity,
-) -> Result<Eof, (Leg, io::Error)> {
+) -> Direction {
     // Some while the direction is bulk.
     let mut slot: Option<Pipe> = None;
     loop {
@@ -91,8 +88,7 @@ pub(super) async fn pump(
             match copy_batch(src, dst, activity).await? {
                 0 => return shut_down(dst),
                 n => {
-                    counter.inc_by(n as u64);
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    counters.add(n as u64);
                     activity.touch();
                     if n == COPY_BATCH {
                         // No pipe to be had: stay light.
@@ -132,8 +128,7 @@ pub(super) async fn pump(
             }
         }
         activity.release();
-        counter.inc_by(n as u64);
-        moved.fetch_add(n as u64, Ordering::Relaxed);
+        counters.add(n as u64);
         activity.touch();
         if n < COPY_BATCH {
             // The flow turned light: the pipe is empty, close it.
@@ -145,7 +140,7 @@ pub(super) async fn pump(
 }
 
 /// Passes an EOF on: shuts down writing on `dst`.
-fn shut_down(dst: &TcpStream) -> Result<Eof, (Leg, io::Error)> {
+fn shut_down(dst: &TcpStream) -> Direction {
     socket2::SockRef::from(dst)
         .shutdown(std::net::Shutdown::Write)
         .map(|()| Eof::Clean)

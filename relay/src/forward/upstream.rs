@@ -11,7 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::namespace::Namespace;
 use crate::addr::{Host, TargetAddr};
-use crate::metrics::Outcome;
+use crate::forward::metrics::Outcome;
 use crate::netns::{Netns, NetnsError};
 
 #[derive(Debug, Error)]

@@ -12,7 +12,7 @@ use aya::Ebpf;
 use aya::maps::HashMap as BpfHashMap;
 use aya::programs::{SchedClassifier, TcAttachType};
 
-use super::ObserveError;
+use super::{ObserveError, map_error};
 
 /// An interface in the target namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub struct Interface {
 /// (loopback only with `loopback`).
 pub fn interfaces(only: &[String], loopback: bool) -> Result<Vec<Interface>, ObserveError> {
     let all: Vec<Interface> = nix::net::if_::if_nameindex()
-        .map_err(|e| ObserveError::Interfaces(e.to_string()))?
+        .map_err(ObserveError::Interfaces)?
         .iter()
         .map(|i| Interface {
             index: i.index(),
@@ -73,15 +73,14 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
             ebpf.map_mut("l2_len")
                 .ok_or(ObserveError::MissingMap("l2_len"))?,
         )
-        .map_err(|e| ObserveError::Kernel {
-            what: "opening map l2_len".into(),
-            cause: e.to_string(),
-        })?;
+        .map_err(map_error("l2_len", "open"))?;
         for iface in interfaces {
             l2.insert(iface.index, l2_len(iface), 0)
-                .map_err(|e| ObserveError::Kernel {
-                    what: format!("writing l2_len for {}", iface.name),
-                    cause: e.to_string(),
+                .map_err(|source| ObserveError::MapEntry {
+                    map: "l2_len",
+                    action: "write",
+                    iface: iface.name.clone(),
+                    source: Box::new(source),
                 })?;
         }
     }
@@ -93,12 +92,14 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
             .program_mut(program)
             .ok_or(ObserveError::MissingProgram(program))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| ObserveError::Kernel {
-                what: format!("program {program}"),
-                cause: e.to_string(),
+            .map_err(|source| ObserveError::ProgramType {
+                program,
+                source: Box::new(source),
             })?;
-        prog.load()
-            .map_err(|e| ObserveError::Load(format!("{program}: {e}")))?;
+        prog.load().map_err(|source| ObserveError::LoadProgram {
+            program,
+            source: Box::new(source),
+        })?;
         for iface in interfaces {
             if !has_tcx() {
                 // Pre-TCX kernels: cls_bpf needs a clsact qdisc; one that
@@ -106,14 +107,15 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
                 let _ = aya::programs::tc::qdisc_add_clsact(&iface.name);
             }
             prog.attach(&iface.name, attach_type)
-                .map_err(|e| ObserveError::Attach {
+                .map_err(|source| ObserveError::Attach {
+                    program,
                     iface: iface.name.clone(),
                     direction: if attach_type == TcAttachType::Ingress {
                         "ingress"
                     } else {
                         "egress"
                     },
-                    cause: e.to_string(),
+                    source: Box::new(source),
                 })?;
         }
     }

@@ -222,7 +222,7 @@ pub enum CaptureError {
 /// The capture thread of one observer; [`Capture::finish`] ends it cleanly.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(), CaptureError>>>,
+    thread: Option<JoinHandle<Result<(), Arc<CaptureError>>>>,
 }
 
 /// One interface of the observer, as the pcapng file knows it.
@@ -242,7 +242,7 @@ impl Capture {
         description: &str,
         snaplen: u32,
         keys: Option<Arc<KeyLines>>,
-        on_failure: impl FnOnce(String) + Send + 'static,
+        on_failure: impl FnOnce(Arc<CaptureError>) + Send + 'static,
     ) -> Result<Self, ObserveError> {
         let ring = observer.take_samples()?;
         let mut known = HashMap::new();
@@ -278,17 +278,17 @@ impl Capture {
                     start_ns: 0,
                 };
                 worker.start_ns = worker.clock.now_ns();
-                let result = worker.run(&thread_stop);
+                let result = worker.run(&thread_stop).map_err(Arc::new);
                 if let Err(err) = &result {
                     // Stop the kernel side too: nothing reads the ring any more.
                     worker.observer.stop_capture();
-                    on_failure(err.to_string());
+                    on_failure(err.clone());
                 }
                 result
             })
-            .map_err(|e| ObserveError::Kernel {
-                what: "starting the capture thread".into(),
-                cause: e.to_string(),
+            .map_err(|source| ObserveError::Thread {
+                what: "capture",
+                source,
             })?;
         Ok(Capture {
             stop,
@@ -298,7 +298,7 @@ impl Capture {
 
     /// Stops the kernel side, writes what is left and the statistics
     /// blocks, and waits for the thread. Blocks: call it off async workers.
-    pub fn finish(mut self) -> Result<(), CaptureError> {
+    pub fn finish(mut self) -> Result<(), Arc<CaptureError>> {
         self.stop.store(true, Ordering::Release);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
@@ -341,11 +341,7 @@ impl Worker {
                 match poll(&mut fds, timeout) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(errno) => {
-                        return Err(ObserveError::Kernel {
-                            what: "waiting on the samples ring buffer".into(),
-                            cause: errno.to_string(),
-                        }
-                        .into());
+                        return Err(ObserveError::Poll(errno).into());
                     }
                 }
             }
@@ -526,8 +522,8 @@ pub struct CaptureRun {
     snaplen: u32,
     keys: Option<Arc<KeyLines>>,
     current: Option<Capture>,
-    failed_tx: tokio::sync::watch::Sender<Option<String>>,
-    failed_rx: tokio::sync::watch::Receiver<Option<String>>,
+    failed_tx: tokio::sync::watch::Sender<Option<Arc<CaptureError>>>,
+    failed_rx: tokio::sync::watch::Receiver<Option<Arc<CaptureError>>>,
 }
 
 impl CaptureRun {
@@ -621,15 +617,15 @@ impl CaptureRun {
         };
         let finished = tokio::task::spawn_blocking(move || capture.finish())
             .await
-            .map_err(|e| ObserveError::Kernel {
-                what: "capture thread".into(),
-                cause: e.to_string(),
+            .map_err(|source| ObserveError::Join {
+                what: "capture",
+                source,
             })?;
-        finished.map_err(|e| ObserveError::CaptureFailed(e.to_string()))
+        finished.map_err(ObserveError::Capture)
     }
 
     /// Resolves when writing the capture failed (a full disk), with the error.
-    pub async fn failed(&mut self) -> String {
+    pub async fn failed(&mut self) -> Arc<CaptureError> {
         loop {
             if let Some(message) = self.failed_rx.borrow_and_update().clone() {
                 return message;

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use aya::maps::{Array, MapData, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::{Ebpf, EbpfLoader};
+use nix::errno::Errno;
 use thiserror::Error;
 
 pub use attach::Interface;
@@ -41,10 +42,13 @@ fn object() -> &'static [u8] {
 
 const PROGRAMS: [&str; 2] = ["observe_ingress", "observe_egress"];
 
+/// Why observing failed. Kernel and aya errors are kept as the
+/// [`source`](std::error::Error::source) (errno included); the message
+/// names what was being done to which program, map or interface.
 #[derive(Debug, Error)]
 pub enum ObserveError {
-    #[error("cannot list interfaces: {0}")]
-    Interfaces(String),
+    #[error("cannot list the interfaces of the target namespace")]
+    Interfaces(#[source] nix::errno::Errno),
     #[error("no interface `{name}` in the target namespace (it has: {})", present.join(", "))]
     NoSuchInterface { name: String, present: Vec<String> },
     #[error(
@@ -59,26 +63,83 @@ pub enum ObserveError {
         "the embedded eBPF object has no program `{0}` (stale relay-ebpf/obj? run `cargo xtask build-ebpf`)"
     )]
     MissingProgram(&'static str),
+    #[error("cannot load the eBPF programs{}", privilege_hint(.source))]
+    Load {
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error(
-        "cannot load the eBPF programs: {0} (relay observe needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+        "program `{program}` of the embedded eBPF object is not a TC classifier (stale relay-ebpf/obj? run `cargo xtask build-ebpf`)"
     )]
-    Load(String),
-    #[error("cannot attach to {iface} ({direction}): {cause}")]
+    ProgramType {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot load the eBPF program `{program}`{}", privilege_hint(.source))]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("cannot attach to {iface} ({direction}){}", attach_hint(.source))]
     Attach {
+        program: &'static str,
         iface: String,
         direction: &'static str,
-        cause: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
     },
-    #[error("{what}: {cause}")]
-    Kernel { what: String, cause: String },
+    #[error("cannot {action} the map `{map}`")]
+    Map {
+        map: &'static str,
+        /// "open", "write", ...
+        action: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("cannot {action} the map `{map}` for {iface}")]
+    MapEntry {
+        map: &'static str,
+        action: &'static str,
+        iface: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("cannot count the possible CPUs ({what})")]
+    Cpus {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enable the kernel's BPF run-time statistics (--bpf-stats){}", privilege_hint(.source))]
+    Stats {
+        #[source]
+        source: aya::sys::SyscallError,
+    },
+    #[error("waiting on the samples ring buffer")]
+    Poll(#[source] nix::errno::Errno),
+    #[error("cannot start the {what} thread")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {what} thread ended abnormally")]
+    Join {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("target {0} stopped (use --follow to attach again when it returns)")]
     TargetGone(String),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
     #[error(transparent)]
     Sink(#[from] sink::SinkError),
-    #[error("{0}")]
-    CaptureFailed(String),
+    /// The capture thread failed (kept whole: a full disk's errno included).
+    #[error(transparent)]
+    Capture(std::sync::Arc<capture::CaptureError>),
 }
 
 impl ObserveError {
@@ -91,6 +152,82 @@ impl ObserveError {
             ObserveError::Sink(sink::SinkError::Open { .. }) => true,
             _ => false,
         }
+    }
+
+    /// The kernel's errno behind this error, if one is: the first OS error
+    /// in the source chain (EPERM: no privileges; ENOENT/ENODEV: the
+    /// interface went away).
+    ///
+    /// ```
+    /// use nix::errno::Errno;
+    /// use relay::observe::ObserveError;
+    ///
+    /// let err = ObserveError::Interfaces(Errno::EMFILE);
+    /// assert_eq!(err.errno(), Some(Errno::EMFILE));
+    /// assert!(!err.is_permission_denied());
+    /// ```
+    pub fn errno(&self) -> Option<Errno> {
+        errno_of(self)
+    }
+
+    /// Refused for lack of privileges (EPERM or EACCES from the kernel).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self.errno(), Some(Errno::EPERM | Errno::EACCES))
+    }
+}
+
+/// The first OS error in `err`'s chain, `err` included.
+fn errno_of(err: &(dyn std::error::Error + 'static)) -> Option<Errno> {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(errno) = err.downcast_ref::<Errno>() {
+            return Some(*errno);
+        }
+        let raw = if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            io.raw_os_error()
+        } else if let Some(netlink) = err.downcast_ref::<aya::sys::NetlinkError>() {
+            netlink.raw_os_error()
+        } else {
+            None
+        };
+        if let Some(raw) = raw {
+            return Some(Errno::from_raw(raw));
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// Said after a failure the kernel refused for lack of privileges.
+fn privilege_hint(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    match errno_of(err) {
+        Some(Errno::EPERM | Errno::EACCES) => {
+            " (relay observe needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+        }
+        _ => "",
+    }
+}
+
+fn attach_hint(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    match errno_of(err) {
+        Some(Errno::ENOENT | Errno::ENODEV) => " (the interface is gone)",
+        _ => privilege_hint(err),
+    }
+}
+
+/// Shows an error with its sources, `a: b: c`, for logs that print one
+/// error on its own line (`main` prints chains with anyhow's `{:#}`).
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
     }
 }
 
@@ -177,21 +314,14 @@ impl Observer {
             let map = ebpf
                 .take_map("samples")
                 .ok_or(ObserveError::MissingMap("samples"))?;
-            Some(RingBuf::try_from(map).map_err(|e| ObserveError::Kernel {
-                what: "map samples".into(),
-                cause: e.to_string(),
-            })?)
+            Some(RingBuf::try_from(map).map_err(map_error("samples", "open"))?)
         } else {
             None
         };
         let stats = if options.bpf_stats {
             Some(
-                aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
-                    ObserveError::Kernel {
-                        what: "enabling BPF run-time statistics".into(),
-                        cause: e.to_string(),
-                    }
-                })?,
+                aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                    .map_err(|source| ObserveError::Stats { source })?,
             )
         } else {
             None
@@ -237,10 +367,7 @@ impl Observer {
             ebpf.map("capture_stats")
                 .ok_or(ObserveError::MissingMap("capture_stats"))?,
         )
-        .map_err(|e| ObserveError::Kernel {
-            what: "map capture_stats".into(),
-            cause: e.to_string(),
-        })?;
+        .map_err(map_error("capture_stats", "open"))?;
         Ok(maps::read_capture(&map))
     }
 
@@ -248,7 +375,7 @@ impl Observer {
     pub fn stop_capture(&self) {
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(err) = set_capture_ctl(&mut ebpf, 0) {
-            tracing::warn!(error = %err, "cannot stop the kernel side of the capture");
+            tracing::warn!(error = %Chain(&err), "cannot stop the kernel side of the capture");
         }
     }
 
@@ -256,19 +383,12 @@ impl Observer {
     pub fn snapshot(&self) -> Result<Snapshot, ObserveError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         let open = |name: &'static str| ebpf.map(name).ok_or(ObserveError::MissingMap(name));
-        let kernel = |what: &str| {
-            let what = what.to_string();
-            move |e: aya::maps::MapError| ObserveError::Kernel {
-                what: what.clone(),
-                cause: e.to_string(),
-            }
-        };
         let traffic: PerCpuHashMap<_, TrafficKey, Counter> =
-            PerCpuHashMap::try_from(open("traffic")?).map_err(kernel("map traffic"))?;
+            PerCpuHashMap::try_from(open("traffic")?).map_err(map_error("traffic", "open"))?;
         let flags: PerCpuHashMap<_, FlagKey, u64> =
-            PerCpuHashMap::try_from(open("tcp_flags")?).map_err(kernel("map tcp_flags"))?;
+            PerCpuHashMap::try_from(open("tcp_flags")?).map_err(map_error("tcp_flags", "open"))?;
         let flows: PerCpuHashMap<_, FlowKey, Counter> =
-            PerCpuHashMap::try_from(open("flows")?).map_err(kernel("map flows"))?;
+            PerCpuHashMap::try_from(open("flows")?).map_err(map_error("flows", "open"))?;
         let mut flows = maps::read_flows(&flows);
         flows.sort_by_key(|(_, counter)| std::cmp::Reverse(counter.bytes));
         let programs = PROGRAMS
@@ -305,13 +425,12 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
     let Some(capture) = capture else {
         return EbpfLoader::new()
             .load(object())
-            .map_err(|e| ObserveError::Load(e.to_string()));
+            .map_err(|source| ObserveError::Load {
+                source: Box::new(source),
+            });
     };
     let (rules, filter_len) = capture.filter.table();
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| ObserveError::Kernel {
-        what: what.to_string(),
-        cause: e.to_string(),
-    })?;
+    let cpus = nr_cpus()?;
     let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let on = 1u32;
     // Woken at a quarter full; the reader also drains every few milliseconds.
@@ -337,34 +456,26 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
         .map_max_entries("capture_stats", stats_entries)
         .map_max_entries("capture_flows", flow_entries)
         .load(object())
-        .map_err(|e| ObserveError::Load(e.to_string()))
+        .map_err(|source| ObserveError::Load {
+            source: Box::new(source),
+        })
 }
 
 /// Seeds every (interface, counter) of `capture_stats` with zeros, so the
 /// programs only ever increment, then turns sampling on.
 fn start_capture(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), ObserveError> {
-    let kernel = |what: &str| {
-        let what = what.to_string();
-        move |e: aya::maps::MapError| ObserveError::Kernel {
-            what: what.clone(),
-            cause: e.to_string(),
-        }
-    };
-    let cpus = aya::util::nr_cpus().map_err(|(what, e)| ObserveError::Kernel {
-        what: what.to_string(),
-        cause: e.to_string(),
-    })?;
+    let cpus = nr_cpus()?;
     let mut stats: PerCpuHashMap<_, CaptureKey, u64> = PerCpuHashMap::try_from(
         ebpf.map_mut("capture_stats")
             .ok_or(ObserveError::MissingMap("capture_stats"))?,
     )
-    .map_err(kernel("map capture_stats"))?;
+    .map_err(map_error("capture_stats", "open"))?;
     for iface in interfaces {
         for stat in CaptureStat::ALL {
             let zeros =
-                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| ObserveError::Kernel {
-                    what: "per-CPU zeros".into(),
-                    cause: e.to_string(),
+                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| ObserveError::Cpus {
+                    what: "per-CPU zeros for capture_stats",
+                    source,
                 })?;
             let key = CaptureKey {
                 ifindex: iface.index,
@@ -372,7 +483,12 @@ fn start_capture(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Observ
             };
             stats
                 .insert(key, zeros, 0)
-                .map_err(kernel("seeding capture_stats"))?;
+                .map_err(|source| ObserveError::MapEntry {
+                    map: "capture_stats",
+                    action: "seed",
+                    iface: iface.name.clone(),
+                    source: Box::new(source),
+                })?;
         }
     }
     set_capture_ctl(ebpf, 1)
@@ -383,12 +499,134 @@ fn set_capture_ctl(ebpf: &mut Ebpf, on: u32) -> Result<(), ObserveError> {
         ebpf.map_mut("capture_ctl")
             .ok_or(ObserveError::MissingMap("capture_ctl"))?,
     )
-    .map_err(|e| ObserveError::Kernel {
-        what: "map capture_ctl".into(),
-        cause: e.to_string(),
-    })?;
-    ctl.set(0, on, 0).map_err(|e| ObserveError::Kernel {
-        what: "writing capture_ctl".into(),
-        cause: e.to_string(),
-    })
+    .map_err(map_error("capture_ctl", "open"))?;
+    ctl.set(0, on, 0).map_err(map_error("capture_ctl", "write"))
+}
+
+/// Wraps a map error with the map's name and what was being done to it.
+fn map_error(
+    map: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> ObserveError {
+    move |source| ObserveError::Map {
+        map,
+        action,
+        source: Box::new(source),
+    }
+}
+
+fn nr_cpus() -> Result<usize, ObserveError> {
+    aya::util::nr_cpus().map_err(|(what, source)| ObserveError::Cpus { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::io;
+    use std::sync::Arc;
+
+    use aya::maps::MapError;
+    use aya::programs::ProgramError;
+    use aya::sys::SyscallError;
+
+    use super::*;
+
+    fn os(errno: Errno) -> io::Error {
+        io::Error::from_raw_os_error(errno as i32)
+    }
+
+    #[test]
+    fn a_refused_load_keeps_the_errno_and_says_what_privileges_it_needs() {
+        let err = ObserveError::Load {
+            source: Box::new(aya::EbpfError::MapError(MapError::CreateError {
+                name: "traffic".into(),
+                io_error: os(Errno::EPERM),
+            })),
+        };
+        assert_eq!(err.errno(), Some(Errno::EPERM));
+        assert!(err.is_permission_denied());
+        assert!(err.to_string().contains("needs root, or CAP_BPF"), "{err}");
+        // The chain goes down to the kernel's answer.
+        let mut deepest: &dyn std::error::Error = &err;
+        while let Some(next) = deepest.source() {
+            deepest = next;
+        }
+        let io = deepest
+            .downcast_ref::<io::Error>()
+            .expect("io::Error at the bottom");
+        assert_eq!(io.raw_os_error(), Some(Errno::EPERM as i32));
+        assert!(
+            Chain(&err).to_string().contains("traffic"),
+            "{}",
+            Chain(&err)
+        );
+    }
+
+    #[test]
+    fn a_load_failing_for_another_reason_does_not_blame_privileges() {
+        let err = ObserveError::LoadProgram {
+            program: "observe_ingress",
+            source: Box::new(ProgramError::SyscallError(SyscallError {
+                call: "bpf_prog_load",
+                io_error: os(Errno::EINVAL),
+            })),
+        };
+        assert_eq!(err.errno(), Some(Errno::EINVAL));
+        assert!(!err.is_permission_denied());
+        assert_eq!(
+            err.to_string(),
+            "cannot load the eBPF program `observe_ingress`"
+        );
+    }
+
+    #[test]
+    fn attaching_to_a_vanished_interface_says_so() {
+        let err = ObserveError::Attach {
+            program: "observe_egress",
+            iface: "veth0".into(),
+            direction: "egress",
+            source: Box::new(ProgramError::SyscallError(SyscallError {
+                call: "bpf_link_create",
+                io_error: os(Errno::ENODEV),
+            })),
+        };
+        assert_eq!(err.errno(), Some(Errno::ENODEV));
+        assert_eq!(
+            err.to_string(),
+            "cannot attach to veth0 (egress) (the interface is gone)"
+        );
+    }
+
+    #[test]
+    fn a_full_disk_reaches_the_caller_as_enospc() {
+        let failed = Arc::new(capture::CaptureError::Sink(sink::SinkError::Write {
+            path: "/tmp/x.pcapng".into(),
+            source: os(Errno::ENOSPC),
+        }));
+        let err = ObserveError::Capture(failed);
+        let source = err.source().expect("the io::Error is the source");
+        assert_eq!(
+            source
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::raw_os_error),
+            Some(Errno::ENOSPC as i32)
+        );
+        assert_eq!(err.errno(), Some(Errno::ENOSPC));
+        let shown = Chain(&err).to_string();
+        assert!(
+            shown.contains("/tmp/x.pcapng") && shown.contains("No space left on device"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn listing_interfaces_keeps_the_errno() {
+        let err = ObserveError::Interfaces(Errno::EMFILE);
+        assert_eq!(
+            err.source().and_then(|e| e.downcast_ref::<Errno>()),
+            Some(&Errno::EMFILE)
+        );
+        assert_eq!(err.errno(), Some(Errno::EMFILE));
+        assert_eq!(ObserveError::NothingToObserve.errno(), None);
+    }
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::capture::{CaptureOptions, CaptureRun};
+use super::capture::{CaptureError, CaptureOptions, CaptureRun};
 use super::export::ObserveMetrics;
-use super::{ObserveError, ObserveOptions, Observer, Snapshot};
+use super::{Chain, ObserveError, ObserveOptions, Observer, Snapshot};
 use crate::health::ReadyFlag;
 use crate::metrics::Metrics;
 use crate::netns::{self, Netns, Target};
@@ -44,9 +44,9 @@ async fn attach(
         (netns, observer)
     })
     .await
-    .map_err(|e| ObserveError::Kernel {
-        what: "attach thread".into(),
-        cause: e.to_string(),
+    .map_err(|source| ObserveError::Join {
+        what: "attach",
+        source,
     })?;
     Ok((netns, Arc::new(observer?)))
 }
@@ -61,7 +61,7 @@ async fn still_there(netns: &Netns) -> bool {
 }
 
 /// Resolves when the capture (if any) failed to write; never without one.
-async fn capture_failed(capture: &mut Option<CaptureRun>) -> String {
+async fn capture_failed(capture: &mut Option<CaptureRun>) -> Arc<CaptureError> {
     match capture {
         Some(run) => run.failed().await,
         None => std::future::pending().await,
@@ -115,7 +115,9 @@ impl Session {
                     Ok(snapshot) => {
                         hook_export.export(observer.target(), observer.interfaces(), &snapshot, top)
                     }
-                    Err(err) => tracing::warn!(error = %err, "cannot read the observer's maps"),
+                    Err(err) => {
+                        tracing::warn!(error = %Chain(&err), "cannot read the observer's maps")
+                    }
                 }
             }
         });
@@ -159,8 +161,8 @@ impl Session {
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
                 _ = stop.wait_for(|s| *s) => break,
-                message = capture_failed(&mut capture) => {
-                    return Err(ObserveError::CaptureFailed(message));
+                failed = capture_failed(&mut capture) => {
+                    return Err(ObserveError::Capture(failed));
                 }
             }
             if options.watch
@@ -205,7 +207,7 @@ impl Session {
                         current = Some(observer);
                         ready.set(true);
                     }
-                    Err(err) => tracing::debug!(error = %err, "target not back yet"),
+                    Err(err) => tracing::debug!(error = %Chain(&err), "target not back yet"),
                 },
             }
         }

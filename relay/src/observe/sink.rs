@@ -22,14 +22,26 @@ const BUFFER_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Error)]
 pub enum SinkError {
-    #[error("cannot write the capture to {path}: {cause}")]
-    Open { path: String, cause: std::io::Error },
+    #[error("cannot write the capture to {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
-        "capture stopped: writing {path} failed: {cause}; the file holds every packet written before (a valid pcapng)"
+        "capture stopped: writing {path} failed (the file holds every packet written before, a valid pcapng)"
     )]
-    Write { path: String, cause: std::io::Error },
-    #[error("cannot remove the old capture file {path}: {cause}")]
-    Remove { path: String, cause: std::io::Error },
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove the old capture file {path}")]
+    Remove {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where to write.
@@ -134,9 +146,9 @@ impl Sink {
     }
 
     fn create(path: &Path) -> Result<Target, SinkError> {
-        let file = File::create(path).map_err(|cause| SinkError::Open {
+        let file = File::create(path).map_err(|source| SinkError::Open {
             path: path.display().to_string(),
-            cause,
+            source,
         })?;
         Ok(Target::File {
             file,
@@ -220,9 +232,9 @@ impl Sink {
         if let Some(keep) = self.options.rotate_count {
             while self.files.len() > keep.max(1) as usize {
                 if let Some(old) = self.files.pop_front() {
-                    std::fs::remove_file(&old).map_err(|cause| SinkError::Remove {
+                    std::fs::remove_file(&old).map_err(|source| SinkError::Remove {
                         path: old.display().to_string(),
-                        cause,
+                        source,
                     })?;
                 }
             }
@@ -253,7 +265,7 @@ impl Sink {
             counter.inc_by(kept as u64);
         }
         self.buffer.clear();
-        let Err(cause) = result else {
+        let Err(source) = result else {
             return Ok(());
         };
         let path = match &self.target {
@@ -265,7 +277,7 @@ impl Sink {
             }
             Target::Stdout(_) => "stdout".to_string(),
         };
-        Err(SinkError::Write { path, cause })
+        Err(SinkError::Write { path, source })
     }
 }
 

@@ -1,11 +1,5 @@
-//! The Prometheus registry of the relay and the HTTP endpoint serving it.
-//!
-//! Names follow Prometheus conventions (`relay_` prefix, `_total` counters,
-//! `_seconds` units). Labels stay bounded: a route name, an outcome from a
-//! fixed set, a direction. Nothing here knows about sockets being relayed;
-//! `forward` reports into a [`RouteMetrics`].
-//!
-//! The same HTTP server answers `/healthz` from the run's [`Readiness`]
+//! The HTTP endpoint serving the registry: `/metrics` in the Prometheus text
+//! format and `/healthz` from the run's [`Readiness`](crate::health::Readiness)
 //! (200 when every listener is bound and every observer attached, else 503),
 //! so orchestrators need one port only.
 //!
@@ -29,70 +23,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use thiserror::Error;
-
-use crate::health::{Readiness, Report};
-use crate::tls::HandshakeOutcome;
 use tokio::net::{TcpListener, TcpStream};
 
-/// How a relayed connection ended; the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Both sides finished with FIN.
-    Closed,
-    /// The target refused the connection.
-    Refused,
-    /// The target did not answer within the connect timeout.
-    ConnectTimeout,
-    /// The target could not be reached otherwise (name resolution, unreachable).
-    ConnectError,
-    /// One side reset; the relay reset the other.
-    Reset,
-    /// No bytes either way for the idle timeout.
-    IdleTimeout,
-    /// Still open when the drain timeout after SIGTERM ran out.
-    Drained,
-    /// Accepting paused because --max-connections were open (counted per pause).
-    Limit,
-    /// A TLS handshake on either leg failed.
-    TlsError,
-    /// The target's namespace is gone (its container stopped).
-    NamespaceUnavailable,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 10] = [
-        Outcome::Closed,
-        Outcome::Refused,
-        Outcome::ConnectTimeout,
-        Outcome::ConnectError,
-        Outcome::Reset,
-        Outcome::IdleTimeout,
-        Outcome::Drained,
-        Outcome::Limit,
-        Outcome::TlsError,
-        Outcome::NamespaceUnavailable,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Closed => "closed",
-            Outcome::Refused => "refused",
-            Outcome::ConnectTimeout => "connect_timeout",
-            Outcome::ConnectError => "connect_error",
-            Outcome::Reset => "reset",
-            Outcome::IdleTimeout => "idle_timeout",
-            Outcome::Drained => "drained",
-            Outcome::Limit => "limit",
-            Outcome::TlsError => "tls_error",
-            Outcome::NamespaceUnavailable => "namespace_unavailable",
-        }
-    }
-}
+use super::Metrics;
+use crate::health::Report;
 
 /// How a connection to the metrics endpoint ended; the `outcome` label of
 /// `relay_metrics_connections_total`.
@@ -174,108 +110,6 @@ impl Default for EndpointLimits {
     }
 }
 
-/// Bucket bounds for upstream connect time: 50 us (loopback) to 10 s (timeout).
-const CONNECT_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
-];
-/// Bucket bounds for connection lifetime: 1 ms to 1 h.
-const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-];
-
-/// The relay's registry and metric families.
-pub struct Metrics {
-    registry: Registry,
-    /// Run before every render: sources that are read at scrape time (the
-    /// observer's kernel maps) bring their series up to date here.
-    on_scrape: std::sync::Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
-    readiness: Readiness,
-    connections: IntCounterVec,
-    active: IntGaugeVec,
-    bytes: IntCounterVec,
-    connect_duration: HistogramVec,
-    connection_duration: HistogramVec,
-    tls_handshakes: IntCounterVec,
-    tls_duration: HistogramVec,
-    data_path: IntGaugeVec,
-    endpoint_connections: IntCounterVec,
-    endpoint_active: IntGauge,
-}
-
-/// The children of every family for one route, resolved once so the hot
-/// path only does atomic adds.
-#[derive(Clone)]
-pub struct RouteMetrics {
-    pub name: Arc<str>,
-    outcomes: Arc<[IntCounter; 10]>,
-    tls_handshakes: IntCounterVec,
-    tls_duration: HistogramVec,
-    data_path: IntGaugeVec,
-    pub active: IntGauge,
-    pub to_target: IntCounter,
-    pub to_client: IntCounter,
-    pub connect_duration: prometheus::Histogram,
-    pub connection_duration: prometheus::Histogram,
-}
-
-/// Which end of a TLS handshake the relay was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsRole {
-    /// The relay originated TLS to the target.
-    Client,
-    /// The relay terminated TLS from a client.
-    Server,
-}
-
-impl TlsRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsRole::Client => "client",
-            TlsRole::Server => "server",
-        }
-    }
-}
-
-impl RouteMetrics {
-    /// Creates the handshake series of `role` at 0, for a route that uses it.
-    pub fn init_tls(&self, role: TlsRole) {
-        for outcome in HandshakeOutcome::ALL {
-            self.tls_handshakes
-                .with_label_values(&[&*self.name, role.as_str(), outcome.as_str()]);
-        }
-        self.tls_duration
-            .with_label_values(&[&*self.name, role.as_str()]);
-    }
-
-    pub fn tls_handshake(&self, role: TlsRole, outcome: HandshakeOutcome, seconds: f64) {
-        self.tls_handshakes
-            .with_label_values(&[&*self.name, role.as_str(), outcome.as_str()])
-            .inc();
-        self.tls_duration
-            .with_label_values(&[&*self.name, role.as_str()])
-            .observe(seconds);
-    }
-
-    /// Marks `path` (one of `paths`) as the data path in use: 1 for it, 0
-    /// for the others, so a dashboard sees a switch.
-    pub fn set_data_path(&self, path: &str, paths: &[&str]) {
-        for candidate in paths {
-            self.data_path
-                .with_label_values(&[&*self.name, candidate])
-                .set(i64::from(*candidate == path));
-        }
-    }
-
-    pub fn outcome(&self, outcome: Outcome) -> &IntCounter {
-        let index = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .expect("Outcome::ALL lists every outcome");
-        &self.outcomes[index]
-    }
-}
-
 #[derive(Debug, Error)]
 pub enum MetricsError {
     #[error("cannot serve metrics on {addr}: {cause}")]
@@ -285,75 +119,15 @@ pub enum MetricsError {
     },
 }
 
-impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let readiness = Readiness::default();
+/// The endpoint's own series: how its connections ended, how many are open.
+pub(super) struct EndpointMetrics {
+    connections: IntCounterVec,
+    active: IntGauge,
+}
+
+impl EndpointMetrics {
+    pub(super) fn register(registry: &Registry) -> Self {
         let connections = IntCounterVec::new(
-            Opts::new(
-                "relay_connections_total",
-                "Relayed connections by how they ended.",
-            ),
-            &["route", "outcome"],
-        )
-        .expect("static metric definition is valid");
-        let active = IntGaugeVec::new(
-            Opts::new("relay_active_connections", "Connections currently relayed."),
-            &["route"],
-        )
-        .expect("static metric definition is valid");
-        let bytes = IntCounterVec::new(
-            Opts::new(
-                "relay_bytes_total",
-                "Bytes relayed, by direction (to_target or to_client).",
-            ),
-            &["route", "direction"],
-        )
-        .expect("static metric definition is valid");
-        let connect_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "relay_upstream_connect_duration_seconds",
-                "Time to connect to the target.",
-            )
-            .buckets(CONNECT_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .expect("static metric definition is valid");
-        let connection_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "relay_connection_duration_seconds",
-                "Lifetime of relayed connections.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .expect("static metric definition is valid");
-        let tls_handshakes = IntCounterVec::new(
-            Opts::new(
-                "relay_tls_handshakes_total",
-                "TLS handshakes by role (client: to the target, server: from clients) and outcome.",
-            ),
-            &["route", "role", "outcome"],
-        )
-        .expect("static metric definition is valid");
-        let tls_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "relay_tls_handshake_duration_seconds",
-                "Time TLS handshakes took, failed ones included.",
-            )
-            .buckets(CONNECT_BUCKETS.to_vec()),
-            &["route", "role"],
-        )
-        .expect("static metric definition is valid");
-        let data_path = IntGaugeVec::new(
-            Opts::new(
-                "relay_data_path",
-                "1 for the data path plain TCP bytes take on the route (copy, splice or sockmap), 0 for the others.",
-            ),
-            &["route", "path"],
-        )
-        .expect("static metric definition is valid");
-        let endpoint_connections = IntCounterVec::new(
             Opts::new(
                 "relay_metrics_connections_total",
                 "Connections to the metrics endpoint by how they ended (evicted: closed without a request to make room at the cap; refused: closed at once, every slot answering).",
@@ -362,122 +136,32 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         for outcome in EndpointOutcome::ALL {
-            endpoint_connections.with_label_values(&[outcome.as_str()]);
+            connections.with_label_values(&[outcome.as_str()]);
         }
-        let endpoint_active = IntGauge::new(
+        let active = IntGauge::new(
             "relay_metrics_active_connections",
             "Connections the metrics endpoint holds open, this scrape's included.",
         )
         .expect("static metric definition is valid");
-        let build_info = IntGaugeVec::new(
-            Opts::new("relay_build_info", "Always 1; labels carry the build."),
-            &["version"],
-        )
-        .expect("static metric definition is valid");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
         for collector in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(active.clone()),
-            Box::new(bytes.clone()),
-            Box::new(connect_duration.clone()),
-            Box::new(connection_duration.clone()),
-            Box::new(tls_handshakes.clone()),
-            Box::new(tls_duration.clone()),
-            Box::new(data_path.clone()),
-            Box::new(endpoint_connections.clone()),
-            Box::new(endpoint_active.clone()),
-            Box::new(build_info),
-            readiness.collector(),
         ] {
             registry
                 .register(collector)
                 .expect("metric names are unique");
         }
-        Metrics {
-            registry,
-            on_scrape: std::sync::Mutex::new(Vec::new()),
-            readiness,
+        EndpointMetrics {
             connections,
             active,
-            bytes,
-            connect_duration,
-            connection_duration,
-            tls_handshakes,
-            tls_duration,
-            data_path,
-            endpoint_connections,
-            endpoint_active,
         }
-    }
-
-    /// The metrics of one route; every outcome series exists from the start
-    /// (at 0), so rates and alerts work before the first failure.
-    pub fn route(&self, name: &str) -> RouteMetrics {
-        RouteMetrics {
-            name: Arc::from(name),
-            outcomes: Arc::new(
-                Outcome::ALL.map(|o| self.connections.with_label_values(&[name, o.as_str()])),
-            ),
-            tls_handshakes: self.tls_handshakes.clone(),
-            tls_duration: self.tls_duration.clone(),
-            data_path: self.data_path.clone(),
-            active: self.active.with_label_values(&[name]),
-            to_target: self.bytes.with_label_values(&[name, "to_target"]),
-            to_client: self.bytes.with_label_values(&[name, "to_client"]),
-            connect_duration: self.connect_duration.with_label_values(&[name]),
-            connection_duration: self.connection_duration.with_label_values(&[name]),
-        }
-    }
-
-    /// The registry, for families kept by other modules.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    /// The readiness flags `/healthz` answers from; listeners and observers
-    /// register theirs here.
-    pub fn readiness(&self) -> &Readiness {
-        &self.readiness
     }
 
     /// Counts a metrics endpoint connection that ended with `outcome`.
-    fn endpoint_ended(&self, outcome: EndpointOutcome) {
-        self.endpoint_connections
+    fn ended(&self, outcome: EndpointOutcome) {
+        self.connections
             .with_label_values(&[outcome.as_str()])
             .inc();
-    }
-
-    /// Runs `refresh` before every render.
-    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
-        self.on_scrape
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(refresh));
-    }
-
-    /// The registry in Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        for refresh in self
-            .on_scrape
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            refresh();
-        }
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding into a Vec cannot fail");
-        String::from_utf8(out).expect("the text format is UTF-8")
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -535,12 +219,12 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: En
                 // the new connection is served: the endpoint never holds
                 // more than the cap (plus the one just accepted).
                 let _ = oldest.await;
-                metrics.endpoint_ended(EndpointOutcome::Evicted);
+                metrics.endpoint.ended(EndpointOutcome::Evicted);
             }
             Room::Full => {
                 // Closing at once frees the descriptor and the backlog entry.
                 drop(stream);
-                metrics.endpoint_ended(EndpointOutcome::Refused);
+                metrics.endpoint.ended(EndpointOutcome::Refused);
                 tracing::debug!(
                     max_connections = limits.max_connections,
                     "metrics endpoint: connection refused, every slot is answering a request"
@@ -560,13 +244,13 @@ pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: En
                 let mut open = lock(&table);
                 // An entry already gone was evicted, and counted as such.
                 if open.remove(id) {
-                    metrics.endpoint_active.set(open.len() as i64);
-                    metrics.endpoint_ended(outcome);
+                    metrics.endpoint.active.set(open.len() as i64);
+                    metrics.endpoint.ended(outcome);
                 }
             }
         });
         open.insert(id, asked, task);
-        metrics.endpoint_active.set(open.len() as i64);
+        metrics.endpoint.active.set(open.len() as i64);
     }
 }
 
@@ -696,7 +380,7 @@ fn answer(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        "/healthz" => match metrics.readiness.report() {
+        "/healthz" => match metrics.readiness().report() {
             Report::Ready => (StatusCode::OK, "text/plain", "ready\n".to_string()),
             Report::Waiting(parts) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -855,7 +539,7 @@ mod tests {
 
         let mut oldest = slow_client(addr).await;
         let mut newer = slow_client(addr).await;
-        while metrics.endpoint_active.get() < 2 {
+        while metrics.endpoint.active.get() < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut scraper = TcpStream::connect(addr).await.expect("connect");
@@ -897,25 +581,5 @@ mod tests {
             metrics.render()
         );
         server.abort();
-    }
-
-    #[test]
-    fn every_outcome_series_exists_before_traffic() {
-        let metrics = Metrics::new();
-        let route = metrics.route("web");
-        route.to_target.inc_by(5);
-        let text = metrics.render();
-        for outcome in Outcome::ALL {
-            let series = format!(
-                "relay_connections_total{{outcome=\"{}\",route=\"web\"}} 0",
-                outcome.as_str()
-            );
-            assert!(text.contains(&series), "missing {series} in\n{text}");
-        }
-        assert!(
-            text.contains("relay_bytes_total{direction=\"to_target\",route=\"web\"} 5"),
-            "{text}"
-        );
-        assert!(text.contains("relay_build_info{version=\""), "{text}");
     }
 }
