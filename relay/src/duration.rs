@@ -46,6 +46,25 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 /// would overflow the clock arithmetic of the timers.
 pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// A duration as the command line takes it and prints it (`10s`, `2m`):
+/// lets clap show a default that is defined once, as a `Duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse(text).map(Dur)
+    }
+}
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format(self.0))
+    }
+}
+
 /// A timeout that may be turned off (`none`, or its synonym `off`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeout(pub Option<Duration>);

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod netns;
 pub mod observe;
 pub mod pcapng;
+pub mod run;
 pub mod tls;

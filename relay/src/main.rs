@@ -1,32 +1,30 @@
-//! The `relay` command line: parse, build the route, run it, and turn the
-//! result into an exit code (2 for usage errors, 1 for runtime failures).
-//! Everything else lives in the library.
+//! The `relay` command line: parse it into a spec (`forward`, the socat
+//! form, `publish` and `observe` are sugar for one; `run -c` reads one from
+//! a file), run it, and turn the result into an exit code (2 for usage
+//! errors, 1 for runtime failures). Everything else lives in the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
-use relay::forward::metrics::ForwardMetrics;
-use relay::forward::{DataPath, ForwardError, Forwarder, RouteConfig, data_path};
+use relay::config::{self, ObserverSpec, RouteSpec, Spec, file::Problems};
+use relay::duration::{self, Dur};
+use relay::forward::{DataPath, data_path};
 use relay::logging::{self, LogFormat};
-use relay::metrics::{self, Metrics};
+use relay::metrics;
 use relay::netns::Target;
-use relay::observe::{self, ObserveError, ObserveOptions};
-use relay::{duration, limits, tls};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use relay::observe::{self, ObserveOptions};
+use relay::{limits, run, tls};
 
 #[derive(Parser)]
 #[command(
     name = "relay",
     version,
-    about = "A TCP relay for container hosts: a drop-in for `socat TCP-LISTEN:..,fork TCP:..`, with metrics.",
-    override_usage = "relay forward <LISTEN> <TARGET> [OPTIONS]\n       relay [OPTIONS] <ADDR1> <ADDR2>    (socat form, e.g. TCP-LISTEN:8080,fork TCP:127.0.0.1:80)"
+    about = "A network relay and observer for container hosts: forwards TCP and TLS (a drop-in for socat, stunnel, docker-proxy) and counts and captures a container's traffic with eBPF, for Prometheus and Wireshark.",
+    override_usage = "relay run [-c relay.toml]\n       relay forward <LISTEN> <TARGET> [OPTIONS]\n       relay [OPTIONS] <ADDR1> <ADDR2>    (socat form, e.g. TCP-LISTEN:8080,fork TCP:127.0.0.1:80)\n       relay observe <TARGET> [OPTIONS]"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +45,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the routes and observers of a config file (TOML); with no file, observe this host with /metrics on 127.0.0.1:9100.
+    Run {
+        /// The config file (docs/CONFIG.md; an annotated example is deploy/relay.toml).
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check a config file without serving: every problem with file:line:column and key; exit 2 on any.
+    Check {
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Relay connections from a listen address to a target.
     Forward(Box<ForwardArgs>),
     /// Count the traffic of a container or network namespace with eBPF (needs root).
@@ -75,7 +84,7 @@ struct ObserveArgs {
     #[arg(long = "iface", value_name = "NAME")]
     interfaces: Vec<String>,
     /// Flows exported by name in relay_observe_top_flow_bytes; the rest are summed as rank="other".
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = config::DEFAULT_TOP_FLOWS)]
     top_flows: usize,
     /// Turn on the kernel's BPF run-time statistics while attached (program cost metrics).
     #[arg(long)]
@@ -145,19 +154,19 @@ struct RouteArgs {
     #[arg(global = true, long)]
     name: Option<String>,
     /// Give up connecting to the target after this long.
-    #[arg(global = true, long, value_parser = duration::parse, default_value = "10s")]
-    connect_timeout: Duration,
+    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_CONNECT_TIMEOUT))]
+    connect_timeout: Dur,
     /// Close a connection with no bytes either way for this long (socat's -T); `none` never does.
     #[arg(global = true, long, short = 'T', value_name = "DURATION|none",
-          default_value_t = duration::Timeout(Some(relay::forward::DEFAULT_IDLE_TIMEOUT)))]
+          default_value_t = duration::Timeout(Some(config::DEFAULT_IDLE_TIMEOUT)))]
     idle_timeout: duration::Timeout,
     /// Open connections at most; beyond it accepting pauses until one closes
     /// [default: 10000, or what the open-file limit holds if less].
     #[arg(global = true, long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(global = true, long, value_parser = duration::parse, default_value = "30s")]
-    drain_timeout: Duration,
+    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_DRAIN_TIMEOUT))]
+    drain_timeout: Dur,
     /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel; experimental, needs --experimental-sockmap). TLS legs always copy.
     #[arg(global = true, long, value_enum, default_value_t = DataPath::Auto)]
     data_path: DataPath,
@@ -217,8 +226,8 @@ struct TlsArgs {
     #[arg(global = true, long, value_name = "FILE")]
     tls_keylog: Option<PathBuf>,
     /// Give up a TLS handshake after this long.
-    #[arg(global = true, long, value_parser = duration::parse, default_value = "10s")]
-    tls_handshake_timeout: Duration,
+    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_HANDSHAKE_TIMEOUT))]
+    tls_handshake_timeout: Dur,
 }
 
 impl TlsArgs {
@@ -255,25 +264,28 @@ struct LogArgs {
     log_format: LogFormat,
 }
 
-const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
-
-enum Job {
-    Forward(Box<Route>),
-    Observe(ObserveArgs),
-}
-
-/// A route to serve, and what to observe beside it.
-struct Route {
-    listen: ListenAddr,
-    target: TargetAddr,
-    observe: Option<Target>,
-    /// `--pcap` and friends, with `--observe`.
-    capture: Option<observe::capture::CaptureOptions>,
+impl RouteArgs {
+    /// A route from `listen` to `target` with these options.
+    fn spec(&self, listen: ListenAddr, target: TargetAddr, tls: &TlsArgs) -> RouteSpec {
+        let mut route = RouteSpec::new(listen, target);
+        if let Some(name) = &self.name {
+            route.name = name.clone();
+        }
+        route.connect_timeout = self.connect_timeout.0;
+        route.idle_timeout = self.idle_timeout.0;
+        route.max_connections = self.max_connections;
+        route.drain_timeout = self.drain_timeout.0;
+        route.data_path = self.data_path;
+        route.experimental_sockmap = self.experimental_sockmap;
+        route.tls = tls.flags();
+        route.handshake_timeout = tls.tls_handshake_timeout.0;
+        route
+    }
 }
 
 /// `publish web 8080[:18080]`: listen on the host, connect to the port on
 /// the container's own localhost from inside its namespace.
-fn publish_route(args: PublishArgs) -> Result<Route, String> {
+fn publish_route(args: PublishArgs, route: &RouteArgs, tls: &TlsArgs) -> Result<RouteSpec, String> {
     let target: Target = if args.container.contains(':') {
         parse_observe_target(&args.container)?
     } else {
@@ -284,89 +296,204 @@ fn publish_route(args: PublishArgs) -> Result<Route, String> {
         .map_err(|e| e.to_string())?;
     let connect = addr::parse_target(&format!("tcp://127.0.0.1:{inner}@{}", target.spec()))
         .map_err(|e| e.to_string())?;
-    Ok(Route {
-        listen,
-        target: connect,
-        observe: args.observe.then_some(target),
-        capture: None,
-    })
+    let mut spec = route.spec(listen, connect, tls);
+    spec.observe = args.observe.then_some(target);
+    Ok(spec)
 }
 
-/// SIGTERM and SIGINT, as one stream of named signals. SIGHUP is caught
-/// too, so that a closing terminal or a `kill -HUP` meant as "reload" does
-/// not end the relay without a drain: it is logged and ignored, since a
-/// single-route relay has no configuration to read again.
-struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Self> {
-        Ok(Signals {
-            terminate: signal(SignalKind::terminate())
-                .context("cannot install the SIGTERM handler")?,
-            interrupt: signal(SignalKind::interrupt())
-                .context("cannot install the SIGINT handler")?,
-            hangup: signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?,
-        })
+/// `relay observe`: one observer.
+fn observer(args: ObserveArgs) -> ObserverSpec {
+    ObserverSpec {
+        target: args.target,
+        session: observe::session::SessionOptions {
+            observe: ObserveOptions {
+                interfaces: args.interfaces,
+                loopback: false,
+                top_flows: args.top_flows,
+                bpf_stats: args.bpf_stats,
+                capture: None,
+            },
+            follow: args.follow,
+            watch: args.watch,
+            capture: args.capture.options(),
+        },
     }
+}
 
-    /// The next signal that stops the relay.
-    async fn next(&mut self) -> &'static str {
-        loop {
-            tokio::select! {
-                _ = self.terminate.recv() => return "SIGTERM",
-                _ = self.interrupt.recv() => return "SIGINT",
-                _ = self.hangup.recv() => tracing::warn!(
-                    signal = "SIGHUP",
-                    "ignored: this relay was started from the command line and has no configuration file to reload; stop it with SIGTERM"
-                ),
+/// What the command line asks for.
+enum Plan {
+    Run(Spec),
+    Check(PathBuf),
+    /// Done already (help, completions, man pages, a refusal).
+    Exit(ExitCode),
+}
+
+/// A usage error: the message, exit 2.
+fn usage(message: impl std::fmt::Display) -> Plan {
+    eprintln!("relay: error: {message}");
+    Plan::Exit(ExitCode::from(USAGE))
+}
+
+/// The spec a command line describes.
+fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
+    let one_route = |route: RouteSpec, metrics: Option<SocketAddr>| {
+        Plan::Run(Spec {
+            routes: vec![route],
+            observers: Vec::new(),
+            metrics,
+        })
+    };
+    let Cli {
+        command,
+        socat_listen,
+        socat_target,
+        route,
+        tls,
+        ..
+    } = cli;
+    match (command, socat_listen, socat_target) {
+        (Some(Command::Forward(args)), None, None)
+            if args.capture.pcap.is_some() && args.observe.is_none() =>
+        {
+            usage("--pcap on forward needs --observe <TARGET> (what to capture)")
+        }
+        (Some(Command::Forward(args)), None, None) => {
+            let args = *args;
+            let mut spec = route.spec(args.listen, args.target, &tls);
+            spec.observe = args.observe;
+            spec.capture = args.capture.options();
+            one_route(spec, route.metrics)
+        }
+        (Some(Command::Publish(args)), None, None) => match publish_route(args, &route, &tls) {
+            Ok(spec) => one_route(spec, route.metrics),
+            Err(message) => usage(message),
+        },
+        (Some(Command::Observe(args)), None, None) if args.capture.pcap_embed_keys => usage(
+            "--pcap-embed-keys needs a TLS route: use it with relay forward <tls listener or target> --observe",
+        ),
+        (Some(Command::Observe(args)), None, None)
+            if args.watch && args.capture.pcap == Some(observe::sink::Output::Stdout) =>
+        {
+            usage(
+                "--watch draws on the terminal and --pcap - writes the capture to stdout: use one",
+            )
+        }
+        (Some(Command::Observe(args)), None, None) => Plan::Run(Spec {
+            routes: Vec::new(),
+            observers: vec![observer(args)],
+            metrics: route.metrics,
+        }),
+        (Some(Command::Run { config }), None, None) => {
+            if let Some(flag) = route_flag_given(matches, "run") {
+                return usage(format!(
+                    "{flag} sets a command-line route; with `relay run` set it per route in the config file (only --metrics may override the file)"
+                ));
             }
+            let loaded = match &config {
+                Some(path) => config::file::load(path),
+                None => {
+                    config::file::parse(Path::new("<embedded default>"), config::EMBEDDED_DEFAULT)
+                }
+            };
+            match loaded {
+                Ok(mut spec) => {
+                    if route.metrics.is_some() {
+                        spec.metrics = route.metrics;
+                    }
+                    Plan::Run(spec)
+                }
+                Err(problems) => {
+                    report(&problems);
+                    Plan::Exit(ExitCode::from(USAGE))
+                }
+            }
+        }
+        (Some(Command::Check { config }), None, None) => Plan::Check(config),
+        (Some(Command::Completions { shell }), None, None) => {
+            clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
+            Plan::Exit(ExitCode::SUCCESS)
+        }
+        (Some(Command::Man { dir }), None, None) => Plan::Exit(man_pages(dir)),
+        (None, Some(listen), Some(target)) => {
+            one_route(route.spec(listen, target, &tls), route.metrics)
+        }
+        _ => {
+            let _ = Cli::command().write_help(&mut std::io::stderr());
+            Plan::Exit(ExitCode::from(USAGE))
         }
     }
 }
 
-/// Starts the metrics endpoint when asked for.
-async fn serve_metrics(addr: Option<SocketAddr>, registry: &Arc<Metrics>) -> anyhow::Result<()> {
-    if let Some(addr) = addr {
-        let listener = metrics::bind(addr).await?;
-        tracing::info!(
-            "metrics on http://{}/metrics",
-            listener.local_addr().unwrap_or(addr)
-        );
-        tokio::spawn(metrics::serve(listener, registry.clone()));
-    }
-    Ok(())
+/// The first route or TLS flag written on the command line of `subcommand`
+/// (they describe a command-line route, which a config file replaces).
+fn route_flag_given(matches: &ArgMatches, subcommand: &str) -> Option<String> {
+    let sub = matches.subcommand_matches(subcommand)?;
+    let flags = RouteArgs::augment_args(clap::Command::new("route"));
+    let flags = TlsArgs::augment_args(flags);
+    flags
+        .get_arguments()
+        .filter(|arg| arg.get_id() != "metrics")
+        .find(|arg| sub.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine))
+        .map(|arg| format!("--{}", arg.get_long().unwrap_or(arg.get_id().as_str())))
 }
 
-async fn watch_target(args: ObserveArgs, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
-    let registry = Arc::new(Metrics::new());
-    let options = observe::session::SessionOptions {
-        observe: ObserveOptions {
-            interfaces: args.interfaces,
-            loopback: false,
-            top_flows: args.top_flows,
-            bpf_stats: args.bpf_stats,
-            capture: None,
-        },
-        follow: args.follow,
-        watch: args.watch,
-        capture: args.capture.options(),
-    };
-    let mut signals = Signals::install()?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let session = observe::session::Session::start(args.target, options, &registry).await?;
-    let session = session.run(stop_rx);
-    tokio::pin!(session);
-    serve_metrics(metrics_addr, &registry).await?;
-    tokio::select! {
-        result = &mut session => return Ok(result?),
-        signal = signals.next() => tracing::info!(signal, "stopping: detaching"),
+fn report(problems: &Problems) {
+    for problem in &problems.0 {
+        eprintln!("relay: error: {problem}");
     }
-    stop_tx.send_replace(true);
-    Ok(session.await?)
+}
+
+/// `relay check -c FILE`: exit 0 with a summary, or 2 with every problem.
+fn check(path: &Path) -> ExitCode {
+    match config::file::load(path) {
+        Ok(spec) => {
+            println!(
+                "{}: ok ({} routes, {} observers, metrics {})",
+                path.display(),
+                spec.routes.len(),
+                spec.observers.len(),
+                spec.metrics
+                    .map_or_else(|| "off".to_string(), |a| format!("on {a}"))
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            report(&problems);
+            eprintln!(
+                "relay: {}: {} problem{}",
+                path.display(),
+                problems.0.len(),
+                if problems.0.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::from(USAGE)
+        }
+    }
+}
+
+/// Every route gets at most what the open-file limit holds (two
+/// descriptors per connection), and the default where none was asked.
+fn fit_connections(spec: &mut Spec) {
+    let nofile = limits::raise_nofile().unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+    });
+    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
+    for route in &mut spec.routes {
+        route.max_connections = Some(match route.max_connections {
+            Some(asked) if asked > fits => {
+                tracing::warn!(
+                    route = %route.name,
+                    requested = asked,
+                    nofile,
+                    max_connections = fits,
+                    "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
+                );
+                fits
+            }
+            Some(asked) => asked,
+            None => config::DEFAULT_MAX_CONNECTIONS.min(fits),
+        });
+    }
 }
 
 /// `relay man`: relay.1 on stdout, or with `--dir` relay.1 and one
@@ -393,68 +520,28 @@ fn man_pages(dir: Option<PathBuf>) -> ExitCode {
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let job = match (cli.command, cli.socat_listen, cli.socat_target) {
-        (Some(Command::Forward(args)), None, None)
-            if args.capture.pcap.is_some() && args.observe.is_none() =>
-        {
-            eprintln!("relay: error: --pcap on forward needs --observe <TARGET> (what to capture)");
-            return ExitCode::from(USAGE);
-        }
-        (Some(Command::Forward(args)), None, None) => Job::Forward(Box::new(Route {
-            listen: args.listen,
-            target: args.target,
-            observe: args.observe,
-            capture: args.capture.options(),
-        })),
-        (Some(Command::Publish(args)), None, None) => match publish_route(args) {
-            Ok(route) => Job::Forward(Box::new(route)),
-            Err(message) => {
-                eprintln!("relay: error: {message}");
-                return ExitCode::from(USAGE);
-            }
-        },
-        (Some(Command::Observe(args)), None, None) if args.capture.pcap_embed_keys => {
-            eprintln!(
-                "relay: error: --pcap-embed-keys needs a TLS route: use it with relay forward <tls listener or target> --observe"
-            );
-            return ExitCode::from(USAGE);
-        }
-        (Some(Command::Observe(args)), None, None)
-            if args.watch && args.capture.pcap == Some(observe::sink::Output::Stdout) =>
-        {
-            eprintln!(
-                "relay: error: --watch draws on the terminal and --pcap - writes the capture to stdout: use one"
-            );
-            return ExitCode::from(USAGE);
-        }
-        (Some(Command::Observe(args)), None, None) => Job::Observe(args),
-        (Some(Command::Completions { shell }), None, None) => {
-            clap_complete::generate(shell, &mut Cli::command(), "relay", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        (Some(Command::Man { dir }), None, None) => return man_pages(dir),
-        (None, Some(listen), Some(target)) => Job::Forward(Box::new(Route {
-            listen,
-            target,
-            observe: None,
-            capture: None,
-        })),
-        _ => {
-            let _ = Cli::command().write_help(&mut std::io::stderr());
-            return ExitCode::from(USAGE);
-        }
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
     };
-    if let Err(err) = data_path::require_opt_in(cli.route.data_path, cli.route.experimental_sockmap)
-    {
-        eprintln!("relay: error: {err}");
-        return ExitCode::from(USAGE);
-    }
-    logging::init(
+    let (verbosity, log_format) = (
         cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
-    if cli.route.data_path == DataPath::Sockmap {
+    let mut spec = match plan(cli, &matches) {
+        Plan::Run(spec) => spec,
+        Plan::Check(path) => return check(&path),
+        Plan::Exit(code) => return code,
+    };
+    for route in &spec.routes {
+        if let Err(err) = data_path::require_opt_in(route.data_path, route.experimental_sockmap) {
+            eprintln!("relay: error: {err}");
+            return ExitCode::from(USAGE);
+        }
+    }
+    logging::init(verbosity, log_format);
+    if spec.routes.iter().any(|r| r.data_path == DataPath::Sockmap) {
         // Once per process, before any route starts: the operator chose a
         // path known to lose data, and the log should say so where it begins.
         tracing::warn!(
@@ -462,25 +549,7 @@ fn main() -> ExitCode {
             data_path::SOCKMAP_DEFECTS
         );
     }
-    let mut route = cli.route;
-    let nofile = limits::raise_nofile().unwrap_or_else(|err| {
-        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
-    });
-    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
-    route.max_connections = Some(match route.max_connections {
-        Some(asked) if asked > fits => {
-            tracing::warn!(
-                requested = asked,
-                nofile,
-                max_connections = fits,
-                "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
-            );
-            fits
-        }
-        Some(asked) => asked,
-        None => DEFAULT_MAX_CONNECTIONS.min(fits),
-    });
+    fit_connections(&mut spec);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -489,126 +558,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match job {
-        Job::Forward(job) => runtime.block_on(serve(*job, route, cli.tls)),
-        Job::Observe(args) => runtime.block_on(watch_target(args, route.metrics)),
-    };
+    let result = runtime.block_on(run::run(spec));
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("relay: error: {err:#}");
             // Bad input (a TLS file, a flag that does not fit, a target
             // that does not exist) is a usage error.
-            let usage = matches!(err.downcast_ref::<ForwardError>(), Some(e) if e.is_bad_input())
-                || matches!(err.downcast_ref::<ObserveError>(), Some(e) if e.is_bad_input());
-            if usage {
+            let code = if err.is_bad_input() {
                 ExitCode::from(USAGE)
             } else {
                 ExitCode::FAILURE
-            }
-        }
-    }
-}
-
-async fn serve(route: Route, args: RouteArgs, tls_args: TlsArgs) -> anyhow::Result<()> {
-    let Route {
-        listen,
-        target,
-        observe,
-        capture,
-    } = route;
-    // First, so that no signal meant for a drain ends the relay abruptly.
-    let mut signals = Signals::install()?;
-    let name = args.name.unwrap_or_else(|| listen.text.clone());
-    let (mut tls_server, mut tls_client) =
-        tls::settings::resolve(&listen, &target, &tls_args.flags()).map_err(ForwardError::from)?;
-    if let Some(keys) = capture.as_ref().and_then(|c| c.keys.clone()) {
-        // --pcap-embed-keys: every key log line of either leg also goes into the capture.
-        let legs = [
-            tls_server.as_mut().map(|s| &mut s.common),
-            tls_client.as_mut().map(|c| &mut c.common),
-        ];
-        let mut tls_legs = 0;
-        for common in legs.into_iter().flatten() {
-            let keys = keys.clone();
-            let tee =
-                tls::keylog::KeyLogTee::new(common.keylog.take(), move |line| keys.push(line));
-            common.keylog = Some(Arc::new(tee));
-            tls_legs += 1;
-        }
-        if tls_legs == 0 {
-            return Err(ForwardError::from(tls::TlsError::Config(
-                "--pcap-embed-keys needs a TLS listener or target (tls://... or OPENSSL:...)"
-                    .into(),
-            ))
-            .into());
-        }
-    }
-    let config = RouteConfig {
-        listen,
-        target,
-        connect_timeout: args.connect_timeout,
-        idle_timeout: args.idle_timeout.0,
-        max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS) as usize,
-        drain_timeout: args.drain_timeout,
-        tls_server,
-        tls_client,
-        handshake_timeout: tls_args.tls_handshake_timeout,
-        data_path: args.data_path,
-    };
-    let registry = Arc::new(Metrics::new());
-    let target_text = config.target.text.clone();
-    let route_metrics = ForwardMetrics::register(registry.registry()).route(&name);
-    let forwarder = Forwarder::bind(config, route_metrics).await?;
-    let listening = registry
-        .readiness()
-        .register("listener", &forwarder.local_addr().to_string());
-    listening.set(true);
-    // The observer follows its target across restarts (a forwarder does not
-    // stop because the container it watches did) and includes loopback,
-    // where a published container port is reached.
-    let (stop_observer, observer_stop) = watch::channel(false);
-    let observer = match observe {
-        Some(target) => {
-            let options = observe::session::SessionOptions {
-                observe: ObserveOptions {
-                    loopback: true,
-                    ..ObserveOptions::default()
-                },
-                follow: true,
-                watch: false,
-                capture,
             };
-            let session = observe::session::Session::start(target, options, &registry).await?;
-            Some(tokio::spawn(session.run(observer_stop)))
+            eprintln!("relay: error: {:#}", anyhow::Error::from(err));
+            code
         }
-        None => None,
-    };
-    serve_metrics(args.metrics, &registry).await?;
-    tracing::info!(route = %name, upstream = %target_text, "listening on {}", forwarder.local_addr());
-
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let run = forwarder.run(drain_rx);
-    tokio::pin!(run);
-    tokio::select! {
-        () = &mut run => {
-            stop_observer.send_replace(true);
-            return Ok(());
-        }
-        signal = signals.next() => tracing::info!(signal, "stopping: no new connections; a second signal exits at once"),
     }
-    // A draining relay accepts nothing more: orchestrators should stop sending.
-    listening.set(false);
-    drain_tx.send_replace(true);
-    tokio::select! {
-        () = &mut run => {}
-        signal = signals.next() => anyhow::bail!("{signal} during drain: exiting at once"),
-    }
-    stop_observer.send_replace(true);
-    if let Some(observer) = observer {
-        observer.await.context("observer task")??;
-    }
-    Ok(())
 }

@@ -17,9 +17,7 @@ use clap::ValueEnum;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{
-    DEFAULT_TOP_FLOWS, ObserverSpec, RouteSpec, Spec, TlsFlags,
-};
+use super::{DEFAULT_TOP_FLOWS, ObserverSpec, RouteSpec, Spec, TlsFlags};
 use crate::addr::{self, Host};
 use crate::duration::{self, Timeout};
 use crate::forward::{DataPath, data_path};
@@ -253,9 +251,9 @@ impl Report<'_> {
     }
 
     fn spec(&mut self, model: Model) -> Spec {
-        let metrics = model.metrics.and_then(|m| {
-            self.value(&m.listen, "metrics.listen", crate::metrics::parse_endpoint)
-        });
+        let metrics = model
+            .metrics
+            .and_then(|m| self.value(&m.listen, "metrics.listen", crate::metrics::parse_endpoint));
         let mut routes = Vec::new();
         // Where each name and listen address was first declared.
         let mut names: HashMap<String, String> = HashMap::new();
@@ -310,7 +308,11 @@ impl Report<'_> {
         let mut route = RouteSpec::new(listen, target);
         if let Some(name) = &entry.name {
             if name.get_ref().trim().is_empty() {
-                self.at(Some(name.span()), &format!("{key}.name"), "a route name cannot be empty");
+                self.at(
+                    Some(name.span()),
+                    &format!("{key}.name"),
+                    "a route name cannot be empty",
+                );
             }
             route.name = name.get_ref().clone();
         }
@@ -421,19 +423,31 @@ impl Report<'_> {
             match crate::tls::settings::resolve(&route.listen, &route.target, &route.tls) {
                 Ok(legs) => legs,
                 Err(e) => {
-                    self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+                    self.at(
+                        Some(target_value.span()),
+                        &format!("{key}.tls"),
+                        e.to_string(),
+                    );
                     return;
                 }
             };
         if let Some(server) = &server
             && let Err(e) = crate::tls::Acceptor::new(server)
         {
-            self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+            self.at(
+                Some(target_value.span()),
+                &format!("{key}.tls"),
+                e.to_string(),
+            );
         }
         if let Some(client) = &client
             && let Err(e) = crate::tls::Connector::new(client, &route.target.host)
         {
-            self.at(Some(target_value.span()), &format!("{key}.tls"), e.to_string());
+            self.at(
+                Some(target_value.span()),
+                &format!("{key}.tls"),
+                e.to_string(),
+            );
         }
     }
 
@@ -501,7 +515,8 @@ impl Report<'_> {
             );
             ok = false;
         }
-        let (filter, sample_every, ring_bytes, rotate_size) = (filter?, sample?, ring?, rotate_size?);
+        let (filter, sample_every, ring_bytes, rotate_size) =
+            (filter?, sample?, ring?, rotate_size?);
         if !ok {
             return None;
         }
@@ -596,7 +611,10 @@ interfaces = ["eth0"]
         assert_eq!(redis.name, "TCP-LISTEN:6379,fork,reuseaddr,bind=127.0.0.1");
         assert_eq!(redis.idle_timeout, Some(super::super::DEFAULT_IDLE_TIMEOUT));
         assert_eq!(spec.observers.len(), 1);
-        assert!(spec.observers[0].session.follow, "a daemon follows by default");
+        assert!(
+            spec.observers[0].session.follow,
+            "a daemon follows by default"
+        );
     }
 
     #[test]
@@ -604,18 +622,25 @@ interfaces = ["eth0"]
         let text = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"TCP:host\"\n";
         assert_eq!(
             problems(text),
-            vec!["relay.toml:3:10: route[0].target: `TCP:host`: `host` has no port; expected `host:port`"]
+            vec![
+                "relay.toml:3:10: route[0].target: `TCP:host`: `host` has no port; expected `host:port`"
+            ]
         );
         let unknown = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"127.0.0.1:80\"\nconect-timeout = \"1s\"\n";
         let found = problems(unknown);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            found[0].starts_with("relay.toml:4:1: route[0].conect-timeout: unknown field `conect-timeout`"),
+            found[0].starts_with(
+                "relay.toml:4:1: route[0].conect-timeout: unknown field `conect-timeout`"
+            ),
             "{found:?}"
         );
         let wrong_type = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"127.0.0.1:80\"\nmax-connections = \"many\"\n";
         let found = problems(wrong_type);
-        assert!(found[0].starts_with("relay.toml:4:19: route[0].max-connections: invalid type"), "{found:?}");
+        assert!(
+            found[0].starts_with("relay.toml:4:19: route[0].max-connections: invalid type"),
+            "{found:?}"
+        );
         let broken = problems("[[route]\n");
         assert!(broken[0].starts_with("relay.toml:1:"), "{broken:?}");
     }
@@ -648,9 +673,16 @@ target = "nonsense:x"
         ];
         assert_eq!(found.len(), expect.len(), "{found:#?}");
         for (found, expect) in found.iter().zip(expect) {
-            assert!(found.starts_with(expect), "expected `{expect}...`, got `{found}`");
+            assert!(
+                found.starts_with(expect),
+                "expected `{expect}...`, got `{found}`"
+            );
         }
-        assert!(found[1].contains("experimental-sockmap = true"), "{}", found[1]);
+        assert!(
+            found[1].contains("experimental-sockmap = true"),
+            "{}",
+            found[1]
+        );
     }
 
     #[test]
