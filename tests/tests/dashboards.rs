@@ -444,19 +444,23 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
         },
     )?;
 
-    // And the numbers are the traffic's, not just present.
+    // And the numbers are the traffic's, not just present. A rate needs
+    // two samples in its window, and a fast run gets here before every
+    // target was scraped twice: poll, with traffic, for a bounded time.
     let positive = |expr: &str| -> Result<()> {
-        let result = prometheus.query(expr)?;
-        let value = result
-            .result
-            .first()
-            .and_then(|s| s["value"][1].as_str())
-            .and_then(|v| v.parse::<f64>().ok());
-        ensure!(
-            value.is_some_and(|v| v > 0.0),
-            "expected `{expr}` > 0, got {:?}",
-            result.result
-        );
+        let mut got = Vec::new();
+        poll_until(&format!("`{expr}` > 0"), QUERY_TIMEOUT, || {
+            fleet.traffic()?;
+            let result = prometheus.query(expr)?;
+            let value = result
+                .result
+                .first()
+                .and_then(|s| s["value"][1].as_str())
+                .and_then(|v| v.parse::<f64>().ok());
+            got = result.result;
+            Ok(value.is_some_and(|v| v > 0.0).then_some(()))
+        })
+        .with_context(|| format!("expected `{expr}` > 0, last got {got:?}"))?;
         Ok(())
     };
     positive(r#"sum(rate(relay_bytes_total{route="plain"}[30s]))"#)?;
