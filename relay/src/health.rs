@@ -84,6 +84,20 @@ impl Readiness {
         ReadyFlag(part)
     }
 
+    /// Takes a part out (a route removed by a reload): it no longer holds
+    /// `/healthz` back, and its `relay_ready` series is gone.
+    pub fn unregister(&self, flag: &ReadyFlag) {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        parts.retain(|p| !Arc::ptr_eq(p, &flag.0));
+        // Another part may carry the same labels (a changed route's
+        // successor on the same address): keep the series for it.
+        if !parts.iter().any(|p| p.label == flag.0.label)
+            && let Some((part, name)) = flag.0.label.split_once(' ')
+        {
+            let _ = self.gauges.remove_label_values(&[part, name]);
+        }
+    }
+
     /// Ready when every registered part is; a run with no parts has nothing
     /// to wait for.
     pub fn report(&self) -> Report {
@@ -137,5 +151,7 @@ mod tests {
                 .get()
         };
         assert_eq!(gauge("netns:blue"), 0);
+        readiness.unregister(&observer);
+        assert_eq!(readiness.report(), Report::Ready);
     }
 }

@@ -49,6 +49,32 @@ pub fn connections_for(nofile: u64) -> usize {
         .max(1)
 }
 
+/// Every route gets at most what the open-file limit holds (two
+/// descriptors per connection), and the default where none was asked.
+pub fn fit_connections(spec: &mut crate::config::Spec) {
+    let nofile = raise_nofile().unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+    });
+    let fits = u32::try_from(connections_for(nofile)).unwrap_or(u32::MAX);
+    for route in &mut spec.routes {
+        route.max_connections = Some(match route.max_connections {
+            Some(asked) if asked > fits => {
+                tracing::warn!(
+                    route = %route.name,
+                    requested = asked,
+                    nofile,
+                    max_connections = fits,
+                    "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
+                );
+                fits
+            }
+            Some(asked) => asked,
+            None => crate::config::DEFAULT_MAX_CONNECTIONS.min(fits),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

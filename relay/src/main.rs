@@ -47,9 +47,12 @@ struct Cli {
 enum Command {
     /// Run the routes and observers of a config file (TOML); with no file, observe this host with /metrics on 127.0.0.1:9100.
     Run {
-        /// The config file (docs/CONFIG.md; an annotated example is deploy/relay.toml).
+        /// The config file (docs/CONFIG.md; an annotated example is deploy/relay.toml); SIGHUP reloads it.
         #[arg(short = 'c', long = "config", value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Also reload when the file changes (checked every second).
+        #[arg(long, requires = "config")]
+        watch_config: bool,
     },
     /// Check a config file without serving: every problem with file:line:column and key; exit 2 on any.
     Check {
@@ -322,7 +325,7 @@ fn observer(args: ObserveArgs) -> ObserverSpec {
 
 /// What the command line asks for.
 enum Plan {
-    Run(Spec),
+    Run(Spec, run::Source),
     Check(PathBuf),
     /// Done already (help, completions, man pages, a refusal).
     Exit(ExitCode),
@@ -337,11 +340,14 @@ fn usage(message: impl std::fmt::Display) -> Plan {
 /// The spec a command line describes.
 fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
     let one_route = |route: RouteSpec, metrics: Option<SocketAddr>| {
-        Plan::Run(Spec {
-            routes: vec![route],
-            observers: Vec::new(),
-            metrics,
-        })
+        Plan::Run(
+            Spec {
+                routes: vec![route],
+                observers: Vec::new(),
+                metrics,
+            },
+            run::Source::command_line(),
+        )
     };
     let Cli {
         command,
@@ -378,29 +384,47 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                 "--watch draws on the terminal and --pcap - writes the capture to stdout: use one",
             )
         }
-        (Some(Command::Observe(args)), None, None) => Plan::Run(Spec {
-            routes: Vec::new(),
-            observers: vec![observer(args)],
-            metrics: route.metrics,
-        }),
-        (Some(Command::Run { config }), None, None) => {
+        (Some(Command::Observe(args)), None, None) => Plan::Run(
+            Spec {
+                routes: Vec::new(),
+                observers: vec![observer(args)],
+                metrics: route.metrics,
+            },
+            run::Source::command_line(),
+        ),
+        (
+            Some(Command::Run {
+                config,
+                watch_config,
+            }),
+            None,
+            None,
+        ) => {
             if let Some(flag) = route_flag_given(matches, "run") {
                 return usage(format!(
                     "{flag} sets a command-line route; with `relay run` set it per route in the config file (only --metrics may override the file)"
                 ));
             }
             let loaded = match &config {
-                Some(path) => config::file::load(path),
+                Some(path) => config::file::read(path)
+                    .and_then(|text| config::file::parse(path, &text).map(|spec| (spec, text))),
                 None => {
                     config::file::parse(Path::new("<embedded default>"), config::EMBEDDED_DEFAULT)
+                        .map(|spec| (spec, config::EMBEDDED_DEFAULT.to_string()))
                 }
             };
             match loaded {
-                Ok(mut spec) => {
+                Ok((mut spec, text)) => {
                     if route.metrics.is_some() {
                         spec.metrics = route.metrics;
                     }
-                    Plan::Run(spec)
+                    let source = run::Source {
+                        file: config,
+                        watch: watch_config,
+                        hash: run::config_hash(&text),
+                        metrics_override: route.metrics,
+                    };
+                    Plan::Run(spec, source)
                 }
                 Err(problems) => {
                     report(&problems);
@@ -470,32 +494,6 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Every route gets at most what the open-file limit holds (two
-/// descriptors per connection), and the default where none was asked.
-fn fit_connections(spec: &mut Spec) {
-    let nofile = limits::raise_nofile().unwrap_or_else(|err| {
-        tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
-    });
-    let fits = u32::try_from(limits::connections_for(nofile)).unwrap_or(u32::MAX);
-    for route in &mut spec.routes {
-        route.max_connections = Some(match route.max_connections {
-            Some(asked) if asked > fits => {
-                tracing::warn!(
-                    route = %route.name,
-                    requested = asked,
-                    nofile,
-                    max_connections = fits,
-                    "--max-connections lowered to what the open-file limit holds (two descriptors per connection)"
-                );
-                fits
-            }
-            Some(asked) => asked,
-            None => config::DEFAULT_MAX_CONNECTIONS.min(fits),
-        });
-    }
-}
-
 /// `relay man`: relay.1 on stdout, or with `--dir` relay.1 and one
 /// relay-<subcommand>.1 per subcommand (the pages relay.1 refers to).
 fn man_pages(dir: Option<PathBuf>) -> ExitCode {
@@ -529,8 +527,8 @@ fn main() -> ExitCode {
         cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
-    let mut spec = match plan(cli, &matches) {
-        Plan::Run(spec) => spec,
+    let (mut spec, source) = match plan(cli, &matches) {
+        Plan::Run(spec, source) => (spec, source),
         Plan::Check(path) => return check(&path),
         Plan::Exit(code) => return code,
     };
@@ -549,7 +547,7 @@ fn main() -> ExitCode {
             data_path::SOCKMAP_DEFECTS
         );
     }
-    fit_connections(&mut spec);
+    limits::fit_connections(&mut spec);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -558,7 +556,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run::run(spec));
+    let result = runtime.block_on(run::run(spec, source));
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {

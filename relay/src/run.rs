@@ -1,15 +1,29 @@
-//! The supervisor: runs a [`Spec`] to its end. It binds every route's
-//! listener and starts every observer before anything is served (a busy
-//! port or a bad certificate fails the start, not the first connection),
-//! serves `/metrics` for all of them, and owns the signals: SIGTERM or
-//! SIGINT stops accepting everywhere and drains, a second one exits at
-//! once, SIGHUP is logged (reloading a spec is not built yet).
+//! The supervisor: runs a [`Spec`] and, when it came from a file, applies
+//! a changed file as a diff. It binds every route's listener and starts
+//! every observer before anything is served (a busy port or a bad
+//! certificate fails the start, not the first connection), serves
+//! `/metrics` for all of them, and owns the signals: SIGTERM or SIGINT
+//! stops accepting everywhere and drains, a second one exits at once,
+//! SIGHUP reloads the file (or, for a command-line spec, is logged).
+//!
+//! A reload never restarts: the new file is validated and every listener it
+//! needs is bound (or taken over from the running route) before anything
+//! changes, and a failure leaves the running spec whole. Routes are matched
+//! by name: an unchanged route keeps its forwarder, socket and connections;
+//! a changed one gets a new forwarder on the same listening socket (new
+//! connections get the new settings, open ones finish with the old); a
+//! removed one stops accepting and drains. Observers are matched by what
+//! they observe and how.
 //!
 //! Not here: what a route or an observer does (`forward`, `observe`), or
-//! where the spec came from (`config`, the command line).
+//! how a file is read (`config::file`).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use prometheus::{Gauge, IntCounterVec, IntGaugeVec, Opts};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +31,7 @@ use tokio::task::JoinSet;
 use crate::config::{ObserverSpec, RouteSpec, Spec};
 use crate::forward::metrics::ForwardMetrics;
 use crate::forward::{ForwardError, Forwarder, RouteConfig};
+use crate::health::ReadyFlag;
 use crate::metrics::{self, Metrics, MetricsError};
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
@@ -59,10 +74,15 @@ impl RunError {
     }
 }
 
-/// SIGTERM and SIGINT, as one stream of named signals. SIGHUP is caught
-/// too, so that a closing terminal or a `kill -HUP` meant as "reload" does
-/// not end the relay without a drain: it is logged and ignored until
-/// reloading a spec is built.
+/// What the signals ask of the run.
+enum Asked {
+    Stop(&'static str),
+    Reload,
+}
+
+/// SIGTERM and SIGINT stop; SIGHUP reloads. SIGHUP is caught even for a
+/// spec that cannot reload, so that a closing terminal or a `kill -HUP`
+/// meant as "reload" does not end the relay without a drain.
 pub struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -84,46 +104,85 @@ impl Signals {
         })
     }
 
-    /// The next signal that stops the relay.
-    pub async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Asked {
+        tokio::select! {
+            _ = self.terminate.recv() => Asked::Stop("SIGTERM"),
+            _ = self.interrupt.recv() => Asked::Stop("SIGINT"),
+            _ = self.hangup.recv() => Asked::Reload,
+        }
+    }
+
+    /// The next signal that stops; SIGHUP is logged and ignored.
+    async fn next_stop(&mut self) -> &'static str {
         loop {
-            tokio::select! {
-                _ = self.terminate.recv() => return "SIGTERM",
-                _ = self.interrupt.recv() => return "SIGINT",
-                _ = self.hangup.recv() => tracing::warn!(
-                    signal = "SIGHUP",
-                    "ignored: reloading the configuration is not supported yet; stop relay with SIGTERM and start it again"
-                ),
+            match self.next().await {
+                Asked::Stop(signal) => return signal,
+                Asked::Reload => tracing::warn!(signal = "SIGHUP", "ignored while draining"),
             }
         }
     }
 }
 
+/// Where a spec came from, and so whether (and how) it can be reloaded.
+pub struct Source {
+    /// The config file; `None` for a spec built from the command line.
+    pub file: Option<PathBuf>,
+    /// Reload when the file changes, not only on SIGHUP.
+    pub watch: bool,
+    /// The hash of the text the spec was read from (`relay_config_info`).
+    pub hash: String,
+    /// `--metrics` given on the command line overrides the file's, on every reload.
+    pub metrics_override: Option<std::net::SocketAddr>,
+}
+
+impl Source {
+    /// A spec from the command line: nothing to reload.
+    pub fn command_line() -> Self {
+        Source {
+            file: None,
+            watch: false,
+            hash: String::new(),
+            metrics_override: None,
+        }
+    }
+}
+
+/// The hash `relay_config_info{hash}` carries for a config text.
+pub fn config_hash(text: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
+/// How often `--watch-config` looks at the file.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs `spec` until its routes end by themselves (socat addresses
 /// without `fork`), its observers end (a target gone, without follow), or
 /// a signal stops it (after the drain).
-pub async fn run(spec: Spec) -> Result<(), RunError> {
+pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     // First, so that no signal meant for a drain ends the relay abruptly.
     let mut signals = Signals::install()?;
     let registry = Arc::new(Metrics::new());
-    let forward_metrics = ForwardMetrics::register(registry.registry());
-
-    // Everything is bound before anything is served.
-    let mut forwarders = Vec::with_capacity(spec.routes.len());
-    let mut observers = Vec::new();
-    for route in spec.routes {
-        let (forwarder, observer) = start_route(route, &registry, &forward_metrics).await?;
-        forwarders.push(forwarder);
-        observers.extend(observer);
-    }
-    observers.extend(spec.observers);
-    let (stop_observers, observer_stop) = watch::channel(false);
-    let mut sessions = JoinSet::new();
-    for ObserverSpec { target, session } in observers {
-        let session = Session::start(target, session, &registry).await?;
-        sessions.spawn(session.run(observer_stop.clone()));
-    }
-    if let Some(addr) = spec.metrics {
+    let forward_metrics = registry.shared(ForwardMetrics::register);
+    let reloads = registry.shared(ReloadMetrics::register);
+    reloads.applied(&source.hash);
+    let mut sup = Supervisor {
+        registry: registry.clone(),
+        forward_metrics,
+        reloads,
+        routes: HashMap::new(),
+        route_tasks: JoinSet::new(),
+        next_id: 0,
+        observers: HashMap::new(),
+        sessions: JoinSet::new(),
+        metrics: spec.metrics,
+    };
+    let metrics_addr = spec.metrics;
+    let prepared = sup.prepare(&spec).await?;
+    sup.commit(prepared);
+    if let Some(addr) = metrics_addr {
         let listener = metrics::bind(addr).await?;
         tracing::info!(
             "metrics on http://{}/metrics",
@@ -131,40 +190,57 @@ pub async fn run(spec: Spec) -> Result<(), RunError> {
         );
         tokio::spawn(metrics::serve(listener, registry.clone()));
     }
-
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let has_routes = !forwarders.is_empty();
-    let mut routes = JoinSet::new();
-    let mut listening = Vec::with_capacity(forwarders.len());
-    for (forwarder, ready) in forwarders {
-        listening.push(ready);
-        routes.spawn(forwarder.run(drain_rx.clone()));
-    }
+    let had_routes = !sup.routes.is_empty();
+    let mut watched = source.file.as_deref().and_then(modified);
+    let mut watch_tick = tokio::time::interval(WATCH_EVERY);
+    let mut hash = source.hash.clone();
 
     // Until a signal: the routes ending by themselves ends the run (the
     // observers beside them stop too); an observer failing ends it with
     // its error; observers ending by themselves end an observe-only run.
     let signal = loop {
         tokio::select! {
-            done = routes.join_next(), if has_routes => match done {
-                Some(result) => result?,
-                None => {
-                    stop_observers.send_replace(true);
-                    return finish_observers(&mut sessions).await;
+            Some(done) = sup.route_tasks.join_next(), if !sup.route_tasks.is_empty() => {
+                let (id, name) = done?;
+                let by_itself = sup.route_ended(id, &name);
+                // A socat address without `fork` served its connection. A
+                // daemon's observers keep running; a command line's stop.
+                if by_itself
+                    && sup.routes.is_empty()
+                    && (source.file.is_none() || sup.sessions.is_empty())
+                {
+                    sup.stop_observers();
+                    return finish_observers(&mut sup.sessions).await;
                 }
             },
-            done = sessions.join_next(), if !sessions.is_empty() => {
-                if let Some(result) = done {
-                    result??;
-                }
-                if !has_routes && sessions.is_empty() {
+            Some(done) = sup.sessions.join_next(), if !sup.sessions.is_empty() => {
+                done??;
+                if !had_routes && sup.sessions.is_empty() {
                     return Ok(());
                 }
             },
-            signal = signals.next() => break signal,
+            asked = signals.next() => match asked {
+                Asked::Stop(signal) => break signal,
+                Asked::Reload => match &source.file {
+                    Some(file) => sup.reload(file, &source, &mut hash).await,
+                    None => tracing::warn!(
+                        signal = "SIGHUP",
+                        "ignored: this relay was started from the command line and has no configuration file to reload; stop it with SIGTERM"
+                    ),
+                },
+            },
+            _ = watch_tick.tick(), if source.watch && source.file.is_some() => {
+                let file = source.file.as_deref().expect("checked by the branch's condition");
+                let now = modified(file);
+                if now != watched {
+                    watched = now;
+                    tracing::info!(file = %file.display(), "config file changed: reloading");
+                    sup.reload(file, &source, &mut hash).await;
+                }
+            },
         }
     };
-    if has_routes {
+    if had_routes {
         tracing::info!(
             signal,
             "stopping: no new connections; a second signal exits at once"
@@ -172,17 +248,18 @@ pub async fn run(spec: Spec) -> Result<(), RunError> {
     } else {
         tracing::info!(signal, "stopping: detaching");
     }
-    // A draining relay accepts nothing more: orchestrators should stop sending.
-    for ready in &listening {
-        ready.set(false);
-    }
-    drain_tx.send_replace(true);
+    sup.drain_all();
     tokio::select! {
-        () = async { while routes.join_next().await.is_some() {} } => {}
-        signal = signals.next() => return Err(RunError::SecondSignal(signal)),
+        () = async { while sup.route_tasks.join_next().await.is_some() {} } => {}
+        signal = signals.next_stop() => return Err(RunError::SecondSignal(signal)),
     }
-    stop_observers.send_replace(true);
-    finish_observers(&mut sessions).await
+    sup.stop_observers();
+    finish_observers(&mut sup.sessions).await
+}
+
+/// The file's modification time, if it can be read.
+fn modified(file: &Path) -> Option<SystemTime> {
+    std::fs::metadata(file).and_then(|m| m.modified()).ok()
 }
 
 /// Waits for every observer to detach; the first error is the run's.
@@ -202,86 +279,473 @@ async fn finish_observers(
     first
 }
 
-/// A bound route, its readiness flag, and the observer it asked for.
-type Started = ((Forwarder, crate::health::ReadyFlag), Option<ObserverSpec>);
+/// `relay_config_*`: how reloads went and what runs.
+struct ReloadMetrics {
+    reloads: IntCounterVec,
+    last_success: Gauge,
+    info: IntGaugeVec,
+}
 
-/// Loads a route's TLS material, binds its listener and marks it ready;
-/// returns the observer to run beside it (`forward --observe`).
-async fn start_route(
-    route: RouteSpec,
-    registry: &Arc<Metrics>,
-    forward_metrics: &ForwardMetrics,
-) -> Result<Started, RunError> {
-    let RouteSpec {
-        name,
-        listen,
-        target,
-        connect_timeout,
-        idle_timeout,
-        max_connections,
-        drain_timeout,
-        data_path,
-        experimental_sockmap: _,
-        tls: tls_flags,
-        handshake_timeout,
-        observe,
-        capture,
-    } = route;
-    let failed = |source: ForwardError| RunError::Route {
-        route: name.clone(),
-        source,
-    };
-    let (mut tls_server, mut tls_client) =
-        tls::settings::resolve(&listen, &target, &tls_flags).map_err(|e| failed(e.into()))?;
-    if let Some(keys) = capture.as_ref().and_then(|c| c.keys.clone()) {
-        // --pcap-embed-keys: every key log line of either leg also goes into the capture.
-        let legs = [
-            tls_server.as_mut().map(|s| &mut s.common),
-            tls_client.as_mut().map(|c| &mut c.common),
-        ];
-        let mut tls_legs = 0;
-        for common in legs.into_iter().flatten() {
-            let keys = keys.clone();
-            let tee =
-                tls::keylog::KeyLogTee::new(common.keylog.take(), move |line| keys.push(line));
-            common.keylog = Some(Arc::new(tee));
-            tls_legs += 1;
+/// The outcomes of a reload, as `relay_config_reloads_total` labels them.
+const RELOAD_OUTCOMES: [&str; 3] = ["ok", "invalid", "bind_failed"];
+
+impl ReloadMetrics {
+    fn register(registry: &prometheus::Registry) -> Self {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "relay_config_reloads_total",
+                "Config reloads by outcome (invalid: the file did not validate; bind_failed: a new listener or observer could not start; either way nothing changed).",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition is valid");
+        for outcome in RELOAD_OUTCOMES {
+            reloads.with_label_values(&[outcome]);
         }
-        if tls_legs == 0 {
-            return Err(failed(
-                tls::TlsError::Config(
-                    "--pcap-embed-keys needs a TLS listener or target (tls://... or OPENSSL:...)"
-                        .into(),
-                )
-                .into(),
-            ));
+        let last_success = Gauge::new(
+            "relay_config_last_reload_success_timestamp_seconds",
+            "When the running config was applied (start or reload), as a Unix time.",
+        )
+        .expect("static metric definition is valid");
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "relay_config_info",
+                "Always 1; the hash of the config file's text that runs (empty for a command-line spec).",
+            ),
+            &["hash"],
+        )
+        .expect("static metric definition is valid");
+        for collector in [
+            Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(last_success.clone()),
+            Box::new(info.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        ReloadMetrics {
+            reloads,
+            last_success,
+            info,
         }
     }
-    let config = RouteConfig {
-        listen,
-        target,
-        connect_timeout,
-        idle_timeout,
-        max_connections: max_connections.unwrap_or(crate::config::DEFAULT_MAX_CONNECTIONS) as usize,
-        drain_timeout,
-        tls_server,
-        tls_client,
-        handshake_timeout,
-        data_path,
-    };
-    let upstream = config.target.text.clone();
-    let forwarder = Forwarder::bind(config, forward_metrics.route(&name))
-        .await
+
+    fn applied(&self, hash: &str) {
+        self.info.reset();
+        self.info.with_label_values(&[hash]).set(1);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_success.set(now);
+    }
+
+    fn outcome(&self, outcome: &str) {
+        self.reloads.with_label_values(&[outcome]).inc();
+    }
+}
+
+/// A route that accepts now.
+struct Running {
+    /// The spec it runs, as compared on reload.
+    key: String,
+    /// The task's id (a changed route's successor has another).
+    id: u64,
+    drain: watch::Sender<bool>,
+    /// The listen address as written: a changed route that keeps it takes
+    /// the socket over.
+    listen: String,
+    /// Another handle on its listening socket, for that successor.
+    listener: Option<std::net::TcpListener>,
+    ready: ReadyFlag,
+}
+
+/// An observer that is attached now.
+struct Watching {
+    stop: watch::Sender<bool>,
+}
+
+/// Routes and observers started for a spec, not yet serving.
+struct Prepared {
+    routes: Vec<(RouteSpec, Forwarder, ReadyFlag)>,
+    observers: Vec<(String, Session)>,
+}
+
+struct Supervisor {
+    registry: Arc<Metrics>,
+    forward_metrics: Arc<ForwardMetrics>,
+    reloads: Arc<ReloadMetrics>,
+    /// By route name.
+    routes: HashMap<String, Running>,
+    /// Every forwarder's task, current or draining: (id, route name).
+    route_tasks: JoinSet<(u64, String)>,
+    next_id: u64,
+    /// By observer key.
+    observers: HashMap<String, Watching>,
+    sessions: JoinSet<Result<(), ObserveError>>,
+    /// Where `/metrics` is served (fixed for the life of the process).
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// What identifies a route's settings: its whole spec.
+fn route_key(route: &RouteSpec) -> String {
+    format!("{route:?}")
+}
+
+/// What identifies an observer: its target and options.
+fn observer_key(observer: &ObserverSpec) -> String {
+    format!("{:?}|{:?}", observer.target, observer.session)
+}
+
+impl Supervisor {
+    /// Starts what `spec` needs that does not run yet: binds new routes'
+    /// listeners (a changed route takes its predecessor's socket) and
+    /// attaches new observers. Nothing running changes; on an error,
+    /// everything started here is dropped again.
+    async fn prepare(&self, spec: &Spec) -> Result<Prepared, RunError> {
+        let mut prepared = Prepared {
+            routes: Vec::new(),
+            observers: Vec::new(),
+        };
+        match self.prepare_into(spec, &mut prepared).await {
+            Ok(()) => Ok(prepared),
+            Err(err) => {
+                self.discard(spec, prepared);
+                Err(err)
+            }
+        }
+    }
+
+    /// Undoes what a failed [`Supervisor::prepare`] left beside the running
+    /// spec: the new routes' readiness flags and series. (Its listeners and
+    /// observers close as they are dropped.)
+    fn discard(&self, spec: &Spec, prepared: Prepared) {
+        for (_, _, ready) in &prepared.routes {
+            self.registry.readiness().unregister(ready);
+        }
+        for route in &spec.routes {
+            if !self.routes.contains_key(&route.name) {
+                self.forward_metrics.remove_route(&route.name);
+            }
+        }
+    }
+
+    async fn prepare_into(&self, spec: &Spec, prepared: &mut Prepared) -> Result<(), RunError> {
+        let mut observers: Vec<ObserverSpec> = spec.observers.clone();
+        for route in &spec.routes {
+            if let Some(observer) = route_observer(route) {
+                observers.push(observer);
+            }
+            let key = route_key(route);
+            let running = self.routes.get(&route.name);
+            if running.is_some_and(|r| r.key == key) {
+                continue;
+            }
+            // The same listen address: take the socket over; else bind anew.
+            let listener = match running {
+                Some(Running {
+                    listen,
+                    listener: Some(listener),
+                    ..
+                }) if *listen == route.listen.text => {
+                    Some(listener.try_clone().map_err(|cause| {
+                        RunError::Route {
+                            route: route.name.clone(),
+                            source: ForwardError::Bind {
+                                addr: route.listen.text.clone(),
+                                resolved: listener
+                                    .local_addr()
+                                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                                cause,
+                            },
+                        }
+                    })?)
+                }
+                _ => None,
+            };
+            let (forwarder, ready) = self.start_route(route, listener).await?;
+            prepared.routes.push((route.clone(), forwarder, ready));
+        }
+        for observer in observers {
+            let key = observer_key(&observer);
+            if self.observers.contains_key(&key)
+                || prepared.observers.iter().any(|(k, _)| *k == key)
+            {
+                continue;
+            }
+            let session = Session::start(observer.target, observer.session, &self.registry).await?;
+            prepared.observers.push((key, session));
+        }
+        Ok(())
+    }
+
+    /// Puts what [`Supervisor::prepare`] started in service.
+    fn commit(&mut self, prepared: Prepared) {
+        for (route, forwarder, ready) in prepared.routes {
+            let listener = match forwarder.listener_handle() {
+                // A socat address without `fork` closes its listener after
+                // one connection: a spare handle would keep it listening.
+                Ok(_) if route.listen.once => None,
+                Ok(listener) => Some(listener),
+                Err(err) => {
+                    // Without a second handle a later change rebinds
+                    // instead of taking the socket over; say so.
+                    tracing::warn!(route = %route.name, error = %err, "cannot duplicate the listening socket; a reload that changes this route will have to bind again");
+                    None
+                }
+            };
+            self.next_id += 1;
+            let id = self.next_id;
+            let (drain, drain_rx) = watch::channel(false);
+            let name = route.name.clone();
+            if let Some(old) = self.routes.remove(&name) {
+                // A changed route: the old forwarder stops accepting and
+                // drains its connections with the old settings.
+                tracing::info!(route = %name, "route changed: new connections get the new settings; open ones finish with the old");
+                self.readiness_handover(&old, &ready);
+                old.drain.send_replace(true);
+            }
+            self.route_tasks.spawn(async move {
+                forwarder.run(drain_rx).await;
+                (id, name.clone())
+            });
+            self.routes.insert(
+                route.name.clone(),
+                Running {
+                    key: route_key(&route),
+                    id,
+                    drain,
+                    listen: route.listen.text.clone(),
+                    listener,
+                    ready,
+                },
+            );
+        }
+        for (key, session) in prepared.observers {
+            let (stop, stop_rx) = watch::channel(false);
+            self.sessions.spawn(session.run(stop_rx));
+            self.observers.insert(key, Watching { stop });
+        }
+    }
+
+    /// The old forwarder of a changed route leaves readiness to its successor.
+    fn readiness_handover(&self, old: &Running, new: &ReadyFlag) {
+        self.registry.readiness().unregister(&old.ready);
+        new.set(true);
+    }
+
+    /// Stops what runs but `spec` no longer has: removed routes drain,
+    /// removed observers detach.
+    fn retire(&mut self, spec: &Spec) {
+        let names: Vec<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .routes
+            .keys()
+            .filter(|name| !names.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(route) = self.routes.remove(&name) {
+                tracing::info!(route = %name, "route removed: no new connections; open ones drain");
+                self.registry.readiness().unregister(&route.ready);
+                route.drain.send_replace(true);
+            }
+        }
+        let mut keys: Vec<String> = spec.observers.iter().map(observer_key).collect();
+        keys.extend(
+            spec.routes
+                .iter()
+                .filter_map(route_observer)
+                .map(|o| observer_key(&o)),
+        );
+        self.observers.retain(|key, watching| {
+            let keep = keys.contains(key);
+            if !keep {
+                watching.stop.send_replace(true);
+            }
+            keep
+        });
+    }
+
+    /// A forwarder's task ended: a route that ended by itself (no drain
+    /// asked; true is returned) leaves the spec; a route that no longer
+    /// exists takes its series with it.
+    fn route_ended(&mut self, id: u64, name: &str) -> bool {
+        let by_itself = self.routes.get(name).is_some_and(|r| r.id == id);
+        if by_itself {
+            self.routes.remove(name);
+        }
+        if !by_itself && !self.routes.contains_key(name) {
+            self.forward_metrics.remove_route(name);
+        }
+        by_itself
+    }
+
+    /// Reads `file` again and applies it; on any failure nothing changes.
+    async fn reload(&mut self, file: &Path, source: &Source, hash: &mut String) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(err) => {
+                self.reloads.outcome("invalid");
+                tracing::error!(file = %file.display(), error = %err, "reload: cannot read the config file; the running config stays");
+                return;
+            }
+        };
+        let mut spec = match crate::config::file::parse(file, &text) {
+            Ok(spec) => spec,
+            Err(problems) => {
+                self.reloads.outcome("invalid");
+                for problem in &problems.0 {
+                    tracing::error!("reload: {problem}");
+                }
+                tracing::error!(
+                    problems = problems.0.len(),
+                    "reload refused: the running config stays"
+                );
+                return;
+            }
+        };
+        if source.metrics_override.is_some() {
+            spec.metrics = source.metrics_override;
+        }
+        if spec.metrics != self.metrics {
+            tracing::warn!(
+                running = ?self.metrics,
+                asked = ?spec.metrics,
+                "reload: a change of [metrics] needs a restart; the endpoint stays as it is"
+            );
+        }
+        crate::limits::fit_connections(&mut spec);
+        match self.prepare(&spec).await {
+            Ok(prepared) => {
+                let (added, kept) = (
+                    prepared.routes.len(),
+                    spec.routes.len() - prepared.routes.len(),
+                );
+                self.commit(prepared);
+                self.retire(&spec);
+                *hash = config_hash(&text);
+                self.reloads.applied(hash);
+                self.reloads.outcome("ok");
+                tracing::info!(
+                    routes = spec.routes.len(),
+                    started_or_changed = added,
+                    unchanged = kept,
+                    observers = self.observers.len(),
+                    "reloaded"
+                );
+            }
+            Err(err) => {
+                self.reloads.outcome("bind_failed");
+                tracing::error!(error = %anyhow_chain(&err), "reload refused: the running config stays");
+            }
+        }
+    }
+
+    fn drain_all(&mut self) {
+        // A draining relay accepts nothing more: orchestrators should stop sending.
+        for route in self.routes.values_mut() {
+            route.ready.set(false);
+            // The spare handle would keep the socket listening (and new
+            // clients queued in its backlog) after the forwarder closed it.
+            route.listener = None;
+            route.drain.send_replace(true);
+        }
+    }
+
+    fn stop_observers(&mut self) {
+        for watching in self.observers.values() {
+            watching.stop.send_replace(true);
+        }
+    }
+
+    /// Loads a route's TLS material and binds its listener (or takes
+    /// `listener` over), marked ready.
+    async fn start_route(
+        &self,
+        route: &RouteSpec,
+        listener: Option<std::net::TcpListener>,
+    ) -> Result<(Forwarder, ReadyFlag), RunError> {
+        let failed = |source: ForwardError| RunError::Route {
+            route: route.name.clone(),
+            source,
+        };
+        let (mut tls_server, mut tls_client) =
+            tls::settings::resolve(&route.listen, &route.target, &route.tls)
+                .map_err(|e| failed(e.into()))?;
+        if let Some(keys) = route.capture.as_ref().and_then(|c| c.keys.clone()) {
+            // --pcap-embed-keys: every key log line of either leg also goes into the capture.
+            let legs = [
+                tls_server.as_mut().map(|s| &mut s.common),
+                tls_client.as_mut().map(|c| &mut c.common),
+            ];
+            let mut tls_legs = 0;
+            for common in legs.into_iter().flatten() {
+                let keys = keys.clone();
+                let tee =
+                    tls::keylog::KeyLogTee::new(common.keylog.take(), move |line| keys.push(line));
+                common.keylog = Some(Arc::new(tee));
+                tls_legs += 1;
+            }
+            if tls_legs == 0 {
+                return Err(failed(
+                    tls::TlsError::Config(
+                        "--pcap-embed-keys needs a TLS listener or target (tls://... or OPENSSL:...)"
+                            .into(),
+                    )
+                    .into(),
+                ));
+            }
+        }
+        let config = RouteConfig {
+            listen: route.listen.clone(),
+            target: route.target.clone(),
+            connect_timeout: route.connect_timeout,
+            idle_timeout: route.idle_timeout,
+            max_connections: route
+                .max_connections
+                .unwrap_or(crate::config::DEFAULT_MAX_CONNECTIONS)
+                as usize,
+            drain_timeout: route.drain_timeout,
+            tls_server,
+            tls_client,
+            handshake_timeout: route.handshake_timeout,
+            data_path: route.data_path,
+        };
+        let metrics = self.forward_metrics.route(&route.name);
+        let forwarder = match listener {
+            None => Forwarder::bind(config, metrics).await,
+            Some(listener) => Forwarder::adopt(config, metrics, listener).await,
+        }
         .map_err(failed)?;
-    let ready = registry
-        .readiness()
-        .register("listener", &forwarder.local_addr().to_string());
-    ready.set(true);
-    tracing::info!(route = %name, %upstream, "listening on {}", forwarder.local_addr());
-    // The observer follows its target across restarts (a forwarder does not
-    // stop because the container it watches did) and includes loopback,
-    // where a published container port is reached.
-    let observer = observe.map(|target| ObserverSpec {
+        let ready = self
+            .registry
+            .readiness()
+            .register("listener", &forwarder.local_addr().to_string());
+        ready.set(true);
+        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local_addr());
+        Ok((forwarder, ready))
+    }
+}
+
+/// `error: cause: cause`, for log lines.
+fn anyhow_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The observer a route asks for beside it (`forward --observe`): it
+/// follows its target across restarts (a forwarder does not stop because
+/// the container it watches did) and includes loopback, where a published
+/// container port is reached.
+fn route_observer(route: &RouteSpec) -> Option<ObserverSpec> {
+    route.observe.clone().map(|target| ObserverSpec {
         target,
         session: SessionOptions {
             observe: ObserveOptions {
@@ -290,8 +754,7 @@ async fn start_route(
             },
             follow: true,
             watch: false,
-            capture,
+            capture: route.capture.clone(),
         },
-    });
-    Ok(((forwarder, ready), observer))
+    })
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use relay_tests::peers::{self, EchoServer};
-use relay_tests::ports::free_port;
 use relay_tests::tempdir::TempDir;
 use relay_tests::{Payload, RelayCmd, require_root};
 
@@ -21,22 +20,15 @@ const ROUTES: usize = 200;
 fn two_hundred_routes_in_one_process_all_serve() -> Result<()> {
     let echo = EchoServer::start()?;
     let dir = TempDir::new("relay-config")?;
-    // free_port may hand out a port twice (it was free each time it was
-    // asked); relay rightly refuses two routes on one port.
-    let mut ports: Vec<u16> = Vec::with_capacity(ROUTES);
-    while ports.len() < ROUTES {
-        let port = free_port()?;
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
+    // Port 0: the kernel picks each route's port, so no other test can
+    // take one between choosing and binding; relay logs where it listens.
     let mut file = String::new();
-    for (i, port) in ports.iter().enumerate() {
+    for i in 0..ROUTES {
         // Both address forms, as a hand-written file would mix them.
         let listen = if i % 2 == 0 {
-            format!("127.0.0.1:{port}")
+            "127.0.0.1:0".to_string()
         } else {
-            format!("TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1")
+            "TCP-LISTEN:0,fork,reuseaddr,bind=127.0.0.1".to_string()
         };
         file.push_str(&format!(
             "[[route]]\nname = \"r{i}\"\nlisten = \"{listen}\"\ntarget = \"{}\"\n\n",
@@ -48,6 +40,32 @@ fn two_hundred_routes_in_one_process_all_serve() -> Result<()> {
     let relay = RelayCmd::raw(&["run", "-c", &path.to_string_lossy()])
         .with_metrics()?
         .spawn()?;
+    let log = relay.stderr();
+    let mut ports = vec![0u16; ROUTES];
+    for line in log
+        .lines()
+        .filter(|l| l.contains("listening on 127.0.0.1:"))
+    {
+        let port = line
+            .split("listening on 127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse::<u16>().ok());
+        let route = line
+            .split(" route=r")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|r| r.parse::<usize>().ok());
+        if let (Some(port), Some(route)) = (port, route)
+            && route < ROUTES
+        {
+            ports[route] = port;
+        }
+    }
+    ensure!(
+        ports.iter().all(|p| *p != 0),
+        "expected a \"listening on\" line for each of {ROUTES} routes in:\n{log}"
+    );
     for (i, port) in ports.iter().enumerate() {
         let payload = Payload::new(13_000 + i as u64, 64 * 1024);
         let stream = peers::connect(([127, 0, 0, 1], *port).into())

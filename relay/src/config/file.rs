@@ -70,7 +70,12 @@ impl fmt::Display for Problems {
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Spec, Problems> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    parse(path, &read(path)?)
+}
+
+/// The text of the config file at `path`.
+pub fn read(path: &Path) -> Result<String, Problems> {
+    std::fs::read_to_string(path).map_err(|e| {
         Problems(vec![Problem {
             file: path.to_path_buf(),
             line: 0,
@@ -78,8 +83,7 @@ pub fn load(path: &Path) -> Result<Spec, Problems> {
             key: String::new(),
             message: format!("cannot read the config file: {e}"),
         }])
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Validates config `text`, read from `file` (named in the problems).
@@ -276,7 +280,9 @@ impl Report<'_> {
                     ),
                 );
             }
-            if let Some(first) = listens.insert(listen_identity(&route.listen), key.clone()) {
+            if let Some(identity) = listen_identity(&route.listen)
+                && let Some(first) = listens.insert(identity, key.clone())
+            {
                 self.at(
                     Some(listen_span),
                     &format!("{key}.listen"),
@@ -543,14 +549,18 @@ impl Report<'_> {
 
 /// What makes two listen addresses collide: the same host and port in the
 /// same namespace. (Two names for one address, or a wildcard beside a
-/// specific address, are left to the bind, which reports them.)
-fn listen_identity(listen: &addr::ListenAddr) -> String {
+/// specific address, are left to the bind, which reports them; port 0,
+/// "any free port", never collides.)
+fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
+    if listen.port == 0 {
+        return None;
+    }
     let host = match &listen.host {
         Host::Ip(ip) => ip.to_string(),
         Host::Name(name) => name.to_ascii_lowercase(),
     };
     let netns = listen.netns.as_ref().map(Target::spec).unwrap_or_default();
-    format!("{host}|{}|{netns}", listen.port)
+    Some(format!("{host}|{}|{netns}", listen.port))
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

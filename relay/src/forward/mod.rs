@@ -170,6 +170,33 @@ impl Forwarder {
     /// Loads the TLS material and binds the listening socket: a bad file or
     /// a busy address fails here, at startup.
     pub async fn bind(config: RouteConfig, metrics: RouteMetrics) -> Result<Self, ForwardError> {
+        Self::start(config, metrics, None).await
+    }
+
+    /// Like [`Forwarder::bind`], on a listening socket that is already
+    /// bound (a reload's changed route takes its predecessor's socket, so
+    /// no connection is refused while one forwarder hands over to the next;
+    /// both may accept from it for a moment, which serves the client either
+    /// way).
+    pub async fn adopt(
+        config: RouteConfig,
+        metrics: RouteMetrics,
+        listener: std::net::TcpListener,
+    ) -> Result<Self, ForwardError> {
+        Self::start(config, metrics, Some(listener)).await
+    }
+
+    /// Another handle on the listening socket, for [`Forwarder::adopt`].
+    pub fn listener_handle(&self) -> io::Result<std::net::TcpListener> {
+        let fd = socket2::SockRef::from(&self.listener).try_clone()?;
+        Ok(fd.into())
+    }
+
+    async fn start(
+        config: RouteConfig,
+        metrics: RouteMetrics,
+        listener: Option<std::net::TcpListener>,
+    ) -> Result<Self, ForwardError> {
         let acceptor = config
             .tls_server
             .as_ref()
@@ -201,7 +228,18 @@ impl Forwarder {
             data_path::select(config.data_path, &metrics.name)?
         };
         metrics.set_data_path(engine.path());
-        let listener = listener::bind(&config.listen).await?;
+        let listener = match listener {
+            None => listener::bind(&config.listen).await?,
+            Some(listener) => {
+                let adopt_err = |cause| ForwardError::Bind {
+                    addr: config.listen.text.clone(),
+                    resolved: SocketAddr::from(([0, 0, 0, 0], config.listen.port)),
+                    cause,
+                };
+                listener.set_nonblocking(true).map_err(adopt_err)?;
+                TcpListener::from_std(listener).map_err(adopt_err)?
+            }
+        };
         let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
             resolved: SocketAddr::from(([0, 0, 0, 0], config.listen.port)),

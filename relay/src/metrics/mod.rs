@@ -11,7 +11,7 @@
 
 mod endpoint;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -28,6 +28,9 @@ pub struct Metrics {
     on_scrape: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
     readiness: Readiness,
     endpoint: endpoint::EndpointMetrics,
+    /// Families a job registers once per registry however many of its
+    /// parts run (every observer shares the observe families), by type.
+    shared: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl Metrics {
@@ -56,7 +59,24 @@ impl Metrics {
             on_scrape: Mutex::new(Vec::new()),
             readiness,
             endpoint,
+            shared: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The one `T` of this registry, registered by `register` the first
+    /// time it is asked for: families are registered once per registry, so
+    /// every part of a job (each observer of a spec) shares them.
+    pub fn shared<T: Send + Sync + 'static>(
+        &self,
+        register: impl FnOnce(&Registry) -> T,
+    ) -> Arc<T> {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = shared.iter().find_map(|s| s.clone().downcast::<T>().ok()) {
+            return found;
+        }
+        let made = Arc::new(register(&self.registry));
+        shared.push(made.clone());
+        made
     }
 
     /// The registry, for families kept by other modules.

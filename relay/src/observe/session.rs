@@ -104,7 +104,7 @@ impl Session {
         if let Some(run) = &mut capture {
             run.attach(&observer, &netns)?;
         }
-        let export = Arc::new(ObserveMetrics::register(metrics.registry()));
+        let export = metrics.shared(ObserveMetrics::register);
         let slot: Slot = Arc::new(Mutex::new(None));
         let (hook_slot, hook_export, top) =
             (slot.clone(), export.clone(), options.observe.top_flows);
