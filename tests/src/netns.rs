@@ -291,7 +291,7 @@ fn ip_output(args: &[&str]) -> Result<Output> {
         .with_context(|| format!("running ip {}", args.join(" ")))
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let out = ip_output(args)?;
     if !out.status.success() {
         bail!(
