@@ -17,8 +17,27 @@ use prometheus::{IntGauge, IntGaugeVec, Opts};
 
 /// The readiness flags of one run.
 pub struct Readiness {
+    shared: Arc<Shared>,
+}
+
+/// What the run and every flag share: a flag can take itself out.
+struct Shared {
     parts: Mutex<Vec<Arc<Part>>>,
     gauges: IntGaugeVec,
+}
+
+impl Shared {
+    fn remove(&self, part: &Arc<Part>) {
+        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
+        parts.retain(|p| !Arc::ptr_eq(p, part));
+        // Another part may carry the same labels (a changed route's
+        // successor on the same address): keep the series for it.
+        if !parts.iter().any(|p| p.label == part.label)
+            && let Some((kind, name)) = part.label.split_once(' ')
+        {
+            let _ = self.gauges.remove_label_values(&[kind, name]);
+        }
+    }
 }
 
 struct Part {
@@ -29,15 +48,25 @@ struct Part {
 
 /// One part's flag; starts not ready. Cloning shares the flag.
 #[derive(Clone)]
-pub struct ReadyFlag(Arc<Part>);
+pub struct ReadyFlag {
+    part: Arc<Part>,
+    shared: Arc<Shared>,
+}
 
 impl ReadyFlag {
     pub fn set(&self, ready: bool) {
-        self.0.ready.set(i64::from(ready));
+        self.part.ready.set(i64::from(ready));
     }
 
     pub fn is_set(&self) -> bool {
-        self.0.ready.get() == 1
+        self.part.ready.get() == 1
+    }
+
+    /// Takes the part out of the run (a route removed, an observer
+    /// stopped): it no longer holds `/healthz` back, and its
+    /// `relay_ready` series goes unless another part carries its labels.
+    pub fn retire(&self) {
+        self.shared.remove(&self.part);
     }
 }
 
@@ -51,6 +80,7 @@ pub enum Report {
 impl Default for Readiness {
     fn default() -> Self {
         Readiness {
+            shared: Arc::new(Shared {
             parts: Mutex::new(Vec::new()),
             gauges: IntGaugeVec::new(
                 Opts::new(
@@ -60,6 +90,7 @@ impl Default for Readiness {
                 &["part", "name"],
             )
             .expect("static metric definition is valid"),
+            }),
         }
     }
 }
@@ -67,34 +98,24 @@ impl Default for Readiness {
 impl Readiness {
     /// The `relay_ready` family, for the registry.
     pub fn collector(&self) -> Box<dyn prometheus::core::Collector> {
-        Box::new(self.gauges.clone())
+        Box::new(self.shared.gauges.clone())
     }
 
     /// Registers a part, e.g. `("listener", "127.0.0.1:8080")`, not ready yet.
     pub fn register(&self, part: &str, name: &str) -> ReadyFlag {
         let part = Arc::new(Part {
             label: format!("{part} {name}"),
-            ready: self.gauges.with_label_values(&[part, name]),
+            ready: self.shared.gauges.with_label_values(&[part, name]),
         });
         part.ready.set(0);
-        self.parts
+        self.shared
+            .parts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(part.clone());
-        ReadyFlag(part)
-    }
-
-    /// Takes a part out (a route removed by a reload): it no longer holds
-    /// `/healthz` back, and its `relay_ready` series is gone.
-    pub fn unregister(&self, flag: &ReadyFlag) {
-        let mut parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());
-        parts.retain(|p| !Arc::ptr_eq(p, &flag.0));
-        // Another part may carry the same labels (a changed route's
-        // successor on the same address): keep the series for it.
-        if !parts.iter().any(|p| p.label == flag.0.label)
-            && let Some((part, name)) = flag.0.label.split_once(' ')
-        {
-            let _ = self.gauges.remove_label_values(&[part, name]);
+        ReadyFlag {
+            part,
+            shared: self.shared.clone(),
         }
     }
 
@@ -102,6 +123,7 @@ impl Readiness {
     /// to wait for.
     pub fn report(&self) -> Report {
         let waiting: Vec<String> = self
+            .shared
             .parts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -146,12 +168,13 @@ mod tests {
         assert!(listener.is_set() && !observer.is_set());
         let gauge = |name: &str| {
             readiness
+                .shared
                 .gauges
                 .with_label_values(&["observer", name])
                 .get()
         };
         assert_eq!(gauge("netns:blue"), 0);
-        readiness.unregister(&observer);
+        observer.retire();
         assert_eq!(readiness.report(), Report::Ready);
     }
 }

@@ -58,7 +58,7 @@ pub enum RunError {
     },
     #[error("{0} during drain: exiting at once")]
     SecondSignal(&'static str),
-    #[error("an observer task failed: {0}")]
+    #[error("a relay task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -178,6 +178,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         observers: HashMap::new(),
         sessions: JoinSet::new(),
         metrics: spec.metrics,
+        task_names: HashMap::new(),
     };
     let metrics_addr = spec.metrics;
     let prepared = sup.prepare(&spec).await?;
@@ -190,7 +191,9 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         );
         tokio::spawn(metrics::serve(listener, registry.clone()));
     }
-    let had_routes = !sup.routes.is_empty();
+    // An observer that failed beside routes: the routes keep serving, and
+    // the run reports it when it ends.
+    let mut observer_failed: Option<RunError> = None;
     let mut watched = source.file.as_deref().and_then(modified);
     let mut watch_tick = tokio::time::interval(WATCH_EVERY);
     let mut hash = source.hash.clone();
@@ -207,16 +210,27 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
                 // daemon's observers keep running; a command line's stop.
                 if by_itself
                     && sup.routes.is_empty()
+                    && sup.route_tasks.is_empty()
                     && (source.file.is_none() || sup.sessions.is_empty())
                 {
                     sup.stop_observers();
-                    return finish_observers(&mut sup.sessions).await;
+                    let observers = finish_observers(&mut sup.sessions).await;
+                    return observer_failed.map_or(observers, Err);
                 }
             },
             Some(done) = sup.sessions.join_next(), if !sup.sessions.is_empty() => {
-                done??;
-                if !had_routes && sup.sessions.is_empty() {
-                    return Ok(());
+                let serving = !sup.routes.is_empty() || !sup.route_tasks.is_empty();
+                match done.map_err(RunError::from).and_then(|r| r.map_err(RunError::from)) {
+                    Ok(()) => {}
+                    // Nothing else runs: the observer's error is the run's.
+                    Err(err) if !serving => return Err(err),
+                    Err(err) => {
+                        tracing::error!(error = %anyhow_chain(&err), "an observer failed; the routes keep serving");
+                        observer_failed.get_or_insert(err);
+                    }
+                }
+                if !serving && sup.sessions.is_empty() {
+                    return observer_failed.map_or(Ok(()), Err);
                 }
             },
             asked = signals.next() => match asked {
@@ -240,7 +254,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
             },
         }
     };
-    if had_routes {
+    if !sup.routes.is_empty() {
         tracing::info!(
             signal,
             "stopping: no new connections; a second signal exits at once"
@@ -254,7 +268,8 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         signal = signals.next_stop() => return Err(RunError::SecondSignal(signal)),
     }
     sup.stop_observers();
-    finish_observers(&mut sup.sessions).await
+    let observers = finish_observers(&mut sup.sessions).await;
+    observer_failed.map_or(observers, Err)
 }
 
 /// The file's modification time, if it can be read.
@@ -352,9 +367,9 @@ struct Running {
     /// The task's id (a changed route's successor has another).
     id: u64,
     drain: watch::Sender<bool>,
-    /// The listen address as written: a changed route that keeps it takes
-    /// the socket over.
-    listen: String,
+    /// Where it listens (`socket_identity`): a route of the next spec that
+    /// listens there too takes the socket over, whatever its name.
+    identity: String,
     /// Another handle on its listening socket, for that successor.
     listener: Option<std::net::TcpListener>,
     ready: ReadyFlag,
@@ -385,6 +400,16 @@ struct Supervisor {
     sessions: JoinSet<Result<(), ObserveError>>,
     /// Where `/metrics` is served (fixed for the life of the process).
     metrics: Option<std::net::SocketAddr>,
+    /// The route name of every forwarder task still running, by task id
+    /// (a removed route's series stay until its last task has drained).
+    task_names: HashMap<u64, String>,
+}
+
+/// Where a route listens, as a reload matches sockets: host, port and
+/// namespace; for port 0 ("any free port") the address as written.
+fn socket_identity(listen: &crate::addr::ListenAddr) -> String {
+    crate::config::file::listen_identity(listen)
+        .unwrap_or_else(|| format!("as written: {}", listen.text))
 }
 
 /// What identifies a route's settings: its whole spec.
@@ -421,13 +446,28 @@ impl Supervisor {
     /// observers close as they are dropped.)
     fn discard(&self, spec: &Spec, prepared: Prepared) {
         for (_, _, ready) in &prepared.routes {
-            self.registry.readiness().unregister(ready);
+            ready.retire();
         }
         for route in &spec.routes {
-            if !self.routes.contains_key(&route.name) {
+            if !self.has_route(&route.name) {
                 self.forward_metrics.remove_route(&route.name);
             }
         }
+        // A session detaches (programs, series, readiness) only by running
+        // to its stop: run each with the stop already given.
+        for (_, session) in prepared.observers {
+            tokio::spawn(async move {
+                let (_stop, stopped) = watch::channel(true);
+                if let Err(err) = session.run(stopped).await {
+                    tracing::warn!(error = %anyhow_chain(&err), "detaching an observer of a refused reload");
+                }
+            });
+        }
+    }
+
+    /// Whether a route of this name runs or still drains.
+    fn has_route(&self, name: &str) -> bool {
+        self.routes.contains_key(name) || self.task_names.values().any(|n| n == name)
     }
 
     async fn prepare_into(&self, spec: &Spec, prepared: &mut Prepared) -> Result<(), RunError> {
@@ -441,26 +481,28 @@ impl Supervisor {
             if running.is_some_and(|r| r.key == key) {
                 continue;
             }
-            // The same listen address: take the socket over; else bind anew.
-            let listener = match running {
+            // A running route listens there (this one, or one renamed):
+            // take its socket over; else bind anew.
+            let identity = socket_identity(&route.listen);
+            let holder = running
+                .filter(|r| r.identity == identity)
+                .or_else(|| self.routes.values().find(|r| r.identity == identity));
+            let listener = match holder {
                 Some(Running {
-                    listen,
                     listener: Some(listener),
                     ..
-                }) if *listen == route.listen.text => {
-                    Some(listener.try_clone().map_err(|cause| {
-                        RunError::Route {
-                            route: route.name.clone(),
-                            source: ForwardError::Bind {
-                                addr: route.listen.text.clone(),
-                                resolved: listener
-                                    .local_addr()
-                                    .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
-                                cause,
-                            },
-                        }
-                    })?)
-                }
+                }) => Some(listener.try_clone().map_err(|cause| {
+                    RunError::Route {
+                        route: route.name.clone(),
+                        source: ForwardError::Bind {
+                            addr: route.listen.text.clone(),
+                            resolved: listener
+                                .local_addr()
+                                .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
+                            cause,
+                        },
+                    }
+                })?),
                 _ => None,
             };
             let (forwarder, ready) = self.start_route(route, listener).await?;
@@ -498,6 +540,7 @@ impl Supervisor {
             let id = self.next_id;
             let (drain, drain_rx) = watch::channel(false);
             let name = route.name.clone();
+            self.task_names.insert(id, name.clone());
             if let Some(old) = self.routes.remove(&name) {
                 // A changed route: the old forwarder stops accepting and
                 // drains its connections with the old settings.
@@ -515,7 +558,7 @@ impl Supervisor {
                     key: route_key(&route),
                     id,
                     drain,
-                    listen: route.listen.text.clone(),
+                    identity: socket_identity(&route.listen),
                     listener,
                     ready,
                 },
@@ -530,7 +573,7 @@ impl Supervisor {
 
     /// The old forwarder of a changed route leaves readiness to its successor.
     fn readiness_handover(&self, old: &Running, new: &ReadyFlag) {
-        self.registry.readiness().unregister(&old.ready);
+        old.ready.retire();
         new.set(true);
     }
 
@@ -547,7 +590,7 @@ impl Supervisor {
         for name in gone {
             if let Some(route) = self.routes.remove(&name) {
                 tracing::info!(route = %name, "route removed: no new connections; open ones drain");
-                self.registry.readiness().unregister(&route.ready);
+                route.ready.retire();
                 route.drain.send_replace(true);
             }
         }
@@ -571,11 +614,12 @@ impl Supervisor {
     /// asked; true is returned) leaves the spec; a route that no longer
     /// exists takes its series with it.
     fn route_ended(&mut self, id: u64, name: &str) -> bool {
+        self.task_names.remove(&id);
         let by_itself = self.routes.get(name).is_some_and(|r| r.id == id);
         if by_itself {
             self.routes.remove(name);
         }
-        if !by_itself && !self.routes.contains_key(name) {
+        if !by_itself && !self.has_route(name) {
             self.forward_metrics.remove_route(name);
         }
         by_itself

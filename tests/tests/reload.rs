@@ -326,3 +326,50 @@ fn watch_config_reloads_when_the_file_changes() -> Result<()> {
     round_trip(&mut client, b"a route added by editing the file")?;
     Ok(())
 }
+
+/// A route renamed on the same address takes the socket over (no bind
+/// conflict with itself), and an observer whose options change is
+/// re-attached without leaving `/healthz` waiting on the old one.
+#[test]
+fn a_renamed_route_and_a_changed_observer_reload_cleanly() -> Result<()> {
+    relay_tests::require_root!("attaches an eBPF observer in a test namespace");
+    let echo = EchoServer::start()?;
+    let ns = relay_tests::NetNs::create()?;
+    let dir = TempDir::new("relay-reload")?;
+    let file = dir.join("relay.toml");
+    let [a] = ports(1)?[..] else {
+        unreachable!("ports(1) returns one port")
+    };
+    let observer = |top: usize| {
+        format!(
+            "[[observe]]\ntarget = \"netns:{}\"\ntop-flows = {top}\n",
+            ns.name()
+        )
+    };
+    write_routes(&file, &[("a", a, echo.addr().to_string())], "")?;
+    std::fs::write(&file, std::fs::read_to_string(&file)? + &observer(10))?;
+    let relay = run(&file)?;
+    let healthz = |relay: &Relay| -> Result<u16> {
+        let addr = relay.metrics_addr().context("metrics address")?;
+        Ok(relay_tests::http::get(peers::connect(addr)?, &addr.to_string(), "/healthz")?.status)
+    };
+    ensure!(healthz(&relay)? == 200, "ready before the reload");
+
+    write_routes(&file, &[("renamed", a, echo.addr().to_string())], "")?;
+    std::fs::write(&file, std::fs::read_to_string(&file)? + &observer(11))?;
+    relay.signal(Signal::SIGHUP)?;
+    reloaded(&relay, "ok", 1.0)?;
+    let mut client = peers::connect(loopback(a))?;
+    round_trip(&mut client, b"through the renamed route")?;
+    relay_tests::wait::poll_until(
+        "/healthz to answer 200 after the reload",
+        METRIC_TIMEOUT,
+        || Ok((healthz(&relay)? == 200).then_some(())),
+    )?;
+    let scrape = relay.scrape()?;
+    ensure!(
+        scrape.value("relay_config_reloads_total", &[("outcome", "bind_failed")]) == Some(0.0),
+        "renaming a route must not collide with its own socket"
+    );
+    Ok(())
+}

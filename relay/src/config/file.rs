@@ -551,7 +551,7 @@ impl Report<'_> {
 /// same namespace. (Two names for one address, or a wildcard beside a
 /// specific address, are left to the bind, which reports them; port 0,
 /// "any free port", never collides.)
-fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
+pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
     if listen.port == 0 {
         return None;
     }

@@ -218,7 +218,10 @@ impl Session {
             export.forget(observer.target(), observer.interfaces());
         }
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        ready.set(false);
+        // The session is over (stopped, or its target gone for good): it
+        // no longer holds /healthz back, and a successor observing the
+        // same target keeps its own flag.
+        ready.retire();
         Ok(())
     }
 }

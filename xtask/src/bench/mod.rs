@@ -14,6 +14,7 @@ mod datapath;
 mod latency;
 mod observe;
 mod procs;
+mod reload;
 mod report;
 mod rss;
 mod throughput;
@@ -113,6 +114,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("datapath", datapath::run),
     ("observe", observe::run),
     ("capture", capture::run),
+    ("reload", reload::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {

@@ -332,7 +332,7 @@ impl Observers {
 }
 
 /// GET /metrics from a relay on 127.0.0.1:`port`.
-fn scrape(port: u16) -> Result<String> {
+pub(super) fn scrape(port: u16) -> Result<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("cannot connect to relay's /metrics at {addr}"))?;
@@ -349,7 +349,7 @@ fn scrape(port: u16) -> Result<String> {
 }
 
 /// Sum of every sample of `family` (name followed by labels or a space).
-fn sum_family(text: &str, family: &str) -> f64 {
+pub(super) fn sum_family(text: &str, family: &str) -> f64 {
     text.lines()
         .filter(|line| {
             line.strip_prefix(family)

@@ -302,7 +302,7 @@ fn listen_loopback(backlog: i32) -> Result<TcpListener> {
 }
 
 /// VmRSS of one process, in KiB.
-fn vm_rss_kib(pid: i32) -> Result<u64> {
+pub(super) fn vm_rss_kib(pid: i32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     kib_field(&text, "VmRSS:").with_context(|| format!("no VmRSS line in {path}"))
