@@ -16,7 +16,8 @@
 //!   still open then has at least one direction that never ended, and no
 //!   moment of a paced transfer tells "done" from "between two writes");
 //!   the idle timer resets them when bytes are still in flight (held by
-//!   relay, or unread in either socket: a target that stopped reading),
+//!   relay, or unread or unacknowledged in either socket: a target that
+//!   stopped reading),
 //!   and sends FINs when there are none;
 //! - TLS: a leg's handshake comes first (bounded by the handshake timeout);
 //!   a clean end sends close_notify, and a peer's EOF without close_notify
@@ -247,7 +248,9 @@ impl Connection {
             &mut close,
         )
         .await
-        .with_in_flight(|| activity.holding() || client.has_unread() || upstream.has_unread());
+        .with_in_flight(|| {
+            activity.holding() || client.has_bytes_in_flight() || upstream.has_bytes_in_flight()
+        });
         if end.resets() {
             reset(client.tcp());
             reset(upstream.tcp());

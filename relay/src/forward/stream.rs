@@ -26,25 +26,38 @@ impl Stream {
         }
     }
 
-    /// Whether the peer sent bytes the relay has not read yet. On a TLS
-    /// leg rustls may hold decrypted bytes too, but only while the pump
-    /// that reads them is stuck writing, which the pump itself records
-    /// (`Activity::hold`).
-    pub fn has_unread(&self) -> bool {
-        unread_bytes(self.tcp()) > 0
+    /// Whether bytes of this leg are still on their way: sent by the peer
+    /// and not read by relay yet, or written by relay and not yet taken
+    /// (acknowledged) by the peer. On a TLS leg rustls may hold decrypted
+    /// bytes too, but only while the pump that reads them is stuck
+    /// writing, which the pump itself records (`Activity::hold`); on the
+    /// sockmap path the kernel holds them, and they show in these queues.
+    pub fn has_bytes_in_flight(&self) -> bool {
+        unread_bytes(self.tcp()) > 0 || unsent_bytes(self.tcp()) > 0
     }
+}
+
+/// Bytes written to the socket that the peer has not acknowledged yet
+/// (SIOCOUTQ); 0 when the kernel cannot say.
+pub fn unsent_bytes(socket: &TcpStream) -> usize {
+    queue_ioctl(socket, nix::libc::TIOCOUTQ)
 }
 
 /// Bytes waiting in the socket's receive queue (FIONREAD); 0 when the
 /// kernel cannot say (the socket is already gone).
 pub fn unread_bytes(socket: &TcpStream) -> usize {
+    queue_ioctl(socket, nix::libc::FIONREAD)
+}
+
+/// One of the queue-length ioctls (FIONREAD, TIOCOUTQ); 0 when it fails.
+fn queue_ioctl(socket: &TcpStream, request: nix::libc::Ioctl) -> usize {
     let mut queued: std::ffi::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the pointer given; the fd is
-    // open for as long as `socket` is borrowed.
+    // SAFETY: FIONREAD and TIOCOUTQ write one int to the pointer given;
+    // the fd is open for as long as `socket` is borrowed.
     let rc = unsafe {
         nix::libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(socket),
-            nix::libc::FIONREAD,
+            request,
             &mut queued,
         )
     };
