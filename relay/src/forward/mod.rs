@@ -104,7 +104,7 @@ fn bind_hint(cause: &io::Error) -> &'static str {
 /// it off.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Everything one route needs; built from the command line.
+/// Everything one route needs; built from a `config::RouteSpec` by the supervisor.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub listen: ListenAddr,
@@ -122,18 +122,18 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// A route with the documented defaults.
+    /// A route with the documented defaults (`config`'s constants).
     pub fn new(listen: ListenAddr, target: TargetAddr) -> Self {
         RouteConfig {
             listen,
             target,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            max_connections: 10_000,
-            drain_timeout: Duration::from_secs(30),
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
             tls_server: None,
             tls_client: None,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
             data_path: DataPath::Auto,
         }
     }
