@@ -32,16 +32,16 @@ impl Shared {
         parts.retain(|p| !Arc::ptr_eq(p, part));
         // Another part may carry the same labels (a changed route's
         // successor on the same address): keep the series for it.
-        if !parts.iter().any(|p| p.label == part.label)
-            && let Some((kind, name)) = part.label.split_once(' ')
-        {
+        if !parts.iter().any(|p| p.labels == part.labels) {
+            let [kind, name] = &part.labels;
             let _ = self.gauges.remove_label_values(&[kind, name]);
         }
     }
 }
 
 struct Part {
-    label: String,
+    /// `relay_ready`'s `part` and `name`.
+    labels: [String; 2],
     /// 1 when ready; the gauge is the flag, so the two never disagree.
     ready: IntGauge,
 }
@@ -104,7 +104,7 @@ impl Readiness {
     /// Registers a part, e.g. `("listener", "127.0.0.1:8080")`, not ready yet.
     pub fn register(&self, part: &str, name: &str) -> ReadyFlag {
         let part = Arc::new(Part {
-            label: format!("{part} {name}"),
+            labels: [part.to_string(), name.to_string()],
             ready: self.shared.gauges.with_label_values(&[part, name]),
         });
         part.ready.set(0);
@@ -129,7 +129,7 @@ impl Readiness {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|p| p.ready.get() != 1)
-            .map(|p| p.label.clone())
+            .map(|p| p.labels.join(" "))
             .collect();
         if waiting.is_empty() {
             Report::Ready

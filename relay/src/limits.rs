@@ -54,7 +54,7 @@ pub fn connections_for(nofile: u64) -> usize {
 pub fn fit_connections(spec: &mut crate::config::Spec) {
     let nofile = raise_nofile().unwrap_or_else(|err| {
         tracing::warn!(error = %err, "cannot raise the open-file limit; the relay may run out of descriptors early");
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+        getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
     });
     let fits = u32::try_from(connections_for(nofile)).unwrap_or(u32::MAX);
     for route in &mut spec.routes {

@@ -406,8 +406,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                 ));
             }
             let loaded = match &config {
-                Some(path) => config::file::read(path)
-                    .and_then(|text| config::file::parse(path, &text).map(|spec| (spec, text))),
+                Some(path) => config::file::load(path),
                 None => {
                     config::file::parse(Path::new("<embedded default>"), config::EMBEDDED_DEFAULT)
                         .map(|spec| (spec, config::EMBEDDED_DEFAULT.to_string()))
@@ -470,7 +469,7 @@ fn report(problems: &Problems) {
 /// `relay check -c FILE`: exit 0 with a summary, or 2 with every problem.
 fn check(path: &Path) -> ExitCode {
     match config::file::load(path) {
-        Ok(spec) => {
+        Ok((spec, _)) => {
             println!(
                 "{}: ok ({} routes, {} observers, metrics {})",
                 path.display(),

@@ -196,7 +196,6 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     let mut observer_failed: Option<RunError> = None;
     let mut watched = source.file.as_deref().and_then(modified);
     let mut watch_tick = tokio::time::interval(WATCH_EVERY);
-    let mut hash = source.hash.clone();
 
     // Until a signal: the routes ending by themselves ends the run (the
     // observers beside them stop too); an observer failing ends it with
@@ -204,8 +203,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     let signal = loop {
         tokio::select! {
             Some(done) = sup.route_tasks.join_next(), if !sup.route_tasks.is_empty() => {
-                let (id, name) = done?;
-                let by_itself = sup.route_ended(id, &name);
+                let by_itself = sup.route_ended(done?);
                 // A socat address without `fork` served its connection. A
                 // daemon's observers keep running; a command line's stop.
                 if by_itself
@@ -236,7 +234,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
             asked = signals.next() => match asked {
                 Asked::Stop(signal) => break signal,
                 Asked::Reload => match &source.file {
-                    Some(file) => sup.reload(file, &source, &mut hash).await,
+                    Some(file) => sup.reload(file, &source).await,
                     None => tracing::warn!(
                         signal = "SIGHUP",
                         "ignored: this relay was started from the command line and has no configuration file to reload; stop it with SIGTERM"
@@ -249,7 +247,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
                 if now != watched {
                     watched = now;
                     tracing::info!(file = %file.display(), "config file changed: reloading");
-                    sup.reload(file, &source, &mut hash).await;
+                    sup.reload(file, &source).await;
                 }
             },
         }
@@ -382,7 +380,8 @@ struct Watching {
 
 /// Routes and observers started for a spec, not yet serving.
 struct Prepared {
-    routes: Vec<(RouteSpec, Forwarder, ReadyFlag)>,
+    /// Each with its `route_key`, computed once.
+    routes: Vec<(RouteSpec, String, Forwarder, ReadyFlag)>,
     observers: Vec<(String, Session)>,
 }
 
@@ -392,8 +391,8 @@ struct Supervisor {
     reloads: Arc<ReloadMetrics>,
     /// By route name.
     routes: HashMap<String, Running>,
-    /// Every forwarder's task, current or draining: (id, route name).
-    route_tasks: JoinSet<(u64, String)>,
+    /// Every forwarder's task, current or draining, by id.
+    route_tasks: JoinSet<u64>,
     next_id: u64,
     /// By observer key.
     observers: HashMap<String, Watching>,
@@ -445,7 +444,7 @@ impl Supervisor {
     /// spec: the new routes' readiness flags and series. (Its listeners and
     /// observers close as they are dropped.)
     fn discard(&self, spec: &Spec, prepared: Prepared) {
-        for (_, _, ready) in &prepared.routes {
+        for (_, _, _, ready) in &prepared.routes {
             ready.retire();
         }
         for route in &spec.routes {
@@ -506,7 +505,7 @@ impl Supervisor {
                 _ => None,
             };
             let (forwarder, ready) = self.start_route(route, listener).await?;
-            prepared.routes.push((route.clone(), forwarder, ready));
+            prepared.routes.push((route.clone(), key, forwarder, ready));
         }
         for observer in observers {
             let key = observer_key(&observer);
@@ -523,7 +522,7 @@ impl Supervisor {
 
     /// Puts what [`Supervisor::prepare`] started in service.
     fn commit(&mut self, prepared: Prepared) {
-        for (route, forwarder, ready) in prepared.routes {
+        for (route, key, forwarder, ready) in prepared.routes {
             let listener = match forwarder.listener_handle() {
                 // A socat address without `fork` closes its listener after
                 // one connection: a spare handle would keep it listening.
@@ -545,17 +544,18 @@ impl Supervisor {
                 // A changed route: the old forwarder stops accepting and
                 // drains its connections with the old settings.
                 tracing::info!(route = %name, "route changed: new connections get the new settings; open ones finish with the old");
-                self.readiness_handover(&old, &ready);
+                // The successor's flag (already set) carries /healthz now.
+                old.ready.retire();
                 old.drain.send_replace(true);
             }
             self.route_tasks.spawn(async move {
                 forwarder.run(drain_rx).await;
-                (id, name.clone())
+                id
             });
             self.routes.insert(
                 route.name.clone(),
                 Running {
-                    key: route_key(&route),
+                    key,
                     id,
                     drain,
                     identity: socket_identity(&route.listen),
@@ -569,12 +569,6 @@ impl Supervisor {
             self.sessions.spawn(session.run(stop_rx));
             self.observers.insert(key, Watching { stop });
         }
-    }
-
-    /// The old forwarder of a changed route leaves readiness to its successor.
-    fn readiness_handover(&self, old: &Running, new: &ReadyFlag) {
-        old.ready.retire();
-        new.set(true);
     }
 
     /// Stops what runs but `spec` no longer has: removed routes drain,
@@ -613,30 +607,24 @@ impl Supervisor {
     /// A forwarder's task ended: a route that ended by itself (no drain
     /// asked; true is returned) leaves the spec; a route that no longer
     /// exists takes its series with it.
-    fn route_ended(&mut self, id: u64, name: &str) -> bool {
-        self.task_names.remove(&id);
-        let by_itself = self.routes.get(name).is_some_and(|r| r.id == id);
+    fn route_ended(&mut self, id: u64) -> bool {
+        let Some(name) = self.task_names.remove(&id) else {
+            return false;
+        };
+        let by_itself = self.routes.get(&name).is_some_and(|r| r.id == id);
         if by_itself {
-            self.routes.remove(name);
+            self.routes.remove(&name);
         }
-        if !by_itself && !self.has_route(name) {
-            self.forward_metrics.remove_route(name);
+        if !by_itself && !self.has_route(&name) {
+            self.forward_metrics.remove_route(&name);
         }
         by_itself
     }
 
     /// Reads `file` again and applies it; on any failure nothing changes.
-    async fn reload(&mut self, file: &Path, source: &Source, hash: &mut String) {
-        let text = match std::fs::read_to_string(file) {
-            Ok(text) => text,
-            Err(err) => {
-                self.reloads.outcome("invalid");
-                tracing::error!(file = %file.display(), error = %err, "reload: cannot read the config file; the running config stays");
-                return;
-            }
-        };
-        let mut spec = match crate::config::file::parse(file, &text) {
-            Ok(spec) => spec,
+    async fn reload(&mut self, file: &Path, source: &Source) {
+        let (mut spec, text) = match crate::config::file::load(file) {
+            Ok(loaded) => loaded,
             Err(problems) => {
                 self.reloads.outcome("invalid");
                 for problem in &problems.0 {
@@ -668,8 +656,7 @@ impl Supervisor {
                 );
                 self.commit(prepared);
                 self.retire(&spec);
-                *hash = config_hash(&text);
-                self.reloads.applied(hash);
+                self.reloads.applied(&config_hash(&text));
                 self.reloads.outcome("ok");
                 tracing::info!(
                     routes = spec.routes.len(),

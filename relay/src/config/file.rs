@@ -68,13 +68,15 @@ impl fmt::Display for Problems {
     }
 }
 
-/// Reads and validates the config file at `path`.
-pub fn load(path: &Path) -> Result<Spec, Problems> {
-    parse(path, &read(path)?)
+/// Reads and validates the config file at `path`; the text comes back
+/// beside the spec (its hash names the running config).
+pub fn load(path: &Path) -> Result<(Spec, String), Problems> {
+    let text = read(path)?;
+    parse(path, &text).map(|spec| (spec, text))
 }
 
 /// The text of the config file at `path`.
-pub fn read(path: &Path) -> Result<String, Problems> {
+fn read(path: &Path) -> Result<String, Problems> {
     std::fs::read_to_string(path).map_err(|e| {
         Problems(vec![Problem {
             file: path.to_path_buf(),

@@ -31,7 +31,15 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// Flows exported by name per observer.
 pub const DEFAULT_TOP_FLOWS: usize = 10;
-pub use crate::forward::DEFAULT_IDLE_TIMEOUT;
+/// Idle connections are closed after this long by default. socat has no
+/// idle timeout, and HAProxy's sample configurations close idle clients
+/// after 50 s (`timeout client`); relay carries long-lived TCP sessions
+/// (database pools, shells, Docker API streams) where a minute would
+/// surprise, yet without any timeout idle or vanished clients can hold
+/// every `--max-connections` slot for ever. Ten minutes gives the slots
+/// back while leaving quiet sessions alone; `--idle-timeout none` turns
+/// it off.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What one relay process runs.
 #[derive(Debug, Clone, Default)]

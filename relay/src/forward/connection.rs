@@ -17,8 +17,7 @@
 //!   moment of a paced transfer tells "done" from "between two writes");
 //!   the idle timer resets them when bytes are still in flight (held by
 //!   relay, or unread or unacknowledged in either socket: a target that
-//!   stopped reading),
-//!   and sends FINs when there are none;
+//!   stopped reading), and sends FINs when there are none;
 //! - TLS: a leg's handshake comes first (bounded by the handshake timeout);
 //!   a clean end sends close_notify, and a peer's EOF without close_notify
 //!   is named in the log but ends its direction like any EOF.

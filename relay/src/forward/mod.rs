@@ -94,16 +94,6 @@ fn bind_hint(cause: &io::Error) -> &'static str {
     }
 }
 
-/// Idle connections are closed after this long by default. socat has no
-/// idle timeout, and HAProxy's sample configurations close idle clients
-/// after 50 s (`timeout client`); relay carries long-lived TCP sessions
-/// (database pools, shells, Docker API streams) where a minute would
-/// surprise, yet without any timeout idle or vanished clients can hold
-/// every `--max-connections` slot for ever. Ten minutes gives the slots
-/// back while leaving quiet sessions alone; `--idle-timeout none` turns
-/// it off.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Everything one route needs; built from a `config::RouteSpec` by the supervisor.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -128,7 +118,7 @@ impl RouteConfig {
             listen,
             target,
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            idle_timeout: Some(crate::config::DEFAULT_IDLE_TIMEOUT),
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
             drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
             tls_server: None,

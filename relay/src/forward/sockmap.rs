@@ -447,13 +447,8 @@ fn tcp_info(socket: &TcpStream) -> io::Result<nix::libc::tcp_info> {
 /// plus still queued (`tcpi_bytes_acked` + SIOCOUTQ).
 fn taken_to_send(socket: &TcpStream) -> io::Result<u64> {
     let acked = tcp_info(socket)?.tcpi_bytes_acked;
-    let mut queued: nix::libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to the pointer given.
-    let rc = unsafe { nix::libc::ioctl(socket.as_raw_fd(), nix::libc::TIOCOUTQ, &mut queued) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(acked + u64::try_from(queued).unwrap_or(0))
+    let queued = super::stream::queued(socket, nix::libc::TIOCOUTQ)?;
+    Ok(acked + queued as u64)
 }
 
 /// One direction, `src` to `dst`, while the kernel moves the bytes: waits

@@ -40,17 +40,18 @@ impl Stream {
 /// Bytes written to the socket that the peer has not acknowledged yet
 /// (SIOCOUTQ); 0 when the kernel cannot say.
 pub fn unsent_bytes(socket: &TcpStream) -> usize {
-    queue_ioctl(socket, nix::libc::TIOCOUTQ)
+    queued(socket, nix::libc::TIOCOUTQ).unwrap_or(0)
 }
 
 /// Bytes waiting in the socket's receive queue (FIONREAD); 0 when the
 /// kernel cannot say (the socket is already gone).
 pub fn unread_bytes(socket: &TcpStream) -> usize {
-    queue_ioctl(socket, nix::libc::FIONREAD)
+    queued(socket, nix::libc::FIONREAD).unwrap_or(0)
 }
 
-/// One of the queue-length ioctls (FIONREAD, TIOCOUTQ); 0 when it fails.
-fn queue_ioctl(socket: &TcpStream, request: nix::libc::Ioctl) -> usize {
+/// One of the queue-length ioctls: FIONREAD (bytes to read) or TIOCOUTQ
+/// (SIOCOUTQ: bytes sent but not acknowledged).
+pub(super) fn queued(socket: &TcpStream, request: nix::libc::Ioctl) -> std::io::Result<usize> {
     let mut queued: std::ffi::c_int = 0;
     // SAFETY: FIONREAD and TIOCOUTQ write one int to the pointer given;
     // the fd is open for as long as `socket` is borrowed.
@@ -62,9 +63,9 @@ fn queue_ioctl(socket: &TcpStream, request: nix::libc::Ioctl) -> usize {
         )
     };
     if rc == 0 {
-        usize::try_from(queued).unwrap_or(0)
+        Ok(usize::try_from(queued).unwrap_or(0))
     } else {
-        0
+        Err(std::io::Error::last_os_error())
     }
 }
 
