@@ -215,8 +215,10 @@ fn an_invalid_file_or_a_bind_conflict_changes_nothing() -> Result<()> {
 }
 
 /// Reloads under load: while clients keep opening connections through a
-/// route that stays and one that changes, 20 reloads add, change and
-/// remove routes; not one connection is refused or reset.
+/// route that stays and one that changes, and 1 GiB is echoed through the
+/// one that changes, 20 reloads add, change and remove routes; not one
+/// connection is refused or reset, and the long transfer arrives intact
+/// (it finishes on the settings it started with).
 #[test]
 fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
     let (echo, other) = (EchoServer::start()?, EchoServer::start()?);
@@ -249,6 +251,21 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
     write_routes(&file, &spec(0), "")?;
     let relay = run(&file)?;
 
+    // Paced so that it spans the reloads (1 GiB in 16,389 chunks, about
+    // 0.5 ms each at the least): it must still be in flight after the first.
+    let long = Payload::new(20, 1 << 30);
+    let expected = long.fingerprint();
+    let reloads_done = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let client = peers::connect(loopback(changes))?;
+        let reloads_done = reloads_done.clone();
+        std::thread::spawn(move || -> Result<(relay_tests::Fingerprint, u64)> {
+            let heard = peers::echo_payload_paced(client, long, Some(Duration::from_micros(300)))
+                .context("the 1 GiB transfer through the changing route")?;
+            Ok((heard, reloads_done.load(Ordering::SeqCst)))
+        })
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = [stays, changes]
@@ -276,6 +293,7 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         write_routes(&file, &spec(round), "")?;
         relay.signal(Signal::SIGHUP)?;
         reloaded(&relay, "ok", round as f64)?;
+        reloads_done.store(round as u64, Ordering::SeqCst);
     }
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
@@ -291,6 +309,20 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         served as f64 / elapsed.as_secs_f64()
     );
     ensure!(served > 0, "no connection was served at all");
+    let (heard, reloads_before_end) = transfer
+        .join()
+        .map_err(|_| anyhow!("the long transfer's thread panicked"))??;
+    ensure!(
+        heard == expected,
+        "the 1 GiB echoed through the changing route came back as {heard:?}, expected {expected:?}"
+    );
+    ensure!(
+        reloads_before_end >= 1,
+        "the long transfer finished before the first reload, so it tested nothing; pace it slower"
+    );
+    eprintln!(
+        "the 1 GiB transfer stayed in flight across {reloads_before_end} reloads and arrived intact"
+    );
     // Round 20 has no comes-and-goes (20 % 3 == 2): its port refuses.
     relay_tests::wait::poll_until("the removed route's port to refuse", METRIC_TIMEOUT, || {
         Ok(refuses(comes_and_goes).then_some(()))
