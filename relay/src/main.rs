@@ -590,6 +590,18 @@ fn main() -> ExitCode {
         );
     }
     limits::fit_connections(&mut spec);
+    // SAFETY: taking the sockets unsets LISTEN_* so that no child sees
+    // them; no other thread runs yet (the runtime starts below).
+    let inherited = match unsafe { run::Inherited::from_systemd() } {
+        Ok(inherited) => inherited,
+        Err(err) => {
+            eprintln!("relay: error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !inherited.names().is_empty() {
+        tracing::info!(sockets = ?inherited.names(), "systemd passed listening sockets");
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -598,7 +610,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run::run(spec, source));
+    let result = runtime.block_on(run::run(spec, source, inherited));
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {

@@ -15,8 +15,17 @@
 //! removed one stops accepting and drains. Observers are matched by what
 //! they observe and how.
 //!
+//! Under systemd it reports readiness, reloads and the stop (`notify`), and
+//! takes the listeners systemd passed instead of binding (`inherited`).
+//!
 //! Not here: what a route or an observer does (`forward`, `observe`), or
 //! how a file is read (`config::file`).
+
+mod inherited;
+mod notify;
+
+pub use inherited::{InheritError, Inherited};
+use notify::Notify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +55,8 @@ pub enum RunError {
         #[source]
         source: ForwardError,
     },
+    #[error(transparent)]
+    Inherited(#[from] InheritError),
     #[error(transparent)]
     Observe(#[from] ObserveError),
     #[error(transparent)]
@@ -160,8 +171,9 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `spec` until its routes end by themselves (socat addresses
 /// without `fork`), its observers end (a target gone, without follow), or
-/// a signal stops it (after the drain).
-pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
+/// a signal stops it (after the drain). Routes that name a socket take it
+/// from `inherited`.
+pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(), RunError> {
     // First, so that no signal meant for a drain ends the relay abruptly.
     let mut signals = Signals::install()?;
     let registry = Arc::new(Metrics::new());
@@ -179,7 +191,10 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         sessions: JoinSet::new(),
         metrics: spec.metrics,
         task_names: HashMap::new(),
+        inherited,
+        notify: Notify::new(),
     };
+    sup.warn_unused_sockets(&spec);
     let metrics_addr = spec.metrics;
     let prepared = sup.prepare(&spec).await?;
     sup.commit(prepared);
@@ -191,6 +206,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         );
         tokio::spawn(metrics::serve(listener, registry.clone()));
     }
+    sup.notify.ready(&sup.serving());
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
     let mut observer_failed: Option<RunError> = None;
@@ -252,6 +268,8 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
             },
         }
     };
+    sup.notify
+        .stopping(&format!("{signal}: draining open connections"));
     if !sup.routes.is_empty() {
         tracing::info!(
             signal,
@@ -402,13 +420,20 @@ struct Supervisor {
     /// The route name of every forwarder task still running, by task id
     /// (a removed route's series stay until its last task has drained).
     task_names: HashMap<u64, String>,
+    /// Listeners that came from outside (systemd), consulted before binding.
+    inherited: Inherited,
+    notify: Notify,
 }
 
-/// Where a route listens, as a reload matches sockets: host, port and
-/// namespace; for port 0 ("any free port") the address as written.
-fn socket_identity(listen: &crate::addr::ListenAddr) -> String {
-    crate::config::file::listen_identity(listen)
-        .unwrap_or_else(|| format!("as written: {}", listen.text))
+/// Where a route listens, as a reload matches sockets: the systemd socket
+/// it names, else host, port and namespace; for port 0 ("any free port")
+/// the address as written.
+fn socket_identity(route: &RouteSpec) -> String {
+    if let Some(name) = &route.socket {
+        return format!("systemd socket {name}");
+    }
+    crate::config::file::listen_identity(&route.listen)
+        .unwrap_or_else(|| format!("as written: {}", route.listen.text))
 }
 
 /// What identifies a route's settings: its whole spec.
@@ -482,7 +507,7 @@ impl Supervisor {
             }
             // A running route listens there (this one, or one renamed):
             // take its socket over; else bind anew.
-            let identity = socket_identity(&route.listen);
+            let identity = socket_identity(route);
             let holder = running
                 .filter(|r| r.identity == identity)
                 .or_else(|| self.routes.values().find(|r| r.identity == identity));
@@ -504,6 +529,9 @@ impl Supervisor {
                 })?),
                 _ => None,
             };
+            // A socket passed from outside (systemd) first: checked again
+            // against this spec's listen, and the same socket either way.
+            let listener = self.inherited.take(route)?.or(listener);
             let (forwarder, ready) = self.start_route(route, listener).await?;
             prepared.routes.push((route.clone(), key, forwarder, ready));
         }
@@ -558,7 +586,7 @@ impl Supervisor {
                     key,
                     id,
                     drain,
-                    identity: socket_identity(&route.listen),
+                    identity: socket_identity(&route),
                     listener,
                     ready,
                 },
@@ -621,8 +649,35 @@ impl Supervisor {
         by_itself
     }
 
-    /// Reads `file` again and applies it; on any failure nothing changes.
+    /// Reads `file` again and applies it, telling the service manager.
     async fn reload(&mut self, file: &Path, source: &Source) {
+        self.notify.reloading();
+        let outcome = self.apply(file, source).await;
+        self.notify.ready(&format!("{outcome}; {}", self.serving()));
+    }
+
+    /// What runs, as the service manager's status says it.
+    fn serving(&self) -> String {
+        format!(
+            "serving {} routes, {} observers",
+            self.routes.len(),
+            self.observers.len()
+        )
+    }
+
+    /// Every passed socket that no route of `spec` takes: logged.
+    fn warn_unused_sockets(&self, spec: &Spec) {
+        for name in self.inherited.unused(spec) {
+            tracing::warn!(
+                socket = name,
+                "systemd passed socket `{name}`, but no route takes it (`socket = \"{name}\"`); connections to it wait unserved"
+            );
+        }
+    }
+
+    /// Reads `file` again and applies it; on any failure nothing changes.
+    /// Returns how it went.
+    async fn apply(&mut self, file: &Path, source: &Source) -> &'static str {
         let (mut spec, text) = match crate::config::file::load(file) {
             Ok(loaded) => loaded,
             Err(problems) => {
@@ -634,7 +689,7 @@ impl Supervisor {
                     problems = problems.0.len(),
                     "reload refused: the running config stays"
                 );
-                return;
+                return "reload refused: the file is invalid (see the log)";
             }
         };
         if source.metrics_override.is_some() {
@@ -665,10 +720,13 @@ impl Supervisor {
                     observers = self.observers.len(),
                     "reloaded"
                 );
+                self.warn_unused_sockets(&spec);
+                "reloaded"
             }
             Err(err) => {
                 self.reloads.outcome("bind_failed");
                 tracing::error!(error = %anyhow_chain(&err), "reload refused: the running config stays");
+                "reload refused: a listener or observer could not start (see the log)"
             }
         }
     }
