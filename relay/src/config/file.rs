@@ -327,6 +327,19 @@ impl Report<'_> {
         let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
+        if listen.once && entry.socket.is_none() {
+            // socat's single-connection listener ends its route after one
+            // client; a host daemon's route serves until it is removed, and
+            // a reload could not hand such a listener over.
+            self.at(
+                Some(entry.listen.span()),
+                &format!("{key}.listen"),
+                format!(
+                    "`{}` serves one connection only (socat without `fork`); a route of the config file serves until removed: add `,fork`",
+                    listen.text
+                ),
+            );
+        }
         let mut route = RouteSpec::new(listen, target);
         if let Some(socket) = &entry.socket {
             route.socket = self.socket(key, socket, &route.listen);
@@ -733,6 +746,17 @@ interfaces = ["eth0"]
         );
         let broken = problems("[[route]\n");
         assert!(broken[0].starts_with("relay.toml:1:"), "{broken:?}");
+    }
+
+    #[test]
+    fn a_single_connection_socat_listener_is_refused_with_the_fix() {
+        let text = "[[route]]\nlisten = \"TCP-LISTEN:8080,reuseaddr\"\ntarget = \"127.0.0.1:80\"\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "relay.toml:2:10: route[0].listen: `TCP-LISTEN:8080,reuseaddr` serves one connection only (socat without `fork`); a route of the config file serves until removed: add `,fork`"
+            ]
+        );
     }
 
     #[test]
