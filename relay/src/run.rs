@@ -394,6 +394,8 @@ struct Running {
 /// An observer that is attached now.
 struct Watching {
     stop: watch::Sender<bool>,
+    /// The TLS key lines its capture embeds (a route's `--pcap-embed-keys`).
+    keys: Option<Arc<crate::observe::capture::KeyLines>>,
 }
 
 /// Routes and observers started for a spec, not yet serving.
@@ -489,6 +491,25 @@ impl Supervisor {
         }
     }
 
+    /// `route`, its TLS key lines going where the running observer of its
+    /// capture reads them: a changed route whose observer stays unchanged
+    /// must not write its keys into a new list that nobody reads.
+    fn with_running_keys<'a>(&self, route: &'a RouteSpec) -> std::borrow::Cow<'a, RouteSpec> {
+        let running = route_observer(route)
+            .and_then(|observer| self.observers.get(&observer_key(&observer)))
+            .and_then(|watching| watching.keys.clone());
+        match (running, &route.capture) {
+            (Some(keys), Some(capture)) if capture.keys.is_some() => {
+                let mut route = route.clone();
+                if let Some(capture) = &mut route.capture {
+                    capture.keys = Some(keys);
+                }
+                std::borrow::Cow::Owned(route)
+            }
+            _ => std::borrow::Cow::Borrowed(route),
+        }
+    }
+
     /// Whether a route of this name runs or still drains.
     fn has_route(&self, name: &str) -> bool {
         self.routes.contains_key(name) || self.task_names.values().any(|n| n == name)
@@ -501,6 +522,7 @@ impl Supervisor {
                 observers.push(observer);
             }
             let key = route_key(route);
+            let route = &self.with_running_keys(route);
             let running = self.routes.get(&route.name);
             if running.is_some_and(|r| r.key == key) {
                 continue;
@@ -533,7 +555,9 @@ impl Supervisor {
             // against this spec's listen, and the same socket either way.
             let listener = self.inherited.take(route)?.or(listener);
             let (forwarder, ready) = self.start_route(route, listener).await?;
-            prepared.routes.push((route.clone(), key, forwarder, ready));
+            prepared
+                .routes
+                .push((RouteSpec::clone(route), key, forwarder, ready));
         }
         for observer in observers {
             let key = observer_key(&observer);
@@ -594,8 +618,9 @@ impl Supervisor {
         }
         for (key, session) in prepared.observers {
             let (stop, stop_rx) = watch::channel(false);
+            let keys = session.keys();
             self.sessions.spawn(session.run(stop_rx));
-            self.observers.insert(key, Watching { stop });
+            self.observers.insert(key, Watching { stop, keys });
         }
     }
 

@@ -142,6 +142,11 @@ impl Session {
         })
     }
 
+    /// The TLS key lines its capture embeds, if it embeds any.
+    pub fn keys(&self) -> Option<Arc<super::capture::KeyLines>> {
+        self.options.capture.as_ref().and_then(|c| c.keys.clone())
+    }
+
     /// Runs until `stop` turns true, or the target goes away without `follow`.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
         let Session {
