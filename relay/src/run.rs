@@ -60,6 +60,15 @@ pub enum RunError {
     SecondSignal(&'static str),
     #[error("a relay task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The one connection of a socat address without `fork` could not
+    /// reach its target: socat exits 1 then, and so does relay.
+    #[error(
+        "route {route}: the connection could not reach its target ({outcome}; the log line says why)"
+    )]
+    Unreached {
+        route: String,
+        outcome: &'static str,
+    },
 }
 
 impl RunError {
@@ -194,6 +203,8 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
     let mut observer_failed: Option<RunError> = None;
+    // A route without `fork` whose one connection did not get through.
+    let mut unreached: Option<RunError> = None;
     let mut watched = source.file.as_deref().and_then(modified);
     let mut watch_tick = tokio::time::interval(WATCH_EVERY);
 
@@ -203,7 +214,13 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     let signal = loop {
         tokio::select! {
             Some(done) = sup.route_tasks.join_next(), if !sup.route_tasks.is_empty() => {
-                let by_itself = sup.route_ended(done?);
+                let (id, outcome) = done?;
+                if let Some(outcome) = outcome.filter(|o| o.unreached())
+                    && let Some(route) = sup.task_names.get(&id)
+                {
+                    unreached.get_or_insert(RunError::Unreached { route: route.clone(), outcome: outcome.as_str() });
+                }
+                let by_itself = sup.route_ended(id);
                 // A socat address without `fork` served its connection. A
                 // daemon's observers keep running; a command line's stop.
                 if by_itself
@@ -213,7 +230,7 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
                 {
                     sup.stop_observers();
                     let observers = finish_observers(&mut sup.sessions).await;
-                    return observer_failed.map_or(observers, Err);
+                    return unreached.or(observer_failed).map_or(observers, Err);
                 }
             },
             Some(done) = sup.sessions.join_next(), if !sup.sessions.is_empty() => {
@@ -369,7 +386,7 @@ struct Running {
     /// listens there too takes the socket over, whatever its name.
     identity: String,
     /// Another handle on its listening socket, for that successor.
-    listener: Option<std::net::TcpListener>,
+    listener: Option<crate::forward::listener::Handle>,
     ready: ReadyFlag,
 }
 
@@ -392,7 +409,7 @@ struct Supervisor {
     /// By route name.
     routes: HashMap<String, Running>,
     /// Every forwarder's task, current or draining, by id.
-    route_tasks: JoinSet<u64>,
+    route_tasks: JoinSet<(u64, Option<crate::forward::metrics::Outcome>)>,
     next_id: u64,
     /// By observer key.
     observers: HashMap<String, Watching>,
@@ -490,17 +507,13 @@ impl Supervisor {
                 Some(Running {
                     listener: Some(listener),
                     ..
-                }) => Some(listener.try_clone().map_err(|cause| {
-                    RunError::Route {
-                        route: route.name.clone(),
-                        source: ForwardError::Bind {
-                            addr: route.listen.text.clone(),
-                            resolved: listener
-                                .local_addr()
-                                .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
-                            cause,
-                        },
-                    }
+                }) => Some(listener.try_clone().map_err(|cause| RunError::Route {
+                    route: route.name.clone(),
+                    source: ForwardError::Bind {
+                        addr: route.listen.text.clone(),
+                        resolved: listener.describe(),
+                        cause,
+                    },
                 })?),
                 _ => None,
             };
@@ -527,7 +540,7 @@ impl Supervisor {
                 // A socat address without `fork` closes its listener after
                 // one connection: a spare handle would keep it listening.
                 Ok(_) if route.listen.once => None,
-                Ok(listener) => Some(listener),
+                Ok(listener) => listener,
                 Err(err) => {
                     // Without a second handle a later change rebinds
                     // instead of taking the socket over; say so.
@@ -549,8 +562,8 @@ impl Supervisor {
                 old.drain.send_replace(true);
             }
             self.route_tasks.spawn(async move {
-                forwarder.run(drain_rx).await;
-                id
+                let outcome = forwarder.run(drain_rx).await;
+                (id, outcome)
             });
             self.routes.insert(
                 route.name.clone(),
@@ -695,7 +708,7 @@ impl Supervisor {
     async fn start_route(
         &self,
         route: &RouteSpec,
-        listener: Option<std::net::TcpListener>,
+        listener: Option<crate::forward::listener::Handle>,
     ) -> Result<(Forwarder, ReadyFlag), RunError> {
         let failed = |source: ForwardError| RunError::Route {
             route: route.name.clone(),
@@ -752,9 +765,9 @@ impl Supervisor {
         let ready = self
             .registry
             .readiness()
-            .register("listener", &forwarder.local_addr().to_string());
+            .register("listener", forwarder.local());
         ready.set(true);
-        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local_addr());
+        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local());
         Ok((forwarder, ready))
     }
 }

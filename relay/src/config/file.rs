@@ -313,6 +313,18 @@ impl Report<'_> {
         let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
+        for (is_stdio, value, field) in [
+            (listen.is_stdio(), &entry.listen, "listen"),
+            (target.is_stdio(), &entry.target, "target"),
+        ] {
+            if is_stdio {
+                self.at(
+                    Some(value.span()),
+                    &format!("{key}.{field}"),
+                    "STDIO belongs to a command line (a daemon's stdin and stdout are not a client): use `relay - <address>` there, or a UNIX or TCP address here",
+                );
+            }
+        }
         let mut route = RouteSpec::new(listen, target);
         if let Some(name) = &entry.name {
             if name.get_ref().trim().is_empty() {
@@ -449,7 +461,8 @@ impl Report<'_> {
             );
         }
         if let Some(client) = &client
-            && let Err(e) = crate::tls::Connector::new(client, &route.target.host)
+            && let Some(host) = route.target.host()
+            && let Err(e) = crate::tls::Connector::new(client, host)
         {
             self.at(
                 Some(target_value.span()),
@@ -549,20 +562,27 @@ impl Report<'_> {
     }
 }
 
-/// What makes two listen addresses collide: the same host and port in the
-/// same namespace. (Two names for one address, or a wildcard beside a
-/// specific address, are left to the bind, which reports them; port 0,
-/// "any free port", never collides.)
+/// What makes two listen addresses collide: the same host and port, or
+/// the same socket path or abstract name, in the same namespace. (Two
+/// names for one address, or a wildcard beside a specific address, are
+/// left to the bind, which reports them; port 0, "any free port", never
+/// collides, and stdin/stdout is not a socket.)
 pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
-    if listen.port == 0 {
-        return None;
-    }
-    let host = match &listen.host {
-        Host::Ip(ip) => ip.to_string(),
-        Host::Name(name) => name.to_ascii_lowercase(),
-    };
     let netns = listen.netns.as_ref().map(Target::spec).unwrap_or_default();
-    Some(format!("{host}|{}|{netns}", listen.port))
+    match &listen.endpoint {
+        addr::ListenEndpoint::Tcp(tcp) => {
+            if tcp.port == 0 {
+                return None;
+            }
+            let host = match &tcp.host {
+                Host::Ip(ip) => ip.to_string(),
+                Host::Name(name) => name.to_ascii_lowercase(),
+            };
+            Some(format!("{host}|{}|{netns}", tcp.port))
+        }
+        addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
+        addr::ListenEndpoint::Stdio(_) => None,
+    }
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.

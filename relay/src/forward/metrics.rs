@@ -70,6 +70,19 @@ impl Outcome {
         Outcome::NamespaceUnavailable,
     ];
 
+    /// The connection never reached its target (socat's exit status 1 for
+    /// an address without `fork`).
+    pub fn unreached(self) -> bool {
+        matches!(
+            self,
+            Outcome::Refused
+                | Outcome::ConnectTimeout
+                | Outcome::ConnectError
+                | Outcome::TlsError
+                | Outcome::NamespaceUnavailable
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Closed => "closed",
