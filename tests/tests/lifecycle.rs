@@ -166,10 +166,11 @@ fn unsupported_socat_keyword_exits_2_naming_it() -> Result<()> {
     let socat_listen = format!("TCP-LISTEN:{},bind=127.0.0.1", free_port()?);
     expect_refusals(&[
         refusal(&["UDP-LISTEN:5353", "TCP:127.0.0.1:1"], 2, "UDP-LISTEN"),
+        refusal(&[&socat_listen, "EXEC:/bin/cat"], 2, "EXEC"),
         refusal(
-            &[&socat_listen, "UNIX-CONNECT:/run/relay-test.sock"],
+            &[&socat_listen, "UNIX-SENDTO:/run/relay-test.sock"],
             2,
-            "UNIX-CONNECT",
+            "UNIX-SENDTO",
         ),
     ])
 }

@@ -214,7 +214,7 @@ impl ForwardMetrics {
             ),
             data_path: gauge(
                 "relay_data_path",
-                "1 for the data path plain TCP bytes take on the route (copy, splice or sockmap), 0 for the others.",
+                "1 for the data path plain (not TLS) bytes take on the route (copy, splice or sockmap), 0 for the others.",
                 &["route", "path"],
             ),
         };

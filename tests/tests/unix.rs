@@ -1,0 +1,328 @@
+//! UNIX stream sockets on either side of a route, and STDIO: the Docker
+//! API through `TCP-LISTEN -> UNIX-CONNECT` against a real dockerd, mutual
+//! TLS in front of a UNIX socket, `UNIX-LISTEN -> TCP` with socat as the
+//! client, the socket file's life (stale files, mode=, unlink-close), and
+//! `relay - TCP:...` with a half-closed pipe.
+
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
+use relay_tests::certs::{Ca, CertSpec};
+use relay_tests::child::{ChildProc, output_of, status_and_text};
+use relay_tests::payload::read_fingerprint;
+use relay_tests::peers::{Backend, EchoServer, UnixEchoServer, round_trip};
+use relay_tests::ports::free_port;
+use relay_tests::relay_proc::relay_bin;
+use relay_tests::tempdir::TempDir;
+use relay_tests::tls_client::TlsClient;
+use relay_tests::{Payload, Relay, RelayCmd, docker, require_root, require_tool};
+
+/// How long relay may take to exit by itself.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A relay in the socat form whose listener is a UNIX socket: ready once it
+/// serves metrics (it binds its listener before).
+fn unix_relay(addr1: &str, addr2: &str) -> Result<Relay> {
+    unix_relay_on(addr1, addr2, "auto")
+}
+
+fn unix_relay_on(addr1: &str, addr2: &str, data_path: &str) -> Result<Relay> {
+    RelayCmd::raw(&[addr1, addr2])
+        .opts(&["--data-path", data_path])
+        .with_metrics()?
+        .spawn()
+}
+
+#[test]
+fn docker_api_through_tcp_listen_to_the_docker_socket() -> Result<()> {
+    require_root!("starts dockerd");
+    require_tool!("docker");
+    docker::ensure_daemon()?;
+    let port = free_port()?;
+    let _relay = RelayCmd::socat(
+        port,
+        format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+        "UNIX-CONNECT:/var/run/docker.sock",
+    )
+    .spawn()?;
+    let version = |host: Option<String>| -> Result<String> {
+        let mut cmd = Command::new("docker");
+        if let Some(host) = host {
+            cmd.args(["-H", &host]);
+        }
+        cmd.args([
+            "version",
+            "--format",
+            "{{.Server.Version}} {{.Server.APIVersion}}",
+        ]);
+        Ok(output_of(cmd)?.trim().to_string())
+    };
+    let direct = version(None)?;
+    let relayed = version(Some(format!("tcp://127.0.0.1:{port}")))?;
+    ensure!(
+        !direct.is_empty() && relayed == direct,
+        "docker version through relay said {relayed:?}; over the socket directly {direct:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn mutual_tls_in_front_of_a_unix_socket_refuses_clients_without_a_certificate() -> Result<()> {
+    let dir = TempDir::new("unix-mtls")?;
+    let echo = UnixEchoServer::start(&dir.join("echo.sock"))?;
+    let ca = Ca::new("relay-tests-ca")?;
+    let server = ca.issue("server", &CertSpec::loopback_server())?;
+    let alice = ca.issue("alice", &CertSpec::client("alice"))?;
+    let port = free_port()?;
+    let relay = RelayCmd::socat(
+        port,
+        format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},cafile={},verify=1",
+            server.cert.display(),
+            server.key.display(),
+            ca.cert_path().display()
+        ),
+        format!("UNIX-CONNECT:{}", echo.path().display()),
+    )
+    .with_metrics()?
+    .spawn()?;
+
+    let mut client = TlsClient::connect(relay.addr(), &ca, Some(&alice))?;
+    let payload = Payload::new(7, 256 * 1024).to_vec();
+    round_trip(&mut client, &payload).context("an echo through TLS to the UNIX socket")?;
+    ensure!(
+        echo.accepted() == 1,
+        "the UNIX echo server accepted {} connections, expected 1",
+        echo.accepted()
+    );
+
+    // TLS 1.3 finishes the client's side of the handshake before the
+    // server checks the certificate: the refusal shows on the first read.
+    let refused = TlsClient::connect(relay.addr(), &ca, None)
+        .and_then(|mut c| round_trip(&mut c, b"let me in"));
+    ensure!(
+        refused.is_err(),
+        "a client without a certificate got an echo back through OPENSSL-LISTEN,verify=1"
+    );
+    relay.wait_metric(
+        "relay_tls_handshakes_total",
+        &[("role", "server"), ("outcome", "ok")],
+        1.0,
+        EXIT_TIMEOUT,
+    )?;
+    relay.wait_metric(
+        "relay_connections_total",
+        &[("outcome", "tls_error")],
+        1.0,
+        EXIT_TIMEOUT,
+    )?;
+    ensure!(
+        echo.accepted() == 1,
+        "the refused client reached the UNIX socket ({} connections there)",
+        echo.accepted()
+    );
+    Ok(())
+}
+
+/// socat as the client of `UNIX-LISTEN`: a payload goes to a TCP echo
+/// server and back, whole; socat's EOF on stdin arrives as a half-close,
+/// and the echo still comes back after it. On copy and on splice (which
+/// moves bytes between a UNIX and a TCP socket in the kernel).
+#[test]
+fn unix_listen_to_tcp_carries_a_payload_both_ways_with_half_close() -> Result<()> {
+    require_tool!("socat");
+    for data_path in ["copy", "splice"] {
+        unix_listen_echo(data_path).with_context(|| format!("--data-path {data_path}"))?;
+    }
+    Ok(())
+}
+
+fn unix_listen_echo(data_path: &str) -> Result<()> {
+    let dir = TempDir::new("unix-listen")?;
+    let echo = EchoServer::start()?;
+    let path = dir.join("relay.sock");
+    let relay = unix_relay_on(
+        &format!("UNIX-LISTEN:{},fork,mode=600", path.display()),
+        &format!("TCP:{}", echo.addr()),
+        data_path,
+    )?;
+    let running = relay
+        .scrape()?
+        .counter("relay_data_path", &[("path", data_path)]);
+    ensure!(
+        running == 1.0,
+        "relay_data_path{{path={data_path}}} is {running}, expected 1"
+    );
+    let mode = std::fs::metadata(&path)?.permissions().mode();
+    ensure!(
+        mode & 0o7777 == 0o600,
+        "mode=600: the socket file has mode {:o}",
+        mode & 0o7777
+    );
+
+    let payload = Payload::new(42, 4 * 1024 * 1024);
+    let input = dir.join("input");
+    let sent = payload.write_to(&mut File::create(&input)?)?;
+    let output = dir.join("output");
+    let status = Command::new("socat")
+        // Wait for the echo after stdin's EOF (socat's default is 0.5 s).
+        .args(["-t", "60", "-", &format!("UNIX-CONNECT:{}", path.display())])
+        .stdin(File::open(&input)?)
+        .stdout(File::create(&output)?)
+        .stderr(Stdio::inherit())
+        .status()
+        .context("running socat as the client")?;
+    ensure!(
+        status.success(),
+        "socat - UNIX-CONNECT exited with {status}"
+    );
+    let heard = read_fingerprint(&mut File::open(&output)?)?;
+    ensure!(
+        heard == sent,
+        "the echo through UNIX-LISTEN came back as {heard:?}; sent {sent:?}"
+    );
+    relay.wait_metric(
+        "relay_connections_total",
+        &[("outcome", "closed")],
+        1.0,
+        EXIT_TIMEOUT,
+    )?;
+    let scrape = relay.scrape()?;
+    for direction in ["to_target", "to_client"] {
+        let bytes = scrape.counter("relay_bytes_total", &[("direction", direction)]);
+        ensure!(
+            bytes == payload.len as f64,
+            "relay_bytes_total{{direction={direction}}} is {bytes}, expected {}",
+            payload.len
+        );
+    }
+    Ok(())
+}
+
+/// A socket file left by a process that exited: relay refuses it (exit 2,
+/// naming unlink-early) as socat does, and takes it over with unlink-early.
+/// A file that is not a socket is never removed.
+#[test]
+fn a_stale_socket_file_needs_unlink_early_and_other_files_are_left_alone() -> Result<()> {
+    let dir = TempDir::new("unix-stale")?;
+    let echo = EchoServer::start()?;
+    let target = format!("TCP:{}", echo.addr());
+    let path = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path)?);
+    ensure!(path.exists(), "a dropped listener leaves its socket file");
+
+    RelayCmd::raw(&[
+        format!("UNIX-LISTEN:{},fork", path.display()),
+        target.clone(),
+    ])
+    .expect_usage_error(EXIT_TIMEOUT, &["stale.sock", "unlink-early"])?;
+
+    let relay = unix_relay(
+        &format!("UNIX-LISTEN:{},fork,unlink-early", path.display()),
+        &target,
+    )?;
+    let mut client = std::os::unix::net::UnixStream::connect(&path)?;
+    round_trip(&mut client, b"over the socket that replaced the stale one")?;
+    drop(relay);
+
+    let plain = dir.join("plain.file");
+    std::fs::write(&plain, b"keep me")?;
+    RelayCmd::raw(&[
+        format!("UNIX-LISTEN:{},unlink-early", plain.display()),
+        target,
+    ])
+    .expect_usage_error(EXIT_TIMEOUT, &["plain.file", "not a socket"])?;
+    ensure!(
+        std::fs::read(&plain)? == b"keep me",
+        "relay changed a file that is not a socket"
+    );
+    Ok(())
+}
+
+/// The socket file goes when relay stops (socat's unlink-close default),
+/// and stays with unlink-close=0.
+#[test]
+fn the_socket_file_is_removed_at_exit_unless_unlink_close_is_off() -> Result<()> {
+    let dir = TempDir::new("unix-close")?;
+    let echo = EchoServer::start()?;
+    let target = format!("TCP:{}", echo.addr());
+    for (options, kept) in [("fork", false), ("fork,unlink-close=0", true)] {
+        let path = dir.join("relay.sock");
+        let mut relay = unix_relay(
+            &format!("UNIX-LISTEN:{},{options}", path.display()),
+            &target,
+        )?;
+        let is_socket = std::fs::symlink_metadata(&path)?.file_type().is_socket();
+        ensure!(is_socket, "{options}: no socket at {}", path.display());
+        relay.signal(Signal::SIGTERM)?;
+        let status = relay.wait_exit(EXIT_TIMEOUT)?;
+        ensure!(status.success(), "{options}: relay exited with {status}");
+        ensure!(
+            path.exists() == kept,
+            "{options}: after exit the socket file {}",
+            if kept { "is gone" } else { "is still there" }
+        );
+        if kept {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// `printf data | relay - TCP:...`: stdin's EOF reaches the server as a
+/// half-close, and its reply, sent only after that EOF, still comes out on
+/// stdout; relay exits 0. With nothing listening, relay exits 1 as socat does.
+#[test]
+fn stdio_half_closes_and_prints_the_reply_then_exits_like_socat() -> Result<()> {
+    let server = Backend::start(|mut stream| {
+        use std::io::{Read, Write};
+        let mut request = Vec::new();
+        if stream.read_to_end(&mut request).is_ok() {
+            let reply = format!(
+                "got {} bytes: {}",
+                request.len(),
+                String::from_utf8_lossy(&request)
+            );
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    })?;
+    for args in [
+        vec!["-".to_string(), format!("TCP:{}", server.addr())],
+        vec![format!("TCP:{}", server.addr()), "STDIO".to_string()],
+    ] {
+        let mut cmd = Command::new(relay_bin()?);
+        cmd.args(&args).args(["-q"]);
+        let (mut proc, mut stdin, mut stdout) = ChildProc::spawn_piped("relay", cmd)?;
+        {
+            use std::io::Write;
+            stdin.write_all(b"data")?;
+        }
+        drop(stdin);
+        let status = proc.wait_exit(EXIT_TIMEOUT)?.with_context(|| {
+            format!(
+                "relay {args:?} did not exit after the reply; log:\n{}",
+                proc.log()
+            )
+        })?;
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut reply)?;
+        ensure!(
+            status.success() && reply == "got 4 bytes: data",
+            "relay {args:?}: exit {status}, stdout {reply:?}; log:\n{}",
+            proc.log()
+        );
+    }
+
+    let closed = free_port()?;
+    let mut cmd = Command::new(relay_bin()?);
+    cmd.args(["-", &format!("TCP:127.0.0.1:{closed}")]);
+    let (status, text) = status_and_text(cmd)?;
+    if status.code() != Some(1) {
+        bail!("relay - TCP:<closed port>: expected exit 1, got {status}; output:\n{text}");
+    }
+    Ok(())
+}
