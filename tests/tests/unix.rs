@@ -326,3 +326,120 @@ fn stdio_half_closes_and_prints_the_reply_then_exits_like_socat() -> Result<()> 
     }
     Ok(())
 }
+
+/// A reload matches a UNIX route's socket by its path: a changed route's
+/// successor takes the socket over (same file, open connections keep
+/// flowing, new ones reach the new target), and a removed route takes its
+/// socket file away.
+#[test]
+fn reload_hands_a_unix_socket_over_and_removing_the_route_removes_its_file() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("unix-reload")?;
+    let (old_target, new_target, other) = (
+        EchoServer::start()?,
+        EchoServer::start()?,
+        EchoServer::start()?,
+    );
+    let path = dir.join("route.sock");
+    let config = dir.join("relay.toml");
+    let other_port = free_port()?;
+    let write = |unix_target: Option<std::net::SocketAddr>| -> Result<()> {
+        let mut text = format!(
+            "[[route]]\nname = \"tcp\"\nlisten = \"127.0.0.1:{other_port}\"\ntarget = \"{}\"\n",
+            other.addr()
+        );
+        if let Some(target) = unix_target {
+            text.push_str(&format!(
+                "[[route]]\nname = \"sock\"\nlisten = \"UNIX-LISTEN:{},fork,mode=660\"\ntarget = \"{target}\"\n",
+                path.display()
+            ));
+        }
+        std::fs::write(&config, text).context("writing the config file")
+    };
+    write(Some(old_target.addr()))?;
+    let relay = RelayCmd::raw(&["run", "-c", &config.to_string_lossy()])
+        .with_metrics()?
+        .spawn()?;
+    let inode = std::fs::metadata(&path)?.ino();
+    let mut open = std::os::unix::net::UnixStream::connect(&path)?;
+    round_trip(&mut open, b"before the reload")?;
+
+    write(Some(new_target.addr()))?;
+    relay.signal(Signal::SIGHUP)?;
+    relay.wait_metric(
+        "relay_config_reloads_total",
+        &[("outcome", "ok")],
+        1.0,
+        EXIT_TIMEOUT,
+    )?;
+    ensure!(
+        std::fs::metadata(&path)?.ino() == inode,
+        "the changed route bound a new socket file instead of taking the old one over"
+    );
+    let mut fresh = std::os::unix::net::UnixStream::connect(&path)?;
+    round_trip(&mut fresh, b"after the reload")?;
+    round_trip(&mut open, b"still open")?;
+    ensure!(
+        (old_target.accepted(), new_target.accepted()) == (1, 1),
+        "expected one connection at each target, got old {} new {}",
+        old_target.accepted(),
+        new_target.accepted()
+    );
+    drop((open, fresh));
+
+    write(None)?;
+    relay.signal(Signal::SIGHUP)?;
+    relay.wait_metric(
+        "relay_config_reloads_total",
+        &[("outcome", "ok")],
+        2.0,
+        EXIT_TIMEOUT,
+    )?;
+    relay_tests::wait::poll_until(
+        "the removed route's socket file to go",
+        EXIT_TIMEOUT,
+        || Ok((!path.exists()).then_some(())),
+    )?;
+    Ok(())
+}
+
+/// An abstract socket belongs to a network namespace: `ABSTRACT-CONNECT`
+/// with `netns=` reaches a server bound inside it, a name the host's own
+/// namespace does not have.
+#[test]
+fn abstract_connect_reaches_a_socket_inside_a_network_namespace() -> Result<()> {
+    require_root!("creates a network namespace");
+    use std::os::linux::net::SocketAddrExt;
+    let ns = relay_tests::NetNs::create()?;
+    let name = format!("relay-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = {
+        let addr = addr.clone();
+        ns.enter(move || std::os::unix::net::UnixListener::bind_addr(&addr))?
+    };
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                if let Ok(mut reader) = stream.try_clone() {
+                    let _ = std::io::copy(&mut reader, &mut stream);
+                }
+            });
+        }
+    });
+    ensure!(
+        std::os::unix::net::UnixStream::connect_addr(&addr).is_err(),
+        "the host's namespace reached @{name}, which was bound inside {}",
+        ns.name()
+    );
+    let port = free_port()?;
+    let relay = RelayCmd::socat(
+        port,
+        format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+        format!("ABSTRACT-CONNECT:{name},netns={}", ns.name()),
+    )
+    .spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"into the namespace's abstract socket")?;
+    Ok(())
+}
