@@ -150,6 +150,20 @@ pub enum TargetEndpoint {
     Unix(UnixName),
     /// stdin/stdout as the target of the one client.
     Stdio(StdioMode),
+    /// A program started for each client, its stdin and stdout the
+    /// connection (`EXEC:`, `SYSTEM:`).
+    Exec(ExecSpec),
+}
+
+/// A program to run per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The program and its arguments: `EXEC:` split at spaces (no shell,
+    /// as socat), `SYSTEM:` as `/bin/sh -c <command>`.
+    pub argv: Vec<String>,
+    /// `stderr`: the child's stderr goes into the connection too (a dup of
+    /// its stdout, as socat's option); without it, to relay's stderr.
+    pub stderr_to_peer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,6 +259,7 @@ const CONNECT_OPTIONS: &str =
 const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
 const UNIX_CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, netns=, container=, pid=";
+const EXEC_OPTIONS: &str = "stderr";
 
 /// The socat address types relay speaks, by what they make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +274,10 @@ enum Kind {
     AbstractConnect,
     /// Either side: stdin/stdout.
     Stdio(StdioMode),
+    /// A program per connection; `shell`: SYSTEM (through /bin/sh -c).
+    Exec {
+        shell: bool,
+    },
 }
 
 impl Kind {
@@ -311,6 +330,8 @@ const KEYWORDS: &[(&str, Kind)] = &[
     ("-", Kind::Stdio(StdioMode::Both)),
     ("stdin", Kind::Stdio(StdioMode::In)),
     ("stdout", Kind::Stdio(StdioMode::Out)),
+    ("exec", Kind::Exec { shell: false }),
+    ("system", Kind::Exec { shell: true }),
 ];
 
 /// Splits a socat address into its kind and the rest (after the `:`, or
@@ -356,8 +377,6 @@ const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("abstract-sendto", DATAGRAM_UNIX_INSTEAD),
     ("abstract-recvfrom", DATAGRAM_UNIX_INSTEAD),
     ("abstract-recv", DATAGRAM_UNIX_INSTEAD),
-    ("exec", EXEC_INSTEAD),
-    ("system", EXEC_INSTEAD),
     ("stderr", "relay writes only its log to stderr; use STDOUT"),
     ("pipe", FILE_INSTEAD),
     ("file", FILE_INSTEAD),
@@ -392,7 +411,6 @@ const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
 
 const UDP_INSTEAD: &str = "relay forwards streams only so far; keep socat for UDP";
 const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
-const EXEC_INSTEAD: &str = "relay does not start programs yet: run the program as a server on a UNIX or TCP socket and use UNIX-CONNECT or TCP, or keep socat for this line";
 const FILE_INSTEAD: &str =
     "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
 const PROXY_INSTEAD: &str =
@@ -588,6 +606,11 @@ fn socat_form(input: &str, position: Position) -> Result<Option<(Kind, &str)>, A
     }
     if let Some((kind, rest)) = socat_keyword(input) {
         return match position {
+            Position::Listen if matches!(kind, Kind::Exec { .. }) => Err(invalid(
+                input,
+                "EXEC/SYSTEM as the first address (one program, one connection to the other address) is not supported yet: \
+                 put a listener first and the program second, for example `TCP-LISTEN:8080,fork EXEC:/usr/bin/cat`",
+            )),
             Position::Listen if !kind.listens() => Err(invalid(
                 input,
                 "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`), or be STDIO",
@@ -599,7 +622,8 @@ fn socat_form(input: &str, position: Position) -> Result<Option<(Kind, &str)>, A
             _ => Ok(Some((kind, rest))),
         };
     }
-    let word = input.split_once(':').map_or(input, |(w, _)| w);
+    // `PTY,link=/dev/x` has no colon: the word ends at the first comma then.
+    let word = input.split([':', ',']).next().unwrap_or(input);
     if let Some((_, instead)) = OTHER_SOCAT_TYPES
         .iter()
         .find(|(t, _)| t.eq_ignore_ascii_case(word))
@@ -1049,6 +1073,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
                 };
                 parse_unix_target(input, name, options)
             }
+            Kind::Exec { shell } => parse_exec(input, rest, shell),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
                 Ok(TargetAddr {
@@ -1092,6 +1117,65 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
         connect_timeout: None,
         tls,
         netns,
+        text: input.to_string(),
+    })
+}
+
+/// `EXEC:<command>[,options]` / `SYSTEM:<command>[,options]`: the command
+/// runs up to the first comma (socat's rule; a command with a comma needs a
+/// script).
+fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetAddr, AddrError> {
+    let (command, options) = split_options(rest);
+    if command.trim().is_empty() {
+        return Err(invalid(
+            input,
+            "the command is empty; expected for example `EXEC:/usr/bin/cat` or `SYSTEM:'grep -v x'`",
+        ));
+    }
+    let argv = if shell {
+        vec!["/bin/sh".to_string(), "-c".to_string(), command.to_string()]
+    } else {
+        command
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut spec = ExecSpec {
+        argv,
+        stderr_to_peer: false,
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        match opt.key.as_str() {
+            "stderr" => spec.stderr_to_peer = opt.flag(input)?,
+            "nofork" => {
+                return Err(invalid(
+                    input,
+                    "option `nofork` is not supported by relay: relay runs one child per connection (its stdin and stdout the connection); drop `nofork`",
+                ));
+            }
+            "pty" => {
+                return Err(invalid(
+                    input,
+                    "option `pty` is not supported by relay yet: the child's stdin and stdout are a socket pair; keep socat for programs that need a terminal",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on EXEC/SYSTEM (supported: {EXEC_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(TargetAddr {
+        endpoint: TargetEndpoint::Exec(spec),
+        connect_timeout: None,
+        tls: None,
+        netns: None,
         text: input.to_string(),
     })
 }
@@ -1566,6 +1650,20 @@ mod tests {
     }
 
     #[test]
+    fn exec_and_system_split_like_socat() {
+        let exec = |text: &str| match parse_target(text).unwrap().endpoint {
+            TargetEndpoint::Exec(spec) => spec,
+            other => panic!("{text}: expected EXEC, got {other:?}"),
+        };
+        let spec = exec("EXEC:/usr/bin/tr  a-z A-Z,stderr");
+        assert_eq!(spec.argv, ["/usr/bin/tr", "a-z", "A-Z"]);
+        assert!(spec.stderr_to_peer);
+        let spec = exec("SYSTEM:grep -v x | sort");
+        assert_eq!(spec.argv, ["/bin/sh", "-c", "grep -v x | sort"]);
+        assert!(!spec.stderr_to_peer);
+    }
+
+    #[test]
     fn bad_addresses_name_the_token() {
         let cases = [
             (
@@ -1602,8 +1700,18 @@ mod tests {
                 "`unix-sendto` is not supported by relay: relay forwards UNIX stream sockets only",
             ),
             (
-                parse_target("EXEC:/bin/cat").map(|_| ()),
-                "`EXEC` is not supported by relay: relay does not start programs yet",
+                parse_target("EXEC:/bin/cat,nofork").map(|_| ()),
+                "option `nofork` is not supported by relay",
+            ),
+            (parse_target("EXEC:/bin/sh,pty").map(|_| ()), "option `pty`"),
+            (
+                parse_target("PTY,link=/tmp/x").map(|_| ()),
+                "`PTY` is not supported by relay",
+            ),
+            (parse_target("SYSTEM:").map(|_| ()), "the command is empty"),
+            (
+                parse_listen("EXEC:/bin/cat").map(|_| ()),
+                "put a listener first",
             ),
             (
                 parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()),

@@ -31,6 +31,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::exec::Child;
 use super::listener::Peer;
 use super::pump::{Activity, Counters, Direction, Eof};
 use super::stream::{Socket, Stream};
@@ -185,12 +186,12 @@ impl Connection {
                 return finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting: client reset");
             }
         };
-        let upstream = match upstream {
-            Ok(stream) => {
+        let (upstream, child) = match upstream {
+            Ok(connected) => {
                 metrics
                     .connect_duration
                     .observe(started.elapsed().as_secs_f64());
-                stream
+                connected
             }
             Err(err) => {
                 // The client learns at once that there is no target behind
@@ -250,15 +251,32 @@ impl Connection {
             client.socket().reset();
             upstream.socket().reset();
         }
-        finish(
+        let outcome = finish(
             &route,
             peer,
             started,
             &transfer,
             end.outcome(),
             &end.describe(),
-        )
+        );
+        // An EXEC child's stdin and stdout close with relay's end of the
+        // pair: that is its EOF, and then it has its moment to exit.
+        drop((client, upstream));
+        if let Some(child) = child {
+            reap(&route, peer, child).await;
+        }
+        outcome
     }
+}
+
+/// Waits for (and if need be ends) a connection's EXEC child; logs and
+/// counts how it ended.
+async fn reap(route: &RouteContext, peer: &Peer, child: Child) {
+    let (pid, program) = (child.pid(), child.program().to_string());
+    let exit = child.finish().await;
+    route.metrics.child_exit(exit.label);
+    tracing::info!(route = %route.metrics.name, %peer, pid, program, status = %exit.status,
+        exit = exit.label, "child exited");
 }
 
 /// Bytes moved by one connection, per direction, for its close log line.

@@ -27,6 +27,7 @@
 pub mod connection;
 mod copy;
 pub mod data_path;
+pub mod exec;
 pub mod listener;
 pub mod metrics;
 pub mod namespace;
@@ -398,7 +399,7 @@ fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, Forwar
         tracing::warn!(
             route,
             data_path = config.data_path.as_str(),
-            "--data-path sockmap pairs TCP sockets only; this route has a UNIX or STDIO leg and copies"
+            "--data-path sockmap pairs TCP sockets only; this route has a UNIX, EXEC or STDIO leg and copies"
         );
         return Ok(Engine::Copy);
     }

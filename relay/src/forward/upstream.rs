@@ -12,6 +12,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
+use super::exec::{self, Child};
 use super::namespace::Namespace;
 use super::stdio::Stdio;
 use super::stream::Socket;
@@ -25,6 +26,8 @@ pub enum ConnectError {
     Refused { addr: String },
     #[error("cannot connect to {path}: {cause}{hint}", hint = unix_hint(cause))]
     Unix { path: String, cause: io::Error },
+    #[error("cannot start {program}: {cause}")]
+    Spawn { program: String, cause: io::Error },
     #[error("no answer from {target} within {after:?}")]
     Timeout { target: String, after: Duration },
     #[error("cannot resolve {host}: {cause}")]
@@ -42,7 +45,8 @@ impl ConnectError {
             ConnectError::Timeout { .. } => Outcome::ConnectTimeout,
             ConnectError::Resolve { .. }
             | ConnectError::Failed { .. }
-            | ConnectError::Unix { .. } => Outcome::ConnectError,
+            | ConnectError::Unix { .. }
+            | ConnectError::Spawn { .. } => Outcome::ConnectError,
             ConnectError::Namespace(_) => Outcome::NamespaceUnavailable,
         }
     }
@@ -54,7 +58,16 @@ pub async fn connect(
     target: &TargetAddr,
     namespace: Option<&Namespace>,
     timeout: Duration,
-) -> Result<Socket, ConnectError> {
+) -> Result<(Socket, Option<Child>), ConnectError> {
+    if let TargetEndpoint::Exec(spec) = &target.endpoint {
+        // A program is started, not connected to: no namespace, no timeout.
+        return exec::spawn(spec)
+            .map(|(socket, child)| (Socket::Unix(socket), Some(child)))
+            .map_err(|cause| ConnectError::Spawn {
+                program: spec.argv.join(" "),
+                cause,
+            });
+    }
     let timeout = target.connect_timeout.unwrap_or(timeout);
     let attempt = async {
         let Some(namespace) = namespace else {
@@ -73,6 +86,7 @@ pub async fn connect(
     };
     tokio::time::timeout(timeout, attempt)
         .await
+        .map(|connected| connected.map(|socket| (socket, None)))
         .unwrap_or_else(|_| {
             Err(ConnectError::Timeout {
                 target: target.text.clone(),
@@ -87,6 +101,7 @@ async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket
         TargetEndpoint::Tcp(tcp) => connect_any(tcp, netns).await.map(Socket::Tcp),
         TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
         TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
+        TargetEndpoint::Exec(_) => unreachable!("connect starts EXEC targets before connecting"),
     }
 }
 
