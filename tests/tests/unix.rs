@@ -443,3 +443,34 @@ fn abstract_connect_reaches_a_socket_inside_a_network_namespace() -> Result<()> 
     round_trip(&mut client, b"into the namespace's abstract socket")?;
     Ok(())
 }
+
+/// sockmap pairs TCP sockets only: a route with a UNIX leg that asks for
+/// it says so and copies (and still carries bytes).
+#[test]
+fn sockmap_on_a_unix_route_warns_and_copies() -> Result<()> {
+    let dir = TempDir::new("unix-sockmap")?;
+    let echo = EchoServer::start()?;
+    let path = dir.join("relay.sock");
+    let relay = RelayCmd::raw(&[
+        format!("UNIX-LISTEN:{},fork", path.display()),
+        format!("TCP:{}", echo.addr()),
+    ])
+    .opts(&["--data-path", "sockmap", "--experimental-sockmap"])
+    .with_metrics()?
+    .spawn()?;
+    let mut client = std::os::unix::net::UnixStream::connect(&path)?;
+    round_trip(&mut client, b"copied, not redirected")?;
+    let copy = relay
+        .scrape()?
+        .counter("relay_data_path", &[("path", "copy")]);
+    ensure!(
+        copy == 1.0,
+        "relay_data_path{{path=copy}} is {copy}, expected 1"
+    );
+    ensure!(
+        relay.stderr().contains("sockmap pairs TCP sockets only"),
+        "expected a warning that sockmap does not apply to a UNIX route, got:\n{}",
+        relay.stderr()
+    );
+    Ok(())
+}

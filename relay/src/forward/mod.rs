@@ -390,7 +390,7 @@ fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, Forwar
             tracing::warn!(
                 route,
                 data_path = config.data_path.as_str(),
-                "--data-path applies to plain routes only; this route has a TLS leg and copies"
+                "--data-path applies to plain (not TLS) routes only; this route has a TLS leg and copies"
             );
         }
         return Ok(Engine::Copy);
