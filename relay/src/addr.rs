@@ -856,14 +856,9 @@ fn parse_unix_listen(
 ) -> Result<ListenAddr, AddrError> {
     let is_path = matches!(name, UnixName::Path(_));
     let mut unix = unix_listen_defaults(name);
+    // Filled in below; the endpoint is set once its options are read.
     let mut addr = ListenAddr {
-        endpoint: ListenEndpoint::Tcp(TcpListen {
-            host: Host::Ip(IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)),
-            port: 0,
-            family: Family::Any,
-            reuseaddr: false,
-            reuseport: false,
-        }),
+        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
         once: true,
         tls: None,
@@ -965,6 +960,7 @@ fn parse_socat_listen(
         reuseaddr: false,
         reuseport: false,
     };
+    // The endpoint is set once its options are read (`tcp` above).
     let mut addr = ListenAddr {
         endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
@@ -1247,6 +1243,7 @@ fn parse_socat_target(
         family,
         keepalive: false,
     };
+    // The endpoint is set once its options are read (`tcp` above).
     let mut addr = TargetAddr {
         endpoint: TargetEndpoint::Stdio(StdioMode::Both),
         connect_timeout: None,

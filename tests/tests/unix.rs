@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -471,6 +472,70 @@ fn sockmap_on_a_unix_route_warns_and_copies() -> Result<()> {
         relay.stderr().contains("sockmap pairs TCP sockets only"),
         "expected a warning that sockmap does not apply to a UNIX route, got:\n{}",
         relay.stderr()
+    );
+    Ok(())
+}
+
+/// `user=` and `group=` own the socket file (names resolved on this host).
+#[test]
+fn user_and_group_own_the_socket_file() -> Result<()> {
+    require_root!("changes a file's owner");
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("unix-owner")?;
+    let echo = EchoServer::start()?;
+    let path = dir.join("owned.sock");
+    let _relay = unix_relay(
+        &format!(
+            "UNIX-LISTEN:{},fork,user=nobody,group=65534,mode=660",
+            path.display()
+        ),
+        &format!("TCP:{}", echo.addr()),
+    )?;
+    let nobody = nix::unistd::User::from_name("nobody")?.context("no user nobody on this host")?;
+    let meta = std::fs::metadata(&path)?;
+    ensure!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777) == (nobody.uid.as_raw(), 65534, 0o660),
+        "the socket file is owned {}:{} mode {:o}; expected {}:65534 mode 660",
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777,
+        nobody.uid
+    );
+    Ok(())
+}
+
+/// A socket path inside a container is the container's own file: relay
+/// reaches `/relay-app.sock` of the container through `/proc/<pid>/root`.
+/// (The server is this test, bound at that path from the host side, so
+/// the container image needs no UNIX-socket server.)
+#[test]
+fn unix_connect_with_container_reaches_the_path_inside_the_container() -> Result<()> {
+    relay_tests::require_docker!();
+    docker::ensure_daemon()?;
+    let container = docker::Container::run(&["sleep", "3600"])?;
+    let pid = container.pid()?;
+    let inside = std::path::PathBuf::from(format!("/proc/{pid}/root/relay-app.sock"));
+    let echo = UnixEchoServer::start(&inside)?;
+    ensure!(
+        !Path::new("/relay-app.sock").exists(),
+        "the host has a /relay-app.sock of its own: the test would prove nothing"
+    );
+    let port = free_port()?;
+    let relay = RelayCmd::socat(
+        port,
+        format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+        format!(
+            "UNIX-CONNECT:/relay-app.sock,container={}",
+            container.name()
+        ),
+    )
+    .spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"into the container's /relay-app.sock")?;
+    ensure!(
+        echo.accepted() == 1,
+        "the server inside the container saw {} connections",
+        echo.accepted()
     );
     Ok(())
 }
