@@ -276,7 +276,8 @@ fn the_socket_file_is_removed_at_exit_unless_unlink_close_is_off() -> Result<()>
 
 /// `printf data | relay - TCP:...`: stdin's EOF reaches the server as a
 /// half-close, and its reply, sent only after that EOF, still comes out on
-/// stdout; relay exits 0. With nothing listening, relay exits 1 as socat does.
+/// stdout; relay exits 0. A server that closes first ends it even while
+/// stdin stays open. With nothing listening, relay exits 1 as socat does.
 #[test]
 fn stdio_half_closes_and_prints_the_reply_then_exits_like_socat() -> Result<()> {
     let server = Backend::start(|mut stream| {
@@ -317,6 +318,29 @@ fn stdio_half_closes_and_prints_the_reply_then_exits_like_socat() -> Result<()> 
             proc.log()
         );
     }
+
+    // A server that speaks first and closes: relay exits once the greeting
+    // is out, though stdin (held open here) never ends, as socat does.
+    let greeter = Backend::start(|mut stream| {
+        use std::io::Write;
+        let _ = stream.write_all(b"hello and goodbye");
+    })?;
+    let mut cmd = Command::new(relay_bin()?);
+    cmd.args(["-q", "-", &format!("TCP:{}", greeter.addr())]);
+    let (mut proc, stdin, mut stdout) = ChildProc::spawn_piped("relay", cmd)?;
+    let status = proc.wait_exit(EXIT_TIMEOUT)?.with_context(|| {
+        format!(
+            "relay - TCP:<greeter> did not exit after the server closed; log:\n{}",
+            proc.log()
+        )
+    })?;
+    let mut greeting = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut greeting)?;
+    ensure!(
+        status.success() && greeting == "hello and goodbye",
+        "relay - TCP:<greeter>: exit {status}, stdout {greeting:?}"
+    );
+    drop(stdin);
 
     let closed = free_port()?;
     let mut cmd = Command::new(relay_bin()?);

@@ -6,7 +6,9 @@
 //!
 //! The rules live here and nowhere else:
 //! - half-close: EOF from one side becomes `shutdown(SHUT_WR)` on the other,
-//!   and the other direction keeps flowing until it ends too;
+//!   and the other direction keeps flowing until it ends too; except that
+//!   with a stdin/stdout side the socket side's EOF ends the connection
+//!   (stdin may never end, and nothing is left to send its bytes to);
 //! - reset: an error on either side resets both (SO_LINGER 0), so a peer
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;
@@ -399,6 +401,21 @@ async fn both_ways(
                 return End::Idle { cut: false };
             }
             _ = raised(close) => return End::Drained,
+        }
+        // The socket side has closed and its bytes are out on stdout: stdin
+        // has nowhere left to send to, so the connection is over (socat
+        // exits then too, after its -t wait) without waiting for an EOF on
+        // stdin that a terminal may never give.
+        let socket_ended = match route.stdio {
+            Some(Side::Client) => ends.target,
+            Some(Side::Target) => ends.client,
+            None => false,
+        };
+        if let (true, Some(first)) = (socket_ended, ends.first) {
+            return End::Closed {
+                first,
+                unclean: ends.unclean,
+            };
         }
         if let (true, true, Some(first)) = (ends.client, ends.target, ends.first) {
             return End::Closed {

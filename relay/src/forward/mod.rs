@@ -152,6 +152,10 @@ pub struct RouteContext {
     /// How plain TCP bytes move (TLS legs always copy).
     pub engine: Engine,
     pub handshake_timeout: Duration,
+    /// The side that is stdin/stdout, if one is: the connection ends when
+    /// the other side's EOF has been written out (socat's way; stdin may
+    /// never end, and its bytes have nowhere to go).
+    pub stdio: Option<connection::Side>,
 }
 
 /// A bound route, ready to accept.
@@ -255,6 +259,13 @@ impl Forwarder {
             namespace,
             engine,
             handshake_timeout: config.handshake_timeout,
+            stdio: if config.listen.is_stdio() {
+                Some(connection::Side::Client)
+            } else if config.target.is_stdio() {
+                Some(connection::Side::Target)
+            } else {
+                None
+            },
         });
         Ok(Forwarder {
             listener,
