@@ -55,11 +55,7 @@ impl Family {
 /// Where the relay listens, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenAddr {
-    pub host: Host,
-    pub port: u16,
-    pub family: Family,
-    pub reuseaddr: bool,
-    pub reuseport: bool,
+    pub endpoint: ListenEndpoint,
     pub backlog: Option<u32>,
     /// Serve one connection and exit: socat's listen address without `fork`.
     pub once: bool,
@@ -71,20 +67,145 @@ pub struct ListenAddr {
     pub text: String,
 }
 
-/// Where the relay connects for each accepted client.
+/// What kind of socket a route listens on. Streams only: a datagram route
+/// (UDP) is a route kind of its own, not another endpoint here.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetAddr {
+pub enum ListenEndpoint {
+    Tcp(TcpListen),
+    Unix(UnixListen),
+    /// stdin/stdout as the one client (`STDIO`, `-`, `STDIN`, `STDOUT`).
+    Stdio(StdioMode),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListen {
     pub host: Host,
     pub port: u16,
     pub family: Family,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+/// A UNIX stream socket to listen on, with socat's file options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixListen {
+    pub name: UnixName,
+    /// Remove a socket file left at the path before binding.
+    pub unlink_early: bool,
+    /// Remove the socket file when the route closes (socat's default).
+    pub unlink_close: bool,
+    /// `mode=`: permission bits of the socket file (octal, as socat).
+    pub mode: Option<u32>,
+    /// `user=`: owner of the socket file (name or uid).
+    pub user: Option<String>,
+    /// `group=`: group of the socket file (name or gid).
+    pub group: Option<String>,
+}
+
+/// A UNIX socket address: a file system path, or a name in the abstract
+/// namespace (which belongs to a network namespace, not the file system).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UnixName {
+    Path(PathBuf),
+    Abstract(String),
+}
+
+impl fmt::Display for UnixName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixName::Path(path) => write!(f, "{}", path.display()),
+            UnixName::Abstract(name) => write!(f, "@{name}"),
+        }
+    }
+}
+
+/// Which of stdin and stdout a STDIO address uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// `STDIO`, `-`: read stdin, write stdout.
+    Both,
+    /// `STDIN`: read stdin; what the peer sends is discarded.
+    In,
+    /// `STDOUT`: write stdout; stdin is not read (the peer sees EOF at once).
+    Out,
+}
+
+/// Where the relay connects for each accepted client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetAddr {
+    pub endpoint: TargetEndpoint,
     /// Per-address `connect-timeout=`; overrides `--connect-timeout`.
     pub connect_timeout: Option<Duration>,
-    pub keepalive: bool,
     /// TLS origination (`tls://`, `OPENSSL:`).
     pub tls: Option<TlsTarget>,
     /// Connect from inside this namespace (`...@container:web`, socat `netns=`).
     pub netns: Option<Target>,
     pub text: String,
+}
+
+/// What kind of socket a route connects to for each client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetEndpoint {
+    Tcp(TcpTarget),
+    Unix(UnixName),
+    /// stdin/stdout as the target of the one client.
+    Stdio(StdioMode),
+    /// A program started for each client, its stdin and stdout the
+    /// connection (`EXEC:`, `SYSTEM:`).
+    Exec(ExecSpec),
+}
+
+/// A program to run per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The program and its arguments: `EXEC:` split at spaces (no shell,
+    /// as socat), `SYSTEM:` as `/bin/sh -c <command>`.
+    pub argv: Vec<String>,
+    /// `stderr`: the child's stderr goes into the connection too (a dup of
+    /// its stdout, as socat's option); without it, to relay's stderr.
+    pub stderr_to_peer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpTarget {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+    pub keepalive: bool,
+}
+
+impl ListenAddr {
+    /// The TCP side of a TCP listener.
+    pub fn tcp(&self) -> Option<&TcpListen> {
+        match &self.endpoint {
+            ListenEndpoint::Tcp(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
+    pub fn is_stdio(&self) -> bool {
+        matches!(self.endpoint, ListenEndpoint::Stdio(_))
+    }
+}
+
+impl TargetAddr {
+    /// The TCP side of a TCP target.
+    pub fn tcp(&self) -> Option<&TcpTarget> {
+        match &self.endpoint {
+            TargetEndpoint::Tcp(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
+    /// The host a TLS target is reached at (the SNI default); a non-TCP
+    /// target has none.
+    pub fn host(&self) -> Option<&Host> {
+        self.tcp().map(|t| &t.host)
+    }
+
+    pub fn is_stdio(&self) -> bool {
+        matches!(self.endpoint, TargetEndpoint::Stdio(_))
+    }
 }
 
 /// TLS settings written into a listen address (socat's `OPENSSL-LISTEN`
@@ -129,110 +250,172 @@ fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
     }
 }
 
-const LISTEN_KEYWORDS: &[(&str, Family)] = &[
-    ("tcp-listen", Family::Any),
-    ("tcp-l", Family::Any),
-    ("tcp4-listen", Family::V4),
-    ("tcp4-l", Family::V4),
-    ("tcp6-listen", Family::V6),
-    ("tcp6-l", Family::V6),
-];
-
-const TLS_LISTEN_KEYWORDS: &[(&str, Family)] =
-    &[("openssl-listen", Family::Any), ("ssl-l", Family::Any)];
-const TLS_CONNECT_KEYWORDS: &[(&str, Family)] = &[
-    ("openssl", Family::Any),
-    ("ssl", Family::Any),
-    ("openssl-connect", Family::Any),
-];
-
-const CONNECT_KEYWORDS: &[(&str, Family)] = &[
-    ("tcp", Family::Any),
-    ("tcp-connect", Family::Any),
-    ("tcp4", Family::V4),
-    ("tcp4-connect", Family::V4),
-    ("tcp6", Family::V6),
-    ("tcp6-connect", Family::V6),
-];
-
 const LISTEN_OPTIONS: &str =
     "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, netns=, container=, pid=";
 const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
+const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, netns=, container=, pid=";
 const CONNECT_OPTIONS: &str =
     "connect-timeout=<seconds>, nodelay, keepalive, netns=, container=, pid=";
 const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
+const UNIX_CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, netns=, container=, pid=";
+const EXEC_OPTIONS: &str = "stderr";
 
-/// Splits a socat address into its keyword and the rest, when the keyword is
-/// one of `keywords` (case-insensitive, as socat's are).
-fn socat_keyword<'a>(input: &'a str, keywords: &[(&str, Family)]) -> Option<(Family, &'a str)> {
-    let (word, rest) = input.split_once(':')?;
-    keywords
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(word))
-        .map(|(_, family)| (*family, rest))
+/// The socat address types relay speaks, by what they make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    TcpListen(Family),
+    TlsListen,
+    UnixListen,
+    AbstractListen,
+    TcpConnect(Family),
+    TlsConnect,
+    UnixConnect,
+    AbstractConnect,
+    /// Either side: stdin/stdout.
+    Stdio(StdioMode),
+    /// A program per connection; `shell`: SYSTEM (through /bin/sh -c).
+    Exec {
+        shell: bool,
+    },
 }
 
-/// socat address types relay does not (yet) speak: named so that, for
-/// example, `UDP-LISTEN:53` is refused as such instead of being looked up as
-/// a host called `UDP-LISTEN`.
-const OTHER_SOCAT_TYPES: &[&str] = &[
-    "udp",
-    "udp4",
-    "udp6",
-    "udp-listen",
-    "udp4-listen",
-    "udp6-listen",
-    "udp-l",
-    "udp-sendto",
-    "udp-recvfrom",
-    "udp-recv",
-    "udp-datagram",
-    "unix",
-    "unix-connect",
-    "unix-listen",
-    "unix-l",
-    "unix-sendto",
-    "unix-recvfrom",
-    "unix-client",
-    "abstract-connect",
-    "abstract-listen",
-    "exec",
-    "system",
-    "stdio",
-    "stdin",
-    "stdout",
-    "stderr",
-    "pipe",
-    "file",
-    "open",
-    "gopen",
-    "create",
-    "fd",
-    "pty",
-    "readline",
-    "tun",
-    "socks4",
-    "socks4a",
-    "socks5",
-    "proxy",
-    "proxy-connect",
-    "sctp",
-    "sctp-listen",
-    "sctp-connect",
-    "vsock-listen",
-    "vsock-connect",
-    "ip",
-    "ip4",
-    "ip6",
-    "ip-sendto",
-    "interface",
-    "dccp-listen",
-    "dccp-connect",
-    "udplite-listen",
-    "udplite-connect",
-    "tcp-sendto",
+impl Kind {
+    fn listens(self) -> bool {
+        matches!(
+            self,
+            Kind::TcpListen(_)
+                | Kind::TlsListen
+                | Kind::UnixListen
+                | Kind::AbstractListen
+                | Kind::Stdio(_)
+        )
+    }
+
+    fn connects(self) -> bool {
+        !self.listens() || matches!(self, Kind::Stdio(_))
+    }
+}
+
+/// Every socat keyword relay takes (case-insensitive, as socat's are).
+const KEYWORDS: &[(&str, Kind)] = &[
+    ("tcp-listen", Kind::TcpListen(Family::Any)),
+    ("tcp-l", Kind::TcpListen(Family::Any)),
+    ("tcp4-listen", Kind::TcpListen(Family::V4)),
+    ("tcp4-l", Kind::TcpListen(Family::V4)),
+    ("tcp6-listen", Kind::TcpListen(Family::V6)),
+    ("tcp6-l", Kind::TcpListen(Family::V6)),
+    ("openssl-listen", Kind::TlsListen),
+    ("ssl-l", Kind::TlsListen),
+    ("unix-listen", Kind::UnixListen),
+    ("unix-l", Kind::UnixListen),
+    ("abstract-listen", Kind::AbstractListen),
+    ("tcp", Kind::TcpConnect(Family::Any)),
+    ("tcp-connect", Kind::TcpConnect(Family::Any)),
+    ("tcp4", Kind::TcpConnect(Family::V4)),
+    ("tcp4-connect", Kind::TcpConnect(Family::V4)),
+    ("tcp6", Kind::TcpConnect(Family::V6)),
+    ("tcp6-connect", Kind::TcpConnect(Family::V6)),
+    ("openssl", Kind::TlsConnect),
+    ("ssl", Kind::TlsConnect),
+    ("openssl-connect", Kind::TlsConnect),
+    ("unix-connect", Kind::UnixConnect),
+    // socat's UNIX-CLIENT falls back to a datagram socket when a stream
+    // connect fails; relay routes streams, so it is a stream connect here.
+    ("unix-client", Kind::UnixConnect),
+    ("unix", Kind::UnixConnect),
+    ("abstract-connect", Kind::AbstractConnect),
+    ("abstract-client", Kind::AbstractConnect),
+    ("stdio", Kind::Stdio(StdioMode::Both)),
+    ("-", Kind::Stdio(StdioMode::Both)),
+    ("stdin", Kind::Stdio(StdioMode::In)),
+    ("stdout", Kind::Stdio(StdioMode::Out)),
+    ("exec", Kind::Exec { shell: false }),
+    ("system", Kind::Exec { shell: true }),
 ];
+
+/// Splits a socat address into its kind and the rest (after the `:`, or
+/// after the keyword for the STDIO family, which takes no parameter).
+fn socat_keyword(input: &str) -> Option<(Kind, &str)> {
+    let (word, rest) = match input.split_once(':') {
+        Some(split) => split,
+        // `STDIO`, `-`, `STDIN,opts`: no colon.
+        None => input
+            .split_once(',')
+            .map_or((input, ""), |(w, _)| (w, &input[w.len()..])),
+    };
+    let kind = KEYWORDS
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(word))
+        .map(|(_, kind)| *kind)?;
+    match kind {
+        Kind::Stdio(_) if input.contains(':') => None,
+        Kind::Stdio(_) => Some((kind, rest)),
+        _ if !input.contains(':') => None,
+        _ => Some((kind, rest)),
+    }
+}
+
+/// socat address types relay does not (yet) speak, with what to use
+/// instead: named so that, for example, `UDP-LISTEN:53` is refused as such
+/// instead of being looked up as a host called `UDP-LISTEN`.
+const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
+    ("udp", UDP_INSTEAD),
+    ("udp4", UDP_INSTEAD),
+    ("udp6", UDP_INSTEAD),
+    ("udp-listen", UDP_INSTEAD),
+    ("udp4-listen", UDP_INSTEAD),
+    ("udp6-listen", UDP_INSTEAD),
+    ("udp-l", UDP_INSTEAD),
+    ("udp-sendto", UDP_INSTEAD),
+    ("udp-recvfrom", UDP_INSTEAD),
+    ("udp-recv", UDP_INSTEAD),
+    ("udp-datagram", UDP_INSTEAD),
+    ("unix-sendto", DATAGRAM_UNIX_INSTEAD),
+    ("unix-recvfrom", DATAGRAM_UNIX_INSTEAD),
+    ("unix-recv", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-sendto", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-recvfrom", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-recv", DATAGRAM_UNIX_INSTEAD),
+    ("stderr", "relay writes only its log to stderr; use STDOUT"),
+    ("pipe", FILE_INSTEAD),
+    ("file", FILE_INSTEAD),
+    ("open", FILE_INSTEAD),
+    ("gopen", FILE_INSTEAD),
+    ("create", FILE_INSTEAD),
+    ("fd", FILE_INSTEAD),
+    ("pty", FILE_INSTEAD),
+    ("readline", "use socat for interactive line editing"),
+    ("tun", "relay does not make TUN devices"),
+    ("socks4", PROXY_INSTEAD),
+    ("socks4a", PROXY_INSTEAD),
+    ("socks5", PROXY_INSTEAD),
+    ("proxy", PROXY_INSTEAD),
+    ("proxy-connect", PROXY_INSTEAD),
+    ("sctp", OTHER_PROTOCOL),
+    ("sctp-listen", OTHER_PROTOCOL),
+    ("sctp-connect", OTHER_PROTOCOL),
+    ("vsock-listen", OTHER_PROTOCOL),
+    ("vsock-connect", OTHER_PROTOCOL),
+    ("ip", OTHER_PROTOCOL),
+    ("ip4", OTHER_PROTOCOL),
+    ("ip6", OTHER_PROTOCOL),
+    ("ip-sendto", OTHER_PROTOCOL),
+    ("interface", OTHER_PROTOCOL),
+    ("dccp-listen", OTHER_PROTOCOL),
+    ("dccp-connect", OTHER_PROTOCOL),
+    ("udplite-listen", OTHER_PROTOCOL),
+    ("udplite-connect", OTHER_PROTOCOL),
+    ("tcp-sendto", OTHER_PROTOCOL),
+];
+
+const UDP_INSTEAD: &str = "relay forwards streams only so far; keep socat for UDP";
+const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
+const FILE_INSTEAD: &str =
+    "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
+const PROXY_INSTEAD: &str =
+    "relay does not speak proxy protocols as a client yet; keep socat for this line";
+const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS and UNIX stream sockets only";
 
 /// Is this string written in socat's address form rather than `host:port`?
 /// A known socat type always is; otherwise a keyword-looking word (letters,
@@ -241,7 +424,7 @@ fn looks_like_socat(input: &str) -> bool {
     input.split_once(':').is_some_and(|(word, rest)| {
         OTHER_SOCAT_TYPES
             .iter()
-            .any(|t| t.eq_ignore_ascii_case(word))
+            .any(|(t, _)| t.eq_ignore_ascii_case(word))
             || (!word.is_empty()
                 && word.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && word.chars().any(|c| c.is_ascii_alphabetic())
@@ -408,62 +591,60 @@ fn split_scheme<'a>(input: &'a str, schemes: &[&str]) -> Result<(String, &'a str
     }
 }
 
-/// The socat keywords one address position takes (plain and TLS), the
-/// other position's, and what to say about a keyword that does not fit.
-struct Position {
-    plain: &'static [(&'static str, Family)],
-    tls: &'static [(&'static str, Family)],
-    other_side: [&'static [(&'static str, Family)]; 2],
-    wrong_side: &'static str,
-    expected: &'static str,
+/// Which address position is being parsed, for the wrong-side message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Position {
+    Listen,
+    Target,
 }
 
-const LISTEN_POSITION: Position = Position {
-    plain: LISTEN_KEYWORDS,
-    tls: TLS_LISTEN_KEYWORDS,
-    other_side: [CONNECT_KEYWORDS, TLS_CONNECT_KEYWORDS],
-    wrong_side: "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`)",
-    expected: "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L or OPENSSL-LISTEN",
-};
-
-const TARGET_POSITION: Position = Position {
-    plain: CONNECT_KEYWORDS,
-    tls: TLS_CONNECT_KEYWORDS,
-    other_side: [LISTEN_KEYWORDS, TLS_LISTEN_KEYWORDS],
-    wrong_side: "this is a listen address; the second address must connect (for example `TCP:host:port`)",
-    expected: "TCP, TCP4, TCP6, TCP-CONNECT or OPENSSL",
-};
-
-/// For an address in socat's form: its family, the part after the keyword,
-/// and whether it is the TLS keyword. `None` for the URL form.
-fn socat_form<'a>(
-    input: &'a str,
-    position: &Position,
-) -> Result<Option<(Family, &'a str, bool)>, AddrError> {
+/// For an address in socat's form: its kind and the part after the
+/// keyword. `None` for the URL form.
+fn socat_form(input: &str, position: Position) -> Result<Option<(Kind, &str)>, AddrError> {
     if input.contains("://") {
         return Ok(None);
     }
-    if let Some((family, rest)) = socat_keyword(input, position.plain) {
-        return Ok(Some((family, rest, false)));
+    if let Some((kind, rest)) = socat_keyword(input) {
+        return match position {
+            Position::Listen if matches!(kind, Kind::Exec { .. }) => Err(invalid(
+                input,
+                "EXEC/SYSTEM as the first address (one program, one connection to the other address) is not supported yet: \
+                 put a listener first and the program second, for example `TCP-LISTEN:8080,fork EXEC:/usr/bin/cat`",
+            )),
+            Position::Listen if !kind.listens() => Err(invalid(
+                input,
+                "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`), or be STDIO",
+            )),
+            Position::Target if !kind.connects() => Err(invalid(
+                input,
+                "this is a listen address; the second address must connect (for example `TCP:host:port`), or be STDIO",
+            )),
+            _ => Ok(Some((kind, rest))),
+        };
     }
-    if let Some((family, rest)) = socat_keyword(input, position.tls) {
-        return Ok(Some((family, rest, true)));
-    }
-    if position
-        .other_side
+    // `PTY,link=/dev/x` has no colon: the word ends at the first comma then.
+    let word = input.split([':', ',']).next().unwrap_or(input);
+    if let Some((_, instead)) = OTHER_SOCAT_TYPES
         .iter()
-        .any(|keywords| socat_keyword(input, keywords).is_some())
+        .find(|(t, _)| t.eq_ignore_ascii_case(word))
     {
-        return Err(invalid(input, position.wrong_side));
-    }
-    if looks_like_socat(input) {
-        let word = input.split_once(':').map_or(input, |(w, _)| w);
         return Err(invalid(
             input,
-            format!(
-                "socat address type `{word}` is not supported here; expected {}",
-                position.expected
-            ),
+            format!("socat address type `{word}` is not supported by relay: {instead}"),
+        ));
+    }
+    if looks_like_socat(input) {
+        let expected = match position {
+            Position::Listen => {
+                "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L, OPENSSL-LISTEN, UNIX-LISTEN, ABSTRACT-LISTEN or STDIO"
+            }
+            Position::Target => {
+                "TCP, TCP4, TCP6, TCP-CONNECT, OPENSSL, UNIX-CONNECT, UNIX-CLIENT, UNIX, ABSTRACT-CONNECT or STDIO"
+            }
+        };
+        return Err(invalid(
+            input,
+            format!("socat address type `{word}` is not supported here; expected {expected}"),
         ));
     }
     Ok(None)
@@ -497,21 +678,140 @@ fn namespace_option(input: &str, opt: &SocatOption<'_>) -> Result<Option<Target>
         .map_err(|e| invalid(input, format!("option `{}`: {e}", opt.key)))
 }
 
-/// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`, or
-/// socat's `TCP-LISTEN:<port>[,options]`.
+/// A UNIX address in URL form, or `None` for another scheme:
+/// `unix:///run/x.sock` (a path, which must be absolute) or
+/// `unix-abstract://name`.
+fn unix_url(input: &str, address: &str) -> Result<Option<UnixName>, AddrError> {
+    let Some((scheme, rest)) = address.split_once("://") else {
+        return Ok(None);
+    };
+    if scheme.eq_ignore_ascii_case("unix") {
+        if !rest.starts_with('/') {
+            return Err(invalid(
+                input,
+                "a unix:// URL takes an absolute path: `unix:///run/app.sock` (three slashes)",
+            ));
+        }
+        return Ok(Some(UnixName::Path(PathBuf::from(rest))));
+    }
+    if scheme.eq_ignore_ascii_case("unix-abstract") {
+        return abstract_name(input, rest).map(Some);
+    }
+    Ok(None)
+}
+
+fn unix_path(input: &str, path: &str) -> Result<UnixName, AddrError> {
+    if path.is_empty() {
+        return Err(invalid(
+            input,
+            "the socket path is empty; expected for example `UNIX-CONNECT:/run/app.sock`",
+        ));
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if path.len() > 107 {
+        return Err(invalid(
+            input,
+            format!(
+                "the socket path is {} bytes; the kernel takes at most 107: use a shorter path (a symlinked directory, say)",
+                path.len()
+            ),
+        ));
+    }
+    Ok(UnixName::Path(PathBuf::from(path)))
+}
+
+fn abstract_name(input: &str, name: &str) -> Result<UnixName, AddrError> {
+    if name.is_empty() || name.len() > 107 {
+        return Err(invalid(
+            input,
+            "an abstract socket name needs 1 to 107 bytes",
+        ));
+    }
+    Ok(UnixName::Abstract(name.to_string()))
+}
+
+/// A socket path is a file system thing: a network namespace cannot place
+/// it. A container's or process's namespace can, through
+/// `/proc/<pid>/root`, so those are kept; an `ip netns` name or a
+/// namespace file has no file system to offer and is refused.
+fn check_path_namespace(
+    input: &str,
+    name: &UnixName,
+    netns: &Option<Target>,
+) -> Result<(), AddrError> {
+    if let (UnixName::Path(_), Some(Target::NetnsName(_) | Target::NetnsPath(_))) = (name, netns) {
+        return Err(invalid(
+            input,
+            "a socket path belongs to a mount namespace, not a network namespace: netns= cannot place it; \
+             use container= or pid= (relay reaches the path through /proc/<pid>/root), write the path as this host sees it, \
+             or use an ABSTRACT address, which does live in a network namespace",
+        ));
+    }
+    Ok(())
+}
+
+fn split_options(rest: &str) -> (&str, Option<&str>) {
+    rest.split_once(',')
+        .map_or((rest, None), |(h, o)| (h, Some(o)))
+}
+
+/// Parses a listen address: `host:port`, `[v6]:port`, `tcp://host:port`,
+/// `unix:///path`, `unix-abstract://name`, socat's `TCP-LISTEN:<port>`,
+/// `UNIX-LISTEN:<path>`, `ABSTRACT-LISTEN:<name>` (with options), or
+/// `STDIO`/`-`.
 pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
-    if let Some((family, rest, tls)) = socat_form(input, &LISTEN_POSITION)? {
-        return parse_socat_listen(input, family, rest, tls);
+    if let Some((kind, rest)) = socat_form(input, Position::Listen)? {
+        return match kind {
+            Kind::TcpListen(family) => parse_socat_listen(input, family, rest, false),
+            Kind::TlsListen => parse_socat_listen(input, Family::Any, rest, true),
+            Kind::UnixListen | Kind::AbstractListen => {
+                let (name, options) = split_options(rest);
+                let name = if kind == Kind::UnixListen {
+                    unix_path(input, name)?
+                } else {
+                    abstract_name(input, name)?
+                };
+                parse_unix_listen(input, name, options)
+            }
+            Kind::Stdio(mode) => {
+                stdio_options(input, rest)?;
+                Ok(ListenAddr {
+                    endpoint: ListenEndpoint::Stdio(mode),
+                    backlog: None,
+                    once: true,
+                    tls: None,
+                    netns: None,
+                    text: input.to_string(),
+                })
+            }
+            _ => unreachable!("socat_form returns listen kinds for the listen position"),
+        };
     }
     let (address, netns) = split_namespace(input)?;
-    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "tls-listen"])?;
+    if let Some(name) = unix_url(input, address)? {
+        check_path_namespace(input, &name, &netns)?;
+        return Ok(ListenAddr {
+            endpoint: ListenEndpoint::Unix(unix_listen_defaults(name)),
+            backlog: None,
+            once: false,
+            tls: None,
+            netns,
+            text: input.to_string(),
+        });
+    }
+    let (scheme, rest) = split_scheme(
+        address,
+        &["tcp", "tls", "tls-listen", "unix", "unix-abstract"],
+    )?;
     let (host, port) = host_port(input, rest)?;
     Ok(ListenAddr {
-        host,
-        port,
-        family: Family::Any,
-        reuseaddr: true,
-        reuseport: false,
+        endpoint: ListenEndpoint::Tcp(TcpListen {
+            host,
+            port,
+            family: Family::Any,
+            reuseaddr: true,
+            reuseport: false,
+        }),
         backlog: None,
         once: false,
         tls: (scheme != "tcp").then(TlsListen::default),
@@ -520,16 +820,136 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
     })
 }
 
+/// socat's STDIO addresses take terminal and file options relay does not
+/// apply; each is refused by name rather than ignored.
+fn stdio_options(input: &str, rest: &str) -> Result<(), AddrError> {
+    let options = rest.strip_prefix(',');
+    if let Some(opt) = socat_options(input, options).next() {
+        let opt = opt?;
+        return Err(invalid(
+            input,
+            format!(
+                "address option `{}` is not supported by relay on STDIO (it takes none; set a terminal up with stty before relay starts)",
+                opt.key
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn unix_listen_defaults(name: UnixName) -> UnixListen {
+    UnixListen {
+        name,
+        unlink_early: false,
+        // socat removes the socket file when the address closes.
+        unlink_close: true,
+        mode: None,
+        user: None,
+        group: None,
+    }
+}
+
+fn parse_unix_listen(
+    input: &str,
+    name: UnixName,
+    options: Option<&str>,
+) -> Result<ListenAddr, AddrError> {
+    let is_path = matches!(name, UnixName::Path(_));
+    let mut unix = unix_listen_defaults(name);
+    // Filled in below; the endpoint is set once its options are read.
+    let mut addr = ListenAddr {
+        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
+        backlog: None,
+        once: true,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
+        let file_option = |key: &str| {
+            if is_path {
+                Ok(())
+            } else {
+                Err(invalid(
+                    input,
+                    format!(
+                        "option `{key}` needs a socket file; an abstract socket has none (use UNIX-LISTEN:<path>)"
+                    ),
+                ))
+            }
+        };
+        match opt.key.as_str() {
+            "fork" => addr.once = !opt.flag(input)?,
+            "unlink-early" => {
+                file_option(&opt.key)?;
+                unix.unlink_early = opt.flag(input)?;
+            }
+            "unlink-close" => {
+                file_option(&opt.key)?;
+                unix.unlink_close = opt.flag(input)?;
+            }
+            "mode" | "perm" => {
+                file_option(&opt.key)?;
+                let value = opt.required(input)?;
+                unix.mode = Some(
+                    u32::from_str_radix(value, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| {
+                            invalid(
+                                input,
+                                format!(
+                                    "`{}={value}`: expected octal permission bits such as 660",
+                                    opt.key
+                                ),
+                            )
+                        })?,
+                );
+            }
+            "user" | "owner" | "uid" => {
+                file_option(&opt.key)?;
+                unix.user = Some(opt.required(input)?.to_string());
+            }
+            "group" | "gid" => {
+                file_option(&opt.key)?;
+                unix.group = Some(opt.required(input)?.to_string());
+            }
+            "backlog" => addr.backlog = Some(backlog(input, &opt)?),
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on a UNIX listen address (supported: {UNIX_LISTEN_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    check_path_namespace(input, &unix.name, &addr.netns)?;
+    addr.endpoint = ListenEndpoint::Unix(unix);
+    Ok(addr)
+}
+
+fn backlog(input: &str, opt: &SocatOption<'_>) -> Result<u32, AddrError> {
+    let value = opt.required(input)?;
+    value
+        .parse()
+        .map_err(|_| invalid(input, format!("`backlog={value}`: expected a whole number")))
+}
+
 fn parse_socat_listen(
     input: &str,
     family: Family,
     rest: &str,
     tls: bool,
 ) -> Result<ListenAddr, AddrError> {
-    let (port, options) = rest
-        .split_once(',')
-        .map_or((rest, None), |(p, o)| (p, Some(o)));
-    let mut addr = ListenAddr {
+    let (port, options) = split_options(rest);
+    let mut tcp = TcpListen {
         host: Host::Ip(match family {
             Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
             _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
@@ -539,6 +959,10 @@ fn parse_socat_listen(
         // socat sets SO_REUSEADDR only when asked.
         reuseaddr: false,
         reuseport: false,
+    };
+    // The endpoint is set once its options are read (`tcp` above).
+    let mut addr = ListenAddr {
+        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
         once: true,
         tls: tls.then(|| TlsListen {
@@ -577,8 +1001,8 @@ fn parse_socat_listen(
         }
         match opt.key.as_str() {
             "fork" => addr.once = !opt.flag(input)?,
-            "reuseaddr" | "so-reuseaddr" => addr.reuseaddr = opt.flag(input)?,
-            "reuseport" | "so-reuseport" => addr.reuseport = opt.flag(input)?,
+            "reuseaddr" | "so-reuseaddr" => tcp.reuseaddr = opt.flag(input)?,
+            "reuseport" | "so-reuseport" => tcp.reuseport = opt.flag(input)?,
             "bind" => {
                 let value = opt.required(input)?;
                 // socat allows `bind=host` or `bind=host:port`; the port of a
@@ -597,14 +1021,9 @@ fn parse_socat_listen(
                         ),
                     )
                 })?;
-                addr.host = Host::Ip(ip);
+                tcp.host = Host::Ip(ip);
             }
-            "backlog" => {
-                let value = opt.required(input)?;
-                addr.backlog = Some(value.parse().map_err(|_| {
-                    invalid(input, format!("`backlog={value}`: expected a whole number"))
-                })?);
-            }
+            "backlog" => addr.backlog = Some(backlog(input, &opt)?),
             other => {
                 return Err(invalid(
                     input,
@@ -620,7 +1039,7 @@ fn parse_socat_listen(
             }
         }
     }
-    if let Host::Ip(ip) = &addr.host
+    if let Host::Ip(ip) = &tcp.host
         && !family.admits(ip)
     {
         return Err(invalid(
@@ -628,17 +1047,54 @@ fn parse_socat_listen(
             format!("`bind={ip}` does not match the address family of this keyword"),
         ));
     }
+    addr.endpoint = ListenEndpoint::Tcp(tcp);
     Ok(addr)
 }
 
-/// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`, or
-/// socat's `TCP:<host>:<port>[,options]`.
+/// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`,
+/// `unix:///path`, `unix-abstract://name`, socat's `TCP:<host>:<port>`,
+/// `UNIX-CONNECT:<path>` (`UNIX-CLIENT:`, `UNIX:`), `ABSTRACT-CONNECT:<name>`
+/// (with options), or `STDIO`/`-`.
 pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
-    if let Some((family, rest, tls)) = socat_form(input, &TARGET_POSITION)? {
-        return parse_socat_target(input, family, rest, tls);
+    if let Some((kind, rest)) = socat_form(input, Position::Target)? {
+        return match kind {
+            Kind::TcpConnect(family) => parse_socat_target(input, family, rest, false),
+            Kind::TlsConnect => parse_socat_target(input, Family::Any, rest, true),
+            Kind::UnixConnect | Kind::AbstractConnect => {
+                let (name, options) = split_options(rest);
+                let name = if kind == Kind::UnixConnect {
+                    unix_path(input, name)?
+                } else {
+                    abstract_name(input, name)?
+                };
+                parse_unix_target(input, name, options)
+            }
+            Kind::Exec { shell } => parse_exec(input, rest, shell),
+            Kind::Stdio(mode) => {
+                stdio_options(input, rest)?;
+                Ok(TargetAddr {
+                    endpoint: TargetEndpoint::Stdio(mode),
+                    connect_timeout: None,
+                    tls: None,
+                    netns: None,
+                    text: input.to_string(),
+                })
+            }
+            _ => unreachable!("socat_form returns connect kinds for the target position"),
+        };
     }
     let (address, netns) = split_namespace(input)?;
-    let (scheme, rest) = split_scheme(address, &["tcp", "tls"])?;
+    if let Some(name) = unix_url(input, address)? {
+        check_path_namespace(input, &name, &netns)?;
+        return Ok(TargetAddr {
+            endpoint: TargetEndpoint::Unix(name),
+            connect_timeout: None,
+            tls: None,
+            netns,
+            text: input.to_string(),
+        });
+    }
+    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract"])?;
     let (host, port) = host_port(input, rest)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
@@ -648,15 +1104,114 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
         ..TlsTarget::default()
     });
     Ok(TargetAddr {
-        host,
-        port,
-        family: Family::Any,
+        endpoint: TargetEndpoint::Tcp(TcpTarget {
+            host,
+            port,
+            family: Family::Any,
+            keepalive: false,
+        }),
         connect_timeout: None,
-        keepalive: false,
         tls,
         netns,
         text: input.to_string(),
     })
+}
+
+/// `EXEC:<command>[,options]` / `SYSTEM:<command>[,options]`: the command
+/// runs up to the first comma (socat's rule; a command with a comma needs a
+/// script).
+fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetAddr, AddrError> {
+    let (command, options) = split_options(rest);
+    if command.trim().is_empty() {
+        return Err(invalid(
+            input,
+            "the command is empty; expected for example `EXEC:/usr/bin/cat` or `SYSTEM:'grep -v x'`",
+        ));
+    }
+    let argv = if shell {
+        vec!["/bin/sh".to_string(), "-c".to_string(), command.to_string()]
+    } else {
+        command
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut spec = ExecSpec {
+        argv,
+        stderr_to_peer: false,
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        match opt.key.as_str() {
+            "stderr" => spec.stderr_to_peer = opt.flag(input)?,
+            "nofork" => {
+                return Err(invalid(
+                    input,
+                    "option `nofork` is not supported by relay: relay runs one child per connection (its stdin and stdout the connection); drop `nofork`",
+                ));
+            }
+            "pty" => {
+                return Err(invalid(
+                    input,
+                    "option `pty` is not supported by relay yet: the child's stdin and stdout are a socket pair; keep socat for programs that need a terminal",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on EXEC/SYSTEM (supported: {EXEC_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(TargetAddr {
+        endpoint: TargetEndpoint::Exec(spec),
+        connect_timeout: None,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    })
+}
+
+fn parse_unix_target(
+    input: &str,
+    name: UnixName,
+    options: Option<&str>,
+) -> Result<TargetAddr, AddrError> {
+    let mut addr = TargetAddr {
+        endpoint: TargetEndpoint::Unix(name),
+        connect_timeout: None,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
+        match opt.key.as_str() {
+            "connect-timeout" => {
+                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on a UNIX connect address (supported: {UNIX_CONNECT_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    if let TargetEndpoint::Unix(name) = &addr.endpoint {
+        check_path_namespace(input, name, &addr.netns)?;
+    }
+    Ok(addr)
 }
 
 fn parse_socat_target(
@@ -665,9 +1220,7 @@ fn parse_socat_target(
     rest: &str,
     tls: bool,
 ) -> Result<TargetAddr, AddrError> {
-    let (hostport, options) = rest
-        .split_once(',')
-        .map_or((rest, None), |(h, o)| (h, Some(o)));
+    let (hostport, options) = split_options(rest);
     let (host, port) = host_port(input, hostport)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
@@ -684,12 +1237,16 @@ fn parse_socat_target(
         verify: true,
         ..TlsTarget::default()
     });
-    let mut addr = TargetAddr {
+    let mut tcp = TcpTarget {
         host,
         port,
         family,
-        connect_timeout: None,
         keepalive: false,
+    };
+    // The endpoint is set once its options are read (`tcp` above).
+    let mut addr = TargetAddr {
+        endpoint: TargetEndpoint::Stdio(StdioMode::Both),
+        connect_timeout: None,
         tls,
         netns: None,
         text: input.to_string(),
@@ -747,7 +1304,7 @@ fn parse_socat_target(
                     ));
                 }
             }
-            "keepalive" | "so-keepalive" => addr.keepalive = opt.flag(input)?,
+            "keepalive" | "so-keepalive" => tcp.keepalive = opt.flag(input)?,
             other => {
                 return Err(invalid(
                     input,
@@ -763,7 +1320,44 @@ fn parse_socat_target(
             }
         }
     }
+    addr.endpoint = TargetEndpoint::Tcp(tcp);
     Ok(addr)
+}
+
+/// Checks what one address cannot know about the other: STDIO is one
+/// client, so a listener in front of it cannot `fork`, and STDIO on both
+/// sides relays nothing.
+pub fn check_route(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrError> {
+    if listen.is_stdio() && target.is_stdio() {
+        return Err(invalid(
+            &target.text,
+            "STDIO on both sides relays nothing; one address must be a socket (for example `TCP:host:port`)",
+        ));
+    }
+    if target.is_stdio() && !listen.once {
+        return Err(invalid(
+            &listen.text,
+            "STDIO as the target serves one client: drop `fork` (stdin and stdout cannot be shared between connections)",
+        ));
+    }
+    Ok(())
+}
+
+/// The two addresses of the socat form, in either order: socat does not
+/// care which comes first, so `relay TCP:host:port -` works like
+/// `relay - TCP:host:port`. The first address is taken as the listener
+/// when it can be one; else the second, if it can, and the first connects.
+pub fn parse_pair(first: &str, second: &str) -> Result<(ListenAddr, TargetAddr), AddrError> {
+    let forward = parse_listen(first).and_then(|l| parse_target(second).map(|t| (l, t)));
+    let pair = match forward {
+        Ok(pair) => pair,
+        Err(err) => match (parse_listen(second), parse_target(first)) {
+            (Ok(listen), Ok(target)) => (listen, target),
+            _ => return Err(err),
+        },
+    };
+    check_route(&pair.0, &pair.1)?;
+    Ok(pair)
 }
 
 #[cfg(test)]
@@ -779,45 +1373,51 @@ mod tests {
     fn url_forms_parse_to_the_same_target() {
         for text in ["127.0.0.1:80", "tcp://127.0.0.1:80", "TCP://127.0.0.1:80"] {
             let t = parse_target(text).unwrap();
-            assert_eq!((t.host, t.port), (v4(127, 0, 0, 1), 80), "{text}");
+            let t = t.tcp().unwrap();
+            assert_eq!((&t.host, t.port), (&v4(127, 0, 0, 1), 80), "{text}");
         }
         let t = parse_target("[::1]:6379").unwrap();
-        assert_eq!(t.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        assert_eq!(
+            t.tcp().unwrap().host,
+            Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST))
+        );
         let t = parse_target("redis.internal:6379").unwrap();
-        assert_eq!(t.host, Host::Name("redis.internal".into()));
+        assert_eq!(t.tcp().unwrap().host, Host::Name("redis.internal".into()));
         let t = parse_target("my-redis:6379").unwrap();
-        assert_eq!(t.host, Host::Name("my-redis".into()));
+        assert_eq!(t.tcp().unwrap().host, Host::Name("my-redis".into()));
     }
 
     #[test]
     fn socat_listen_keeps_socat_semantics() {
         let l = parse_listen("TCP-LISTEN:8080,fork,reuseaddr").unwrap();
+        let tcp = l.tcp().unwrap();
         assert_eq!(
-            (l.port, l.once, l.reuseaddr, l.reuseport),
+            (tcp.port, l.once, tcp.reuseaddr, tcp.reuseport),
             (8080, false, true, false)
         );
-        assert_eq!(l.host, v4(0, 0, 0, 0));
+        assert_eq!(tcp.host, v4(0, 0, 0, 0));
         let l = parse_listen("tcp-l:8080").unwrap();
         assert!(l.once, "socat without fork serves one connection");
-        assert!(!l.reuseaddr);
+        assert!(!l.tcp().unwrap().reuseaddr);
         let l = parse_listen("TCP6-LISTEN:443,bind=[::1],backlog=512,reuseport,fork").unwrap();
-        assert_eq!(l.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        let tcp = l.tcp().unwrap();
+        assert_eq!(tcp.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
         assert_eq!(
-            (l.family, l.backlog, l.reuseport),
+            (tcp.family, l.backlog, tcp.reuseport),
             (Family::V6, Some(512), true)
         );
         let l = parse_listen("TCP4-LISTEN:80,bind=127.0.0.2,fork=1").unwrap();
-        assert_eq!((l.host, l.once), (v4(127, 0, 0, 2), false));
+        assert_eq!((&l.tcp().unwrap().host, l.once), (&v4(127, 0, 0, 2), false));
     }
 
     #[test]
     fn socat_connect_options() {
         let t = parse_target("TCP:db:5432,connect-timeout=2.5,nodelay,keepalive").unwrap();
-        assert_eq!(t.host, Host::Name("db".into()));
+        assert_eq!(t.tcp().unwrap().host, Host::Name("db".into()));
         assert_eq!(t.connect_timeout, Some(Duration::from_millis(2500)));
-        assert!(t.keepalive);
+        assert!(t.tcp().unwrap().keepalive);
         let t = parse_target("tcp6-connect:[::1]:80").unwrap();
-        assert_eq!(t.family, Family::V6);
+        assert_eq!(t.tcp().unwrap().family, Family::V6);
     }
 
     #[test]
@@ -866,7 +1466,7 @@ mod tests {
     fn addresses_may_live_in_a_namespace() {
         let t = parse_target("tcp://127.0.0.1:5005@container:web").unwrap();
         assert_eq!(
-            (t.port, t.netns.map(|n| n.spec())),
+            (t.tcp().unwrap().port, t.netns.map(|n| n.spec())),
             (5005, Some("container:web".to_string()))
         );
         let l = parse_listen("127.0.0.1:6379@pid:1234").unwrap();
@@ -880,6 +1480,184 @@ mod tests {
         assert!(parse_target("127.0.0.1:80").unwrap().netns.is_none());
         let err = parse_target("127.0.0.1:80@vm:x").unwrap_err().to_string();
         assert!(err.contains("after `@`"), "{err}");
+    }
+
+    fn unix(l: &ListenAddr) -> &UnixListen {
+        match &l.endpoint {
+            ListenEndpoint::Unix(unix) => unix,
+            other => panic!("expected a UNIX listener, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unix_listen_keeps_socat_semantics() {
+        let l = parse_listen(
+            "UNIX-LISTEN:/run/x.sock,fork,mode=660,user=root,group=docker,unlink-early",
+        )
+        .unwrap();
+        let u = unix(&l);
+        assert_eq!(u.name, UnixName::Path("/run/x.sock".into()));
+        assert_eq!(
+            (u.mode, u.unlink_early, u.unlink_close),
+            (Some(0o660), true, true)
+        );
+        assert_eq!(
+            (u.user.as_deref(), u.group.as_deref()),
+            (Some("root"), Some("docker"))
+        );
+        assert!(!l.once);
+        let l = parse_listen("unix-l:/tmp/a.sock,unlink-close=0,backlog=8").unwrap();
+        assert!(l.once, "socat without fork serves one connection");
+        assert!(!unix(&l).unlink_close);
+        assert_eq!(l.backlog, Some(8));
+        let l = parse_listen("ABSTRACT-LISTEN:relay-test,fork,netns=blue").unwrap();
+        assert_eq!(unix(&l).name, UnixName::Abstract("relay-test".into()));
+        assert_eq!(l.netns.map(|n| n.spec()), Some("netns:blue".to_string()));
+        let l = parse_listen("UNIX-LISTEN:/run/x.sock,fork,container=web").unwrap();
+        assert_eq!(l.netns.map(|n| n.spec()), Some("container:web".to_string()));
+    }
+
+    #[test]
+    fn unix_targets_in_every_spelling() {
+        for text in [
+            "UNIX-CONNECT:/var/run/docker.sock",
+            "unix-client:/var/run/docker.sock",
+            "UNIX:/var/run/docker.sock",
+            "unix:///var/run/docker.sock",
+        ] {
+            let t = parse_target(text).unwrap();
+            assert_eq!(
+                t.endpoint,
+                TargetEndpoint::Unix(UnixName::Path("/var/run/docker.sock".into())),
+                "{text}"
+            );
+            assert!(t.tls.is_none() && t.host().is_none(), "{text}");
+        }
+        let t = parse_target("ABSTRACT-CONNECT:dbus,connect-timeout=1,pid=42").unwrap();
+        assert_eq!(
+            t.endpoint,
+            TargetEndpoint::Unix(UnixName::Abstract("dbus".into()))
+        );
+        assert_eq!(t.connect_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(t.netns.map(|n| n.spec()), Some("pid:42".to_string()));
+        let t = parse_target("unix-abstract://dbus@container:web").unwrap();
+        assert_eq!(
+            t.endpoint,
+            TargetEndpoint::Unix(UnixName::Abstract("dbus".into()))
+        );
+        assert!(t.netns.is_some());
+        let l = parse_listen("unix:///run/relay.sock").unwrap();
+        assert_eq!(unix(&l).name, UnixName::Path("/run/relay.sock".into()));
+        assert!(!l.once, "the URL form serves many connections");
+    }
+
+    #[test]
+    fn stdio_is_either_address() {
+        for (text, mode) in [
+            ("-", StdioMode::Both),
+            ("STDIO", StdioMode::Both),
+            ("stdio", StdioMode::Both),
+            ("STDIN", StdioMode::In),
+            ("STDOUT", StdioMode::Out),
+        ] {
+            let l = parse_listen(text).unwrap();
+            assert_eq!(
+                (l.endpoint, l.once),
+                (ListenEndpoint::Stdio(mode), true),
+                "{text}"
+            );
+            let t = parse_target(text).unwrap();
+            assert_eq!(t.endpoint, TargetEndpoint::Stdio(mode), "{text}");
+        }
+    }
+
+    #[test]
+    fn unix_addresses_refuse_what_does_not_apply() {
+        let cases = [
+            (
+                parse_listen("UNIX-LISTEN:").map(|_| ()),
+                "the socket path is empty",
+            ),
+            (
+                parse_listen("UNIX-LISTEN:/x.sock,mode=rw").map(|_| ()),
+                "`mode=rw`: expected octal",
+            ),
+            (
+                parse_listen("ABSTRACT-LISTEN:x,mode=600").map(|_| ()),
+                "an abstract socket has none",
+            ),
+            (
+                parse_listen("UNIX-LISTEN:/x.sock,umask=022").map(|_| ()),
+                "option `umask` is not supported by relay on a UNIX listen address",
+            ),
+            (
+                parse_target("UNIX-CONNECT:/x.sock,fork").map(|_| ()),
+                "option `fork` is not supported by relay on a UNIX connect address",
+            ),
+            (
+                parse_target("UNIX-CONNECT:/x.sock,netns=blue").map(|_| ()),
+                "not a network namespace",
+            ),
+            (
+                parse_target("unix://run/x.sock").map(|_| ()),
+                "three slashes",
+            ),
+            (
+                parse_target(&format!("UNIX:/{}", "a".repeat(120))).map(|_| ()),
+                "at most 107",
+            ),
+            (parse_target("STDIO,raw").map(|_| ()), "option `raw`"),
+            (
+                parse_listen("UNIX-CONNECT:/x.sock").map(|_| ()),
+                "first address must listen",
+            ),
+            (
+                parse_target("UNIX-LISTEN:/x.sock").map(|_| ()),
+                "second address must connect",
+            ),
+        ];
+        for (result, expected) in cases {
+            let err = result.expect_err(expected).to_string();
+            assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+        }
+    }
+
+    #[test]
+    fn the_pair_may_come_in_either_order() {
+        let (l, t) = parse_pair("-", "TCP:127.0.0.1:80").unwrap();
+        assert!(l.is_stdio() && t.tcp().is_some());
+        let (l, t) = parse_pair("TCP:127.0.0.1:80", "STDIO").unwrap();
+        assert!(
+            l.is_stdio() && t.tcp().is_some(),
+            "a connect address first, STDIO second"
+        );
+        let (l, t) = parse_pair("UNIX-CONNECT:/run/x.sock", "TCP-LISTEN:2375,fork").unwrap();
+        assert!(l.tcp().is_some() && !l.once);
+        assert!(matches!(t.endpoint, TargetEndpoint::Unix(_)));
+        let (l, t) = parse_pair("TCP-LISTEN:8080", "-").unwrap();
+        assert!(l.once && t.is_stdio());
+        let err = parse_pair("TCP-LISTEN:8080,fork", "STDIO")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drop `fork`"), "{err}");
+        let err = parse_pair("-", "STDIO").unwrap_err().to_string();
+        assert!(err.contains("relays nothing"), "{err}");
+        let err = parse_pair("TCP:a:1", "TCP:b:2").unwrap_err().to_string();
+        assert!(err.contains("first address must listen"), "{err}");
+    }
+
+    #[test]
+    fn exec_and_system_split_like_socat() {
+        let exec = |text: &str| match parse_target(text).unwrap().endpoint {
+            TargetEndpoint::Exec(spec) => spec,
+            other => panic!("{text}: expected EXEC, got {other:?}"),
+        };
+        let spec = exec("EXEC:/usr/bin/tr  a-z A-Z,stderr");
+        assert_eq!(spec.argv, ["/usr/bin/tr", "a-z", "A-Z"]);
+        assert!(spec.stderr_to_peer);
+        let spec = exec("SYSTEM:grep -v x | sort");
+        assert_eq!(spec.argv, ["/bin/sh", "-c", "grep -v x | sort"]);
+        assert!(!spec.stderr_to_peer);
     }
 
     #[test]
@@ -915,8 +1693,22 @@ mod tests {
                 "`UDP-LISTEN` is not supported",
             ),
             (
-                parse_target("unix-connect:/run/x.sock").map(|_| ()),
-                "`unix-connect` is not supported",
+                parse_target("unix-sendto:/run/x.sock").map(|_| ()),
+                "`unix-sendto` is not supported by relay: relay forwards UNIX stream sockets only",
+            ),
+            (
+                parse_target("EXEC:/bin/cat,nofork").map(|_| ()),
+                "option `nofork` is not supported by relay",
+            ),
+            (parse_target("EXEC:/bin/sh,pty").map(|_| ()), "option `pty`"),
+            (
+                parse_target("PTY,link=/tmp/x").map(|_| ()),
+                "`PTY` is not supported by relay",
+            ),
+            (parse_target("SYSTEM:").map(|_| ()), "the command is empty"),
+            (
+                parse_listen("EXEC:/bin/cat").map(|_| ()),
+                "put a listener first",
             ),
             (
                 parse_target("TCP:db:5432,connect-timeout=soon").map(|_| ()),

@@ -29,12 +29,12 @@ use relay::{limits, run, tls};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// socat form: the listening address, e.g. `TCP-LISTEN:8080,fork,reuseaddr`.
-    #[arg(value_name = "ADDR1", value_parser = addr::parse_listen, requires = "socat_target")]
-    socat_listen: Option<ListenAddr>,
-    /// socat form: the address to connect to, e.g. `TCP:127.0.0.1:80`.
-    #[arg(value_name = "ADDR2", value_parser = addr::parse_target)]
-    socat_target: Option<TargetAddr>,
+    /// socat form: the listening address, e.g. `TCP-LISTEN:8080,fork,reuseaddr`, `UNIX-LISTEN:/run/x.sock,fork` or `-` (STDIO).
+    #[arg(value_name = "ADDR1", requires = "socat_target")]
+    socat_listen: Option<String>,
+    /// socat form: the address to connect to, e.g. `TCP:127.0.0.1:80`, `UNIX-CONNECT:/var/run/docker.sock` or `-` (STDIO); the two may come in either order.
+    #[arg(value_name = "ADDR2")]
+    socat_target: Option<String>,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -394,6 +394,9 @@ fn plan(cli: Cli) -> Plan {
         }
         (Some(Command::Forward(args)), None, None) => {
             let args = *args;
+            if let Err(err) = addr::check_route(&args.listen, &args.target) {
+                return usage(err);
+            }
             let mut spec = args.route.spec(args.listen, args.target, &args.tls);
             spec.observe = args.observe;
             spec.capture = args.capture.options();
@@ -467,7 +470,10 @@ fn plan(cli: Cli) -> Plan {
             Plan::Exit(ExitCode::SUCCESS)
         }
         (Some(Command::Man { dir }), None, None) => Plan::Exit(man_pages(dir)),
-        (None, Some(listen), Some(target)) => one_route(route.spec(listen, target, &tls), &metrics),
+        (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
+            Ok((listen, target)) => one_route(route.spec(listen, target, &tls), &metrics),
+            Err(err) => usage(err),
+        },
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
             Plan::Exit(ExitCode::from(USAGE))

@@ -71,6 +71,15 @@ pub enum RunError {
     SecondSignal(&'static str),
     #[error("a relay task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The one connection of a socat address without `fork` could not
+    /// reach its target: socat exits 1 then, and so does relay.
+    #[error(
+        "route {route}: the connection could not reach its target ({outcome}; the log line says why)"
+    )]
+    Unreached {
+        route: String,
+        outcome: &'static str,
+    },
 }
 
 impl RunError {
@@ -210,6 +219,8 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
     let mut observer_failed: Option<RunError> = None;
+    // A route without `fork` whose one connection did not get through.
+    let mut unreached: Option<RunError> = None;
     let mut watched = source.file.as_deref().and_then(modified);
     let mut watch_tick = tokio::time::interval(WATCH_EVERY);
 
@@ -219,7 +230,13 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
     let signal = loop {
         tokio::select! {
             Some(done) = sup.route_tasks.join_next(), if !sup.route_tasks.is_empty() => {
-                let by_itself = sup.route_ended(done?);
+                let (id, outcome) = done?;
+                if let Some(outcome) = outcome.filter(|o| o.unreached())
+                    && let Some(route) = sup.task_names.get(&id)
+                {
+                    unreached.get_or_insert(RunError::Unreached { route: route.clone(), outcome: outcome.as_str() });
+                }
+                let by_itself = sup.route_ended(id);
                 // A socat address without `fork` served its connection. A
                 // daemon's observers keep running; a command line's stop.
                 if by_itself
@@ -229,7 +246,7 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
                 {
                     sup.stop_observers();
                     let observers = finish_observers(&mut sup.sessions).await;
-                    return observer_failed.map_or(observers, Err);
+                    return unreached.or(observer_failed).map_or(observers, Err);
                 }
             },
             Some(done) = sup.sessions.join_next(), if !sup.sessions.is_empty() => {
@@ -387,7 +404,7 @@ struct Running {
     /// listens there too takes the socket over, whatever its name.
     identity: String,
     /// Another handle on its listening socket, for that successor.
-    listener: Option<std::net::TcpListener>,
+    listener: Option<crate::forward::listener::Handle>,
     ready: ReadyFlag,
 }
 
@@ -412,7 +429,7 @@ struct Supervisor {
     /// By route name.
     routes: HashMap<String, Running>,
     /// Every forwarder's task, current or draining, by id.
-    route_tasks: JoinSet<u64>,
+    route_tasks: JoinSet<(u64, Option<crate::forward::metrics::Outcome>)>,
     next_id: u64,
     /// By observer key.
     observers: HashMap<String, Watching>,
@@ -537,23 +554,23 @@ impl Supervisor {
                 Some(Running {
                     listener: Some(listener),
                     ..
-                }) => Some(listener.try_clone().map_err(|cause| {
-                    RunError::Route {
-                        route: route.name.clone(),
-                        source: ForwardError::Bind {
-                            addr: route.listen.text.clone(),
-                            resolved: listener
-                                .local_addr()
-                                .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into()),
-                            cause,
-                        },
-                    }
+                }) => Some(listener.try_clone().map_err(|cause| RunError::Route {
+                    route: route.name.clone(),
+                    source: ForwardError::Bind {
+                        addr: route.listen.text.clone(),
+                        resolved: listener.describe(),
+                        cause,
+                    },
                 })?),
                 _ => None,
             };
             // A socket passed from outside (systemd) first: checked again
             // against this spec's listen, and the same socket either way.
-            let listener = self.inherited.take(route)?.or(listener);
+            let listener = self
+                .inherited
+                .take(route)?
+                .map(crate::forward::listener::Handle::Tcp)
+                .or(listener);
             let (forwarder, ready) = self.start_route(route, listener).await?;
             prepared
                 .routes
@@ -579,7 +596,7 @@ impl Supervisor {
                 // A socat address without `fork` closes its listener after
                 // one connection: a spare handle would keep it listening.
                 Ok(_) if route.listen.once => None,
-                Ok(listener) => Some(listener),
+                Ok(listener) => listener,
                 Err(err) => {
                     // Without a second handle a later change rebinds
                     // instead of taking the socket over; say so.
@@ -601,8 +618,8 @@ impl Supervisor {
                 old.drain.send_replace(true);
             }
             self.route_tasks.spawn(async move {
-                forwarder.run(drain_rx).await;
-                id
+                let outcome = forwarder.run(drain_rx).await;
+                (id, outcome)
             });
             self.routes.insert(
                 route.name.clone(),
@@ -778,7 +795,7 @@ impl Supervisor {
     async fn start_route(
         &self,
         route: &RouteSpec,
-        listener: Option<std::net::TcpListener>,
+        listener: Option<crate::forward::listener::Handle>,
     ) -> Result<(Forwarder, ReadyFlag), RunError> {
         let failed = |source: ForwardError| RunError::Route {
             route: route.name.clone(),
@@ -835,9 +852,9 @@ impl Supervisor {
         let ready = self
             .registry
             .readiness()
-            .register("listener", &forwarder.local_addr().to_string());
+            .register("listener", forwarder.local());
         ready.set(true);
-        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local_addr());
+        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local());
         Ok((forwarder, ready))
     }
 }

@@ -369,3 +369,50 @@ impl Read for CountingReader {
         Ok(n)
     }
 }
+
+/// An echo server on a UNIX socket path: each connection on its own
+/// thread, echoed until EOF, then its write side shut down. It counts the
+/// connections it accepted, so a test can tell that a refused client never
+/// reached it.
+pub struct UnixEchoServer {
+    path: std::path::PathBuf,
+    accepted: Arc<AtomicU64>,
+}
+
+impl UnixEchoServer {
+    pub fn start(path: &std::path::Path) -> Result<Self> {
+        let listener = std::os::unix::net::UnixListener::bind(path)
+            .with_context(|| format!("binding a UNIX echo server on {}", path.display()))?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
+        std::thread::Builder::new()
+            .name("unix-echo".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { return };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        let Ok(mut reader) = stream.try_clone() else {
+                            return;
+                        };
+                        if io::copy(&mut reader, &mut stream).is_ok() {
+                            let _ = stream.shutdown(std::net::Shutdown::Write);
+                        }
+                    });
+                }
+            })
+            .context("spawning the UNIX echo server's thread")?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            accepted,
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}

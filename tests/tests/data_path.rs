@@ -340,7 +340,7 @@ fn tls_route_copies_whatever_data_path_is_asked() -> Result<()> {
         scrape.text
     );
     ensure!(
-        relay.stderr().contains("plain TCP routes only"),
+        relay.stderr().contains("plain (not TLS) routes only"),
         "expected a warning that --data-path does not apply to a TLS route, got:\n{}",
         relay.stderr()
     );

@@ -167,9 +167,15 @@ fn unsupported_socat_keyword_exits_2_naming_it() -> Result<()> {
     expect_refusals(&[
         refusal(&["UDP-LISTEN:5353", "TCP:127.0.0.1:1"], 2, "UDP-LISTEN"),
         refusal(
-            &[&socat_listen, "UNIX-CONNECT:/run/relay-test.sock"],
+            &[&socat_listen, "SOCKS4A:proxy.example:db:5432"],
             2,
-            "UNIX-CONNECT",
+            "SOCKS4A",
+        ),
+        refusal(&[&socat_listen, "PTY,link=/tmp/relay-test-pty"], 2, "PTY"),
+        refusal(
+            &[&socat_listen, "UNIX-SENDTO:/run/relay-test.sock"],
+            2,
+            "UNIX-SENDTO",
         ),
     ])
 }

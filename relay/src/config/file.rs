@@ -327,7 +327,7 @@ impl Report<'_> {
         let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
-        if listen.once && entry.socket.is_none() {
+        if listen.once && !listen.is_stdio() && entry.socket.is_none() {
             // socat's single-connection listener ends its route after one
             // client; a host daemon's route serves until it is removed, and
             // a reload could not hand such a listener over.
@@ -339,6 +339,18 @@ impl Report<'_> {
                     listen.text
                 ),
             );
+        }
+        for (is_stdio, value, field) in [
+            (listen.is_stdio(), &entry.listen, "listen"),
+            (target.is_stdio(), &entry.target, "target"),
+        ] {
+            if is_stdio {
+                self.at(
+                    Some(value.span()),
+                    &format!("{key}.{field}"),
+                    "STDIO belongs to a command line (a daemon's stdin and stdout are not a client): use `relay - <address>` there, or a UNIX or TCP address here",
+                );
+            }
         }
         let mut route = RouteSpec::new(listen, target);
         if let Some(socket) = &entry.socket {
@@ -484,7 +496,10 @@ impl Report<'_> {
         if listen.once {
             refuse("serve one connection only (add `fork`)");
         }
-        if listen.reuseport || listen.backlog.is_some() {
+        if !matches!(listen.endpoint, addr::ListenEndpoint::Tcp(_)) {
+            refuse("be anything but TCP (relay takes TCP sockets from systemd only)");
+        }
+        if listen.tcp().is_some_and(|t| t.reuseport) || listen.backlog.is_some() {
             refuse("set reuseport or backlog (ReusePort=, Backlog=)");
         }
         Some(name.clone())
@@ -516,7 +531,8 @@ impl Report<'_> {
             );
         }
         if let Some(client) = &client
-            && let Err(e) = crate::tls::Connector::new(client, &route.target.host)
+            && let Some(host) = route.target.host()
+            && let Err(e) = crate::tls::Connector::new(client, host)
         {
             self.at(
                 Some(target_value.span()),
@@ -616,20 +632,27 @@ impl Report<'_> {
     }
 }
 
-/// What makes two listen addresses collide: the same host and port in the
-/// same namespace. (Two names for one address, or a wildcard beside a
-/// specific address, are left to the bind, which reports them; port 0,
-/// "any free port", never collides.)
+/// What makes two listen addresses collide: the same host and port, or
+/// the same socket path or abstract name, in the same namespace. (Two
+/// names for one address, or a wildcard beside a specific address, are
+/// left to the bind, which reports them; port 0, "any free port", never
+/// collides, and stdin/stdout is not a socket.)
 pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
-    if listen.port == 0 {
-        return None;
-    }
-    let host = match &listen.host {
-        Host::Ip(ip) => ip.to_string(),
-        Host::Name(name) => name.to_ascii_lowercase(),
-    };
     let netns = listen.netns.as_ref().map(Target::spec).unwrap_or_default();
-    Some(format!("{host}|{}|{netns}", listen.port))
+    match &listen.endpoint {
+        addr::ListenEndpoint::Tcp(tcp) => {
+            if tcp.port == 0 {
+                return None;
+            }
+            let host = match &tcp.host {
+                Host::Ip(ip) => ip.to_string(),
+                Host::Name(name) => name.to_ascii_lowercase(),
+            };
+            Some(format!("{host}|{}|{netns}", tcp.port))
+        }
+        addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
+        addr::ListenEndpoint::Stdio(_) => None,
+    }
 }
 
 /// Why systemd would not pass a socket under `name` (sd_listen_fds(3):
@@ -826,7 +849,11 @@ target = "127.0.0.1:90"
         )
         .expect("a valid file");
         assert_eq!(spec.routes[0].socket.as_deref(), Some("web"));
-        assert_eq!(spec.routes[0].listen.port, 8080, "listen still says where");
+        assert_eq!(
+            spec.routes[0].listen.tcp().map(|t| t.port),
+            Some(8080),
+            "listen still says where"
+        );
         assert_eq!(
             spec.routes[1].socket, None,
             "without `socket` a route binds"

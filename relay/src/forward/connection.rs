@@ -6,7 +6,9 @@
 //!
 //! The rules live here and nowhere else:
 //! - half-close: EOF from one side becomes `shutdown(SHUT_WR)` on the other,
-//!   and the other direction keeps flowing until it ends too;
+//!   and the other direction keeps flowing until it ends too; except that
+//!   with a stdin/stdout side the socket side's EOF ends the connection
+//!   (stdin may never end, and nothing is left to send its bytes to);
 //! - reset: an error on either side resets both (SO_LINGER 0), so a peer
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;
@@ -23,18 +25,18 @@
 //!   is named in the log but ends its direction like any EOF.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::exec::Child;
+use super::listener::Peer;
 use super::pump::{Activity, Counters, Direction, Eof};
-use super::stream::Stream;
+use super::stream::{Socket, Stream};
 use super::upstream;
 use super::{Engine, copy, sockmap, splice};
 use super::{RouteContext, raised};
@@ -127,13 +129,13 @@ impl End {
 
 /// An accepted client on its way to the target.
 pub struct Connection {
-    client: TcpStream,
-    peer: SocketAddr,
+    client: Socket,
+    peer: Peer,
     route: Arc<RouteContext>,
 }
 
 impl Connection {
-    pub fn new(client: TcpStream, peer: SocketAddr, route: Arc<RouteContext>) -> Self {
+    pub fn new(client: Socket, peer: Peer, route: Arc<RouteContext>) -> Self {
         Connection {
             client,
             peer,
@@ -143,7 +145,7 @@ impl Connection {
 
     /// Runs the connection to its end, records its outcome and logs one line.
     /// `close` turns true when the drain timeout has run out.
-    pub async fn run(self, mut close: watch::Receiver<bool>) {
+    pub async fn run(self, mut close: watch::Receiver<bool>) -> Outcome {
         let Connection {
             client,
             peer,
@@ -153,9 +155,10 @@ impl Connection {
         let started = Instant::now();
         metrics.active.inc();
         let _active = scopeguard(|| metrics.active.dec());
-        if let Err(err) = client.set_nodelay(true) {
+        if let Some(Err(err)) = client.tcp().map(|tcp| tcp.set_nodelay(true)) {
             tracing::debug!(route = %metrics.name, %peer, error = %err, "cannot set TCP_NODELAY on client");
         }
+        let peer = &peer;
 
         let mut client = match &route.acceptor {
             None => Stream::Plain(client),
@@ -163,7 +166,7 @@ impl Connection {
                 match handshake(&route, TlsRole::Server, acceptor.accept(client)).await {
                     Ok(tls) => Stream::TlsServer(Box::new(tls)),
                     Err(reason) => {
-                        finish(
+                        return finish(
                             &route,
                             peer,
                             started,
@@ -171,7 +174,6 @@ impl Connection {
                             Outcome::TlsError,
                             &reason,
                         );
-                        return;
                     }
                 }
             }
@@ -182,23 +184,22 @@ impl Connection {
             _ = raised(&mut close) => {
                 // The client may have sent a request already: a FIN would
                 // read as "served", a reset says it was not.
-                reset(client.tcp());
-                finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting: client reset");
-                return;
+                client.socket().reset();
+                return finish(&route, peer, started, &Transfer::default(), Outcome::Drained, "drained while connecting: client reset");
             }
         };
-        let upstream = match upstream {
-            Ok(stream) => {
+        let (upstream, child) = match upstream {
+            Ok(connected) => {
                 metrics
                     .connect_duration
                     .observe(started.elapsed().as_secs_f64());
-                stream
+                connected
             }
             Err(err) => {
                 // The client learns at once that there is no target behind
                 // the relay: a reset, as a direct connect would have given.
-                reset(client.tcp());
-                finish(
+                client.socket().reset();
+                return finish(
                     &route,
                     peer,
                     started,
@@ -206,7 +207,6 @@ impl Connection {
                     err.outcome(),
                     &err.to_string(),
                 );
-                return;
             }
         };
         let mut upstream = match &route.connector {
@@ -221,8 +221,8 @@ impl Connection {
                 match handshake(&route, TlsRole::Client, connecting).await {
                     Ok(tls) => Stream::TlsClient(Box::new(tls)),
                     Err(reason) => {
-                        reset(client.tcp());
-                        finish(
+                        client.socket().reset();
+                        return finish(
                             &route,
                             peer,
                             started,
@@ -230,7 +230,6 @@ impl Connection {
                             Outcome::TlsError,
                             &reason,
                         );
-                        return;
                     }
                 }
             }
@@ -251,10 +250,10 @@ impl Connection {
             activity.holding() || client.has_bytes_in_flight() || upstream.has_bytes_in_flight()
         });
         if end.resets() {
-            reset(client.tcp());
-            reset(upstream.tcp());
+            client.socket().reset();
+            upstream.socket().reset();
         }
-        finish(
+        let outcome = finish(
             &route,
             peer,
             started,
@@ -262,7 +261,24 @@ impl Connection {
             end.outcome(),
             &end.describe(),
         );
+        // An EXEC child's stdin and stdout close with relay's end of the
+        // pair: that is its EOF, and then it has its moment to exit.
+        drop((client, upstream));
+        if let Some(child) = child {
+            reap(&route, peer, child).await;
+        }
+        outcome
     }
+}
+
+/// Waits for (and if need be ends) a connection's EXEC child; logs and
+/// counts how it ended.
+async fn reap(route: &RouteContext, peer: &Peer, child: Child) {
+    let (pid, program) = (child.pid(), child.program().to_string());
+    let exit = child.finish().await;
+    route.metrics.child_exit(exit.label);
+    tracing::info!(route = %route.metrics.name, %peer, pid, program, status = %exit.status,
+        exit = exit.label, "child exited");
 }
 
 /// Bytes moved by one connection, per direction, for its close log line.
@@ -290,68 +306,55 @@ async fn relay(
         metric: &metrics.to_client,
         total: &transfer.to_client,
     };
-    match (client, upstream) {
-        (Stream::Plain(client), Stream::Plain(upstream)) => {
-            match &route.engine {
-                Engine::Sockmap(sockmap) => {
-                    let name = &metrics.name;
-                    if let Some(pair) = sockmap
-                        .enter(client, upstream, [up, down], activity, name)
-                        .await
-                    {
-                        let to_target = sockmap::pump(
-                            &pair,
-                            sockmap::From::Client,
-                            client,
-                            upstream,
-                            up,
-                            activity,
-                        );
-                        let to_client = sockmap::pump(
-                            &pair,
-                            sockmap::From::Upstream,
-                            upstream,
-                            client,
-                            down,
-                            activity,
-                        );
-                        let refresh = || {
-                            // A map that cannot be read leaves the clock as it
-                            // is; the pumps report that error themselves.
-                            let _ = pair.sync(sockmap::From::Client, up, activity);
-                            let _ = pair.sync(sockmap::From::Upstream, down, activity);
-                        };
-                        let end =
-                            both_ways(to_target, to_client, activity, &refresh, route, close).await;
-                        // An error, the idle timer or the drain may end it
-                        // before a pump's last sync: count what moved.
-                        refresh();
-                        return end;
-                    }
-                    // Not paired: this connection copies.
-                }
-                Engine::Splice => {
-                    let to_target = splice::pump(client, upstream, up, activity);
-                    let to_client = splice::pump(upstream, client, down, activity);
-                    return both_ways(to_target, to_client, activity, &|| {}, route, close).await;
-                }
-                Engine::Copy => {}
-            }
-            // Borrowed TCP halves: no lock between the directions, and unlike
-            // owned halves they do not shut down on drop, so a reset stays a reset.
-            let (client_read, client_write) = client.split();
-            let (upstream_read, upstream_write) = upstream.split();
-            let halves = (client_read, client_write, upstream_read, upstream_write);
-            copy_both_ways(halves, (up, down), activity, route, close).await
+    if let (
+        Engine::Sockmap(sockmap),
+        Stream::Plain(Socket::Tcp(client)),
+        Stream::Plain(Socket::Tcp(upstream)),
+    ) = (&route.engine, &*client, &*upstream)
+    {
+        let name = &metrics.name;
+        if let Some(pair) = sockmap
+            .enter(client, upstream, [up, down], activity, name)
+            .await
+        {
+            let to_target =
+                sockmap::pump(&pair, sockmap::From::Client, client, upstream, up, activity);
+            let to_client = sockmap::pump(
+                &pair,
+                sockmap::From::Upstream,
+                upstream,
+                client,
+                down,
+                activity,
+            );
+            let refresh = || {
+                // A map that cannot be read leaves the clock as it
+                // is; the pumps report that error themselves.
+                let _ = pair.sync(sockmap::From::Client, up, activity);
+                let _ = pair.sync(sockmap::From::Upstream, down, activity);
+            };
+            let end = both_ways(to_target, to_client, activity, &refresh, route, close).await;
+            // An error, the idle timer or the drain may end it
+            // before a pump's last sync: count what moved.
+            refresh();
+            return end;
         }
-        // TLS on a leg: always the copy path, through rustls.
-        (client, upstream) => {
-            let (client_read, client_write) = tokio::io::split(client);
-            let (upstream_read, upstream_write) = tokio::io::split(upstream);
-            let halves = (client_read, client_write, upstream_read, upstream_write);
-            copy_both_ways(halves, (up, down), activity, route, close).await
-        }
+        // Not paired: this connection copies.
     }
+    if let (Engine::Splice, Stream::Plain(client), Stream::Plain(upstream)) =
+        (&route.engine, &*client, &*upstream)
+        && let (Some(client), Some(upstream)) = (client.fd(), upstream.fd())
+    {
+        // Any two kernel sockets, TCP or UNIX; stdin/stdout copies.
+        let to_target = splice::pump(client, upstream, up, activity);
+        let to_client = splice::pump(upstream, client, down, activity);
+        return both_ways(to_target, to_client, activity, &|| {}, route, close).await;
+    }
+    // The copy path, also for every TLS leg (through rustls).
+    let (client_read, client_write) = copy::split(client);
+    let (upstream_read, upstream_write) = copy::split(upstream);
+    let halves = (client_read, client_write, upstream_read, upstream_write);
+    copy_both_ways(halves, (up, down), activity, route, close).await
 }
 
 /// The copy path: client read/write halves, then upstream's.
@@ -398,6 +401,21 @@ async fn both_ways(
                 return End::Idle { cut: false };
             }
             _ = raised(close) => return End::Drained,
+        }
+        // The socket side has closed and its bytes are out on stdout: stdin
+        // has nowhere left to send to, so the connection is over (socat
+        // exits then too, after its -t wait) without waiting for an EOF on
+        // stdin that a terminal may never give.
+        let socket_ended = match route.stdio {
+            Some(Side::Client) => ends.target,
+            Some(Side::Target) => ends.client,
+            None => false,
+        };
+        if let (true, Some(first)) = (socket_ended, ends.first) {
+            return End::Closed {
+                first,
+                unclean: ends.unclean,
+            };
         }
         if let (true, true, Some(first)) = (ends.client, ends.target, ends.first) {
             return End::Closed {
@@ -463,20 +481,14 @@ async fn handshake<T>(
     })
 }
 
-/// Makes the coming close send RST instead of FIN.
-fn reset(stream: &TcpStream) {
-    // An error here means the socket is already gone; the close still happens.
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
 fn finish(
     route: &RouteContext,
-    peer: SocketAddr,
+    peer: &Peer,
     started: Instant,
     transfer: &Transfer,
     outcome: Outcome,
     reason: &str,
-) {
+) -> Outcome {
     let metrics = &route.metrics;
     let duration = started.elapsed();
     metrics.outcome(outcome).inc();
@@ -493,6 +505,7 @@ fn finish(
         reason,
         "connection closed"
     );
+    outcome
 }
 
 /// Runs `f` when dropped: the active-connections gauge must come down on

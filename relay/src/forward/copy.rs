@@ -1,6 +1,6 @@
 //! The `copy` data path: read into a userspace buffer, write it all, for
-//! plain TCP legs (over borrowed halves) and for every TLS leg (through
-//! rustls). It keeps the contract of `pump`.
+//! plain socket legs (over borrowed halves), stdin/stdout, and every TLS
+//! leg (through rustls). It keeps the contract of `pump`.
 //!
 //! This module owns the buffer policy. Buffers exist only while bytes flow:
 //! an idle connection holds none, so ten thousand idle connections cost
@@ -8,11 +8,14 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{tcp, unix};
 
 use super::pump::{Activity, Counters, Direction, Eof, Leg};
-use super::stream::Stream;
+use super::stream::{Socket, Stream};
 
 /// A direction's buffer starts small (ping-pong traffic never needs more)
 /// and doubles each time a read fills it, up to the maximum: large reads
@@ -27,17 +30,90 @@ pub(super) trait Source: AsyncRead + Unpin + Send {
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
-impl Source for ReadHalf<'_> {
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        self.as_ref().readable()
+/// The reading half of a leg: borrowed halves of a plain kernel socket
+/// (no lock between the directions, and unlike owned halves they do not
+/// shut down on drop, so a reset stays a reset), or a half of anything
+/// else (TLS, stdin/stdout) through tokio's split.
+pub(super) enum ReadPart<'a> {
+    Tcp(tcp::ReadHalf<'a>),
+    Unix(unix::ReadHalf<'a>),
+    Other(tokio::io::ReadHalf<&'a mut Stream>),
+}
+
+pub(super) enum WritePart<'a> {
+    Tcp(tcp::WriteHalf<'a>),
+    Unix(unix::WriteHalf<'a>),
+    Other(tokio::io::WriteHalf<&'a mut Stream>),
+}
+
+/// Splits a leg into the halves the two directions use.
+pub(super) fn split(stream: &mut Stream) -> (ReadPart<'_>, WritePart<'_>) {
+    match stream {
+        Stream::Plain(Socket::Tcp(tcp)) => {
+            let (read, write) = tcp.split();
+            (ReadPart::Tcp(read), WritePart::Tcp(write))
+        }
+        Stream::Plain(Socket::Unix(unix)) => {
+            let (read, write) = unix.split();
+            (ReadPart::Unix(read), WritePart::Unix(write))
+        }
+        other => {
+            let (read, write) = tokio::io::split(other);
+            (ReadPart::Other(read), WritePart::Other(write))
+        }
     }
 }
 
-/// A TLS leg: rustls may already hold decrypted bytes while the socket is
-/// quiet, so readiness of the socket says nothing; read directly.
-impl Source for tokio::io::ReadHalf<&mut Stream> {
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        std::future::ready(Ok(()))
+impl Source for ReadPart<'_> {
+    async fn ready(&self) -> io::Result<()> {
+        match self {
+            ReadPart::Tcp(half) => half.as_ref().readable().await,
+            ReadPart::Unix(half) => half.as_ref().readable().await,
+            // A TLS leg: rustls may already hold decrypted bytes while the
+            // socket is quiet, so readiness of the socket says nothing; and
+            // stdin has no readiness to wait for. Read directly.
+            ReadPart::Other(_) => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for ReadPart<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadPart::Tcp(h) => Pin::new(h).poll_read(cx, buf),
+            ReadPart::Unix(h) => Pin::new(h).poll_read(cx, buf),
+            ReadPart::Other(h) => Pin::new(h).poll_read(cx, buf),
+        }
+    }
+}
+
+macro_rules! each_part {
+    ($self:ident, $method:ident($($arg:expr),*)) => {
+        match $self.get_mut() {
+            WritePart::Tcp(h) => Pin::new(h).$method($($arg),*),
+            WritePart::Unix(h) => Pin::new(h).$method($($arg),*),
+            WritePart::Other(h) => Pin::new(h).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncWrite for WritePart<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_part!(self, poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_part!(self, poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_part!(self, poll_shutdown(cx))
     }
 }
 

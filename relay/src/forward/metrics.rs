@@ -70,6 +70,19 @@ impl Outcome {
         Outcome::NamespaceUnavailable,
     ];
 
+    /// The connection never reached its target (socat's exit status 1 for
+    /// an address without `fork`).
+    pub fn unreached(self) -> bool {
+        matches!(
+            self,
+            Outcome::Refused
+                | Outcome::ConnectTimeout
+                | Outcome::ConnectError
+                | Outcome::TlsError
+                | Outcome::NamespaceUnavailable
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Closed => "closed",
@@ -138,7 +151,11 @@ pub struct ForwardMetrics {
     tls_handshakes: IntCounterVec,
     tls_duration: HistogramVec,
     data_path: IntGaugeVec,
+    children: IntCounterVec,
 }
+
+/// How an EXEC/SYSTEM child ended; the `exit` label.
+pub const CHILD_EXITS: [&str; 4] = ["success", "failure", "signal", "killed"];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition is valid")
@@ -201,8 +218,13 @@ impl ForwardMetrics {
             ),
             data_path: gauge(
                 "relay_data_path",
-                "1 for the data path plain TCP bytes take on the route (copy, splice or sockmap), 0 for the others.",
+                "1 for the data path plain (not TLS) bytes take on the route (copy, splice or sockmap), 0 for the others.",
                 &["route", "path"],
+            ),
+            children: counter(
+                "relay_exec_children_total",
+                "EXEC/SYSTEM children by how they ended (success: exit 0; failure: another exit status; signal: killed by a signal not from relay; killed: relay ended it after the connection closed).",
+                &["route", "exit"],
             ),
         };
         for collector in [
@@ -214,6 +236,7 @@ impl ForwardMetrics {
             Box::new(metrics.tls_handshakes.clone()),
             Box::new(metrics.tls_duration.clone()),
             Box::new(metrics.data_path.clone()),
+            Box::new(metrics.children.clone()),
         ] {
             registry
                 .register(collector)
@@ -272,6 +295,9 @@ impl ForwardMetrics {
         }
         for path in DataPath::CONCRETE {
             let _ = self.data_path.remove_label_values(&[name, path.as_str()]);
+        }
+        for exit in CHILD_EXITS {
+            let _ = self.children.remove_label_values(&[name, exit]);
         }
     }
 }
@@ -350,6 +376,18 @@ impl RouteMetrics {
         for (candidate, gauge) in DataPath::CONCRETE.iter().zip(gauges) {
             gauge.set(i64::from(*candidate == path));
         }
+    }
+
+    /// Counts an EXEC/SYSTEM child's end: one of [`CHILD_EXITS`].
+    pub fn child_exit(&self, exit: &'static str) {
+        debug_assert!(
+            CHILD_EXITS.contains(&exit),
+            "{exit} is not a child exit label"
+        );
+        self.families
+            .children
+            .with_label_values(&[&*self.name, exit])
+            .inc();
     }
 
     pub fn outcome(&self, outcome: Outcome) -> &IntCounter {

@@ -1,4 +1,5 @@
-//! The TCP forwarder: one listening socket, one task per accepted client.
+//! The forwarder: one listening socket (TCP, UNIX, or stdin/stdout), one
+//! task per accepted client.
 //!
 //! This module owns the accept loop and the route's lifetime: the
 //! connection limit, backing off when the process runs out of file
@@ -26,25 +27,26 @@
 pub mod connection;
 mod copy;
 pub mod data_path;
+pub mod exec;
 pub mod listener;
 pub mod metrics;
 pub mod namespace;
 mod pump;
 pub mod sockmap;
 mod splice;
+pub mod stdio;
 pub mod stream;
 pub mod upstream;
 
 use std::io;
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::addr::{ListenAddr, TargetAddr};
+use crate::addr::{ListenAddr, ListenEndpoint, TargetAddr, TargetEndpoint};
 use crate::forward::metrics::{Outcome, RouteMetrics, TlsRole};
 use crate::tls::{self, TlsError};
 use connection::Connection;
@@ -55,8 +57,14 @@ pub enum ForwardError {
     #[error("cannot listen on {addr} ({resolved}): {cause}{hint}", hint = bind_hint(cause))]
     Bind {
         addr: String,
-        resolved: SocketAddr,
+        resolved: String,
         cause: io::Error,
+    },
+    #[error("cannot listen on {addr}: {}: {problem}", path.display())]
+    SocketPath {
+        addr: String,
+        path: PathBuf,
+        problem: String,
     },
     #[error(
         "cannot resolve listen address {addr}: {cause} (a listener binds an address of this host: give an IP address such as 127.0.0.1 or [::1])"
@@ -76,7 +84,9 @@ impl ForwardError {
     /// to a failure of the running system: the CLI exits 2 for these.
     pub fn is_bad_input(&self) -> bool {
         match self {
-            ForwardError::Tls(_) | ForwardError::ResolveListen { .. } => true,
+            ForwardError::Tls(_)
+            | ForwardError::ResolveListen { .. }
+            | ForwardError::SocketPath { .. } => true,
             ForwardError::Netns(e) => e.is_bad_input(),
             ForwardError::Bind { .. } | ForwardError::Sockmap(_) => false,
         }
@@ -142,12 +152,16 @@ pub struct RouteContext {
     /// How plain TCP bytes move (TLS legs always copy).
     pub engine: Engine,
     pub handshake_timeout: Duration,
+    /// The side that is stdin/stdout, if one is: the connection ends when
+    /// the other side's EOF has been written out (socat's way; stdin may
+    /// never end, and its bytes have nowhere to go).
+    pub stdio: Option<connection::Side>,
 }
 
 /// A bound route, ready to accept.
 pub struct Forwarder {
-    listener: TcpListener,
-    local: SocketAddr,
+    listener: listener::Listener,
+    local: String,
     config: RouteConfig,
     route: Arc<RouteContext>,
 }
@@ -171,21 +185,21 @@ impl Forwarder {
     pub async fn adopt(
         config: RouteConfig,
         metrics: RouteMetrics,
-        listener: std::net::TcpListener,
+        listener: listener::Handle,
     ) -> Result<Self, ForwardError> {
         Self::start(config, metrics, Some(listener)).await
     }
 
-    /// Another handle on the listening socket, for [`Forwarder::adopt`].
-    pub fn listener_handle(&self) -> io::Result<std::net::TcpListener> {
-        let fd = socket2::SockRef::from(&self.listener).try_clone()?;
-        Ok(fd.into())
+    /// Another handle on the listening socket, for [`Forwarder::adopt`];
+    /// `None` for stdin/stdout.
+    pub fn listener_handle(&self) -> io::Result<Option<listener::Handle>> {
+        self.listener.handle()
     }
 
     async fn start(
         config: RouteConfig,
         metrics: RouteMetrics,
-        listener: Option<std::net::TcpListener>,
+        listener: Option<listener::Handle>,
     ) -> Result<Self, ForwardError> {
         let acceptor = config
             .tls_server
@@ -195,7 +209,13 @@ impl Forwarder {
         let connector = config
             .tls_client
             .as_ref()
-            .map(|options| tls::Connector::new(options, &config.target.host))
+            .map(|options| match config.target.host() {
+                Some(host) => tls::Connector::new(options, host),
+                None => Err(TlsError::Config(format!(
+                    "TLS to `{}` needs a TCP target (OPENSSL:host:port or tls://host:port)",
+                    config.target.text
+                ))),
+            })
             .transpose()?;
         if acceptor.is_some() {
             metrics.init_tls(TlsRole::Server);
@@ -207,32 +227,26 @@ impl Forwarder {
             Some(target) => Some(namespace::Namespace::resolve(target.clone()).await?),
             None => None,
         };
-        let engine = if acceptor.is_some() || connector.is_some() {
-            // A TLS leg's bytes pass through rustls: nothing else applies.
-            if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
-                tracing::warn!(route = %metrics.name, data_path = config.data_path.as_str(),
-                    "--data-path applies to plain TCP routes only; this route has a TLS leg and copies");
-            }
-            Engine::Copy
-        } else {
-            data_path::select(config.data_path, &metrics.name)?
-        };
+        let engine = engine(
+            &config,
+            acceptor.is_some() || connector.is_some(),
+            &metrics.name,
+        )?;
         metrics.set_data_path(engine.path());
         let listener = match listener {
             None => listener::bind(&config.listen).await?,
-            Some(listener) => {
-                let adopt_err = |cause| ForwardError::Bind {
+            Some(handle) => {
+                let resolved = handle.describe();
+                listener::Listener::adopt(handle).map_err(|cause| ForwardError::Bind {
                     addr: config.listen.text.clone(),
-                    resolved: SocketAddr::from(([0, 0, 0, 0], config.listen.port)),
+                    resolved,
                     cause,
-                };
-                listener.set_nonblocking(true).map_err(adopt_err)?;
-                TcpListener::from_std(listener).map_err(adopt_err)?
+                })?
             }
         };
-        let local = listener.local_addr().map_err(|cause| ForwardError::Bind {
+        let local = listener.local().map_err(|cause| ForwardError::Bind {
             addr: config.listen.text.clone(),
-            resolved: SocketAddr::from(([0, 0, 0, 0], config.listen.port)),
+            resolved: config.listen.text.clone(),
             cause,
         })?;
         let route = Arc::new(RouteContext {
@@ -245,6 +259,13 @@ impl Forwarder {
             namespace,
             engine,
             handshake_timeout: config.handshake_timeout,
+            stdio: if config.listen.is_stdio() {
+                Some(connection::Side::Client)
+            } else if config.target.is_stdio() {
+                Some(connection::Side::Target)
+            } else {
+                None
+            },
         });
         Ok(Forwarder {
             listener,
@@ -254,17 +275,20 @@ impl Forwarder {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
+    /// Where it listens: `127.0.0.1:8080`, `/run/x.sock`, `@name`, `stdio`.
+    pub fn local(&self) -> &str {
+        &self.local
     }
 
     /// Accepts until `drain` turns true (or, for a socat address without
     /// `fork`, after the first connection), then closes the listener, gives
     /// open connections up to the drain timeout, closes what is left, and
-    /// returns once every connection task has finished.
-    pub async fn run(self, mut drain: watch::Receiver<bool>) {
+    /// returns once every connection task has finished: with the outcome
+    /// of the one connection of a socat address without `fork` (the
+    /// process's exit status follows it), else `None`.
+    pub async fn run(self, mut drain: watch::Receiver<bool>) -> Option<Outcome> {
         let Forwarder {
-            listener,
+            mut listener,
             config,
             route,
             ..
@@ -273,6 +297,7 @@ impl Forwarder {
         let slots = Arc::new(Semaphore::new(max));
         let (close_tx, close_rx) = watch::channel(false);
         let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut once = None;
 
         loop {
             let slot = match slots.clone().try_acquire_owned() {
@@ -295,11 +320,13 @@ impl Forwarder {
                     backoff = ACCEPT_BACKOFF_MIN;
                     let connection = Connection::new(stream, peer, route.clone());
                     let close = close_rx.clone();
-                    tokio::spawn(async move {
-                        connection.run(close).await;
+                    let task = tokio::spawn(async move {
+                        let outcome = connection.run(close).await;
                         drop(slot);
+                        outcome
                     });
                     if config.listen.once {
+                        once = Some(task);
                         break;
                     }
                 }
@@ -317,14 +344,31 @@ impl Forwarder {
             }
         }
         drop(listener);
+        Self::drain(&config, &route, &slots, max, close_tx, &mut drain).await;
+        match once {
+            // A task that panicked has no outcome to report.
+            Some(task) => task.await.ok(),
+            None => None,
+        }
+    }
 
+    /// Waits for the open connections, up to the drain timeout once a drain
+    /// is asked, then closes what is left.
+    async fn drain(
+        config: &RouteConfig,
+        route: &RouteContext,
+        slots: &Semaphore,
+        max: usize,
+        close_tx: watch::Sender<bool>,
+        drain: &mut watch::Receiver<bool>,
+    ) {
         let all = u32::try_from(max).expect("max is clamped to Semaphore::MAX_PERMITS");
         if !*drain.borrow() {
             // The socat single-connection case: wait for it, unless a
             // shutdown signal comes first.
             tokio::select! {
                 _ = slots.acquire_many(all) => return,
-                _ = raised(&mut drain) => {}
+                _ = raised(drain) => {}
             }
         }
         let open = max - slots.available_permits();
@@ -343,6 +387,34 @@ impl Forwarder {
         let _ = close_tx.send(true);
         let _ = slots.acquire_many(all).await;
     }
+}
+
+/// The route's data path. A TLS leg's bytes pass through rustls, so it
+/// copies; sockmap pairs two TCP sockets, so a route with another kind of
+/// leg copies (splice works on any two kernel sockets, TCP or UNIX, and a
+/// stdin/stdout leg copies per connection).
+fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, ForwardError> {
+    let tcp_only = matches!(config.listen.endpoint, ListenEndpoint::Tcp(_))
+        && matches!(config.target.endpoint, TargetEndpoint::Tcp(_));
+    if tls {
+        if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
+            tracing::warn!(
+                route,
+                data_path = config.data_path.as_str(),
+                "--data-path applies to plain (not TLS) routes only; this route has a TLS leg and copies"
+            );
+        }
+        return Ok(Engine::Copy);
+    }
+    if config.data_path == DataPath::Sockmap && !tcp_only {
+        tracing::warn!(
+            route,
+            data_path = config.data_path.as_str(),
+            "--data-path sockmap pairs TCP sockets only; this route has a UNIX, EXEC or STDIO leg and copies"
+        );
+        return Ok(Engine::Copy);
+    }
+    Ok(data_path::select(config.data_path, route)?)
 }
 
 /// Completes when the flag turns true; never, if its sender is gone (a

@@ -1,4 +1,5 @@
-//! The `splice` data path for plain TCP legs: bulk bytes go socket ->
+//! The `splice` data path for plain socket legs (TCP or UNIX, in any
+//! mix): bulk bytes go socket ->
 //! pipe -> socket inside the kernel with splice(2) and never through a
 //! userspace buffer. Readiness drives it exactly like the copy path, and
 //! EOF, errors, counting and idle tracking follow the same rules (the
@@ -16,14 +17,13 @@
 //! stays light.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use super::pump::{Activity, Counters, Direction, Eof, Leg};
+use super::stream::FdSocket;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use tokio::io::Interest;
-use tokio::net::TcpStream;
-
-use super::pump::{Activity, Counters, Direction, Eof, Leg};
 
 /// Pipe capacity asked for: large moves per syscall, as the copy path's
 /// largest buffer. The kernel may grant less (fs.pipe-max-size).
@@ -65,8 +65,8 @@ const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLI
 
 /// Moves `src` to `dst` until EOF on `src`, then shuts down writing on `dst`.
 pub(super) async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: FdSocket<'_>,
+    dst: FdSocket<'_>,
     counters: Counters<'_>,
     activity: &Activity,
 ) -> Direction {
@@ -140,9 +140,8 @@ pub(super) async fn pump(
 }
 
 /// Passes an EOF on: shuts down writing on `dst`.
-fn shut_down(dst: &TcpStream) -> Direction {
-    socket2::SockRef::from(dst)
-        .shutdown(std::net::Shutdown::Write)
+fn shut_down(dst: FdSocket<'_>) -> Direction {
+    dst.shutdown_write()
         .map(|()| Eof::Clean)
         .map_err(|e| (Leg::Destination, e))
 }
@@ -150,8 +149,8 @@ fn shut_down(dst: &TcpStream) -> Direction {
 /// One read and its write through a userspace buffer (a light batch);
 /// 0 is EOF. `src` has just been reported readable.
 async fn copy_batch(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: FdSocket<'_>,
+    dst: FdSocket<'_>,
     activity: &Activity,
 ) -> Result<usize, (Leg, io::Error)> {
     let mut buffer = vec![0u8; COPY_BATCH];

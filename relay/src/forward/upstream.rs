@@ -1,23 +1,33 @@
-//! Connecting to the target for one accepted client: the host name is
-//! resolved for every connection (so a DNS change is followed), each address
-//! is tried in turn, and the whole attempt is bounded by the connect timeout.
+//! Connecting to the target for one accepted client, for every endpoint
+//! kind: a TCP host name is resolved for every connection (so a DNS change
+//! is followed) and each address tried in turn; a UNIX path is connected
+//! as the host sees it (inside a container, through `/proc/<pid>/root`),
+//! an abstract name from inside the target's network namespace; STDIO is
+//! there already. The whole attempt is bounded by the connect timeout.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
+use super::exec::{self, Child};
 use super::namespace::Namespace;
-use crate::addr::{Host, TargetAddr};
+use super::stdio::Stdio;
+use super::stream::Socket;
+use crate::addr::{Host, TargetAddr, TargetEndpoint, TcpTarget, UnixName};
 use crate::forward::metrics::Outcome;
 use crate::netns::{Netns, NetnsError};
 
 #[derive(Debug, Error)]
 pub enum ConnectError {
     #[error("{addr} refused the connection")]
-    Refused { addr: SocketAddr },
+    Refused { addr: String },
+    #[error("cannot connect to {path}: {cause}{hint}", hint = unix_hint(cause))]
+    Unix { path: String, cause: io::Error },
+    #[error("cannot start {program}: {cause}")]
+    Spawn { program: String, cause: io::Error },
     #[error("no answer from {target} within {after:?}")]
     Timeout { target: String, after: Duration },
     #[error("cannot resolve {host}: {cause}")]
@@ -33,7 +43,10 @@ impl ConnectError {
         match self {
             ConnectError::Refused { .. } => Outcome::Refused,
             ConnectError::Timeout { .. } => Outcome::ConnectTimeout,
-            ConnectError::Resolve { .. } | ConnectError::Failed { .. } => Outcome::ConnectError,
+            ConnectError::Resolve { .. }
+            | ConnectError::Failed { .. }
+            | ConnectError::Unix { .. }
+            | ConnectError::Spawn { .. } => Outcome::ConnectError,
             ConnectError::Namespace(_) => Outcome::NamespaceUnavailable,
         }
     }
@@ -45,23 +58,35 @@ pub async fn connect(
     target: &TargetAddr,
     namespace: Option<&Namespace>,
     timeout: Duration,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<(Socket, Option<Child>), ConnectError> {
+    if let TargetEndpoint::Exec(spec) = &target.endpoint {
+        // A program is started, not connected to: no namespace, no timeout.
+        return exec::spawn(spec)
+            .map(|(socket, child)| (Socket::Unix(socket), Some(child)))
+            .map_err(|cause| ConnectError::Spawn {
+                program: spec.argv.join(" "),
+                cause,
+            });
+    }
     let timeout = target.connect_timeout.unwrap_or(timeout);
     let attempt = async {
         let Some(namespace) = namespace else {
-            return connect_any(target, None).await;
+            return connect_in(target, None).await;
         };
-        match connect_any(target, Some(&*namespace.current(false).await?)).await {
+        match connect_in(target, Some(&*namespace.current(false).await?)).await {
             // Refused or unreachable in a namespace that may have just been
             // replaced (container restart): check it now and try once more.
-            Err(ConnectError::Refused { .. } | ConnectError::Failed { .. }) => {
-                connect_any(target, Some(&*namespace.current(true).await?)).await
-            }
+            Err(
+                ConnectError::Refused { .. }
+                | ConnectError::Failed { .. }
+                | ConnectError::Unix { .. },
+            ) => connect_in(target, Some(&*namespace.current(true).await?)).await,
             done => done,
         }
     };
     tokio::time::timeout(timeout, attempt)
         .await
+        .map(|connected| connected.map(|socket| (socket, None)))
         .unwrap_or_else(|_| {
             Err(ConnectError::Timeout {
                 target: target.text.clone(),
@@ -70,10 +95,76 @@ pub async fn connect(
         })
 }
 
-async fn connect_any(
-    target: &TargetAddr,
-    netns: Option<&Netns>,
-) -> Result<TcpStream, ConnectError> {
+/// One attempt, inside `netns` when the target names one.
+async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket, ConnectError> {
+    match &target.endpoint {
+        TargetEndpoint::Tcp(tcp) => connect_any(tcp, netns).await.map(Socket::Tcp),
+        TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
+        TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
+        TargetEndpoint::Exec(_) => unreachable!("connect starts EXEC targets before connecting"),
+    }
+}
+
+async fn connect_unix(name: &UnixName, netns: Option<&Netns>) -> Result<UnixStream, ConnectError> {
+    match name {
+        UnixName::Path(path) => {
+            // A path lives in a mount namespace: a container's is reached
+            // through its init process's root.
+            let path = super::listener::host_path(path, netns.and_then(Netns::pid));
+            UnixStream::connect(&path)
+                .await
+                .map_err(|cause| unix_error(path.display().to_string(), cause))
+        }
+        UnixName::Abstract(name) => {
+            let shown = format!("@{name}");
+            let abstract_addr = {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            }
+            .map_err(|cause| unix_error(shown.clone(), cause))?;
+            // The abstract namespace is the network namespace's: connect
+            // from a thread inside it. A UNIX connect does not wait on the
+            // network; it completes or fails at once.
+            let connect = move || {
+                let stream = std::os::unix::net::UnixStream::connect_addr(&abstract_addr)?;
+                stream.set_nonblocking(true)?;
+                Ok::<_, io::Error>(stream)
+            };
+            let stream = match netns {
+                None => tokio::task::spawn_blocking(connect)
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r),
+                Some(netns) => netns.run_async(connect).await?,
+            }
+            .map_err(|cause| unix_error(shown.clone(), cause))?;
+            UnixStream::from_std(stream).map_err(|cause| unix_error(shown, cause))
+        }
+    }
+}
+
+fn unix_error(path: String, cause: io::Error) -> ConnectError {
+    if cause.kind() == io::ErrorKind::ConnectionRefused {
+        ConnectError::Refused { addr: path }
+    } else {
+        ConnectError::Unix { path, cause }
+    }
+}
+
+fn unix_hint(cause: &io::Error) -> &'static str {
+    match cause.kind() {
+        io::ErrorKind::NotFound => {
+            " (no socket there: is the server running, and is the path the one it listens on?)"
+        }
+        io::ErrorKind::PermissionDenied => {
+            " (the socket file's mode or owner keeps relay out: run relay as a user allowed to connect)"
+        }
+        _ => "",
+    }
+}
+
+async fn connect_any(tcp: &TcpTarget, netns: Option<&Netns>) -> Result<TcpStream, ConnectError> {
+    let target = tcp;
     let addrs: Vec<SocketAddr> = match &target.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, target.port)],
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.port))
@@ -90,7 +181,9 @@ async fn connect_any(
         match connect_one(addr, target.keepalive, netns).await {
             Ok(stream) => return Ok(stream),
             Err(cause) if cause.kind() == io::ErrorKind::ConnectionRefused => {
-                last = Some(ConnectError::Refused { addr })
+                last = Some(ConnectError::Refused {
+                    addr: addr.to_string(),
+                })
             }
             Err(cause) => last = Some(ConnectError::Failed { addr, cause }),
         }

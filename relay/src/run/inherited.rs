@@ -242,7 +242,10 @@ fn listening_tcp(fd: &OwnedFd) -> Result<SocketAddr, Refused> {
 /// the same port (any, for port 0) and, for an IP address, the same
 /// address; a host name is not resolved.
 fn agrees(route: &RouteSpec, actual: SocketAddr) -> bool {
-    let listen = &route.listen;
+    let Some(listen) = route.listen.tcp() else {
+        // `relay check` refuses `socket` on another kind of listener.
+        return false;
+    };
     let port = listen.port == 0 || listen.port == actual.port();
     let host = match &listen.host {
         Host::Ip(ip) => *ip == actual.ip(),

@@ -10,7 +10,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 
 use super::{Common, TlsError, pem};
@@ -115,11 +115,11 @@ impl Connector {
         })
     }
 
-    pub async fn connect(
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        tcp: TcpStream,
-    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        self.connector.connect(self.server_name.clone(), tcp).await
+        io: S,
+    ) -> io::Result<tokio_rustls::client::TlsStream<S>> {
+        self.connector.connect(self.server_name.clone(), io).await
     }
 }
 

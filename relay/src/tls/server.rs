@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 
 use super::outcome::HandshakeOutcome;
@@ -83,13 +83,15 @@ impl Acceptor {
         })
     }
 
-    pub async fn accept(
+    /// The handshake over any byte stream (TCP, or whatever a listener
+    /// accepted).
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        tcp: TcpStream,
-    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, Refused> {
+        io: S,
+    ) -> Result<tokio_rustls::server::TlsStream<S>, Refused> {
         let stream = self
             .acceptor
-            .accept(tcp)
+            .accept(io)
             .await
             .map_err(|e| Refused::of(&e))?;
         if !self.allow_names.is_empty() {
