@@ -53,6 +53,9 @@ enum Command {
         /// Also reload when the file changes (checked every second).
         #[arg(long, requires = "config")]
         watch_config: bool,
+        /// Replace the relay serving this handover socket (its `[upgrade] socket`): take its listening sockets, serve, then it drains and exits; no connection is refused.
+        #[arg(long, value_name = "SOCKET")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Check a config file without serving: every problem with file:line:column and key; exit 2 on any.
     Check {
@@ -345,6 +348,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                 routes: vec![route],
                 observers: Vec::new(),
                 metrics,
+                upgrade_socket: None,
             },
             run::Source::command_line(),
         )
@@ -389,6 +393,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                 routes: Vec::new(),
                 observers: vec![observer(args)],
                 metrics: route.metrics,
+                upgrade_socket: None,
             },
             run::Source::command_line(),
         ),
@@ -396,6 +401,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
             Some(Command::Run {
                 config,
                 watch_config,
+                upgrade_from,
             }),
             None,
             None,
@@ -422,6 +428,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                         watch: watch_config,
                         hash: run::config_hash(&text),
                         metrics_override: route.metrics,
+                        upgrade_from,
                     };
                     Plan::Run(spec, source)
                 }

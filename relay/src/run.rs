@@ -15,8 +15,16 @@
 //! removed one stops accepting and drains. Observers are matched by what
 //! they observe and how.
 //!
+//! An upgrade hands the listening sockets to a new process (`upgrade`,
+//! `handover`): a route first looks for its socket among those received
+//! (`inherited`), then binds.
+//!
 //! Not here: what a route or an observer does (`forward`, `observe`), or
 //! how a file is read (`config::file`).
+
+mod handover;
+mod inherited;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +44,8 @@ use crate::metrics::{self, Metrics, MetricsError};
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
+pub use handover::HandoverError;
+use inherited::{Inherited, InheritedError};
 
 /// Why a run ended other than by a signal and a finished drain.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +60,10 @@ pub enum RunError {
     Observe(#[from] ObserveError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("upgrade: {0}")]
+    Handover(#[from] HandoverError),
+    #[error(transparent)]
+    Inherited(#[from] InheritedError),
     #[error("cannot install the {signal} handler: {source}")]
     Signal {
         signal: &'static str,
@@ -69,6 +83,7 @@ impl RunError {
         match self {
             RunError::Route { source, .. } => source.is_bad_input(),
             RunError::Observe(e) => e.is_bad_input(),
+            RunError::Handover(e) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -133,6 +148,9 @@ pub struct Source {
     pub hash: String,
     /// `--metrics` given on the command line overrides the file's, on every reload.
     pub metrics_override: Option<std::net::SocketAddr>,
+    /// `--upgrade-from`: take the listening sockets of the relay serving
+    /// this handover socket, and replace it.
+    pub upgrade_from: Option<PathBuf>,
 }
 
 impl Source {
@@ -143,6 +161,7 @@ impl Source {
             watch: false,
             hash: String::new(),
             metrics_override: None,
+            upgrade_from: None,
         }
     }
 }
@@ -178,19 +197,47 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         observers: HashMap::new(),
         sessions: JoinSet::new(),
         metrics: spec.metrics,
+        upgrade_socket: spec.upgrade_socket.clone(),
         task_names: HashMap::new(),
+        inherited: Inherited::default(),
     };
     let metrics_addr = spec.metrics;
+    // An upgrade takes the old relay's sockets first, so that nothing
+    // binds what it serves; a fresh start serves its handover socket.
+    let mut upgrades = upgrade::Upgrades::off();
+    let mut arriving = None;
+    match &source.upgrade_from {
+        Some(from) => {
+            let (pool, taken) =
+                upgrade::Arriving::take_over(from, spec.upgrade_socket.as_deref()).await?;
+            sup.inherited = pool;
+            arriving = Some(taken);
+        }
+        None => upgrades = upgrade::Upgrades::serve(spec.upgrade_socket.as_deref())?,
+    }
     let prepared = sup.prepare(&spec).await?;
     sup.commit(prepared);
+    let mut metrics_task = None;
+    let mut metrics_handle = None;
     if let Some(addr) = metrics_addr {
-        let listener = metrics::bind(addr).await?;
+        let listener = match sup.inherited.take(&inherited::metrics_identity(addr))? {
+            Some(listener) => metrics::adopt(addr, listener)?,
+            None => metrics::bind(addr).await?,
+        };
         tracing::info!(
             "metrics on http://{}/metrics",
             listener.local_addr().unwrap_or(addr)
         );
-        tokio::spawn(metrics::serve(listener, registry.clone()));
+        metrics_handle = upgrade::metrics_handle(addr, &listener);
+        metrics_task = Some(tokio::spawn(metrics::serve(listener, registry.clone())));
     }
+    if let Some(arriving) = arriving {
+        // Serving: the old relay may stop.
+        upgrades = arriving.finish().await?;
+        sup.inherited.close_rest();
+    }
+    upgrades.offer_metrics(metrics_handle);
+    let mut successor = None;
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
     let mut observer_failed: Option<RunError> = None;
@@ -241,6 +288,13 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
                     ),
                 },
             },
+            event = upgrades.next() => match event {
+                upgrade::Event::Asked(channel) => upgrades.offer(channel, sup.listening()),
+                upgrade::Event::TakenOver(next) => {
+                    successor = Some(next);
+                    break "upgrade";
+                }
+            },
             _ = watch_tick.tick(), if source.watch && source.file.is_some() => {
                 let file = source.file.as_deref().expect("checked by the branch's condition");
                 let now = modified(file);
@@ -261,6 +315,13 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         tracing::info!(signal, "stopping: detaching");
     }
     sup.drain_all();
+    if let Some(successor) = successor {
+        // The successor serves /metrics from the same socket now.
+        if let Some(task) = metrics_task.take() {
+            task.abort();
+        }
+        upgrades.hand_over(successor).await;
+    }
     tokio::select! {
         () = async { while sup.route_tasks.join_next().await.is_some() {} } => {}
         signal = signals.next_stop() => return Err(RunError::SecondSignal(signal)),
@@ -399,9 +460,13 @@ struct Supervisor {
     sessions: JoinSet<Result<(), ObserveError>>,
     /// Where `/metrics` is served (fixed for the life of the process).
     metrics: Option<std::net::SocketAddr>,
+    /// The handover socket (fixed for the life of the process too).
+    upgrade_socket: Option<PathBuf>,
     /// The route name of every forwarder task still running, by task id
     /// (a removed route's series stay until its last task has drained).
     task_names: HashMap<u64, String>,
+    /// Listening sockets handed to this process, not yet taken by a route.
+    inherited: Inherited,
 }
 
 /// Where a route listens, as a reload matches sockets: host, port and
@@ -502,7 +567,7 @@ impl Supervisor {
                         },
                     }
                 })?),
-                _ => None,
+                _ => self.inherited.take(&identity)?,
             };
             let (forwarder, ready) = self.start_route(route, listener).await?;
             prepared.routes.push((route.clone(), key, forwarder, ready));
@@ -647,6 +712,13 @@ impl Supervisor {
                 "reload: a change of [metrics] needs a restart; the endpoint stays as it is"
             );
         }
+        if spec.upgrade_socket != self.upgrade_socket {
+            tracing::warn!(
+                running = ?self.upgrade_socket,
+                asked = ?spec.upgrade_socket,
+                "reload: a change of [upgrade] socket needs a restart (or an upgrade); the socket stays as it is"
+            );
+        }
         crate::limits::fit_connections(&mut spec);
         match self.prepare(&spec).await {
             Ok(prepared) => {
@@ -671,6 +743,29 @@ impl Supervisor {
                 tracing::error!(error = %anyhow_chain(&err), "reload refused: the running config stays");
             }
         }
+    }
+
+    /// Another handle on every route's listening socket, for a successor.
+    fn listening(&self) -> Vec<(handover::Listening, std::os::fd::OwnedFd)> {
+        let mut sockets = Vec::new();
+        for (name, route) in &self.routes {
+            let Some(listener) = &route.listener else {
+                continue;
+            };
+            match std::os::fd::AsFd::as_fd(listener).try_clone_to_owned() {
+                Ok(fd) => sockets.push((
+                    handover::Listening {
+                        identity: route.identity.clone(),
+                        owner: format!("route {name}"),
+                    },
+                    fd,
+                )),
+                Err(err) => {
+                    tracing::warn!(route = %name, error = %err, "cannot duplicate the listening socket; the new relay will have to bind it")
+                }
+            }
+        }
+        sockets
     }
 
     fn drain_all(&mut self) {
