@@ -315,12 +315,15 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         tracing::info!(signal, "stopping: detaching");
     }
     sup.drain_all();
-    if let Some(successor) = successor {
-        // The successor serves /metrics from the same socket now.
-        if let Some(task) = metrics_task.take() {
-            task.abort();
+    match successor {
+        Some(successor) => {
+            // The successor serves /metrics from the same socket now.
+            if let Some(task) = metrics_task.take() {
+                task.abort();
+            }
+            upgrades.hand_over(successor).await;
         }
-        upgrades.hand_over(successor).await;
+        None => upgrades.close(),
     }
     tokio::select! {
         () = async { while sup.route_tasks.join_next().await.is_some() {} } => {}

@@ -133,7 +133,8 @@ impl Load {
         })
     }
 
-    /// Stops the clients (each finishes the connection it is on).
+    /// Stops the clients (each finishes the connection it is on, and has
+    /// made one at least).
     pub fn stop(self) -> Result<Report> {
         self.stop.store(true, Ordering::Relaxed);
         let mut tally = Tally::default();
@@ -156,7 +157,8 @@ fn client(port: u16, seed: u64, interval: Duration, stop: &AtomicBool) -> Tally 
     let mut tally = Tally::default();
     let mut next = Instant::now();
     let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    // At least one connection per thread, however soon the load stops.
+    while n == 0 || !stop.load(Ordering::Relaxed) {
         // Pacing only: no assertion depends on timing.
         let now = Instant::now();
         if next > now {
@@ -199,4 +201,25 @@ fn one(addr: SocketAddr, payload: &Payload) -> Result<(), (&'static str, io::Err
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_nobody_listens_on_counts_as_refused() -> Result<()> {
+        let port = crate::ports::free_port()?;
+        let report = Load::start(&[port], 200)?.stop()?;
+        // Every thread makes one connection at least.
+        let t = &report.tally;
+        assert!(t.refused >= THREADS_PER_PORT as u64, "{t:?}");
+        assert_eq!((t.reset, t.other), (0, 0), "{t:?}");
+        assert_eq!(report.tally.served, 0);
+        let err = report
+            .ensure_clean("nothing")
+            .expect_err("refusals fail the check");
+        assert!(err.to_string().contains("refused"), "{err}");
+        Ok(())
+    }
 }

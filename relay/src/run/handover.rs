@@ -468,9 +468,17 @@ impl Handover {
         let ready = Message::Ready {
             pid: std::process::id(),
         };
-        self.channel
+        match self
+            .channel
             .send(&ready, &[], "telling the old relay to stop")
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // It is gone already (a signal stopped it meanwhile): its
+            // sockets are this relay's alone, which is what ready asks.
+            Err(HandoverError::Io { cause, .. }) if is_hang_up(&cause) => return Ok(()),
+            Err(err) => return Err(err),
+        }
         let during = "waiting for the old relay to stop accepting";
         match self.channel.recv(during).await {
             Ok(Some((Message::Released, _))) | Ok(None) => Ok(()),
@@ -479,14 +487,18 @@ impl Handover {
                 expected: "released",
                 got: other.name(),
             }),
-            Err(HandoverError::Io { cause, .. })
-                if cause.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                Ok(())
-            }
+            Err(HandoverError::Io { cause, .. }) if is_hang_up(&cause) => Ok(()),
             Err(err) => Err(err),
         }
     }
+}
+
+/// The other end went away.
+fn is_hang_up(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
 }
 
 // ------------------------------------------------------ the socket's file
@@ -688,31 +700,30 @@ mod tests {
             .enumerate()
             .map(|(i, l)| (listening(&format!("127.0.0.1:{i}")), l.as_fd()))
             .collect();
+        let addrs: Vec<std::net::SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("local address"))
+            .collect();
         let (old, new) = pair();
-        let new_side = async {
+        let new_side = tokio::spawn(async move {
             let taken = receive(new).await.expect("the new side receives the offer");
             assert_eq!(taken.pid, std::process::id());
-            assert_eq!(taken.sockets.len(), listeners.len());
-            for ((got, fd), (want, listener)) in
-                taken.sockets.iter().zip(listeners.iter().enumerate())
-            {
-                assert_eq!(got.identity, format!("127.0.0.1:{want}"));
+            assert_eq!(taken.sockets.len(), addrs.len());
+            for (i, ((got, fd), addr)) in taken.sockets.iter().zip(&addrs).enumerate() {
+                assert_eq!(got.identity, format!("127.0.0.1:{i}"));
                 // The same kernel socket: the same local address.
                 let received = std::net::TcpListener::from(fd.try_clone().expect("dup"));
-                assert_eq!(
-                    received.local_addr().expect("local address"),
-                    listener.local_addr().expect("local address")
-                );
+                assert_eq!(received.local_addr().expect("local address"), *addr);
             }
             // The new side says ready and waits for released.
-            let (_, handover) = taken.split();
-            tokio::spawn(handover.ready())
-        };
-        let (successor, ready) = tokio::join!(offer(old, &offered), new_side);
-        let successor = successor.expect("the old side hears ready");
+            taken.split().1.ready().await
+        });
+        let successor = offer(old, &offered)
+            .await
+            .expect("the old side hears ready");
         assert_eq!(successor.pid, std::process::id());
         successor.released().await.expect("released is sent");
-        ready
+        new_side
             .await
             .expect("task")
             .expect("the new side hears released");
@@ -770,12 +781,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_old_relay_gone_before_ready_lets_the_new_one_serve() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let (old, new) = pair();
+        // The old relay sends its offer and dies (its end closes) before
+        // the new one says ready.
+        let message = Message::Offer {
+            version: VERSION,
+            pid: 1,
+            sockets: vec![listening("web")],
+            last: true,
+        };
+        old.send(&message, &[listener.as_fd()], "testing")
+            .await
+            .expect("send");
+        drop(old);
+        let taken = receive(new).await;
+        let (sockets, handover) = taken.expect("the offer arrived").split();
+        assert_eq!(sockets.len(), 1);
+        handover
+            .ready()
+            .await
+            .expect("an old relay that is gone is as good as released");
+    }
+
+    #[tokio::test]
     async fn a_partial_frame_is_an_error_naming_what_was_read() {
         let (mut raw, mut channel) = raw_pair();
         let bytes = frame(r#"{"message":"released"}"#);
         raw.write_all(&bytes[..7]).expect("write");
         drop(raw);
-        let err = channel.recv("testing").await.err().expect("an error");
+        let err = channel.recv("testing").await.expect_err("an error");
         assert!(
             err.to_string().contains("closed inside a frame (7 bytes"),
             "{err}"
@@ -811,7 +847,7 @@ mod tests {
         ] {
             let (mut raw, mut channel) = raw_pair();
             raw.write_all(&bytes).expect("write");
-            let err = channel.recv("testing").await.err().expect("an error");
+            let err = channel.recv("testing").await.expect_err("an error");
             assert!(
                 err.to_string().contains(expected),
                 "expected {expected:?} in {err}"
@@ -832,7 +868,7 @@ mod tests {
         old.send(&message, &[listener.as_fd()], "testing")
             .await
             .expect("send");
-        let err = new.recv("testing").await.err().expect("an error");
+        let err = new.recv("testing").await.expect_err("an error");
         assert!(
             err.to_string()
                 .contains("carried 1 descriptors, expected 2"),

@@ -134,7 +134,7 @@ mod tests {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .expect("socket");
         let pool = Inherited::new([("web".to_string(), "route web".to_string(), socket.into())]);
-        let err = pool.take("web").err().expect("an error");
+        let err = pool.take("web").expect_err("an error");
         assert!(
             err.to_string()
                 .contains("web (used by route web) is not listening"),
@@ -149,7 +149,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
         let pool = Inherited::new([("web".to_string(), "route web".to_string(), listener.into())]);
-        let err = pool.take("web").err().expect("an error");
+        let err = pool.take("web").expect_err("an error");
         assert!(err.to_string().contains("has no IP address"), "{err}");
         let _ = std::fs::remove_file(&path);
     }

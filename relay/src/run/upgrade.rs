@@ -127,12 +127,23 @@ impl Upgrades {
         }));
     }
 
+    /// Upgrades end here (the relay drains): the handover socket goes, and
+    /// an offer under way is dropped with its handles on the listening
+    /// sockets, which would otherwise keep them open (and queueing clients
+    /// nobody accepts) until this process exits.
+    pub fn close(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            pending.abort();
+        }
+        self.server = None;
+        self.metrics = None;
+    }
+
     /// The successor serves: remove the handover socket (its path is the
     /// successor's now) and tell it so. Call after the routes were told to
     /// drain.
     pub async fn hand_over(&mut self, successor: Successor) {
-        self.server = None;
-        self.metrics = None;
+        self.close();
         let pid = successor.pid;
         if let Err(err) = successor.released().await {
             tracing::warn!(error = %super::anyhow_chain(&err), "upgrade: cannot tell the new relay this one let go; it goes on anyway");
