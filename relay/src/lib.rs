@@ -19,3 +19,4 @@ pub mod observe;
 pub mod pcapng;
 pub mod run;
 pub mod tls;
+pub mod udp;

@@ -40,6 +40,8 @@ struct Cli {
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -56,6 +58,9 @@ enum Command {
         /// Replace the relay serving this handover socket (its `[upgrade] socket`): take its listening sockets, serve, then it drains and exits; no connection is refused.
         #[arg(long, value_name = "SOCKET")]
         upgrade_from: Option<PathBuf>,
+        /// Serve /metrics here instead of where the file says (a bare port binds 127.0.0.1).
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Check a config file without serving: every problem with file:line:column and key; exit 2 on any.
     Check {
@@ -67,7 +72,7 @@ enum Command {
     /// Count the traffic of a container or network namespace with eBPF (needs root).
     Observe(ObserveArgs),
     /// Publish a running container's port on the host, even one bound to the container's localhost.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         #[arg(value_enum)]
@@ -103,6 +108,8 @@ struct ObserveArgs {
     follow: bool,
     #[command(flatten)]
     capture: observe::capture::CaptureArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 fn parse_observe_target(text: &str) -> Result<Target, String> {
@@ -123,6 +130,12 @@ struct ForwardArgs {
     /// With --observe: sampled packets to pcapng.
     #[command(flatten)]
     capture: observe::capture::CaptureArgs,
+    #[command(flatten)]
+    route: RouteArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 #[derive(Args)]
@@ -138,6 +151,12 @@ struct PublishArgs {
     /// Also count the container's traffic with eBPF on the same /metrics.
     #[arg(long)]
     observe: bool,
+    #[command(flatten)]
+    route: RouteArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 fn parse_port_pair(text: &str) -> Result<(u16, u16), String> {
@@ -153,86 +172,94 @@ fn parse_port_pair(text: &str) -> Result<(u16, u16), String> {
     }
 }
 
-/// Options of a route; global, so they go before or after `forward`.
+/// Options of a command-line route: the socat form, `forward` and
+/// `publish` each take them (after the subcommand), so each one's `--help`
+/// lists what applies to it.
 #[derive(Args)]
+#[command(next_help_heading = "Route")]
 struct RouteArgs {
     /// Route name for metrics and logs [default: the listen address].
-    #[arg(global = true, long)]
+    #[arg(long)]
     name: Option<String>,
     /// Give up connecting to the target after this long.
-    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_CONNECT_TIMEOUT))]
+    #[arg(long, default_value_t = Dur(config::DEFAULT_CONNECT_TIMEOUT))]
     connect_timeout: Dur,
     /// Close a connection with no bytes either way for this long (socat's -T); `none` never does.
-    #[arg(global = true, long, short = 'T', value_name = "DURATION|none",
+    #[arg(long, short = 'T', value_name = "DURATION|none",
           default_value_t = duration::Timeout(Some(config::DEFAULT_IDLE_TIMEOUT)))]
     idle_timeout: duration::Timeout,
     /// Open connections at most; beyond it accepting pauses until one closes
     /// [default: 10000, or what the open-file limit holds if less].
-    #[arg(global = true, long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_DRAIN_TIMEOUT))]
+    #[arg(long, default_value_t = Dur(config::DEFAULT_DRAIN_TIMEOUT))]
     drain_timeout: Dur,
     /// How plain TCP bytes move: auto (the benchmark's winner, with fallback), copy, splice, or sockmap (eBPF, in the kernel; experimental, needs --experimental-sockmap). TLS legs always copy.
-    #[arg(global = true, long, value_enum, default_value_t = DataPath::Auto)]
+    #[arg(long, value_enum, default_value_t = DataPath::Auto)]
     data_path: DataPath,
     /// Allow --data-path sockmap, which has known defects (duplicated bytes over veth/TUN links, resets after a large write and half-close, no backpressure; README, Data paths).
-    #[arg(global = true, long)]
+    #[arg(long)]
     experimental_sockmap: bool,
+}
+
+/// Where `/metrics` is served: every command that runs something takes it.
+#[derive(Args)]
+#[command(next_help_heading = "Metrics")]
+struct MetricsArgs {
     /// Serve Prometheus metrics at http://<addr>/metrics and readiness at /healthz; a bare port binds 127.0.0.1.
-    #[arg(global = true, long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
+    #[arg(long, value_name = "ADDR|PORT", value_parser = metrics::parse_endpoint)]
     metrics: Option<SocketAddr>,
 }
 
-/// TLS options; global like the route options. Options written into a
-/// socat address (`cafile=`, `cert=` ...) win over these.
+/// TLS options of a command-line route. Options written into a socat address (`cafile=`, `cert=` ...) win over these.
 #[derive(Args)]
 #[command(next_help_heading = "TLS")]
 struct TlsArgs {
     /// Trust roots for a TLS target: a PEM file, or a directory of *.crt/*.pem [default: system store].
-    #[arg(global = true, long, value_name = "FILE|DIR")]
+    #[arg(long, value_name = "FILE|DIR")]
     tls_ca: Option<PathBuf>,
     /// SNI name sent to a TLS target [default: the target host].
-    #[arg(global = true, long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     tls_sni: Option<String>,
     /// Send no SNI to the TLS target.
-    #[arg(global = true, long, conflicts_with = "tls_sni")]
+    #[arg(long, conflicts_with = "tls_sni")]
     tls_no_sni: bool,
     /// Name the target's certificate must carry [default: the SNI name].
-    #[arg(global = true, long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     tls_name: Option<String>,
     /// Certificate (PEM): the listener's when it is TLS, else the client certificate for the target.
-    #[arg(global = true, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// Private key (PEM) for --tls-cert.
-    #[arg(global = true, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// Client certificate for a TLS target when the listener is TLS too.
-    #[arg(global = true, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     tls_upstream_cert: Option<PathBuf>,
     /// Private key for --tls-upstream-cert.
-    #[arg(global = true, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     tls_upstream_key: Option<PathBuf>,
     /// TLS listener: require client certificates signed by these roots.
-    #[arg(global = true, long, value_name = "FILE|DIR")]
+    #[arg(long, value_name = "FILE|DIR")]
     tls_client_ca: Option<PathBuf>,
     /// TLS listener: accept only client certificates with this CN or DNS name (repeatable).
-    #[arg(global = true, long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     tls_allow_name: Vec<String>,
     /// ALPN protocols to offer (target) or accept (listener), comma-separated.
-    #[arg(global = true, long, value_name = "PROTO,...", value_delimiter = ',')]
+    #[arg(long, value_name = "PROTO,...", value_delimiter = ',')]
     tls_alpn: Vec<String>,
     /// Lowest TLS version accepted.
-    #[arg(global = true, long, value_name = "1.2|1.3", default_value = "1.2", value_parser = ["1.2", "1.3"])]
+    #[arg(long, value_name = "1.2|1.3", default_value = "1.2", value_parser = ["1.2", "1.3"])]
     tls_min_version: String,
     /// Do not verify the TLS target's certificate (logged as a warning). socat: verify=0.
-    #[arg(global = true, long)]
+    #[arg(long)]
     tls_insecure: bool,
     /// Append NSS key log lines for both legs to this file [default: $SSLKEYLOGFILE].
-    #[arg(global = true, long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     tls_keylog: Option<PathBuf>,
     /// Give up a TLS handshake after this long.
-    #[arg(global = true, long, default_value_t = Dur(config::DEFAULT_HANDSHAKE_TIMEOUT))]
+    #[arg(long, default_value_t = Dur(config::DEFAULT_HANDSHAKE_TIMEOUT))]
     tls_handshake_timeout: Dur,
 }
 
@@ -258,6 +285,7 @@ impl TlsArgs {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "Logging")]
 struct LogArgs {
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -291,7 +319,7 @@ impl RouteArgs {
 
 /// `publish web 8080[:18080]`: listen on the host, connect to the port on
 /// the container's own localhost from inside its namespace.
-fn publish_route(args: PublishArgs, route: &RouteArgs, tls: &TlsArgs) -> Result<RouteSpec, String> {
+fn publish_route(args: PublishArgs) -> Result<RouteSpec, String> {
     let target: Target = if args.container.contains(':') {
         parse_observe_target(&args.container)?
     } else {
@@ -302,7 +330,7 @@ fn publish_route(args: PublishArgs, route: &RouteArgs, tls: &TlsArgs) -> Result<
         .map_err(|e| e.to_string())?;
     let connect = addr::parse_target(&format!("tcp://127.0.0.1:{inner}@{}", target.spec()))
         .map_err(|e| e.to_string())?;
-    let mut spec = route.spec(listen, connect, tls);
+    let mut spec = args.route.spec(listen, connect, &args.tls);
     spec.observe = args.observe.then_some(target);
     Ok(spec)
 }
@@ -341,13 +369,13 @@ fn usage(message: impl std::fmt::Display) -> Plan {
 }
 
 /// The spec a command line describes.
-fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
-    let one_route = |route: RouteSpec, metrics: Option<SocketAddr>| {
+fn plan(cli: Cli) -> Plan {
+    let one_route = |route: RouteSpec, metrics: &MetricsArgs| {
         Plan::Run(
             Spec {
                 routes: vec![route],
                 observers: Vec::new(),
-                metrics,
+                metrics: metrics.metrics,
                 upgrade_socket: None,
             },
             run::Source::command_line(),
@@ -359,6 +387,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
         socat_target,
         route,
         tls,
+        metrics,
         ..
     } = cli;
     match (command, socat_listen, socat_target) {
@@ -369,15 +398,20 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
         }
         (Some(Command::Forward(args)), None, None) => {
             let args = *args;
-            let mut spec = route.spec(args.listen, args.target, &tls);
+            let mut spec = args.route.spec(args.listen, args.target, &args.tls);
             spec.observe = args.observe;
             spec.capture = args.capture.options();
-            one_route(spec, route.metrics)
+            one_route(spec, &args.metrics)
         }
-        (Some(Command::Publish(args)), None, None) => match publish_route(args, &route, &tls) {
-            Ok(spec) => one_route(spec, route.metrics),
-            Err(message) => usage(message),
-        },
+        (Some(Command::Publish(args)), None, None) => {
+            let metrics = MetricsArgs {
+                metrics: args.metrics.metrics,
+            };
+            match publish_route(*args) {
+                Ok(spec) => one_route(spec, &metrics),
+                Err(message) => usage(message),
+            }
+        }
         (Some(Command::Observe(args)), None, None) if args.capture.pcap_embed_keys => usage(
             "--pcap-embed-keys needs a TLS route: use it with relay forward <tls listener or target> --observe",
         ),
@@ -391,8 +425,8 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
         (Some(Command::Observe(args)), None, None) => Plan::Run(
             Spec {
                 routes: Vec::new(),
+                metrics: args.metrics.metrics,
                 observers: vec![observer(args)],
-                metrics: route.metrics,
                 upgrade_socket: None,
             },
             run::Source::command_line(),
@@ -402,15 +436,11 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
                 config,
                 watch_config,
                 upgrade_from,
+                metrics,
             }),
             None,
             None,
         ) => {
-            if let Some(flag) = route_flag_given(matches, "run") {
-                return usage(format!(
-                    "{flag} sets a command-line route; with `relay run` set it per route in the config file (only --metrics may override the file)"
-                ));
-            }
             let loaded = match &config {
                 Some(path) => config::file::load(path),
                 None => {
@@ -420,14 +450,14 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
             };
             match loaded {
                 Ok((mut spec, text)) => {
-                    if route.metrics.is_some() {
-                        spec.metrics = route.metrics;
+                    if metrics.metrics.is_some() {
+                        spec.metrics = metrics.metrics;
                     }
                     let source = run::Source {
                         file: config,
                         watch: watch_config,
                         hash: run::config_hash(&text),
-                        metrics_override: route.metrics,
+                        metrics_override: metrics.metrics,
                         upgrade_from,
                     };
                     Plan::Run(spec, source)
@@ -444,9 +474,7 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
             Plan::Exit(ExitCode::SUCCESS)
         }
         (Some(Command::Man { dir }), None, None) => Plan::Exit(man_pages(dir)),
-        (None, Some(listen), Some(target)) => {
-            one_route(route.spec(listen, target, &tls), route.metrics)
-        }
+        (None, Some(listen), Some(target)) => one_route(route.spec(listen, target, &tls), &metrics),
         _ => {
             let _ = Cli::command().write_help(&mut std::io::stderr());
             Plan::Exit(ExitCode::from(USAGE))
@@ -454,17 +482,28 @@ fn plan(cli: Cli, matches: &ArgMatches) -> Plan {
     }
 }
 
-/// The first route or TLS flag written on the command line of `subcommand`
-/// (they describe a command-line route, which a config file replaces).
-fn route_flag_given(matches: &ArgMatches, subcommand: &str) -> Option<String> {
-    let sub = matches.subcommand_matches(subcommand)?;
-    let flags = RouteArgs::augment_args(clap::Command::new("route"));
-    let flags = TlsArgs::augment_args(flags);
-    flags
-        .get_arguments()
-        .filter(|arg| arg.get_id() != "metrics")
-        .find(|arg| sub.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine))
-        .map(|arg| format!("--{}", arg.get_long().unwrap_or(arg.get_id().as_str())))
+/// The route, TLS and metrics options before a subcommand are the socat
+/// form's; a subcommand takes its own after its name. Says which option
+/// was written where, if one was.
+fn option_before_subcommand(matches: &ArgMatches) -> Option<String> {
+    let (subcommand, _) = matches.subcommand()?;
+    let top = Cli::command();
+    top.get_arguments()
+        .filter(|arg| !arg.is_global_set() && arg.get_long().is_some())
+        .find(|arg| matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine))
+        .map(|arg| {
+            let flag = format!("--{}", arg.get_long().unwrap_or_default());
+            let takes = top
+                .find_subcommand(subcommand)
+                .is_some_and(|sub| sub.get_arguments().any(|a| a.get_long() == arg.get_long()));
+            if takes {
+                format!("{flag} goes after the subcommand: relay {subcommand} ... {flag} ...")
+            } else {
+                format!(
+                    "{flag} does not apply to `relay {subcommand}` (see relay {subcommand} --help)"
+                )
+            }
+        })
 }
 
 fn report(problems: &Problems) {
@@ -525,6 +564,10 @@ const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
+    if let Some(refused) = option_before_subcommand(&matches) {
+        eprintln!("relay: error: {refused}");
+        return ExitCode::from(USAGE);
+    }
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => err.exit(),
@@ -533,7 +576,7 @@ fn main() -> ExitCode {
         cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
-    let (mut spec, source) = match plan(cli, &matches) {
+    let (mut spec, source) = match plan(cli) {
         Plan::Run(spec, source) => (spec, source),
         Plan::Check(path) => return check(&path),
         Plan::Exit(code) => return code,
@@ -554,6 +597,18 @@ fn main() -> ExitCode {
         );
     }
     limits::fit_connections(&mut spec);
+    // SAFETY: taking the sockets unsets LISTEN_* so that no child sees
+    // them; no other thread runs yet (the runtime starts below).
+    let inherited = match unsafe { run::Inherited::from_systemd() } {
+        Ok(inherited) => inherited,
+        Err(err) => {
+            eprintln!("relay: error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !inherited.names().is_empty() {
+        tracing::info!(sockets = ?inherited.names(), "systemd passed listening sockets");
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -562,7 +617,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run::run(spec, source));
+    let result = runtime.block_on(run::run(spec, source, inherited));
     // Name lookups may still sit on blocking threads; do not wait for them.
     runtime.shutdown_background();
     match result {
@@ -578,5 +633,92 @@ fn main() -> ExitCode {
             eprintln!("relay: error: {:#}", anyhow::Error::from(err));
             code
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The long options `relay <subcommand> --help` lists.
+    fn options_of(subcommand: &str) -> Vec<String> {
+        let mut command = Cli::command();
+        command.build();
+        let sub = command
+            .find_subcommand(subcommand)
+            .unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+        sub.get_arguments()
+            .filter(|arg| !arg.is_hide_set())
+            .filter_map(|arg| arg.get_long().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn each_subcommand_lists_only_the_options_that_apply_to_it() {
+        let route_and_tls = ["name", "connect-timeout", "data-path", "tls-ca", "tls-cert"];
+        for sub in ["forward", "publish"] {
+            let options = options_of(sub);
+            for option in route_and_tls.iter().chain(&["metrics"]) {
+                assert!(
+                    options.iter().any(|o| o == option),
+                    "{sub} lacks --{option}: {options:?}"
+                );
+            }
+        }
+        for sub in ["observe", "run", "check", "completions", "man"] {
+            let options = options_of(sub);
+            for option in route_and_tls {
+                assert!(
+                    !options.iter().any(|o| o == option),
+                    "{sub} lists --{option}: {options:?}"
+                );
+            }
+        }
+        assert!(options_of("observe").iter().any(|o| o == "metrics"));
+        assert!(options_of("run").iter().any(|o| o == "metrics"));
+        // The log options apply everywhere.
+        assert!(options_of("check").iter().any(|o| o == "log-format"));
+    }
+
+    fn matches(args: &[&str]) -> ArgMatches {
+        Cli::command()
+            .try_get_matches_from(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn route_options_go_after_the_subcommand() {
+        let after = matches(&[
+            "relay",
+            "forward",
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "--name",
+            "web",
+        ]);
+        assert_eq!(option_before_subcommand(&after), None);
+        let before = matches(&[
+            "relay",
+            "--name",
+            "web",
+            "forward",
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+        ]);
+        assert_eq!(
+            option_before_subcommand(&before).as_deref(),
+            Some("--name goes after the subcommand: relay forward ... --name ...")
+        );
+        let tls_on_observe = matches(&["relay", "--tls-ca", "x.pem", "observe", "host"]);
+        assert_eq!(
+            option_before_subcommand(&tls_on_observe).as_deref(),
+            Some("--tls-ca does not apply to `relay observe` (see relay observe --help)")
+        );
+        // The socat form takes them anywhere after `relay`.
+        let socat = matches(&["relay", "--name", "web", "TCP-LISTEN:1", "TCP:127.0.0.1:2"]);
+        assert_eq!(option_before_subcommand(&socat), None);
+        // The log options go anywhere.
+        let verbose = matches(&["relay", "-v", "observe", "host"]);
+        assert_eq!(option_before_subcommand(&verbose), None);
     }
 }

@@ -15,16 +15,21 @@
 //! removed one stops accepting and drains. Observers are matched by what
 //! they observe and how.
 //!
+//! Under systemd it reports readiness, reloads and the stop (`notify`), and
+//! takes the listeners systemd passed instead of binding (`inherited`).
 //! An upgrade hands the listening sockets to a new process (`upgrade`,
-//! `handover`): a route first looks for its socket among those received
-//! (`inherited`), then binds.
+//! `handover`), which finds them in `inherited` too.
 //!
 //! Not here: what a route or an observer does (`forward`, `observe`), or
 //! how a file is read (`config::file`).
 
 mod handover;
 mod inherited;
+mod notify;
 mod upgrade;
+
+pub use inherited::{InheritError, Inherited};
+use notify::Notify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,7 +50,6 @@ use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
 pub use handover::HandoverError;
-use inherited::{Inherited, InheritedError};
 
 /// Why a run ended other than by a signal and a finished drain.
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +61,13 @@ pub enum RunError {
         source: ForwardError,
     },
     #[error(transparent)]
+    Inherited(#[from] InheritError),
+    #[error(transparent)]
     Observe(#[from] ObserveError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("upgrade: {0}")]
     Handover(#[from] HandoverError),
-    #[error(transparent)]
-    Inherited(#[from] InheritedError),
     #[error("cannot install the {signal} handler: {source}")]
     Signal {
         signal: &'static str,
@@ -179,8 +183,9 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `spec` until its routes end by themselves (socat addresses
 /// without `fork`), its observers end (a target gone, without follow), or
-/// a signal stops it (after the drain).
-pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
+/// a signal stops it (after the drain). Routes that name a socket take it
+/// from `inherited`.
+pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(), RunError> {
     // First, so that no signal meant for a drain ends the relay abruptly.
     let mut signals = Signals::install()?;
     let registry = Arc::new(Metrics::new());
@@ -199,8 +204,10 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
         metrics: spec.metrics,
         upgrade_socket: spec.upgrade_socket.clone(),
         task_names: HashMap::new(),
-        inherited: Inherited::default(),
+        inherited,
+        notify: Notify::new(),
     };
+    sup.warn_unused_sockets(&spec);
     let metrics_addr = spec.metrics;
     // An upgrade takes the old relay's sockets first, so that nothing
     // binds what it serves; a fresh start serves its handover socket.
@@ -208,9 +215,9 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     let mut arriving = None;
     match &source.upgrade_from {
         Some(from) => {
-            let (pool, taken) =
+            let (sockets, taken) =
                 upgrade::Arriving::take_over(from, spec.upgrade_socket.as_deref()).await?;
-            sup.inherited = pool;
+            sup.inherited.add_handed_over(sockets);
             arriving = Some(taken);
         }
         None => upgrades = upgrade::Upgrades::serve(spec.upgrade_socket.as_deref())?,
@@ -220,7 +227,10 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     let mut metrics_task = None;
     let mut metrics_handle = None;
     if let Some(addr) = metrics_addr {
-        let listener = match sup.inherited.take(&inherited::metrics_identity(addr))? {
+        let listener = match sup
+            .inherited
+            .take_handed(&inherited::metrics_identity(addr))?
+        {
             Some(listener) => metrics::adopt(addr, listener)?,
             None => metrics::bind(addr).await?,
         };
@@ -234,10 +244,11 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
     if let Some(arriving) = arriving {
         // Serving: the old relay may stop.
         upgrades = arriving.finish().await?;
-        sup.inherited.close_rest();
+        sup.inherited.close_unused_handed();
     }
     upgrades.offer_metrics(metrics_handle);
     let mut successor = None;
+    sup.notify.ready(&sup.serving());
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
     let mut observer_failed: Option<RunError> = None;
@@ -306,6 +317,8 @@ pub async fn run(spec: Spec, source: Source) -> Result<(), RunError> {
             },
         }
     };
+    sup.notify
+        .stopping(&format!("{signal}: draining open connections"));
     if !sup.routes.is_empty() {
         tracing::info!(
             signal,
@@ -440,6 +453,8 @@ struct Running {
 /// An observer that is attached now.
 struct Watching {
     stop: watch::Sender<bool>,
+    /// The TLS key lines its capture embeds (a route's `--pcap-embed-keys`).
+    keys: Option<Arc<crate::observe::capture::KeyLines>>,
 }
 
 /// Routes and observers started for a spec, not yet serving.
@@ -468,15 +483,21 @@ struct Supervisor {
     /// The route name of every forwarder task still running, by task id
     /// (a removed route's series stay until its last task has drained).
     task_names: HashMap<u64, String>,
-    /// Listening sockets handed to this process, not yet taken by a route.
+    /// Listeners that came from outside (systemd, or the relay this one
+    /// replaces), consulted before binding.
     inherited: Inherited,
+    notify: Notify,
 }
 
-/// Where a route listens, as a reload matches sockets: host, port and
-/// namespace; for port 0 ("any free port") the address as written.
-fn socket_identity(listen: &crate::addr::ListenAddr) -> String {
-    crate::config::file::listen_identity(listen)
-        .unwrap_or_else(|| format!("as written: {}", listen.text))
+/// Where a route listens, as a reload matches sockets: the systemd socket
+/// it names, else host, port and namespace; for port 0 ("any free port")
+/// the address as written.
+fn socket_identity(route: &RouteSpec) -> String {
+    if let Some(name) = &route.socket {
+        return format!("systemd socket {name}");
+    }
+    crate::config::file::listen_identity(&route.listen)
+        .unwrap_or_else(|| format!("as written: {}", route.listen.text))
 }
 
 /// What identifies a route's settings: its whole spec.
@@ -532,6 +553,25 @@ impl Supervisor {
         }
     }
 
+    /// `route`, its TLS key lines going where the running observer of its
+    /// capture reads them: a changed route whose observer stays unchanged
+    /// must not write its keys into a new list that nobody reads.
+    fn with_running_keys<'a>(&self, route: &'a RouteSpec) -> std::borrow::Cow<'a, RouteSpec> {
+        let running = route_observer(route)
+            .and_then(|observer| self.observers.get(&observer_key(&observer)))
+            .and_then(|watching| watching.keys.clone());
+        match (running, &route.capture) {
+            (Some(keys), Some(capture)) if capture.keys.is_some() => {
+                let mut route = route.clone();
+                if let Some(capture) = &mut route.capture {
+                    capture.keys = Some(keys);
+                }
+                std::borrow::Cow::Owned(route)
+            }
+            _ => std::borrow::Cow::Borrowed(route),
+        }
+    }
+
     /// Whether a route of this name runs or still drains.
     fn has_route(&self, name: &str) -> bool {
         self.routes.contains_key(name) || self.task_names.values().any(|n| n == name)
@@ -544,13 +584,14 @@ impl Supervisor {
                 observers.push(observer);
             }
             let key = route_key(route);
+            let route = &self.with_running_keys(route);
             let running = self.routes.get(&route.name);
             if running.is_some_and(|r| r.key == key) {
                 continue;
             }
             // A running route listens there (this one, or one renamed):
             // take its socket over; else bind anew.
-            let identity = socket_identity(&route.listen);
+            let identity = socket_identity(route);
             let holder = running
                 .filter(|r| r.identity == identity)
                 .or_else(|| self.routes.values().find(|r| r.identity == identity));
@@ -570,10 +611,19 @@ impl Supervisor {
                         },
                     }
                 })?),
-                _ => self.inherited.take(&identity)?,
+                _ => None,
+            };
+            // A socket from outside first: handed over by the relay this
+            // one replaces (at start only), or passed by systemd (checked
+            // again against this spec's listen, the same socket either way).
+            let listener = match self.inherited.take_handed(&identity)? {
+                Some(handed) => Some(handed),
+                None => self.inherited.take(route)?.or(listener),
             };
             let (forwarder, ready) = self.start_route(route, listener).await?;
-            prepared.routes.push((route.clone(), key, forwarder, ready));
+            prepared
+                .routes
+                .push((RouteSpec::clone(route), key, forwarder, ready));
         }
         for observer in observers {
             let key = observer_key(&observer);
@@ -626,7 +676,7 @@ impl Supervisor {
                     key,
                     id,
                     drain,
-                    identity: socket_identity(&route.listen),
+                    identity: socket_identity(&route),
                     listener,
                     ready,
                 },
@@ -634,8 +684,9 @@ impl Supervisor {
         }
         for (key, session) in prepared.observers {
             let (stop, stop_rx) = watch::channel(false);
+            let keys = session.keys();
             self.sessions.spawn(session.run(stop_rx));
-            self.observers.insert(key, Watching { stop });
+            self.observers.insert(key, Watching { stop, keys });
         }
     }
 
@@ -689,8 +740,35 @@ impl Supervisor {
         by_itself
     }
 
-    /// Reads `file` again and applies it; on any failure nothing changes.
+    /// Reads `file` again and applies it, telling the service manager.
     async fn reload(&mut self, file: &Path, source: &Source) {
+        self.notify.reloading();
+        let outcome = self.apply(file, source).await;
+        self.notify.ready(&format!("{outcome}; {}", self.serving()));
+    }
+
+    /// What runs, as the service manager's status says it.
+    fn serving(&self) -> String {
+        format!(
+            "serving {} routes, {} observers",
+            self.routes.len(),
+            self.observers.len()
+        )
+    }
+
+    /// Every passed socket that no route of `spec` takes: logged.
+    fn warn_unused_sockets(&self, spec: &Spec) {
+        for name in self.inherited.unused(spec) {
+            tracing::warn!(
+                socket = name,
+                "systemd passed socket `{name}`, but no route takes it (`socket = \"{name}\"`); connections to it wait unserved"
+            );
+        }
+    }
+
+    /// Reads `file` again and applies it; on any failure nothing changes.
+    /// Returns how it went.
+    async fn apply(&mut self, file: &Path, source: &Source) -> &'static str {
         let (mut spec, text) = match crate::config::file::load(file) {
             Ok(loaded) => loaded,
             Err(problems) => {
@@ -702,7 +780,7 @@ impl Supervisor {
                     problems = problems.0.len(),
                     "reload refused: the running config stays"
                 );
-                return;
+                return "reload refused: the file is invalid (see the log)";
             }
         };
         if source.metrics_override.is_some() {
@@ -740,10 +818,13 @@ impl Supervisor {
                     observers = self.observers.len(),
                     "reloaded"
                 );
+                self.warn_unused_sockets(&spec);
+                "reloaded"
             }
             Err(err) => {
                 self.reloads.outcome("bind_failed");
                 tracing::error!(error = %anyhow_chain(&err), "reload refused: the running config stays");
+                "reload refused: a listener or observer could not start (see the log)"
             }
         }
     }

@@ -24,6 +24,7 @@
 //! - [`observed`]: `relay observe`'s counters next to the kernel's, read quietly.
 //! - [`relay_proc`]: locating, spawning, signalling and scraping `relay`.
 //! - [`metrics`]: parsing the Prometheus text relay serves.
+//! - [`notify`]: a service manager's end of sd_notify(3), for `NOTIFY_SOCKET`.
 //! - [`payload`]: deterministic payloads and their SHA-256 fingerprints.
 //! - [`peers`]: Rust servers with scripted behaviour (echo, sink, source).
 //! - [`tools`]: external peers: socat, nginx, promtool.
@@ -48,6 +49,7 @@ pub mod load;
 pub mod metrics;
 pub mod namespaced;
 pub mod netns;
+pub mod notify;
 pub mod observed;
 pub mod openssl;
 pub mod payload;

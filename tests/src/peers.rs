@@ -318,13 +318,23 @@ pub fn round_trip(stream: &mut (impl io::Read + io::Write), bytes: &[u8]) -> Res
 /// stall (past the stream's read timeout) is an error naming the bytes
 /// received so far.
 pub fn echo_payload(stream: TcpStream, payload: crate::Payload) -> Result<crate::Fingerprint> {
+    echo_payload_paced(stream, payload, None)
+}
+
+/// [`echo_payload`], the sender pausing `pause` between chunks when given
+/// (to keep a transfer in flight for a while).
+pub fn echo_payload_paced(
+    stream: TcpStream,
+    payload: crate::Payload,
+    pause: Option<Duration>,
+) -> Result<crate::Fingerprint> {
     let mut writer = stream
         .try_clone()
         .context("cloning the echo client's socket")?;
     let sender = std::thread::Builder::new()
         .name("echo-payload-writer".into())
         .spawn(move || -> io::Result<()> {
-            payload.write_to(&mut writer)?;
+            payload.write_paced(&mut writer, pause)?;
             writer.shutdown(std::net::Shutdown::Write)
         })
         .context("spawning the echo client's writer")?;

@@ -106,6 +106,11 @@ pub struct RelayCmd {
     memory: Option<u64>,
     /// Run with an empty capability bounding set (root without privileges).
     unprivileged: bool,
+    /// Run under `systemd-socket-activate`, which listens on these
+    /// addresses, passes them by these names, and starts relay at the
+    /// first connection.
+    activated: Vec<(SocketAddr, String)>,
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl RelayCmd {
@@ -159,6 +164,8 @@ impl RelayCmd {
             nofile: None,
             memory: None,
             unprivileged: false,
+            activated: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -211,6 +218,26 @@ impl RelayCmd {
     /// no capability (no CAP_BPF, no CAP_NET_ADMIN), as an unprivileged user.
     pub fn unprivileged(mut self) -> Self {
         self.unprivileged = true;
+        self
+    }
+
+    /// Start relay as systemd would for a `.socket` unit with these
+    /// `ListenStream=` and `FileDescriptorName=`: through
+    /// `systemd-socket-activate`, which listens at once and starts relay
+    /// (same pid) at the first connection. [`RelayCmd::spawn`] then waits
+    /// for those sockets only: relay itself runs after that connection.
+    pub fn socket_activated(mut self, sockets: &[(SocketAddr, &str)]) -> Self {
+        self.activated = sockets
+            .iter()
+            .map(|(addr, name)| (*addr, name.to_string()))
+            .collect();
+        self.listen_port = sockets.first().map(|(addr, _)| addr.port());
+        self
+    }
+
+    /// Set an environment variable for relay.
+    pub fn env(mut self, key: &str, value: impl Into<std::ffi::OsString>) -> Self {
+        self.env.push((key.to_string(), value.into()));
         self
     }
 
@@ -268,9 +295,18 @@ impl RelayCmd {
                 ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"].map(Into::into),
             );
         }
+        if !self.activated.is_empty() {
+            line.push("systemd-socket-activate".into());
+            for (addr, _) in &self.activated {
+                line.push(format!("--listen={addr}").into());
+            }
+            let names: Vec<&str> = self.activated.iter().map(|(_, n)| n.as_str()).collect();
+            line.push(format!("--fdname={}", names.join(":")).into());
+        }
         line.push(bin.into());
         let mut cmd = Command::new(&line[0]);
         cmd.args(&line[1..]).args(self.args());
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         Ok(cmd)
     }
 
@@ -281,11 +317,14 @@ impl RelayCmd {
     /// show) is ready once it serves metrics: relay binds its listener and
     /// attaches its observer before it serves them.
     pub fn spawn(self) -> Result<Relay> {
-        let ready: Vec<u16> = self
-            .listen_port
-            .into_iter()
-            .chain(self.metrics.map(|m| m.port()))
-            .collect();
+        let ready: Vec<u16> = if self.activated.is_empty() {
+            self.listen_port
+                .into_iter()
+                .chain(self.metrics.map(|m| m.port()))
+                .collect()
+        } else {
+            self.activated.iter().map(|(addr, _)| addr.port()).collect()
+        };
         if ready.is_empty() {
             bail!(
                 "RelayCmd::raw without with_metrics() has no port to wait for; \
@@ -300,6 +339,7 @@ impl RelayCmd {
             // The socat form listens on 0.0.0.0 (or bind=); loopback reaches it.
             let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, listen_port));
             match &self.form {
+                _ if !self.activated.is_empty() => self.activated[0].0,
                 Form::Forward { listen, .. } => listen
                     .rsplit_once("://")
                     .map_or(listen.as_str(), |(_, addr)| addr)

@@ -973,9 +973,19 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
         relay.stderr()
     );
 
-    // No key log file is given to tshark: the secrets come from the file.
+    let (uris, stderr) = decrypted_uris(&file)?;
+    ensure!(
+        uris == uri,
+        "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {stderr})",
+    );
+    Ok(())
+}
+
+/// The HTTP request URIs tshark decrypts from `file` with no key log file
+/// (the secrets come from the file), one per line; and tshark's stderr.
+fn decrypted_uris(file: &Path) -> Result<(String, String)> {
     let mut cmd = Command::new("tshark");
-    cmd.arg("-r").arg(&file).args([
+    cmd.arg("-r").arg(file).args([
         "-d",
         "tcp.port==4433,tls",
         "-Y",
@@ -987,9 +997,9 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
     ]);
     let out = Interactive::run("tshark-tls", cmd, b"", Duration::from_secs(60))?;
     let uris = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if uris != uri {
+    if uris.is_empty() {
         let mut cmd = Command::new("tshark");
-        cmd.arg("-r").arg(&file).args([
+        cmd.arg("-r").arg(file).args([
             "-X",
             "read_format:MIME Files Format",
             "-T",
@@ -1000,10 +1010,84 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
         let all = Interactive::run("tshark-all", cmd, b"", Duration::from_secs(60))?;
         eprintln!("the capture:\n{}", String::from_utf8_lossy(&all.stdout));
     }
+    Ok((uris, out.stderr))
+}
+
+/// A TLS route of a config file with an embedded-keys capture, changed by
+/// a reload while its observer stays: connections after the reload are
+/// decrypted from the same file too (their keys go where the running
+/// capture reads them).
+#[test]
+fn a_changed_route_keeps_embedding_its_tls_keys_after_a_reload() -> Result<()> {
+    require_root!("creates network namespaces and attaches eBPF programs");
+    require_tool!("tshark");
+    require_tool!("openssl");
+    use relay_tests::certs::{Ca, CertSpec};
+    let lab = Lab::new("capture-keys-reload")?;
+    let ca = Ca::new("capture-keys-reload")?;
+    let addr = lab.ns.addr().to_string();
+    let server = ca.issue("server", &CertSpec::server(&[addr.as_str()]))?;
+    let mut cmd = lab.ns.command("openssl");
+    cmd.args(["s_server", "-accept", "4433", "-www", "-cert"])
+        .arg(&server.cert)
+        .arg("-key")
+        .arg(&server.key);
+    let mut s_server = ChildProc::spawn("openssl-s_server", cmd)?;
+    s_server.wait_listening(4433, EXIT_TIMEOUT)?;
+
+    let file = lab.dir.join("tls.pcapng");
+    let config = lab.dir.join("relay.toml");
+    let (listen, metrics) = (free_port()?, free_port()?);
+    let write = |connect_timeout: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[[route]]\nname = \"tls\"\nlisten = \"127.0.0.1:{listen}\"\ntarget = \"tls://{addr}:4433\"\nconnect-timeout = \"{connect_timeout}\"\nobserve = \"{}\"\n\n[route.tls]\nca = \"{}\"\n\n[route.capture]\npcap = \"{}\"\nfilter = \"tcp port 4433\"\nembed-keys = true\n",
+                lab.target(),
+                ca.cert_path().display(),
+                file.display()
+            ),
+        )
+    };
+    write("5s")?;
+    let mut cmd = Command::new(relay_bin()?);
+    cmd.arg("run").arg("-c").arg(&config);
+    let mut relay = ChildProc::spawn("relay", cmd)?;
+    relay.wait_listening(listen, EXIT_TIMEOUT)?;
+    let get = |uri: &str| -> Result<()> {
+        let stream = peers::connect(std::net::SocketAddr::from(([127, 0, 0, 1], listen)))?;
+        let response = http::get(stream, "server", uri)?;
+        ensure!(
+            response.status == 200,
+            "GET {uri}: status {}",
+            response.status
+        );
+        Ok(())
+    };
+    get("/before-the-reload")?;
+    write("6s")?;
+    relay.signal(Signal::SIGHUP)?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
+    poll_until("the reload to be applied", EXIT_TIMEOUT, || {
+        let response = http::get(peers::connect(metrics)?, "relay", "/metrics")?;
+        let scrape = Scrape::parse(&String::from_utf8_lossy(&response.body))?;
+        Ok(
+            (scrape.value("relay_config_reloads_total", &[("outcome", "ok")]) == Some(1.0))
+                .then_some(()),
+        )
+    })?;
+    get("/after-the-reload")?;
+    relay.signal(Signal::SIGINT)?;
+    let status = relay.wait_exit(EXIT_TIMEOUT)?;
     ensure!(
-        uris == uri,
-        "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {})",
-        out.stderr
+        status.is_some_and(|s| s.success()),
+        "relay exited with {status:?}:\n{}",
+        relay.log()
+    );
+    let (uris, stderr) = decrypted_uris(&file)?;
+    ensure!(
+        uris == "/before-the-reload\n/after-the-reload",
+        "tshark should decrypt both requests with the embedded keys, got {uris:?} (stderr: {stderr})"
     );
     Ok(())
 }

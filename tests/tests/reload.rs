@@ -6,6 +6,8 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
@@ -180,8 +182,10 @@ fn an_invalid_file_or_a_bind_conflict_changes_nothing() -> Result<()> {
 }
 
 /// Reloads under load: while clients keep opening connections through a
-/// route that stays and one that changes, 20 reloads add, change and
-/// remove routes; not one connection is refused or reset.
+/// route that stays and one that changes, and 1 GiB is echoed through the
+/// one that changes, 20 reloads add, change and remove routes; not one
+/// connection is refused or reset, and the long transfer arrives intact
+/// (it finishes on the settings it started with).
 #[test]
 fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
     let (echo, other) = (EchoServer::start()?, EchoServer::start()?);
@@ -214,6 +218,21 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
     write_routes(&file, &spec(0), "")?;
     let relay = run(&file)?;
 
+    // Paced so that it spans the reloads (1 GiB in 16,389 chunks, about
+    // 0.5 ms each at the least): it must still be in flight after the first.
+    let long = Payload::new(20, 1 << 30);
+    let expected = long.fingerprint();
+    let reloads_done = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let client = peers::connect(loopback(changes))?;
+        let reloads_done = reloads_done.clone();
+        std::thread::spawn(move || -> Result<(relay_tests::Fingerprint, u64)> {
+            let heard = peers::echo_payload_paced(client, long, Some(Duration::from_micros(300)))
+                .context("the 1 GiB transfer through the changing route")?;
+            Ok((heard, reloads_done.load(Ordering::SeqCst)))
+        })
+    };
+
     // About 1,000 connections a second through the two routes that exist
     // throughout, each with a checked payload.
     let load = Load::start(&[stays, changes], 1000)?;
@@ -222,6 +241,7 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         write_routes(&file, &spec(round), "")?;
         relay.signal(Signal::SIGHUP)?;
         reloaded(&relay, "ok", round as f64)?;
+        reloads_done.store(round as u64, Ordering::SeqCst);
     }
     std::thread::sleep(Duration::from_millis(200));
     let report = load.stop()?;
@@ -232,6 +252,20 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         report.per_second()
     );
     report.ensure_clean("20 reloads")?;
+    let (heard, reloads_before_end) = transfer
+        .join()
+        .map_err(|_| anyhow!("the long transfer's thread panicked"))??;
+    ensure!(
+        heard == expected,
+        "the 1 GiB echoed through the changing route came back as {heard:?}, expected {expected:?}"
+    );
+    ensure!(
+        reloads_before_end >= 1,
+        "the long transfer finished before the first reload, so it tested nothing; pace it slower"
+    );
+    eprintln!(
+        "the 1 GiB transfer stayed in flight across {reloads_before_end} reloads and arrived intact"
+    );
     // Round 20 has no comes-and-goes (20 % 3 == 2): its port refuses.
     relay_tests::wait::poll_until("the removed route's port to refuse", METRIC_TIMEOUT, || {
         Ok(refuses(comes_and_goes).then_some(()))

@@ -100,7 +100,8 @@ pub const REQUIRED: &[Package] = &[
         name: "tcpdump",
         program: "tcpdump",
     },
-    // Deployment checks: `systemd-analyze verify` on deploy/systemd/relay.service.
+    // Deployment checks: `systemd-analyze verify` on deploy/systemd/, and
+    // tests/tests/systemd.rs (systemd-socket-activate, from the same package).
     Package {
         name: "systemd",
         program: "systemd-analyze",

@@ -151,6 +151,7 @@ struct MetricsEntry {
 struct RouteEntry {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
+    socket: Option<Spanned<String>>,
     target: Spanned<String>,
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
@@ -296,13 +297,26 @@ impl Report<'_> {
         // Where each name and listen address was first declared.
         let mut names: HashMap<String, String> = HashMap::new();
         let mut listens: HashMap<String, String> = HashMap::new();
+        let mut sockets: HashMap<String, String> = HashMap::new();
         for (i, entry) in model.route.into_iter().enumerate() {
             let key = format!("route[{i}]");
             let name_span = entry.name.as_ref().map(Spanned::span);
             let listen_span = entry.listen.span();
+            let socket_span = entry.socket.as_ref().map(Spanned::span);
             let Some(route) = self.route(&key, entry) else {
                 continue;
             };
+            if let Some(socket) = &route.socket
+                && let Some(first) = sockets.insert(socket.clone(), key.clone())
+            {
+                self.at(
+                    socket_span,
+                    &format!("{key}.socket"),
+                    format!(
+                        "socket `{socket}` is already taken by {first}: a passed socket serves one route; give the .socket unit another ListenStream= with its own FileDescriptorName="
+                    ),
+                );
+            }
             if let Some(first) = names.insert(route.name.clone(), key.clone()) {
                 let span = name_span.unwrap_or(listen_span.clone());
                 self.at(
@@ -346,7 +360,23 @@ impl Report<'_> {
         let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
+        if listen.once && entry.socket.is_none() {
+            // socat's single-connection listener ends its route after one
+            // client; a host daemon's route serves until it is removed, and
+            // a reload could not hand such a listener over.
+            self.at(
+                Some(entry.listen.span()),
+                &format!("{key}.listen"),
+                format!(
+                    "`{}` serves one connection only (socat without `fork`); a route of the config file serves until removed: add `,fork`",
+                    listen.text
+                ),
+            );
+        }
         let mut route = RouteSpec::new(listen, target);
+        if let Some(socket) = &entry.socket {
+            route.socket = self.socket(key, socket, &route.listen);
+        }
         if let Some(name) = &entry.name {
             if name.get_ref().trim().is_empty() {
                 self.at(
@@ -454,6 +484,43 @@ impl Report<'_> {
             route.capture = self.capture(&format!("{key}.capture"), capture.get_ref());
         }
         Some(route)
+    }
+
+    /// A route's `socket`: a name systemd can pass (its `FileDescriptorName=`
+    /// rules), on a listen address that describes a socket relay does not
+    /// make itself (no namespace to bind in, no socket options to set, no
+    /// single-connection listener).
+    fn socket(
+        &mut self,
+        key: &str,
+        socket: &Spanned<String>,
+        listen: &addr::ListenAddr,
+    ) -> Option<String> {
+        let name = socket.get_ref();
+        let field = format!("{key}.socket");
+        if let Err(why) = fd_name_problem(name) {
+            self.at(Some(socket.span()), &field, why);
+            return None;
+        }
+        let mut refuse = |what: &str| {
+            self.at(
+                Some(socket.span()),
+                &field,
+                format!(
+                    "a route with `socket` takes its listener from systemd, so its listen cannot {what}; set it in the .socket unit instead, or drop `socket` to bind"
+                ),
+            );
+        };
+        if listen.netns.is_some() {
+            refuse("name a namespace (the socket lives where systemd made it)");
+        }
+        if listen.once {
+            refuse("serve one connection only (add `fork`)");
+        }
+        if listen.reuseport || listen.backlog.is_some() {
+            refuse("set reuseport or backlog (ReusePort=, Backlog=)");
+        }
+        Some(name.clone())
     }
 
     /// Loads the route's certificates, keys and CAs as the forwarder will,
@@ -598,6 +665,30 @@ pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
     Some(format!("{host}|{}|{netns}", listen.port))
 }
 
+/// Why systemd would not pass a socket under `name` (sd_listen_fds(3):
+/// `FileDescriptorName=` is printable ASCII without `:`, at most 255
+/// characters).
+fn fd_name_problem(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a socket name cannot be empty; use the .socket unit's FileDescriptorName= (or its unit name, e.g. `relay.socket`)".into());
+    }
+    if name.len() > 255 {
+        return Err(format!(
+            "a socket name has at most 255 characters (systemd's limit); this one has {}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == ':')
+    {
+        return Err(format!(
+            "`{name}` cannot be a FileDescriptorName=: {bad:?} is not allowed (printable ASCII without `:`)"
+        ));
+    }
+    Ok(())
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -691,6 +782,17 @@ interfaces = ["eth0"]
     }
 
     #[test]
+    fn a_single_connection_socat_listener_is_refused_with_the_fix() {
+        let text = "[[route]]\nlisten = \"TCP-LISTEN:8080,reuseaddr\"\ntarget = \"127.0.0.1:80\"\n";
+        assert_eq!(
+            problems(text),
+            vec![
+                "relay.toml:2:10: route[0].listen: `TCP-LISTEN:8080,reuseaddr` serves one connection only (socat without `fork`); a route of the config file serves until removed: add `,fork`"
+            ]
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_not_only_the_first() {
         let text = r#"
 [[route]]
@@ -737,6 +839,114 @@ target = "nonsense:x"
         assert!(spec.routes.is_empty());
         assert_eq!(spec.observers.len(), 1);
         assert_eq!(spec.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_route_may_take_a_socket_systemd_passes_by_name() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            r#"
+[[route]]
+name = "web"
+listen = "0.0.0.0:8080"
+socket = "web"
+target = "127.0.0.1:80"
+
+[[route]]
+listen = "127.0.0.1:9000"
+target = "127.0.0.1:90"
+"#,
+        )
+        .expect("a valid file");
+        assert_eq!(spec.routes[0].socket.as_deref(), Some("web"));
+        assert_eq!(spec.routes[0].listen.port, 8080, "listen still says where");
+        assert_eq!(
+            spec.routes[1].socket, None,
+            "without `socket` a route binds"
+        );
+    }
+
+    #[test]
+    fn a_socket_name_is_checked_as_systemd_checks_it() {
+        let route = |socket: &str| {
+            format!(
+                "[[route]]\nlisten = \"127.0.0.1:8080\"\nsocket = {socket}\ntarget = \"127.0.0.1:80\"\n"
+            )
+        };
+        let found = problems(&route("\"\""));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("relay.toml:3:10: route[0].socket: a socket name cannot be empty"),
+            "{found:?}"
+        );
+        let found = problems(&route("\"web:admin\""));
+        assert!(
+            found[0].contains("`web:admin` cannot be a FileDescriptorName=: ':'"),
+            "{found:?}"
+        );
+        let found = problems(&route("\"café\""));
+        assert!(found[0].contains("'é' is not allowed"), "{found:?}");
+        let found = problems(&route(&format!("\"{}\"", "s".repeat(256))));
+        assert!(found[0].contains("at most 255 characters"), "{found:?}");
+        assert!(problems(&route("\"relay.socket\"")).is_empty());
+        assert!(problems(&route("42")).len() == 1, "a name is a string");
+    }
+
+    #[test]
+    fn a_socket_route_cannot_set_what_only_a_bind_does() {
+        let with = |listen: &str| {
+            problems(&format!(
+                "[[route]]\nlisten = \"{listen}\"\nsocket = \"web\"\ntarget = \"127.0.0.1:80\"\n"
+            ))
+        };
+        for (listen, says) in [
+            ("127.0.0.1:8080@host", "name a namespace"),
+            (
+                "TCP-LISTEN:8080,bind=127.0.0.1",
+                "serve one connection only",
+            ),
+            (
+                "TCP-LISTEN:8080,fork,backlog=10",
+                "set reuseport or backlog",
+            ),
+            ("TCP-LISTEN:8080,fork,reuseport", "set reuseport or backlog"),
+        ] {
+            let found = with(listen);
+            assert_eq!(found.len(), 1, "{listen}: {found:?}");
+            assert!(
+                found[0].starts_with("relay.toml:3:10: route[0].socket: a route with `socket`")
+                    && found[0].contains(says),
+                "{listen}: expected `{says}`, got {found:?}"
+            );
+        }
+        assert!(with("TCP-LISTEN:8080,fork,reuseaddr").is_empty());
+        assert!(
+            with("tls://127.0.0.1:8443").len() == 1,
+            "TLS needs its cert, not a socket problem"
+        );
+    }
+
+    #[test]
+    fn two_routes_cannot_take_one_socket() {
+        let text = r#"
+[[route]]
+listen = "127.0.0.1:8080"
+socket = "web"
+target = "127.0.0.1:80"
+
+[[route]]
+listen = "127.0.0.1:8081"
+socket = "web"
+target = "127.0.0.1:81"
+"#;
+        let found = problems(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(
+                "relay.toml:9:10: route[1].socket: socket `web` is already taken by route[0]"
+            ),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -59,7 +59,12 @@ pub struct Spec {
 pub struct RouteSpec {
     /// The `route` label in metrics and logs.
     pub name: String,
+    /// What the route serves (scheme, TLS) and where. With `socket` it is
+    /// checked against the passed socket's address instead of bound.
     pub listen: ListenAddr,
+    /// Take the listening socket systemd passed under this name
+    /// (`FileDescriptorName=` of a `.socket` unit) instead of binding.
+    pub socket: Option<String>,
     pub target: TargetAddr,
     pub connect_timeout: Duration,
     /// `None`: connections may stay idle for ever.
@@ -84,6 +89,7 @@ impl RouteSpec {
         RouteSpec {
             name: listen.text.clone(),
             listen,
+            socket: None,
             target,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),

@@ -20,12 +20,34 @@ pub use endpoint::{
     EndpointLimits, EndpointOutcome, MetricsError, adopt, bind, parse_endpoint, serve, serve_with,
 };
 
+type Hooks = Vec<(u64, Box<dyn Fn() + Send + Sync>)>;
+
+/// A refresh registered by [`Metrics::on_scrape`]; dropping it removes it
+/// (an observer detached by a reload stops being read at scrape time).
+#[must_use = "the hook is removed when this is dropped"]
+pub struct ScrapeHook {
+    id: u64,
+    hooks: std::sync::Weak<Mutex<Hooks>>,
+}
+
+impl Drop for ScrapeHook {
+    fn drop(&mut self) {
+        if let Some(hooks) = self.hooks.upgrade() {
+            hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
 /// The relay's registry, with the series every run has.
 pub struct Metrics {
     registry: Registry,
     /// Run before every render: sources that are read at scrape time (the
-    /// observer's kernel maps) bring their series up to date here.
-    on_scrape: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
+    /// observer's kernel maps) bring their series up to date here. Each
+    /// under the id its [`ScrapeHook`] removes it by.
+    on_scrape: Arc<Mutex<Hooks>>,
     readiness: Readiness,
     endpoint: endpoint::EndpointMetrics,
     /// Families a job registers once per registry however many of its
@@ -56,7 +78,7 @@ impl Metrics {
         let endpoint = endpoint::EndpointMetrics::register(&registry);
         Metrics {
             registry,
-            on_scrape: Mutex::new(Vec::new()),
+            on_scrape: Arc::new(Mutex::new(Vec::new())),
             readiness,
             endpoint,
             shared: Mutex::new(Vec::new()),
@@ -90,12 +112,27 @@ impl Metrics {
         &self.readiness
     }
 
-    /// Runs `refresh` before every render.
-    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) {
+    /// Runs `refresh` before every render, until the returned hook is dropped.
+    pub fn on_scrape(&self, refresh: impl Fn() + Send + Sync + 'static) -> ScrapeHook {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.on_scrape
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(refresh));
+            .push((id, Box::new(refresh)));
+        ScrapeHook {
+            id,
+            hooks: Arc::downgrade(&self.on_scrape),
+        }
+    }
+
+    /// How many scrape-time refreshes are registered.
+    #[cfg(test)]
+    fn scrape_hooks(&self) -> usize {
+        self.on_scrape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// The registry in Prometheus text exposition format.
@@ -106,7 +143,7 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            refresh();
+            refresh.1();
         }
         let mut out = Vec::new();
         TextEncoder::new()
@@ -136,5 +173,26 @@ mod tests {
         ] {
             assert!(text.contains(series), "missing {series} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_scrape_hook_runs_at_every_render_until_dropped() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let metrics = Metrics::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let hook = metrics.on_scrape(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let other = metrics.on_scrape(|| {});
+        metrics.render();
+        metrics.render();
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
+        drop(hook);
+        metrics.render();
+        assert_eq!(runs.load(Ordering::Relaxed), 2, "a dropped hook still ran");
+        assert_eq!(metrics.scrape_hooks(), 1, "only the dropped hook goes");
+        drop(other);
+        assert_eq!(metrics.scrape_hooks(), 0);
     }
 }

@@ -79,6 +79,8 @@ pub struct Session {
     capture: Option<CaptureRun>,
     /// `/healthz`: set while attached.
     ready: ReadyFlag,
+    /// Reads the maps at scrape time while the session lives.
+    _scrape: crate::metrics::ScrapeHook,
 }
 
 impl Session {
@@ -108,7 +110,7 @@ impl Session {
         let slot: Slot = Arc::new(Mutex::new(None));
         let (hook_slot, hook_export, top) =
             (slot.clone(), export.clone(), options.observe.top_flows);
-        metrics.on_scrape(move || {
+        let scrape = metrics.on_scrape(move || {
             let current = hook_slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some(observer) = current {
                 match observer.snapshot() {
@@ -136,7 +138,13 @@ impl Session {
             netns,
             observer,
             ready,
+            _scrape: scrape,
         })
+    }
+
+    /// The TLS key lines its capture embeds, if it embeds any.
+    pub fn keys(&self) -> Option<Arc<super::capture::KeyLines>> {
+        self.options.capture.as_ref().and_then(|c| c.keys.clone())
     }
 
     /// Runs until `stop` turns true, or the target goes away without `follow`.
@@ -150,6 +158,7 @@ impl Session {
             mut netns,
             observer,
             ready,
+            _scrape,
         } = self;
         let mut current = Some(observer);
         let mut before = (Snapshot::default(), Instant::now());

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::handover::{self, Channel, HandoverError, Listening, Server, Successor};
-use super::inherited::{Inherited, metrics_identity};
+use super::inherited::metrics_identity;
 
 /// What the handover socket brought.
 pub enum Event {
@@ -186,14 +186,15 @@ pub struct Arriving {
 }
 
 impl Arriving {
-    /// Takes the sockets of the relay serving `from`, into a pool, and
+    /// Takes the sockets of the relay serving `from`, as `(identity, owner,
+    /// socket)` for `Inherited::add_handed_over`, and
     /// binds this relay's own handover socket beside `own` (its path once
     /// the old relay let go): a path that cannot serve fails the upgrade
     /// while the old relay still serves.
     pub async fn take_over(
         from: &Path,
         own: Option<&Path>,
-    ) -> Result<(Inherited, Self), HandoverError> {
+    ) -> Result<(Vec<(String, String, OwnedFd)>, Self), HandoverError> {
         let taken = handover::take_over(from).await?;
         tracing::info!(
             old = taken.pid,
@@ -203,12 +204,11 @@ impl Arriving {
         );
         let server = own.map(Server::bind_beside).transpose()?;
         let (sockets, handover) = taken.split();
-        let pool = Inherited::new(
-            sockets
-                .into_iter()
-                .map(|(listening, fd)| (listening.identity, listening.owner, fd)),
-        );
-        Ok((pool, Arriving { handover, server }))
+        let sockets = sockets
+            .into_iter()
+            .map(|(listening, fd)| (listening.identity, listening.owner, fd))
+            .collect();
+        Ok((sockets, Arriving { handover, server }))
     }
 
     /// Tells the old relay this one serves, waits for it to let go, and
