@@ -55,6 +55,9 @@ enum Command {
         /// Also reload when the file changes (checked every second).
         #[arg(long, requires = "config")]
         watch_config: bool,
+        /// Replace the relay serving this handover socket (its `[upgrade] socket`): take its listening sockets, serve, then it drains and exits; no connection is refused.
+        #[arg(long, value_name = "SOCKET")]
+        upgrade_from: Option<PathBuf>,
         /// Serve /metrics here instead of where the file says (a bare port binds 127.0.0.1).
         #[command(flatten)]
         metrics: MetricsArgs,
@@ -373,6 +376,7 @@ fn plan(cli: Cli) -> Plan {
                 routes: vec![route],
                 observers: Vec::new(),
                 metrics: metrics.metrics,
+                upgrade_socket: None,
             },
             run::Source::command_line(),
         )
@@ -426,6 +430,7 @@ fn plan(cli: Cli) -> Plan {
                 routes: Vec::new(),
                 metrics: args.metrics.metrics,
                 observers: vec![observer(args)],
+                upgrade_socket: None,
             },
             run::Source::command_line(),
         ),
@@ -433,6 +438,7 @@ fn plan(cli: Cli) -> Plan {
             Some(Command::Run {
                 config,
                 watch_config,
+                upgrade_from,
                 metrics,
             }),
             None,
@@ -455,6 +461,7 @@ fn plan(cli: Cli) -> Plan {
                         watch: watch_config,
                         hash: run::config_hash(&text),
                         metrics_override: metrics.metrics,
+                        upgrade_from,
                     };
                     Plan::Run(spec, source)
                 }

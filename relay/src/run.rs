@@ -17,12 +17,16 @@
 //!
 //! Under systemd it reports readiness, reloads and the stop (`notify`), and
 //! takes the listeners systemd passed instead of binding (`inherited`).
+//! An upgrade hands the listening sockets to a new process (`upgrade`,
+//! `handover`), which finds them in `inherited` too.
 //!
 //! Not here: what a route or an observer does (`forward`, `observe`), or
 //! how a file is read (`config::file`).
 
+mod handover;
 mod inherited;
 mod notify;
+mod upgrade;
 
 pub use inherited::{InheritError, Inherited};
 use notify::Notify;
@@ -45,6 +49,7 @@ use crate::metrics::{self, Metrics, MetricsError};
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
+pub use handover::HandoverError;
 
 /// Why a run ended other than by a signal and a finished drain.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,8 @@ pub enum RunError {
     Observe(#[from] ObserveError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("upgrade: {0}")]
+    Handover(#[from] HandoverError),
     #[error("cannot install the {signal} handler: {source}")]
     Signal {
         signal: &'static str,
@@ -89,6 +96,7 @@ impl RunError {
         match self {
             RunError::Route { source, .. } => source.is_bad_input(),
             RunError::Observe(e) => e.is_bad_input(),
+            RunError::Handover(e) => e.is_bad_input(),
             _ => false,
         }
     }
@@ -153,6 +161,9 @@ pub struct Source {
     pub hash: String,
     /// `--metrics` given on the command line overrides the file's, on every reload.
     pub metrics_override: Option<std::net::SocketAddr>,
+    /// `--upgrade-from`: take the listening sockets of the relay serving
+    /// this handover socket, and replace it.
+    pub upgrade_from: Option<PathBuf>,
 }
 
 impl Source {
@@ -163,6 +174,7 @@ impl Source {
             watch: false,
             hash: String::new(),
             metrics_override: None,
+            upgrade_from: None,
         }
     }
 }
@@ -199,22 +211,52 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
         observers: HashMap::new(),
         sessions: JoinSet::new(),
         metrics: spec.metrics,
+        upgrade_socket: spec.upgrade_socket.clone(),
         task_names: HashMap::new(),
         inherited,
         notify: Notify::new(),
     };
     sup.warn_unused_sockets(&spec);
     let metrics_addr = spec.metrics;
+    // An upgrade takes the old relay's sockets first, so that nothing
+    // binds what it serves; a fresh start serves its handover socket.
+    let mut upgrades = upgrade::Upgrades::off();
+    let mut arriving = None;
+    match &source.upgrade_from {
+        Some(from) => {
+            let (sockets, taken) =
+                upgrade::Arriving::take_over(from, spec.upgrade_socket.as_deref()).await?;
+            sup.inherited.add_handed_over(sockets);
+            arriving = Some(taken);
+        }
+        None => upgrades = upgrade::Upgrades::serve(spec.upgrade_socket.as_deref())?,
+    }
     let prepared = sup.prepare(&spec).await?;
     sup.commit(prepared);
+    let mut metrics_task = None;
+    let mut metrics_handle = None;
     if let Some(addr) = metrics_addr {
-        let listener = metrics::bind(addr).await?;
+        let listener = match sup
+            .inherited
+            .take_handed(&inherited::metrics_identity(addr))?
+        {
+            Some(listener) => metrics::adopt(addr, listener)?,
+            None => metrics::bind(addr).await?,
+        };
         tracing::info!(
             "metrics on http://{}/metrics",
             listener.local_addr().unwrap_or(addr)
         );
-        tokio::spawn(metrics::serve(listener, registry.clone()));
+        metrics_handle = upgrade::metrics_handle(addr, &listener);
+        metrics_task = Some(tokio::spawn(metrics::serve(listener, registry.clone())));
     }
+    if let Some(arriving) = arriving {
+        // Serving: the old relay may stop.
+        upgrades = arriving.finish().await?;
+        sup.inherited.close_unused_handed();
+    }
+    upgrades.offer_metrics(metrics_handle);
+    let mut successor = None;
     sup.notify.ready(&sup.serving());
     // An observer that failed beside routes: the routes keep serving, and
     // the run reports it when it ends.
@@ -274,6 +316,13 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
                     ),
                 },
             },
+            event = upgrades.next() => match event {
+                upgrade::Event::Asked(channel) => upgrades.offer(channel, sup.listening()),
+                upgrade::Event::TakenOver(next) => {
+                    successor = Some(next);
+                    break "upgrade";
+                }
+            },
             _ = watch_tick.tick(), if source.watch && source.file.is_some() => {
                 let file = source.file.as_deref().expect("checked by the branch's condition");
                 let now = modified(file);
@@ -296,6 +345,16 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
         tracing::info!(signal, "stopping: detaching");
     }
     sup.drain_all();
+    match successor {
+        Some(successor) => {
+            // The successor serves /metrics from the same socket now.
+            if let Some(task) = metrics_task.take() {
+                task.abort();
+            }
+            upgrades.hand_over(successor).await;
+        }
+        None => upgrades.close(),
+    }
     tokio::select! {
         () = async { while sup.route_tasks.join_next().await.is_some() {} } => {}
         signal = signals.next_stop() => return Err(RunError::SecondSignal(signal)),
@@ -436,10 +495,13 @@ struct Supervisor {
     sessions: JoinSet<Result<(), ObserveError>>,
     /// Where `/metrics` is served (fixed for the life of the process).
     metrics: Option<std::net::SocketAddr>,
+    /// The handover socket (fixed for the life of the process too).
+    upgrade_socket: Option<PathBuf>,
     /// The route name of every forwarder task still running, by task id
     /// (a removed route's series stay until its last task has drained).
     task_names: HashMap<u64, String>,
-    /// Listeners that came from outside (systemd), consulted before binding.
+    /// Listeners that came from outside (systemd, or the relay this one
+    /// replaces), consulted before binding.
     inherited: Inherited,
     notify: Notify,
 }
@@ -564,11 +626,14 @@ impl Supervisor {
                 })?),
                 _ => None,
             };
-            // A socket passed from outside (systemd) first: checked again
-            // against this spec's listen, and the same socket either way.
-            let listener = self
-                .inherited
-                .take(route)?
+            // A socket from outside first: handed over by the relay this
+            // one replaces (at start only), or passed by systemd (checked
+            // again against this spec's listen, the same socket either way).
+            let outside = match self.inherited.take_handed(&identity)? {
+                Some(handed) => Some(handed),
+                None => self.inherited.take(route)?,
+            };
+            let listener = outside
                 .map(crate::forward::listener::Handle::Tcp)
                 .or(listener);
             let (forwarder, ready) = self.start_route(route, listener).await?;
@@ -744,6 +809,13 @@ impl Supervisor {
                 "reload: a change of [metrics] needs a restart; the endpoint stays as it is"
             );
         }
+        if spec.upgrade_socket != self.upgrade_socket {
+            tracing::warn!(
+                running = ?self.upgrade_socket,
+                asked = ?spec.upgrade_socket,
+                "reload: a change of [upgrade] socket needs a restart (or an upgrade); the socket stays as it is"
+            );
+        }
         crate::limits::fit_connections(&mut spec);
         match self.prepare(&spec).await {
             Ok(prepared) => {
@@ -771,6 +843,32 @@ impl Supervisor {
                 "reload refused: a listener or observer could not start (see the log)"
             }
         }
+    }
+
+    /// Another handle on every route's listening socket, for a successor.
+    fn listening(&self) -> Vec<(handover::Listening, std::os::fd::OwnedFd)> {
+        let mut sockets = Vec::new();
+        for (name, route) in &self.routes {
+            // UNIX listeners are not handed over yet (the old relay would
+            // remove the socket file as it exits): the new relay's bind
+            // fails on the path in use, and this relay serves on.
+            let Some(crate::forward::listener::Handle::Tcp(listener)) = &route.listener else {
+                continue;
+            };
+            match std::os::fd::AsFd::as_fd(listener).try_clone_to_owned() {
+                Ok(fd) => sockets.push((
+                    handover::Listening {
+                        identity: route.identity.clone(),
+                        owner: format!("route {name}"),
+                    },
+                    fd,
+                )),
+                Err(err) => {
+                    tracing::warn!(route = %name, error = %err, "cannot duplicate the listening socket; the new relay will have to bind it")
+                }
+            }
+        }
+        sockets
     }
 
     fn drain_all(&mut self) {

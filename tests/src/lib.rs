@@ -9,6 +9,9 @@
 //! - [`gate`]: skip tests that need root or a missing tool, and say so.
 //! - [`wait`]: polling for a condition with a deadline (never fixed sleeps).
 //! - [`ports`]: free ports, and who listens where (`/proc/<pid>/net/tcp`).
+//! - [`config_file`]: `relay run -c` files of routes.
+//! - [`load`]: clients opening connections at a steady rate, each payload
+//!   checked, counting refused and reset ones.
 //! - [`tempdir`]: scratch directories removed on drop.
 //! - [`child`]: external processes killed (with their process group) on drop.
 //! - [`crafted`]: packets with chosen addresses, ports and flags (pnet), and
@@ -36,11 +39,13 @@
 
 pub mod certs;
 pub mod child;
+pub mod config_file;
 pub mod crafted;
 pub mod docker;
 pub mod gate;
 pub mod http;
 pub mod interactive;
+pub mod load;
 pub mod metrics;
 pub mod namespaced;
 pub mod netns;

@@ -5,7 +5,7 @@
 //! Probing by connecting would be counted by relay's metrics and would
 //! consume a one-shot (socat-style, no `fork`) listener.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -23,6 +23,31 @@ pub fn free_port() -> Result<u16> {
         .local_addr()
         .context("reading the port of a bound listener")?
         .port())
+}
+
+/// `n` distinct ports on 127.0.0.1 that were free a moment ago.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = free_port()?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    Ok(ports)
+}
+
+/// 127.0.0.1:`port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// True when a connect to 127.0.0.1:`port` is refused (nobody listens).
+pub fn refuses(port: u16) -> bool {
+    matches!(
+        std::net::TcpStream::connect_timeout(&loopback(port), Duration::from_secs(2)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Addresses with a socket in LISTEN state on `port`, in `pid`'s network namespace.

@@ -186,12 +186,18 @@ impl RelayCmd {
     }
 
     /// Serve metrics on 127.0.0.1 at a free port (`--metrics 127.0.0.1:<p>`).
-    pub fn with_metrics(mut self) -> Result<Self> {
+    pub fn with_metrics(self) -> Result<Self> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Ok(self.with_metrics_on(addr))
+    }
+
+    /// Serve metrics at `addr` (`--metrics <addr>`): the relay that
+    /// replaces another in an upgrade asks for its predecessor's.
+    pub fn with_metrics_on(mut self, addr: SocketAddr) -> Self {
         self.options
             .extend(["--metrics".to_string(), addr.to_string()]);
         self.metrics = Some(addr);
-        Ok(self)
+        self
     }
 
     /// Run under `prlimit --nofile=<n>:<n>` (soft and hard: relay raises

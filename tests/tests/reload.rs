@@ -4,32 +4,22 @@
 //! a removed route drains and its port refuses; an invalid file or a bind
 //! conflict changes nothing and says why in `relay_config_reloads_total`.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use nix::sys::signal::Signal;
+use relay_tests::config_file::write_routes;
+use relay_tests::load::Load;
 use relay_tests::peers::{self, Backend, EchoServer, round_trip};
-use relay_tests::ports::free_port;
+use relay_tests::ports::{free_ports as ports, loopback, refuses};
 use relay_tests::tempdir::TempDir;
 use relay_tests::{Payload, Relay, RelayCmd};
 
 const METRIC_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A config file of `(name, listen port, target)` routes, each with the
-/// `extra` keys.
-fn write_routes(path: &Path, routes: &[(&str, u16, String)], extra: &str) -> Result<()> {
-    let mut text = String::new();
-    for (name, port, target) in routes {
-        text.push_str(&format!(
-            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\ntarget = \"{target}\"\n{extra}\n"
-        ));
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
 
 fn run(path: &Path) -> Result<Relay> {
     RelayCmd::raw(&["run", "-c", &path.to_string_lossy()])
@@ -46,29 +36,6 @@ fn reloaded(relay: &Relay, outcome: &str, count: f64) -> Result<()> {
             METRIC_TIMEOUT,
         )
         .map(drop)
-}
-
-/// `n` distinct free ports.
-fn ports(n: usize) -> Result<Vec<u16>> {
-    let mut ports = Vec::with_capacity(n);
-    while ports.len() < n {
-        let port = free_port()?;
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    Ok(ports)
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-fn refuses(port: u16) -> bool {
-    matches!(
-        std::net::TcpStream::connect_timeout(&loopback(port), Duration::from_secs(2)),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
 }
 
 /// SIGHUP with a changed file: the changed route's new connections reach
@@ -266,28 +233,9 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         })
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = [stays, changes]
-        .into_iter()
-        .flat_map(|port| [port, port])
-        .map(|port| {
-            let (stop, served) = (stop.clone(), served.clone());
-            std::thread::spawn(move || -> Result<()> {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut client = peers::connect(loopback(port))
-                        .with_context(|| format!("connection {n} to port {port}"))?;
-                    round_trip(&mut client, format!("request {n}").as_bytes())
-                        .with_context(|| format!("connection {n} to port {port}"))?;
-                    n += 1;
-                    served.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let started = Instant::now();
+    // About 1,000 connections a second through the two routes that exist
+    // throughout, each with a checked payload.
+    let load = Load::start(&[stays, changes], 1000)?;
     for round in 1..=20 {
         std::thread::sleep(Duration::from_millis(150));
         write_routes(&file, &spec(round), "")?;
@@ -296,19 +244,14 @@ fn twenty_reloads_under_load_refuse_and_reset_nothing() -> Result<()> {
         reloads_done.store(round as u64, Ordering::SeqCst);
     }
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client
-            .join()
-            .map_err(|_| anyhow!("a client thread panicked"))??;
-    }
-    let elapsed = started.elapsed();
-    let served = served.load(Ordering::Relaxed);
+    let report = load.stop()?;
     eprintln!(
-        "{served} connections in {elapsed:?} ({:.0}/s) across 20 reloads, none refused or reset",
-        served as f64 / elapsed.as_secs_f64()
+        "{} connections in {:?} ({:.0}/s) across 20 reloads",
+        report.tally.served,
+        report.elapsed,
+        report.per_second()
     );
-    ensure!(served > 0, "no connection was served at all");
+    report.ensure_clean("20 reloads")?;
     let (heard, reloads_before_end) = transfer
         .join()
         .map_err(|_| anyhow!("the long transfer's thread panicked"))??;

@@ -131,6 +131,13 @@ struct Model {
     #[serde(default)]
     observe: Vec<ObserveEntry>,
     metrics: Option<MetricsEntry>,
+    upgrade: Option<UpgradeEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct UpgradeEntry {
+    socket: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +226,28 @@ struct CaptureEntry {
 
 // ------------------------------------------------------------- validation
 
+/// The longest `[upgrade] socket` path: a unix socket's address holds 107
+/// bytes, and a new relay binds `<path>.new` first.
+const UPGRADE_SOCKET_MAX: usize = 100;
+
+fn parse_upgrade_socket(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("an empty path: give the handover socket's path, e.g. \"/run/relay/upgrade.sock\", or leave [upgrade] out".into());
+    }
+    if text.len() > UPGRADE_SOCKET_MAX {
+        return Err(format!(
+            "{} bytes long; a unix socket path may have at most {UPGRADE_SOCKET_MAX} here: choose a shorter one, e.g. \"/run/relay/upgrade.sock\"",
+            text.len()
+        ));
+    }
+    if text.ends_with('/') {
+        return Err(format!(
+            "`{text}` names a directory: give a file name in it, e.g. \"{text}upgrade.sock\""
+        ));
+    }
+    Ok(PathBuf::from(text))
+}
+
 /// Problems found so far, and what is needed to place them.
 struct Report<'a> {
     file: &'a Path,
@@ -261,6 +290,9 @@ impl Report<'_> {
         let metrics = model
             .metrics
             .and_then(|m| self.value(&m.listen, "metrics.listen", crate::metrics::parse_endpoint));
+        let upgrade_socket = model
+            .upgrade
+            .and_then(|u| self.value(&u.socket, "upgrade.socket", parse_upgrade_socket));
         let mut routes = Vec::new();
         // Where each name and listen address was first declared.
         let mut names: HashMap<String, String> = HashMap::new();
@@ -320,6 +352,7 @@ impl Report<'_> {
             routes,
             observers,
             metrics,
+            upgrade_socket,
         }
     }
 
@@ -941,6 +974,36 @@ target = "127.0.0.1:81"
             ),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn the_upgrade_socket_is_a_short_file_path() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            "[upgrade]\nsocket = \"/run/relay/upgrade.sock\"\n",
+        )
+        .expect("a valid file");
+        assert_eq!(
+            spec.upgrade_socket,
+            Some(PathBuf::from("/run/relay/upgrade.sock"))
+        );
+        assert_eq!(
+            parse(Path::new("relay.toml"), "")
+                .expect("empty")
+                .upgrade_socket,
+            None,
+            "upgrades are off unless asked for"
+        );
+        let long = format!("[upgrade]\nsocket = \"/{}\"\n", "x".repeat(120));
+        let found = problems(&long);
+        assert!(
+            found[0].starts_with("relay.toml:2:10: upgrade.socket: 121 bytes long"),
+            "{found:?}"
+        );
+        let found = problems("[upgrade]\nsocket = \"/run/relay/\"\n");
+        assert!(found[0].contains("names a directory"), "{found:?}");
+        let found = problems("[upgrade]\nsoket = \"/run/relay/x\"\n");
+        assert!(found[0].contains("unknown field `soket`"), "{found:?}");
     }
 
     #[test]

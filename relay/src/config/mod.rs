@@ -11,6 +11,7 @@
 pub mod file;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::addr::{ListenAddr, TargetAddr};
@@ -48,6 +49,9 @@ pub struct Spec {
     pub observers: Vec<ObserverSpec>,
     /// Where `/metrics` and `/healthz` are served, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The unix socket a new relay takes this one's listening sockets
+    /// from (`relay run --upgrade-from`); `None`: upgrades are off.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// One route: a listener, its target, and how connections between them live.

@@ -184,6 +184,18 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|cause| MetricsError::Bind { addr, cause })
 }
 
+/// Like [`bind`], on a socket bound already (handed over by the relay this
+/// one replaces, for `addr`).
+pub fn adopt(
+    addr: SocketAddr,
+    listener: std::net::TcpListener,
+) -> Result<TcpListener, MetricsError> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|cause| MetricsError::Bind { addr, cause })
+}
+
 /// Serves `/metrics` and `/healthz` (GET and HEAD) on `listener` with
 /// [`EndpointLimits::DEFAULT`] until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {

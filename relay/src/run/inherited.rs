@@ -1,9 +1,16 @@
 //! Listening sockets that exist before any route binds: the ones systemd
 //! passes (socket activation, sd_listen_fds(3): `LISTEN_FDS`, `LISTEN_PID`,
-//! `LISTEN_FDNAMES`). This module owns the one answer to "where does a
-//! route's listener come from, if not from a bind": the supervisor asks
-//! [`Inherited::take`] before it looks at running routes or binds, so other
-//! ways of receiving sockets (a binary upgrade's handover) belong here too.
+//! `LISTEN_FDNAMES`), and the ones the relay this one replaces handed over
+//! in an upgrade (`handover`). This module owns the one answer to "where
+//! does a route's listener come from, if not from a bind": the supervisor
+//! asks [`Inherited::take_handed`] and [`Inherited::take`] before it looks
+//! at running routes or binds.
+//!
+//! A socket handed over is matched by identity (`run::socket_identity`, or
+//! [`metrics_identity`] for the metrics endpoint) and taken once, with its
+//! accept queue, so nothing queued in it is lost while the two processes
+//! hand over; those nobody took are closed once the spec serves
+//! ([`Inherited::close_unused_handed`]): the old relay drains their routes.
 //!
 //! A route takes a passed socket by name (`socket = "web"`, the
 //! `FileDescriptorName=` of the `.socket` unit). The pool keeps every
@@ -20,9 +27,11 @@
 //! Not here: binding (`forward::listener`), matching a reload's routes to
 //! running ones (`run`).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Mutex;
 
 use socket2::{Domain, SockRef, Type};
 
@@ -73,6 +82,14 @@ pub enum InheritError {
         actual: SocketAddr,
         expected: String,
     },
+    #[error(
+        "the socket handed over for {identity} (used by {owner} in the old relay) is {found}: the two relays disagree on what it is; stop the old one and start this one instead"
+    )]
+    HandedOver {
+        identity: String,
+        owner: String,
+        found: String,
+    },
     #[error("route {route}: cannot use socket `{name}`: {cause}")]
     Socket {
         route: String,
@@ -82,12 +99,22 @@ pub enum InheritError {
     },
 }
 
-/// The listening sockets this process was given, by name.
+/// The listening sockets this process was given: by name (systemd) and by
+/// identity (an upgrade).
 #[derive(Debug, Default)]
 pub struct Inherited {
     /// In the order passed; a name may repeat (the error says so when a
     /// route takes it).
     named: Vec<(String, OwnedFd)>,
+    /// Handed over by the relay this one replaces, by identity: who used
+    /// each there (for logs), and the socket. Taken out as routes take them.
+    handed: Mutex<HashMap<String, (String, OwnedFd)>>,
+}
+
+/// The identity under which the metrics endpoint's socket travels in an
+/// upgrade: its configured address.
+pub fn metrics_identity(addr: SocketAddr) -> String {
+    format!("metrics {addr}")
 }
 
 impl Inherited {
@@ -118,7 +145,65 @@ impl Inherited {
                 (name, unsafe { OwnedFd::from_raw_fd(fd) })
             })
             .collect();
-        Ok(Inherited { named })
+        Ok(Inherited {
+            named,
+            ..Inherited::default()
+        })
+    }
+
+    /// Adds the sockets an upgrade's predecessor handed over, as
+    /// `(identity, owner, socket)`.
+    pub fn add_handed_over(
+        &mut self,
+        sockets: impl IntoIterator<Item = (String, String, OwnedFd)>,
+    ) {
+        let handed = self
+            .handed
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        handed.extend(
+            sockets
+                .into_iter()
+                .map(|(identity, owner, fd)| (identity, (owner, fd))),
+        );
+    }
+
+    /// The listening TCP socket handed over for `identity`, if any (once);
+    /// a descriptor of another kind is an error, not a bind.
+    pub fn take_handed(&self, identity: &str) -> Result<Option<TcpListener>, InheritError> {
+        let Some((owner, fd)) = self.handed().remove(identity) else {
+            return Ok(None);
+        };
+        let refused = |found: String| InheritError::HandedOver {
+            identity: identity.to_string(),
+            owner: owner.clone(),
+            found,
+        };
+        match listening_tcp(&fd) {
+            Ok(_) => Ok(Some(TcpListener::from(fd))),
+            Err(Refused::Not(found)) => Err(refused(found)),
+            Err(Refused::Io(cause)) => Err(refused(format!("unreadable ({cause})"))),
+        }
+    }
+
+    /// Closes the sockets handed over that no route took (routes the new
+    /// spec does not have: the old relay drains them), saying which.
+    pub fn close_unused_handed(&self) {
+        for (identity, (owner, _)) in self.handed().drain() {
+            tracing::info!(
+                identity,
+                owner = %owner,
+                "a socket handed over is not used by this config: closed (the old relay drains it)"
+            );
+        }
+    }
+
+    fn handed(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, OwnedFd)>> {
+        // A panic while holding the map leaves it whole: taking the guard
+        // from a poisoned lock is fine.
+        self.handed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The names passed, in order (for logs and errors).
@@ -275,7 +360,14 @@ mod tests {
                 .into_iter()
                 .map(|(n, fd)| (n.to_string(), fd))
                 .collect(),
+            ..Inherited::default()
         }
+    }
+
+    fn handed(identity: &str, fd: OwnedFd) -> Inherited {
+        let mut pool = Inherited::none();
+        pool.add_handed_over([(identity.to_string(), "route web".to_string(), fd)]);
+        pool
     }
 
     fn listener() -> (OwnedFd, SocketAddr) {
@@ -387,5 +479,38 @@ mod tests {
             ..Spec::default()
         };
         assert_eq!(pool.unused(&spec), vec!["spare"]);
+    }
+
+    #[test]
+    fn a_socket_handed_over_is_taken_once_by_identity() {
+        let (fd, addr) = listener();
+        let pool = handed("127.0.0.1:1", fd);
+        let taken = pool
+            .take_handed("127.0.0.1:1")
+            .expect("valid")
+            .expect("present");
+        assert_eq!(taken.local_addr().expect("addr"), addr);
+        assert!(pool.take_handed("127.0.0.1:1").expect("valid").is_none());
+        assert!(pool.take_handed("elsewhere").expect("valid").is_none());
+    }
+
+    #[test]
+    fn a_socket_handed_over_that_does_not_listen_is_an_error_naming_it() {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding udp");
+        let pool = handed("web", udp.into());
+        let err = pool.take_handed("web").expect_err("not a listener");
+        assert!(
+            err.to_string()
+                .contains("handed over for web (used by route web in the old relay) is"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sockets_handed_over_and_not_taken_are_closed() {
+        let (fd, _) = listener();
+        let pool = handed("web", fd);
+        pool.close_unused_handed();
+        assert!(pool.take_handed("web").expect("valid").is_none());
     }
 }
