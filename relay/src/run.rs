@@ -37,11 +37,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{ObserverSpec, RouteSpec, Spec};
+use crate::config::{Observed, ObserverSpec, RouteSpec, Spec};
 use crate::forward::metrics::ForwardMetrics;
 use crate::forward::{ForwardError, Forwarder, RouteConfig};
 use crate::health::ReadyFlag;
 use crate::metrics::{self, Metrics, MetricsError};
+use crate::observe::fleet::Fleet;
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
@@ -400,7 +401,23 @@ struct Watching {
 struct Prepared {
     /// Each with its `route_key`, computed once.
     routes: Vec<(RouteSpec, String, Forwarder, ReadyFlag)>,
-    observers: Vec<(String, Session)>,
+    observers: Vec<(String, Started)>,
+}
+
+/// An observer entry, started: one target's session, or a fleet of containers.
+enum Started {
+    Target(Session),
+    Containers(Fleet),
+}
+
+impl Started {
+    /// Runs until `stop` turns true (or, for a target without follow, it goes).
+    async fn run(self, stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
+        match self {
+            Started::Target(session) => session.run(stop).await,
+            Started::Containers(fleet) => fleet.run(stop).await,
+        }
+    }
 }
 
 struct Supervisor {
@@ -443,7 +460,7 @@ fn route_key(route: &RouteSpec) -> String {
 
 /// What identifies an observer: its target and options.
 fn observer_key(observer: &ObserverSpec) -> String {
-    format!("{:?}|{:?}", observer.target, observer.session)
+    format!("{:?}|{:?}", observer.observed, observer.session)
 }
 
 impl Supervisor {
@@ -542,8 +559,18 @@ impl Supervisor {
             {
                 continue;
             }
-            let session = Session::start(observer.target, observer.session, &self.registry).await?;
-            prepared.observers.push((key, session));
+            let started = match observer.observed {
+                Observed::Target(target) => {
+                    Started::Target(Session::start(target, observer.session, &self.registry).await?)
+                }
+                // Discovery starts when it runs; a daemon away is not a failure.
+                Observed::Containers(containers) => Started::Containers(Fleet::start(
+                    containers,
+                    observer.session.observe,
+                    &self.registry,
+                )),
+            };
+            prepared.observers.push((key, started));
         }
         Ok(())
     }
@@ -835,7 +862,7 @@ fn anyhow_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// container port is reached.
 fn route_observer(route: &RouteSpec) -> Option<ObserverSpec> {
     route.observe.clone().map(|target| ObserverSpec {
-        target,
+        observed: Observed::Target(target),
         session: SessionOptions {
             observe: ObserveOptions {
                 loopback: true,
