@@ -70,7 +70,7 @@ enum Command {
     /// Relay connections from a listen address to a target.
     Forward(Box<ForwardArgs>),
     /// Count the traffic of a container or network namespace with eBPF (needs root).
-    Observe(ObserveArgs),
+    Observe(Box<ObserveArgs>),
     /// Publish a running container's port on the host, even one bound to the container's localhost.
     Publish(Box<PublishArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -470,7 +470,7 @@ fn plan(cli: Cli) -> Plan {
             Spec {
                 routes: Vec::new(),
                 metrics: args.metrics.metrics,
-                observers: vec![observer(args)],
+                observers: vec![observer(*args)],
             },
             run::Source::command_line(),
         ),

@@ -406,16 +406,17 @@ struct Prepared {
 
 /// An observer entry, started: one target's session, or a fleet of containers.
 enum Started {
-    Target(Session),
-    Containers(Fleet),
+    // Boxed: the two differ in size, and there are few of them.
+    Target(Box<Session>),
+    Containers(Box<Fleet>),
 }
 
 impl Started {
     /// Runs until `stop` turns true (or, for a target without follow, it goes).
     async fn run(self, stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
         match self {
-            Started::Target(session) => session.run(stop).await,
-            Started::Containers(fleet) => fleet.run(stop).await,
+            Started::Target(session) => (*session).run(stop).await,
+            Started::Containers(fleet) => (*fleet).run(stop).await,
         }
     }
 }
@@ -559,17 +560,16 @@ impl Supervisor {
             {
                 continue;
             }
-            let started = match observer.observed {
-                Observed::Target(target) => {
-                    Started::Target(Session::start(target, observer.session, &self.registry).await?)
-                }
-                // Discovery starts when it runs; a daemon away is not a failure.
-                Observed::Containers(containers) => Started::Containers(Fleet::start(
-                    containers,
-                    observer.session.observe,
-                    &self.registry,
-                )),
-            };
+            let started =
+                match observer.observed {
+                    Observed::Target(target) => Started::Target(Box::new(
+                        Session::start(target, observer.session, &self.registry).await?,
+                    )),
+                    // Discovery starts when it runs; a daemon away is not a failure.
+                    Observed::Containers(containers) => Started::Containers(Box::new(
+                        Fleet::start(containers, observer.session.observe, &self.registry),
+                    )),
+                };
             prepared.observers.push((key, started));
         }
         Ok(())

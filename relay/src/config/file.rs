@@ -866,6 +866,74 @@ interfaces = ["eth0"]
     }
 
     #[test]
+    fn containers_entries_read_as_a_selection_and_bad_ones_are_placed() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            r#"
+[[observe]]
+containers = "all"
+
+[[observe]]
+containers = { name = "web-*", label = ["com.docker.compose.project=shop", "tier"], image = "nginx*" }
+max-containers = 50
+docker-socket = "/run/docker.sock"
+"#,
+        )
+        .expect("a valid file");
+        let Observed::Containers(all) = &spec.observers[0].observed else {
+            panic!("containers = \"all\" is a containers entry");
+        };
+        assert_eq!(all, &ContainersSpec::default());
+        let Observed::Containers(some) = &spec.observers[1].observed else {
+            panic!("a selection table is a containers entry");
+        };
+        assert_eq!(
+            some.select.to_string(),
+            "name=web-* and label=com.docker.compose.project=shop and label=tier and image=nginx*"
+        );
+        assert_eq!(some.max_containers, 50);
+        assert_eq!(some.docker_socket, PathBuf::from("/run/docker.sock"));
+
+        for (text, expected) in [
+            (
+                "[[observe]]\ncontainers = \"some\"\n",
+                "relay.toml:2:14: observe[0].containers: \"some\": expected \"all\" or a table",
+            ),
+            (
+                "[[observe]]\ncontainers = { label = [\"=x\"] }\n",
+                "relay.toml:2:25: observe[0].containers.label: invalid selection \"label==x\": empty label key",
+            ),
+            (
+                "[[observe]]\ncontainers = { pod = \"x\" }\n",
+                "relay.toml:2:16: observe[0].containers.pod: unknown field `pod`, expected one of `name`, `label`, `image`",
+            ),
+            (
+                "[[observe]]\ntarget = \"host\"\ncontainers = \"all\"\n",
+                "relay.toml:2:10: observe[0]: has both `target` and `containers`",
+            ),
+            ("[[observe]]\nfollow = true\n", "observe[0]: needs `target"),
+            (
+                "[[observe]]\ncontainers = \"all\"\nmax-containers = 0\n",
+                "relay.toml:3:18: observe[0].max-containers: must be at least 1",
+            ),
+            (
+                "[[observe]]\ntarget = \"host\"\nmax-containers = 5\n",
+                "relay.toml:3:18: observe[0].max-containers: applies to `containers` only",
+            ),
+            (
+                "[[observe]]\ncontainers = \"all\"\n[observe.capture]\npcap = \"x.pcapng\"\n",
+                "observe[0].capture: capture is not available for `containers` yet",
+            ),
+        ] {
+            let found = problems(text);
+            assert!(
+                found.iter().any(|p| p.contains(expected)),
+                "{text:?}: expected a problem containing {expected:?}, got {found:?}"
+            );
+        }
+    }
+
+    #[test]
     fn problems_name_file_line_column_and_key() {
         let text = "[[route]]\nlisten = \"127.0.0.1:8080\"\ntarget = \"TCP:host\"\n";
         assert_eq!(

@@ -122,10 +122,9 @@ async fn list(docker: &Docker) -> Result<Vec<Container>, String> {
         .map_err(|e| format!("listing containers: {}", describe(&e)))?;
     let mut containers = Vec::with_capacity(summaries.len());
     for id in summaries.into_iter().filter_map(|s| s.id) {
-        match inspect(docker, &id).await? {
-            Some(container) => containers.push(container),
-            // Stopped between the listing and the inspect.
-            None => {}
+        // None: it stopped between the listing and the inspect.
+        if let Some(container) = inspect(docker, &id).await? {
+            containers.push(container);
         }
     }
     Ok(containers)

@@ -64,7 +64,7 @@ pub fn plan(
     let mut candidates: Vec<(&String, &Want)> = wanted
         .iter()
         .filter(|(id, want)| {
-            want.network == Network::Own && !have.get(*id).is_some_and(|h| h.pid == want.pid)
+            want.network == Network::Own && have.get(*id).is_none_or(|h| h.pid != want.pid)
         })
         .collect();
     candidates.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
