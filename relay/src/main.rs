@@ -10,12 +10,15 @@ use std::process::ExitCode;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use relay::addr::{self, ListenAddr, TargetAddr};
-use relay::config::{self, ObserverSpec, RouteSpec, Spec, file::Problems};
+use relay::config::{
+    self, ContainersSpec, Observed, ObserverSpec, RouteSpec, Spec, file::Problems,
+};
 use relay::duration::{self, Dur};
 use relay::forward::{DataPath, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics;
 use relay::netns::Target;
+use relay::observe::discover::{Rule, Selection};
 use relay::observe::{self, ObserveOptions};
 use relay::{limits, run, tls};
 
@@ -70,7 +73,7 @@ enum Command {
     /// Relay connections from a listen address to a target.
     Forward(Box<ForwardArgs>),
     /// Count the traffic of a container or network namespace with eBPF (needs root).
-    Observe(ObserveArgs),
+    Observe(Box<ObserveArgs>),
     /// Publish a running container's port on the host, even one bound to the container's localhost.
     Publish(Box<PublishArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -88,9 +91,18 @@ enum Command {
 
 #[derive(Args)]
 struct ObserveArgs {
-    /// What to observe: container:<name|id>, pid:<pid>, netns:<path|name>, or host.
-    #[arg(value_parser = parse_observe_target)]
-    target: Target,
+    /// What to observe: container:<name|id>, pid:<pid>, netns:<path|name>, host, or `containers` (every running container, or those --select takes, followed as they start and stop).
+    #[arg(value_parser = parse_observed)]
+    target: Observed,
+    /// With `containers`: only those matching name=GLOB, label=KEY, label=KEY=GLOB or image=GLOB (repeatable: all must match).
+    #[arg(long = "select", value_name = "RULE", value_parser = parse_select)]
+    select: Vec<Rule>,
+    /// With `containers`: attach at most this many; more are refused and counted.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONTAINERS)]
+    max_containers: usize,
+    /// With `containers`: the Docker daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = relay::netns::DEFAULT_SOCKET)]
+    docker_socket: PathBuf,
     /// Interface to attach to (repeatable) [default: every one but lo].
     #[arg(long = "iface", value_name = "NAME")]
     interfaces: Vec<String>,
@@ -110,6 +122,18 @@ struct ObserveArgs {
     capture: observe::capture::CaptureArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
+}
+
+/// `containers`, or one target.
+fn parse_observed(text: &str) -> Result<Observed, String> {
+    if text == "containers" {
+        return Ok(Observed::Containers(ContainersSpec::default()));
+    }
+    parse_observe_target(text).map(Observed::Target)
+}
+
+fn parse_select(text: &str) -> Result<Rule, String> {
+    text.parse::<Rule>().map_err(|e| e.to_string())
 }
 
 fn parse_observe_target(text: &str) -> Result<Target, String> {
@@ -337,8 +361,16 @@ fn publish_route(args: PublishArgs) -> Result<RouteSpec, String> {
 
 /// `relay observe`: one observer.
 fn observer(args: ObserveArgs) -> ObserverSpec {
+    let observed = match args.target {
+        Observed::Containers(_) => Observed::Containers(ContainersSpec {
+            select: Selection { rules: args.select },
+            max_containers: args.max_containers,
+            docker_socket: args.docker_socket,
+        }),
+        target => target,
+    };
     ObserverSpec {
-        target: args.target,
+        observed,
         session: observe::session::SessionOptions {
             observe: ObserveOptions {
                 interfaces: args.interfaces,
@@ -425,11 +457,27 @@ fn plan(cli: Cli) -> Plan {
                 "--watch draws on the terminal and --pcap - writes the capture to stdout: use one",
             )
         }
+        (Some(Command::Observe(args)), None, None)
+            if !matches!(args.target, Observed::Containers(_)) && !args.select.is_empty() =>
+        {
+            usage("--select chooses among containers: use it with `relay observe containers`")
+        }
+        (Some(Command::Observe(args)), None, None)
+            if matches!(args.target, Observed::Containers(_))
+                && (args.watch || args.capture.pcap.is_some() || args.follow) =>
+        {
+            usage(
+                "`relay observe containers` follows every container by itself and has no --watch or --pcap yet: observe one container:<name> for those",
+            )
+        }
+        (Some(Command::Observe(args)), None, None) if args.max_containers == 0 => {
+            usage("--max-containers must be at least 1")
+        }
         (Some(Command::Observe(args)), None, None) => Plan::Run(
             Spec {
                 routes: Vec::new(),
                 metrics: args.metrics.metrics,
-                observers: vec![observer(args)],
+                observers: vec![observer(*args)],
                 upgrade_socket: None,
             },
             run::Source::command_line(),

@@ -41,11 +41,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{ObserverSpec, RouteSpec, Spec};
+use crate::config::{Observed, ObserverSpec, RouteSpec, Spec};
 use crate::forward::metrics::ForwardMetrics;
 use crate::forward::{ForwardError, Forwarder, RouteConfig};
 use crate::health::ReadyFlag;
 use crate::metrics::{self, Metrics, MetricsError};
+use crate::observe::fleet::Fleet;
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
@@ -478,7 +479,32 @@ struct Watching {
 struct Prepared {
     /// Each with its `route_key`, computed once.
     routes: Vec<(RouteSpec, String, Forwarder, ReadyFlag)>,
-    observers: Vec<(String, Session)>,
+    observers: Vec<(String, Started)>,
+}
+
+/// An observer entry, started: one target's session, or a fleet of containers.
+enum Started {
+    // Boxed: the two differ in size, and there are few of them.
+    Target(Box<Session>),
+    Containers(Box<Fleet>),
+}
+
+impl Started {
+    /// The TLS key lines its capture embeds (a fleet captures nothing).
+    fn keys(&self) -> Option<Arc<crate::observe::capture::KeyLines>> {
+        match self {
+            Started::Target(session) => session.keys(),
+            Started::Containers(_) => None,
+        }
+    }
+
+    /// Runs until `stop` turns true (or, for a target without follow, it goes).
+    async fn run(self, stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
+        match self {
+            Started::Target(session) => (*session).run(stop).await,
+            Started::Containers(fleet) => (*fleet).run(stop).await,
+        }
+    }
 }
 
 struct Supervisor {
@@ -524,7 +550,7 @@ fn route_key(route: &RouteSpec) -> String {
 
 /// What identifies an observer: its target and options.
 fn observer_key(observer: &ObserverSpec) -> String {
-    format!("{:?}|{:?}", observer.target, observer.session)
+    format!("{:?}|{:?}", observer.observed, observer.session)
 }
 
 impl Supervisor {
@@ -648,8 +674,17 @@ impl Supervisor {
             {
                 continue;
             }
-            let session = Session::start(observer.target, observer.session, &self.registry).await?;
-            prepared.observers.push((key, session));
+            let started =
+                match observer.observed {
+                    Observed::Target(target) => Started::Target(Box::new(
+                        Session::start(target, observer.session, &self.registry).await?,
+                    )),
+                    // Discovery starts when it runs; a daemon away is not a failure.
+                    Observed::Containers(containers) => Started::Containers(Box::new(
+                        Fleet::start(containers, observer.session.observe, &self.registry),
+                    )),
+                };
+            prepared.observers.push((key, started));
         }
         Ok(())
     }
@@ -975,7 +1010,7 @@ fn anyhow_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// container port is reached.
 fn route_observer(route: &RouteSpec) -> Option<ObserverSpec> {
     route.observe.clone().map(|target| ObserverSpec {
-        target,
+        observed: Observed::Target(target),
         session: SessionOptions {
             observe: ObserveOptions {
                 loopback: true,

@@ -125,6 +125,31 @@ fn start_daemon_unless_running() -> Result<()> {
     .with_context(|| format!("dockerd's log is {}", log_path.display()))
 }
 
+/// Stop the running dockerd (SIGTERM to the pid in `/var/run/docker.pid`)
+/// and wait until it is gone, for tests of what survives a daemon restart.
+/// Every container of the host stops with it; [`start_daemon`] brings the
+/// daemon back.
+pub fn stop_daemon() -> Result<()> {
+    let pid_file = "/var/run/docker.pid";
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .with_context(|| format!("reading {pid_file}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{pid_file} does not hold a pid"))?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("signalling dockerd ({pid})"))?;
+    poll_until("dockerd to exit", DAEMON_START_TIMEOUT, || {
+        // dockerd removes its pid file last (a zombie would still take signals).
+        Ok((!Path::new(pid_file).exists() && !ping()).then_some(()))
+    })
+}
+
+/// Start dockerd again after [`stop_daemon`] (as [`ensure_daemon`] would).
+pub fn start_daemon() -> Result<()> {
+    start_daemon_unless_running()
+}
+
 /// True when the daemon answers `GET /_ping` with 200.
 pub fn ping() -> bool {
     let answer = || -> std::io::Result<Vec<u8>> {
@@ -243,11 +268,23 @@ impl Container {
         Self::run_named(next_name(), command)
     }
 
+    /// [`Self::run`] with `docker run` options before the image
+    /// (`--label k=v`, `--network host`).
+    pub fn run_with(options: &[&str], command: &[&str]) -> Result<Self> {
+        Self::run_named_with(next_name(), options, command)
+    }
+
     fn run_named(name: String, command: &[&str]) -> Result<Self> {
+        Self::run_named_with(name, &[], command)
+    }
+
+    fn run_named_with(name: String, options: &[&str], command: &[&str]) -> Result<Self> {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         let image = image()?;
         SWEEP.call_once(sweep_stale);
-        let mut args = vec!["run", "--detach", "--name", &name, image];
+        let mut args = vec!["run", "--detach", "--name", &name];
+        args.extend_from_slice(options);
+        args.push(image);
         args.extend_from_slice(command);
         let id = match docker(&args) {
             Ok(id) => id,
@@ -269,13 +306,18 @@ impl Container {
     /// [`Self::httpd`] bound to `bind` inside the container: `0.0.0.0`
     /// makes it reachable from the host at [`Self::ip`].
     pub fn httpd_on(bind: std::net::Ipv4Addr) -> Result<Self> {
+        Self::httpd_with(bind, &[])
+    }
+
+    /// [`Self::httpd_on`] with `docker run` options (`--label k=v`).
+    pub fn httpd_with(bind: std::net::Ipv4Addr, options: &[&str]) -> Result<Self> {
         let name = next_name();
         // The body is the container's name: no other container serves it.
         let script = format!(
             "mkdir -p /www && echo {name} > /www/index.html && \
              exec httpd -f -p {bind}:{HTTPD_PORT} -h /www"
         );
-        let container = Self::run_named(name, &["sh", "-c", &script])?;
+        let container = Self::run_named_with(name, options, &["sh", "-c", &script])?;
         container.wait_listening(HTTPD_PORT)?;
         Ok(container)
     }
@@ -328,6 +370,15 @@ impl Container {
     /// Kill the container and wait until Docker reports it stopped.
     pub fn stop(&self) -> Result<()> {
         docker(&["stop", "--time", "0", &self.name]).map(drop)
+    }
+
+    /// `docker rename` to this name plus `suffix` (still the harness's
+    /// prefix, so the drop and the stale sweep find it).
+    pub fn rename(&mut self, suffix: &str) -> Result<()> {
+        let to = format!("{}{suffix}", self.name);
+        docker(&["rename", &self.name, &to])?;
+        self.name = to;
+        Ok(())
     }
 
     /// Kill and start again (same id, new process, new network namespace).

@@ -168,6 +168,30 @@ impl Subject {
         Ok(subject)
     }
 
+    /// httpd in a Docker container created with `docker run` `options`
+    /// (`--label k=v`), reachable from the host at its bridge address.
+    pub fn container_with(options: &[&str]) -> Result<Self> {
+        let container = Container::httpd_with(Bind::Any.ip(), options)?;
+        let subject = Subject {
+            kind: Kind::Container,
+            httpd: None,
+            netns: None,
+            body: container.httpd_body(),
+            container: Some(container),
+            _www: None,
+        };
+        subject.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        subject.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        Ok(subject)
+    }
+
+    /// The container, to rename it.
+    pub fn container_mut(&mut self) -> Result<&mut Container> {
+        self.container
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("this subject is not a container"))
+    }
+
     pub fn kind(&self) -> Kind {
         self.kind
     }

@@ -17,13 +17,14 @@ use clap::ValueEnum;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{DEFAULT_TOP_FLOWS, ObserverSpec, RouteSpec, Spec, TlsFlags};
+use super::{ContainersSpec, DEFAULT_TOP_FLOWS, Observed, ObserverSpec, RouteSpec, Spec, TlsFlags};
 use crate::addr::{self, Host};
 use crate::duration::{self, Timeout};
 use crate::forward::{DataPath, data_path};
 use crate::netns::Target;
 use crate::observe::ObserveOptions;
 use crate::observe::capture::{self, CaptureOptions, KernelCapture, SNAPLEN_MAX};
+use crate::observe::discover::Rule;
 use crate::observe::session::SessionOptions;
 use crate::observe::sink::{Output, SinkOptions};
 
@@ -129,7 +130,7 @@ struct Model {
     #[serde(default)]
     route: Vec<RouteEntry>,
     #[serde(default)]
-    observe: Vec<ObserveEntry>,
+    observe: Vec<Spanned<ObserveEntry>>,
     metrics: Option<MetricsEntry>,
     upgrade: Option<UpgradeEntry>,
 }
@@ -192,7 +193,11 @@ struct TlsEntry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ObserveEntry {
-    target: Spanned<String>,
+    /// One namespace; or `containers`, not both.
+    target: Option<Spanned<String>>,
+    containers: Option<Spanned<ContainersEntry>>,
+    max_containers: Option<Spanned<usize>>,
+    docker_socket: Option<PathBuf>,
     #[serde(default)]
     interfaces: Vec<String>,
     top_flows: Option<usize>,
@@ -206,6 +211,53 @@ struct ObserveEntry {
 
 fn yes() -> bool {
     true
+}
+
+/// `containers = "all"`, or a table of rules that must all match:
+/// `containers = { name = "web-*", label = ["tier=front"], image = "nginx*" }`.
+enum ContainersEntry {
+    All,
+    Select(SelectEntry),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct SelectEntry {
+    name: Option<Spanned<String>>,
+    /// `KEY` (present) or `KEY=GLOB`, each of which must match.
+    #[serde(default)]
+    label: Vec<Spanned<String>>,
+    image: Option<Spanned<String>>,
+}
+
+impl<'de> Deserialize<'de> for ContainersEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ContainersEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    r#""all" or a table { name = "GLOB", label = ["KEY=GLOB"], image = "GLOB" }"#,
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "all" => Ok(ContainersEntry::All),
+                    other => Err(E::custom(format!(
+                        r#"{other:?}: expected "all" or a table {{ name = "GLOB", label = ["KEY=GLOB"], image = "GLOB" }}"#
+                    ))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                SelectEntry::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ContainersEntry::Select)
+            }
+        }
+        de.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -346,7 +398,10 @@ impl Report<'_> {
             .observe
             .into_iter()
             .enumerate()
-            .filter_map(|(i, entry)| self.observer(&format!("observe[{i}]"), entry))
+            .filter_map(|(i, entry)| {
+                let span = entry.span();
+                self.observer(&format!("observe[{i}]"), span, entry.into_inner())
+            })
             .collect();
         Spec {
             routes,
@@ -575,14 +630,70 @@ impl Report<'_> {
         }
     }
 
-    fn observer(&mut self, key: &str, entry: ObserveEntry) -> Option<ObserverSpec> {
-        let target = self.value(&entry.target, &format!("{key}.target"), Target::from_str)?;
-        let capture = entry
-            .capture
-            .as_ref()
-            .and_then(|c| self.capture(&format!("{key}.capture"), c.get_ref()));
+    fn observer(
+        &mut self,
+        key: &str,
+        span: Range<usize>,
+        entry: ObserveEntry,
+    ) -> Option<ObserverSpec> {
+        let observed = match (&entry.target, &entry.containers) {
+            (Some(target), None) => {
+                for (set, what) in [
+                    (
+                        entry.max_containers.as_ref().map(Spanned::span),
+                        "max-containers",
+                    ),
+                    (
+                        entry.docker_socket.as_ref().map(|_| span.clone()),
+                        "docker-socket",
+                    ),
+                ] {
+                    if let Some(at) = set {
+                        self.at(
+                            Some(at),
+                            &format!("{key}.{what}"),
+                            "applies to `containers` only; for one container write `target = \"container:NAME\"` without it",
+                        );
+                    }
+                }
+                Observed::Target(self.value(target, &format!("{key}.target"), Target::from_str)?)
+            }
+            (None, Some(containers)) => {
+                if let Some(capture) = &entry.capture {
+                    self.at(
+                        Some(capture.span()),
+                        &format!("{key}.capture"),
+                        "capture is not available for `containers` yet: capture one with `target = \"container:NAME\"`",
+                    );
+                }
+                Observed::Containers(self.containers(key, &entry, containers)?)
+            }
+            (Some(target), Some(_)) => {
+                self.at(
+                    Some(target.span()),
+                    key,
+                    "has both `target` and `containers`: an entry observes one target or the containers; write two [[observe]] entries",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.at(
+                    Some(span),
+                    key,
+                    "needs `target = \"container:NAME|pid:PID|netns:NAME|host\"` or `containers = \"all\"` (or a selection table)",
+                );
+                return None;
+            }
+        };
+        let capture = match &observed {
+            Observed::Target(_) => entry
+                .capture
+                .as_ref()
+                .and_then(|c| self.capture(&format!("{key}.capture"), c.get_ref())),
+            Observed::Containers(_) => None,
+        };
         Some(ObserverSpec {
-            target,
+            observed,
             session: SessionOptions {
                 observe: ObserveOptions {
                     interfaces: entry.interfaces,
@@ -596,6 +707,53 @@ impl Report<'_> {
                 capture,
             },
         })
+    }
+
+    /// A `containers` entry's selection, cap and socket.
+    fn containers(
+        &mut self,
+        key: &str,
+        entry: &ObserveEntry,
+        containers: &Spanned<ContainersEntry>,
+    ) -> Option<ContainersSpec> {
+        let mut spec = ContainersSpec::default();
+        if let ContainersEntry::Select(select) = containers.get_ref() {
+            let key = format!("{key}.containers");
+            let rules = select
+                .name
+                .iter()
+                .map(|v| ("name", v))
+                .chain(select.label.iter().map(|v| ("label", v)))
+                .chain(select.image.iter().map(|v| ("image", v)));
+            let mut ok = true;
+            for (kind, value) in rules {
+                match format!("{kind}={}", value.get_ref()).parse::<Rule>() {
+                    Ok(rule) => spec.select.rules.push(rule),
+                    Err(e) => {
+                        self.at(Some(value.span()), &format!("{key}.{kind}"), e.to_string());
+                        ok = false;
+                    }
+                }
+            }
+            if !ok {
+                return None;
+            }
+        }
+        if let Some(max) = &entry.max_containers {
+            if *max.get_ref() == 0 {
+                self.at(
+                    Some(max.span()),
+                    &format!("{key}.max-containers"),
+                    "must be at least 1 (it caps how many containers are attached)",
+                );
+                return None;
+            }
+            spec.max_containers = *max.get_ref();
+        }
+        if let Some(socket) = &entry.docker_socket {
+            spec.docker_socket = socket.clone();
+        }
+        Some(spec)
     }
 
     fn capture(&mut self, key: &str, entry: &CaptureEntry) -> Option<CaptureOptions> {
@@ -774,6 +932,74 @@ interfaces = ["eth0"]
             spec.observers[0].session.follow,
             "a daemon follows by default"
         );
+    }
+
+    #[test]
+    fn containers_entries_read_as_a_selection_and_bad_ones_are_placed() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            r#"
+[[observe]]
+containers = "all"
+
+[[observe]]
+containers = { name = "web-*", label = ["com.docker.compose.project=shop", "tier"], image = "nginx*" }
+max-containers = 50
+docker-socket = "/run/docker.sock"
+"#,
+        )
+        .expect("a valid file");
+        let Observed::Containers(all) = &spec.observers[0].observed else {
+            panic!("containers = \"all\" is a containers entry");
+        };
+        assert_eq!(all, &ContainersSpec::default());
+        let Observed::Containers(some) = &spec.observers[1].observed else {
+            panic!("a selection table is a containers entry");
+        };
+        assert_eq!(
+            some.select.to_string(),
+            "name=web-* and label=com.docker.compose.project=shop and label=tier and image=nginx*"
+        );
+        assert_eq!(some.max_containers, 50);
+        assert_eq!(some.docker_socket, PathBuf::from("/run/docker.sock"));
+
+        for (text, expected) in [
+            (
+                "[[observe]]\ncontainers = \"some\"\n",
+                "relay.toml:2:14: observe[0].containers: \"some\": expected \"all\" or a table",
+            ),
+            (
+                "[[observe]]\ncontainers = { label = [\"=x\"] }\n",
+                "relay.toml:2:25: observe[0].containers.label: invalid selection \"label==x\": empty label key",
+            ),
+            (
+                "[[observe]]\ncontainers = { pod = \"x\" }\n",
+                "relay.toml:2:16: observe[0].containers.pod: unknown field `pod`, expected one of `name`, `label`, `image`",
+            ),
+            (
+                "[[observe]]\ntarget = \"host\"\ncontainers = \"all\"\n",
+                "relay.toml:2:10: observe[0]: has both `target` and `containers`",
+            ),
+            ("[[observe]]\nfollow = true\n", "observe[0]: needs `target"),
+            (
+                "[[observe]]\ncontainers = \"all\"\nmax-containers = 0\n",
+                "relay.toml:3:18: observe[0].max-containers: must be at least 1",
+            ),
+            (
+                "[[observe]]\ntarget = \"host\"\nmax-containers = 5\n",
+                "relay.toml:3:18: observe[0].max-containers: applies to `containers` only",
+            ),
+            (
+                "[[observe]]\ncontainers = \"all\"\n[observe.capture]\npcap = \"x.pcapng\"\n",
+                "observe[0].capture: capture is not available for `containers` yet",
+            ),
+        ] {
+            let found = problems(text);
+            assert!(
+                found.iter().any(|p| p.contains(expected)),
+                "{text:?}: expected a problem containing {expected:?}, got {found:?}"
+            );
+        }
     }
 
     #[test]

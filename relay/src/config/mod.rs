@@ -18,6 +18,7 @@ use crate::addr::{ListenAddr, TargetAddr};
 use crate::forward::DataPath;
 use crate::netns::Target;
 use crate::observe::capture::CaptureOptions;
+pub use crate::observe::fleet::{ContainersSpec, DEFAULT_MAX_CONTAINERS};
 use crate::observe::session::SessionOptions;
 use crate::tls::settings::Flags as TlsFlags;
 
@@ -105,11 +106,21 @@ impl RouteSpec {
     }
 }
 
-/// One observed target and how it is observed.
+/// One observer entry and how it observes.
 #[derive(Debug, Clone)]
 pub struct ObserverSpec {
-    pub target: Target,
+    pub observed: Observed,
     pub session: SessionOptions,
+}
+
+/// What an observer entry observes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// One namespace (`container:web`, `pid:N`, `netns:x`, `host`).
+    Target(Target),
+    /// Every selected running container, each in its own namespace,
+    /// discovered and followed at run time (`containers`).
+    Containers(ContainersSpec),
 }
 
 /// The spec `relay run` uses when no file is given: observe this host's

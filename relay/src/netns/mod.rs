@@ -196,16 +196,9 @@ pub async fn resolve_with(target: &Target, docker: &DockerClient) -> Result<Netn
                     status: state.status,
                 });
             }
-            let path = pid_ns_path(state.pid);
-            let fd = open_netns(&spec, &path).map_err(|e| match e {
-                NetnsError::NoSuchPath { .. } => NetnsError::ContainerNotRunning {
-                    container: name.clone(),
-                    status: format!("its process {} has exited", state.pid),
-                },
-                other => other,
-            })?;
-            Netns::new(fd, target, state.name, &path, Some(state.pid)).map(|mut ns| {
-                ns.container_id = Some(state.id);
+            open_container(name, &state.name, &state.id, state.pid).map(|mut ns| {
+                // Asked again by `still_current`: as the user named it.
+                ns.target = target.clone();
                 ns.docker = Some(docker.clone());
                 ns
             })
@@ -226,6 +219,25 @@ pub async fn resolve_with(target: &Target, docker: &DockerClient) -> Result<Netn
             Netns::new(fd, target, target.label(), &path, None)
         }
     }
+}
+
+/// The namespace of a running container whose process is known (from an
+/// inspect, or discovery's): `/proc/<pid>/ns/net`, labelled with the
+/// container's `name`. `asked` is how the user named it, for messages.
+pub fn open_container(asked: &str, name: &str, id: &str, pid: u32) -> Result<Netns, NetnsError> {
+    let target = Target::Container(name.to_string());
+    let path = pid_ns_path(pid);
+    let fd = open_netns(&target.spec(), &path).map_err(|e| match e {
+        NetnsError::NoSuchPath { .. } => NetnsError::ContainerNotRunning {
+            container: asked.to_string(),
+            status: format!("its process {pid} has exited"),
+        },
+        other => other,
+    })?;
+    Netns::new(fd, &target, name.to_string(), &path, Some(pid)).map(|mut ns| {
+        ns.container_id = Some(id.to_string());
+        ns
+    })
 }
 
 impl Netns {

@@ -4,6 +4,12 @@
 //! so each series remembers the total it last exported and adds the
 //! difference. Flows are exported as a bounded top-K (`rank` 1..K) plus one
 //! `other` series holding the rest, whatever the number of flows.
+//!
+//! Every series carries `target` (the observer's label: a container's
+//! name, `host`, `pid:N`, a netns name) and `container` (the container's
+//! name for container targets, empty otherwise), so a container's series
+//! are the same whether it is observed alone (`container:web`) or as one
+//! of `containers`, and join `relay_observe_container_info` on `container`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -40,29 +46,37 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition is valid")
 }
 
-const FLOW_LABELS: [&str; 6] = ["target", "rank", "iface", "proto", "src", "dst"];
+const FLOW_LABELS: [&str; 7] = [
+    "target",
+    "container",
+    "rank",
+    "iface",
+    "proto",
+    "src",
+    "dst",
+];
 
 impl ObserveMetrics {
     pub fn register(registry: &Registry) -> Self {
-        let traffic = ["target", "iface", "direction", "proto"];
+        let traffic = ["target", "container", "iface", "direction", "proto"];
         let metrics = ObserveMetrics {
             packets: counter("relay_observe_packets_total", "Packets seen by the observer, per interface, direction and protocol.", &traffic),
             bytes: counter("relay_observe_bytes_total", "Bytes seen by the observer (link-layer frame length).", &traffic),
-            flags: counter("relay_observe_tcp_flags_total", "TCP segments with SYN (no ACK), SYN-ACK, FIN or RST set.", &["target", "iface", "direction", "flag"]),
+            flags: counter("relay_observe_tcp_flags_total", "TCP segments with SYN (no ACK), SYN-ACK, FIN or RST set.", &["target", "container", "iface", "direction", "flag"]),
             top_bytes: gauge("relay_observe_top_flow_bytes", "Bytes of the top flows by bytes (rank 1..K) and of all others (rank=\"other\").", &FLOW_LABELS),
             top_packets: gauge("relay_observe_top_flow_packets", "Packets of the flows in relay_observe_top_flow_bytes.", &FLOW_LABELS),
-            attached: gauge("relay_observe_attached", "1 while the observer's programs are attached to the interface.", &["target", "iface"]),
+            attached: gauge("relay_observe_attached", "1 while the observer's programs are attached to the interface.", &["target", "container", "iface"]),
             run_seconds: prometheus::CounterVec::new(
                 Opts::new("relay_observe_program_run_seconds_total", "Time the observe programs ran, from the kernel's BPF statistics (--bpf-stats)."),
-                &["target", "program"],
+                &["target", "container", "program"],
             )
             .expect("static metric definition is valid"),
-            runs: counter("relay_observe_program_runs_total", "Runs of the observe programs, from the kernel's BPF statistics (--bpf-stats).", &["target", "program"]),
-            samples: counter("relay_observe_samples_total", "Packets sampled into the ring buffer for --pcap.", &["target", "iface"]),
+            runs: counter("relay_observe_program_runs_total", "Runs of the observe programs, from the kernel's BPF statistics (--bpf-stats).", &["target", "container", "program"]),
+            samples: counter("relay_observe_samples_total", "Packets sampled into the ring buffer for --pcap.", &["target", "container", "iface"]),
             sample_drops: counter(
                 "relay_observe_sample_drops_total",
                 "Packets not sampled whole for --pcap: reason=filter (did not match), sampled (left out by --sample), ring_full (no room in the ring buffer: lost), truncated (sampled, cut to --snaplen).",
-                &["target", "iface", "reason"],
+                &["target", "container", "iface", "reason"],
             ),
             last: Mutex::new(HashMap::new()),
             flow_labels: Mutex::new(HashMap::new()),
@@ -98,19 +112,28 @@ impl ObserveMetrics {
         total.saturating_sub(previous)
     }
 
-    pub fn attached(&self, target: &str, interfaces: &[Interface], on: bool) {
+    pub fn attached(&self, target: &str, container: &str, interfaces: &[Interface], on: bool) {
         for iface in interfaces {
             if on {
                 self.attached
-                    .with_label_values(&[target, &iface.name])
+                    .with_label_values(&[target, container, &iface.name])
                     .set(1);
             } else {
-                let _ = self.attached.remove_label_values(&[target, &iface.name]);
+                let _ = self
+                    .attached
+                    .remove_label_values(&[target, container, &iface.name]);
             }
         }
     }
 
-    pub fn export(&self, target: &str, interfaces: &[Interface], snapshot: &Snapshot, top: usize) {
+    pub fn export(
+        &self,
+        target: &str,
+        container: &str,
+        interfaces: &[Interface],
+        snapshot: &Snapshot,
+        top: usize,
+    ) {
         let name = |index: u32| {
             interfaces
                 .iter()
@@ -127,7 +150,7 @@ impl ObserveMetrics {
             entry.1 += counter.bytes;
         }
         for ((iface, direction, proto), (packets, bytes)) in traffic {
-            let labels = [target, iface.as_str(), direction, proto];
+            let labels = [target, container, iface.as_str(), direction, proto];
             self.packets
                 .with_label_values(&labels)
                 .inc_by(self.advance("packets", &labels, packets));
@@ -137,13 +160,13 @@ impl ObserveMetrics {
         }
         for ((ifindex, direction, flag), count) in &snapshot.flags {
             let iface = name(*ifindex);
-            let labels = [target, iface.as_str(), direction.as_str(), flag];
+            let labels = [target, container, iface.as_str(), direction.as_str(), flag];
             self.flags
                 .with_label_values(&labels)
                 .inc_by(self.advance("flags", &labels, *count));
         }
         for (program, cost) in &snapshot.programs {
-            let labels = [target, program];
+            let labels = [target, container, program];
             self.runs
                 .with_label_values(&labels)
                 .inc_by(self.advance("runs", &labels, cost.runs));
@@ -160,7 +183,7 @@ impl ObserveMetrics {
             let iface = name(*ifindex);
             let reason = match stat {
                 CaptureStat::Sent => {
-                    let labels = [target, iface.as_str()];
+                    let labels = [target, container, iface.as_str()];
                     self.samples
                         .with_label_values(&labels)
                         .inc_by(self.advance("samples", &labels, *count));
@@ -172,17 +195,18 @@ impl ObserveMetrics {
                 CaptureStat::RingFull => "ring_full",
                 CaptureStat::Truncated => "truncated",
             };
-            let labels = [target, iface.as_str(), reason];
+            let labels = [target, container, iface.as_str(), reason];
             self.sample_drops
                 .with_label_values(&labels)
                 .inc_by(self.advance("drops", &labels, *count));
         }
-        self.export_flows(target, &name, snapshot, top);
+        self.export_flows(target, container, &name, snapshot, top);
     }
 
     fn export_flows(
         &self,
         target: &str,
+        container: &str,
         name: &dyn Fn(u32) -> String,
         snapshot: &Snapshot,
         top: usize,
@@ -206,6 +230,7 @@ impl ObserveMetrics {
             set(
                 vec![
                     target.to_string(),
+                    container.to_string(),
                     (rank + 1).to_string(),
                     name(flow.ifindex),
                     flow.proto_name().to_string(),
@@ -224,6 +249,7 @@ impl ObserveMetrics {
         set(
             vec![
                 target.to_string(),
+                container.to_string(),
                 "other".into(),
                 String::new(),
                 String::new(),
@@ -249,8 +275,8 @@ impl ObserveMetrics {
     }
 
     /// Removes every series of `target` (its namespace is gone).
-    pub fn forget(&self, target: &str, interfaces: &[Interface]) {
-        self.attached(target, interfaces, false);
+    pub fn forget(&self, target: &str, container: &str, interfaces: &[Interface]) {
+        self.attached(target, container, interfaces, false);
         let mut previous = self.flow_labels.lock().unwrap_or_else(|p| p.into_inner());
         for labels in previous.remove(target).into_iter().flatten() {
             let refs: Vec<&str> = labels.iter().map(String::as_str).collect();

@@ -4,6 +4,9 @@
 //! - [`attach`]: which interfaces, and attaching at TC ingress/egress;
 //! - [`maps`]: the structs shared with the C program, and reading its maps;
 //! - [`export`]: turning snapshots into Prometheus series;
+//! - [`session`]: one target, followed across restarts;
+//! - [`discover`], [`fleet`]: every container of the host (`containers`),
+//!   found through the Docker API and attached one by one;
 //! - [`filter`], [`samples`], [`sink`], [`capture`]: sampled packets to
 //!   pcapng (`--pcap`), filtered and sampled in the kernel.
 //!
@@ -12,8 +15,10 @@
 
 pub mod attach;
 pub mod capture;
+pub mod discover;
 pub mod export;
 pub mod filter;
+pub mod fleet;
 pub mod maps;
 pub mod samples;
 pub mod session;

@@ -60,6 +60,15 @@ async fn still_there(netns: &Netns) -> bool {
     })
 }
 
+/// The `container` label: the observed container's name (as resolved,
+/// also when it was given by id), empty for every other kind of target.
+fn container_label<'a>(target: &Target, label: &'a str) -> &'a str {
+    match target {
+        Target::Container(_) => label,
+        _ => "",
+    }
+}
+
 /// Resolves when the capture (if any) failed to write; never without one.
 async fn capture_failed(capture: &mut Option<CaptureRun>) -> Arc<CaptureError> {
     match capture {
@@ -108,22 +117,35 @@ impl Session {
         }
         let export = metrics.shared(ObserveMetrics::register);
         let slot: Slot = Arc::new(Mutex::new(None));
-        let (hook_slot, hook_export, top) =
-            (slot.clone(), export.clone(), options.observe.top_flows);
+        let (hook_slot, hook_export, hook_target, top) = (
+            slot.clone(),
+            export.clone(),
+            target.clone(),
+            options.observe.top_flows,
+        );
         let scrape = metrics.on_scrape(move || {
             let current = hook_slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some(observer) = current {
                 match observer.snapshot() {
-                    Ok(snapshot) => {
-                        hook_export.export(observer.target(), observer.interfaces(), &snapshot, top)
-                    }
+                    Ok(snapshot) => hook_export.export(
+                        observer.target(),
+                        container_label(&hook_target, observer.target()),
+                        observer.interfaces(),
+                        &snapshot,
+                        top,
+                    ),
                     Err(err) => {
                         tracing::warn!(error = %Chain(&err), "cannot read the observer's maps")
                     }
                 }
             }
         });
-        export.attached(observer.target(), observer.interfaces(), true);
+        export.attached(
+            observer.target(),
+            container_label(&target, observer.target()),
+            observer.interfaces(),
+            true,
+        );
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
         let ready = metrics
             .readiness()
@@ -164,7 +186,12 @@ impl Session {
         let mut before = (Snapshot::default(), Instant::now());
         loop {
             if let Some(observer) = &current {
-                export.attached(observer.target(), observer.interfaces(), true);
+                export.attached(
+                    observer.target(),
+                    container_label(&target, observer.target()),
+                    observer.interfaces(),
+                    true,
+                );
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer.clone());
             }
             tokio::select! {
@@ -194,7 +221,11 @@ impl Session {
             match &current {
                 Some(observer) if !still_there(&netns).await => {
                     tracing::warn!(observed = %observer.target(), "target stopped: detaching, its series are removed");
-                    export.forget(observer.target(), observer.interfaces());
+                    export.forget(
+                        observer.target(),
+                        container_label(&target, observer.target()),
+                        observer.interfaces(),
+                    );
                     *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     if let Some(run) = &mut capture {
                         run.detach().await?;
@@ -224,7 +255,11 @@ impl Session {
             run.detach().await?;
         }
         if let Some(observer) = current {
-            export.forget(observer.target(), observer.interfaces());
+            export.forget(
+                observer.target(),
+                container_label(&target, observer.target()),
+                observer.interfaces(),
+            );
         }
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // The session is over (stopped, or its target gone for good): it
