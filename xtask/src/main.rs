@@ -54,7 +54,14 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("build-ebpf") => ebpf::build(),
         Some("dist") => dist::run(),
-        Some("bench") => bench::Options::parse(&args[1..]).and_then(|opts| bench::run(&opts)),
+        Some("bench") => match bench::Options::parse(&args[1..]) {
+            Ok(opts) => bench::run(&opts),
+            Err(err) => {
+                // A usage error: exit 2, as for an unknown command.
+                eprintln!("xtask: bench: {err:#}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

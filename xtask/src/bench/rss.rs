@@ -54,7 +54,19 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         .into_iter()
         .filter(|v| *v != Via::Direct)
         .collect();
-    let count = |via: Via| if via == Via::Socat { n_socat } else { n_many };
+    // docker-proxy relays with Go's io.Copy, which splices through a pipe
+    // per direction, held while the connection idles: six descriptors per
+    // connection. At EMFILE it stops accepting for good ("Stopping proxy"),
+    // so it gets what its limit holds.
+    let n_docker = n_many.min(
+        usize::try_from(super::peers::fd_hard_limit().saturating_sub(1024) / 6)
+            .unwrap_or(usize::MAX),
+    );
+    let count = |via: Via| match via {
+        Via::Socat => n_socat,
+        Via::DockerProxy => n_docker,
+        _ => n_many,
+    };
     println!(
         "xtask: bench: memory per idle connection, x{n_many} (socat x{n_socat}); one process: VmRSS, \
          several (socat's forks, nginx's workers): sum of Pss"

@@ -479,3 +479,39 @@ fn wait_fd3(reader: std::io::PipeReader, proc: &mut Proc) -> Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for docker-proxy: writes `report` on fd 3 and closes it,
+    /// then keeps running, as docker-proxy does.
+    fn fake(report: &str) -> Result<()> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("printf '{report}' >&3; exec 3>&-; sleep 5"));
+        let reader = fd3_readiness(&mut cmd)?;
+        let mut proc = Proc::spawn("fd3-test", cmd)?;
+        wait_fd3(reader, &mut proc)
+    }
+
+    #[test]
+    fn fd3_readiness_passes_on_zero_and_reports_the_error_otherwise() {
+        fake("0\\n").unwrap();
+        let err = fake("1\\nlisten tcp 127.0.0.1:1: bind: permission denied").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("bind: permission denied"),
+            "{err:#}"
+        );
+        assert!(fake("").is_err());
+    }
+
+    #[test]
+    fn peers_are_named_and_found_by_name() {
+        for via in Via::ALL {
+            assert_eq!(Via::from_name(via.name()), Some(via));
+        }
+        assert!(!Via::Direct.is_peer() && !Via::Relay.is_peer() && Via::Nginx.is_peer());
+        assert!(!Via::PLAIN.contains(&Via::Stunnel) && !Via::TLS.contains(&Via::DockerProxy));
+    }
+}
