@@ -192,6 +192,13 @@ impl Drop for Proc {
         if self.exited.is_none() {
             let _ = self.child.wait();
         }
+        // The others (nginx's workers, socat's forks) are not our children:
+        // wait a moment for them to be gone, so that the next measurement
+        // does not share the machine with a dying forwarder.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while running_members(pid) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if let Ok(mut live) = LIVE_GROUPS.lock() {
             live.remove(&pid);
         }
@@ -425,6 +432,21 @@ pub fn group_members(pgid: i32) -> Result<Vec<i32>> {
         }
     }
     Ok(pids)
+}
+
+/// Members of group `pgid` that are not zombies (a zombie holds no socket
+/// and uses no CPU; init reaps it when it will).
+fn running_members(pgid: i32) -> usize {
+    group_members(pgid).map_or(0, |pids| {
+        pids.into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    let state = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                    !state.trim_start().starts_with('Z')
+                })
+            })
+            .count()
+    })
 }
 
 /// utime + stime + cutime + cstime (fields 14-17), counted after the
