@@ -22,15 +22,25 @@ commands:
                    then run `cargo test --workspace --release ARGS...`
                    (ARGS are passed to cargo test as given, e.g.
                    `cargo xtask test half_close -- --nocapture`)
-  bench [--quick] [--only SECTION,...]
-                   direct vs socat vs relay on loopback: throughput, new
-                   connections/s, 1-byte ping-pong latency, RSS per idle
-                   connection, TLS bridge and handshakes, relay's data paths,
-                   the observer's cost,
-                   packet capture vs tcpdump; prints a markdown table and writes
-                   target/bench/results.json (--quick: shorter runs;
-                   --only: some of throughput,connrate,latency,rss,tls,datapath,
-                   observe,capture)
+  bench [--quick] [--rounds N] [--only SECTION,...] [--peers PEER,...]
+                   relay beside direct and the real peers on loopback, in one
+                   run, order rotated, medians of rounds: socat, haproxy
+                   (tcp mode, nbthread 2), haproxy-splice (option
+                   splice-auto), nginx (stream, 2 workers), docker-proxy, and
+                   stunnel for the TLS rows. Throughput (1 and 8 streams, CPU
+                   per GiB), new connections/s, 1-byte ping-pong latency, RSS
+                   per idle connection, TLS bridge and handshakes, new
+                   connections/s over 200 routes, relay's data paths, the
+                   observer's cost, packet capture vs tcpdump, reload; prints
+                   a markdown table (a column per peer, relay / best peer,
+                   targets) and writes target/bench/results.json, the peers'
+                   configurations in target/bench/<peer>-<row>.conf.
+                   Installs missing Debian packages first (as root).
+                   --quick: 2 s runs, 1 round; --rounds N: N rounds per
+                   measurement (default 3); --only: some of throughput,
+                   connrate,latency,rss,tls,routes,datapath,observe,capture,
+                   reload; --peers: only these peers (direct and relay always
+                   run). A full run takes about 30 minutes on 2 cores.
   dist             static relay binary (glibc, +crt-static), CA bundle, shell
                    completions and man pages in target/dist; the Dockerfile
                    builds its FROM scratch image from there
@@ -44,7 +54,14 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("build-ebpf") => ebpf::build(),
         Some("dist") => dist::run(),
-        Some("bench") => bench::Options::parse(&args[1..]).and_then(|opts| bench::run(&opts)),
+        Some("bench") => match bench::Options::parse(&args[1..]) {
+            Ok(opts) => bench::run(&opts),
+            Err(err) => {
+                // A usage error: exit 2, as for an unknown command.
+                eprintln!("xtask: bench: {err:#}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

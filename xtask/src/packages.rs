@@ -40,6 +40,21 @@ pub const REQUIRED: &[Package] = &[
         name: "nginx-light",
         program: "nginx",
     },
+    // The bench's peers (issue 18): HAProxy, nginx's stream module (a
+    // dynamic module in Debian, checked by its file), stunnel for the TLS
+    // rows; docker-proxy comes with docker.io below.
+    Package {
+        name: "haproxy",
+        program: "haproxy",
+    },
+    Package {
+        name: "libnginx-mod-stream",
+        program: "/usr/lib/nginx/modules/ngx_stream_module.so",
+    },
+    Package {
+        name: "stunnel4",
+        program: "stunnel4",
+    },
     Package {
         name: "iproute2",
         program: "ip",
@@ -86,7 +101,8 @@ pub const REQUIRED: &[Package] = &[
         name: "bpftool",
         program: "bpftool",
     },
-    // Container targets: a Docker engine and busybox for FROM-scratch images.
+    // Container targets: a Docker engine and busybox for FROM-scratch images;
+    // the bench runs docker-proxy from the same package.
     Package {
         name: "docker.io",
         program: "dockerd",

@@ -25,6 +25,7 @@ use super::Ctx;
 use super::observe::NetnsPair;
 use super::procs::{self, Proc, TempDir};
 use super::report::{Row, SectionReport, Target, median_by};
+use super::via::Via;
 use crate::workspace;
 
 const SNAPLEN: &str = "128";
@@ -280,46 +281,43 @@ fn rows(bare: Option<f64>, relay: Option<Run>, tcpdump: Option<Run>) -> Vec<Row>
         (Some(r), Some(b)) if b > 0.0 => format!("{:.3}x", r.gbps / b),
         _ => "-".to_string(),
     };
-    vec![
-        Row {
-            metric: format!(
-                "capture: packets written per second at snaplen {SNAPLEN} (direct = tcpdump -w, relay = observe --pcap)"
-            ),
-            values: [fmt(pps(tcpdump), 0), "-".to_string(), fmt(pps(relay), 0)],
-            vs_socat: "-".to_string(),
-            vs_direct: ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x")),
-            target: Some(Target {
-                text: ">= 1x tcpdump".to_string(),
-                pass: ratio.map(|r| r >= 1.0),
-            }),
-        },
-        Row {
-            metric: "capture: packets dropped, as each tool reports it (direct = tcpdump, relay = relay)".to_string(),
-            values: [
-                fmt(tcpdump.map(|r| r.dropped as f64), 0),
-                "-".to_string(),
-                fmt(relay.map(|r| r.dropped as f64), 0),
-            ],
-            vs_socat: "-".to_string(),
-            vs_direct: "-".to_string(),
-            target: Some(Target {
-                text: "every drop reported (relay: written + dropped = seen)".to_string(),
-                // with_relay fails the run when relay's counts do not add up.
-                pass: relay.map(|_| true),
-            }),
-        },
-        Row {
-            metric: "capture: iperf3 throughput while capturing, vs unobserved (direct = tcpdump, relay = relay) (Gbit/s)".to_string(),
-            values: [
-                fmt(tcpdump.map(|r| r.gbps), 2),
-                fmt(bare, 2),
-                fmt(relay.map(|r| r.gbps), 2),
-            ],
-            vs_socat: format!("tcpdump {}", vs_bare(tcpdump)),
-            vs_direct: format!("relay {}", vs_bare(relay)),
-            target: None,
-        },
-    ]
+    let mut written = Row::cells(
+        format!(
+            "capture: packets written per second at snaplen {SNAPLEN} (direct = tcpdump -w, relay = observe --pcap)"
+        ),
+        &[
+            (Via::Direct, fmt(pps(tcpdump), 0)),
+            (Via::Relay, fmt(pps(relay), 0)),
+        ],
+    )
+    .target(Target {
+        text: ">= 1x tcpdump".to_string(),
+        pass: ratio.map(|r| r >= 1.0),
+    });
+    written.vs_direct = ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
+    let dropped = Row::cells(
+        "capture: packets dropped, as each tool reports it (direct = tcpdump, relay = relay)",
+        &[
+            (Via::Direct, fmt(tcpdump.map(|r| r.dropped as f64), 0)),
+            (Via::Relay, fmt(relay.map(|r| r.dropped as f64), 0)),
+        ],
+    )
+    .target(Target {
+        text: "every drop reported (relay: written + dropped = seen)".to_string(),
+        // with_relay fails the run when relay's counts do not add up.
+        pass: relay.map(|_| true),
+    });
+    let mut during = Row::cells(
+        "capture: iperf3 throughput while capturing, vs unobserved (direct = tcpdump, socat = unobserved, relay = relay) (Gbit/s)",
+        &[
+            (Via::Direct, fmt(tcpdump.map(|r| r.gbps), 2)),
+            (Via::Socat, fmt(bare, 2)),
+            (Via::Relay, fmt(relay.map(|r| r.gbps), 2)),
+        ],
+    );
+    during.vs_best_peer = format!("tcpdump {}", vs_bare(tcpdump));
+    during.vs_direct = format!("relay {}", vs_bare(relay));
+    vec![written, dropped, during]
 }
 
 #[cfg(test)]

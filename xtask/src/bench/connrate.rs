@@ -1,6 +1,8 @@
 //! New connections per second: wrk against a real nginx with
 //! `Connection: close`, so every request is a new TCP connection (and, for
-//! socat, a new process). Target: relay >= 4x socat.
+//! socat, a new process). Targets: relay >= 4x socat, >= 1.2x the best
+//! peer (issue 18: HAProxy and nginx lead here) and >= 0.5x direct.
+//! The nginx serving the file is [`Nginx`], shared with `routes.rs`.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,10 +12,12 @@ use serde_json::json;
 
 use super::Ctx;
 use super::procs::{self, Proc, TempDir};
-use super::report::{PerVia, Row, SectionReport, Target, cell, median_by, ratio};
-use super::via::Hop;
+use super::report::{Better, PerVia, SectionReport, Target, median_by};
+use super::via::{Hop, Via};
 
 const TARGET_VS_SOCAT: f64 = 4.0;
+const TARGET_VS_BEST: f64 = 1.2;
+const TARGET_VS_DIRECT: f64 = 0.5;
 const THREADS: u32 = 2;
 const CONNECTIONS: u32 = 32;
 
@@ -27,14 +31,15 @@ struct WrkRun {
 }
 
 pub fn run(ctx: &Ctx) -> SectionReport {
-    let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
+    let (secs, rounds) = (ctx.secs(), ctx.rounds());
+    let vias = ctx.vias(Via::PLAIN);
     println!(
         "xtask: bench: new connections/s, nginx + wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s, Connection: close, \
          median of {rounds} rotating round(s)"
     );
     let samples = match Nginx::start() {
-        Err(err) => PerVia::all_failed(&err.context("cannot start nginx")),
-        Ok(mut nginx) => PerVia::measure_rounds(rounds, |via| {
+        Err(err) => PerVia::all_failed(&vias, &err.context("cannot start nginx")),
+        Ok(mut nginx) => PerVia::measure_rounds(&vias, rounds, |via| {
             let mut hop = Hop::start(
                 via,
                 nginx.port,
@@ -46,7 +51,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
             hop.check_alive()?;
             nginx.proc.check_alive()?;
             println!(
-                "xtask:   {:<6} {:.0} req/s ({} requests, {} socket errors, {} non-2xx)",
+                "xtask:   {:<14} {:.0} req/s ({} requests, {} socket errors, {} non-2xx)",
                 via.name(),
                 run.requests_per_s,
                 run.requests,
@@ -70,24 +75,15 @@ pub fn run(ctx: &Ctx) -> SectionReport {
 
     let runs = samples.map(|s| median_by(s, |r| r.requests_per_s));
     let rps = runs.map(|r| r.requests_per_s);
-    let relay_vs_socat = match (&rps.relay, &rps.socat) {
-        (Ok(r), Ok(s)) if *s > 0.0 => Some(r / s),
-        _ => None,
-    };
-    let row = Row {
-        metric: "new connections (req/s, Connection: close)".to_string(),
-        values: [
-            cell(&rps.direct, 0),
-            cell(&rps.socat, 0),
-            cell(&rps.relay, 0),
-        ],
-        vs_socat: ratio(rps.relay.clone().ok(), rps.socat.clone().ok()),
-        vs_direct: ratio(rps.relay.clone().ok(), rps.direct.clone().ok()),
-        target: Some(Target {
-            text: format!(">= {TARGET_VS_SOCAT}x socat"),
-            pass: relay_vs_socat.map(|r| r >= TARGET_VS_SOCAT),
-        }),
-    };
+    let row = rps
+        .row(
+            "new connections (req/s, Connection: close)",
+            0,
+            Better::Higher,
+        )
+        .target(Target::at_least(&rps, Via::Socat, TARGET_VS_SOCAT))
+        .target(Target::vs_best_peer(&rps, Better::Higher, TARGET_VS_BEST))
+        .target(Target::at_least(&rps, Via::Direct, TARGET_VS_DIRECT));
     SectionReport {
         key: "connection_rate",
         json: json!({
@@ -101,7 +97,8 @@ pub fn run(ctx: &Ctx) -> SectionReport {
                 "socket_errors": r.socket_errors,
                 "non_2xx": r.non_2xx,
             })),
-            "relay_vs_socat": relay_vs_socat,
+            "relay_vs_socat": rps.relay_vs(Via::Socat),
+            "relay_vs_best_peer": rps.relay_vs_best_peer(Better::Higher),
         }),
         errors: runs.errors(),
         rows: vec![row],
@@ -157,15 +154,15 @@ fn parse_wrk(out: &str) -> Result<WrkRun> {
 }
 
 /// A throwaway nginx serving one small static file from a temp dir.
-struct Nginx {
-    port: u16,
+pub(super) struct Nginx {
+    pub(super) port: u16,
     // Field order matters: kill nginx before removing its directory.
-    proc: Proc,
+    pub(super) proc: Proc,
     _dir: TempDir,
 }
 
 impl Nginx {
-    fn start() -> Result<Nginx> {
+    pub(super) fn start() -> Result<Nginx> {
         let nginx = crate::packages::find_program("nginx").context(
             "nginx not found; run `cargo xtask test` once to install the Debian packages",
         )?;

@@ -1,5 +1,5 @@
-//! relay's data paths against each other, in the same run as direct and
-//! socat: the throughput (1 and 8 streams, with CPU per GiB), connection
+//! relay's data paths against each other, in the same run as direct (the
+//! peers are left out here: the other sections compare them): the throughput (1 and 8 streams, with CPU per GiB), connection
 //! rate and latency sections run once per `--data-path`, and their rows
 //! are labelled with the path. `auto` picks the winner of this table
 //! (relay/src/forward/data_path.rs; README, Performance).
@@ -11,6 +11,7 @@
 use serde_json::{Value, json};
 
 use super::report::{Row, SectionReport, Target};
+use super::via::Via;
 use super::{Ctx, connrate, latency, throughput};
 
 const PATHS: [&str; 3] = ["copy", "splice", "sockmap"];
@@ -24,6 +25,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         println!("xtask: bench: data path {path}");
         let sub = Ctx {
             data_path: Some(path),
+            peers: Some(Vec::new()),
             ..ctx.clone()
         };
         let mut per_path = serde_json::Map::new();
@@ -32,7 +34,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
             rows.extend(report.rows.into_iter().map(|mut row| {
                 row.metric = format!("{} [relay --data-path {path}]", row.metric);
                 // The sections' own targets are about auto; this table's are below.
-                row.target = None;
+                row.targets.clear();
                 row
             }));
             errors.extend(report.errors.into_iter().map(|e| format!("{path}: {e}")));
@@ -41,30 +43,29 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         json.insert(path.to_string(), Value::Object(per_path));
     }
     let verdict = verdict(&json);
-    rows.push(Row {
-        metric: format!(
+    let mut best = Row::cells(
+        format!(
             "best data path by 1-stream throughput: {}",
             verdict.best.unwrap_or("-")
         ),
-        values: [
-            "-".to_string(),
-            "-".to_string(),
+        &[(
+            Via::Relay,
             verdict
                 .best_gbps
                 .map_or("-".to_string(), |g| format!("{g:.2}")),
-        ],
-        vs_socat: "-".to_string(),
-        vs_direct: verdict
-            .vs_direct
-            .map_or("-".to_string(), |r| format!("{r:.2}x")),
-        target: Some(Target {
-            text: format!(">= {TARGET_VS_DIRECT}x direct, less host CPU/GiB than copy"),
-            pass: match (verdict.vs_direct, verdict.cpu_below_copy) {
-                (Some(r), Some(cpu)) => Some(r >= TARGET_VS_DIRECT && cpu),
-                _ => None,
-            },
-        }),
+        )],
+    )
+    .target(Target {
+        text: format!(">= {TARGET_VS_DIRECT}x direct, less host CPU/GiB than copy"),
+        pass: match (verdict.vs_direct, verdict.cpu_below_copy) {
+            (Some(r), Some(cpu)) => Some(r >= TARGET_VS_DIRECT && cpu),
+            _ => None,
+        },
     });
+    best.vs_direct = verdict
+        .vs_direct
+        .map_or("-".to_string(), |r| format!("{r:.2}x"));
+    rows.push(best);
     json.insert(
         "best".into(),
         json!({

@@ -20,6 +20,7 @@ use super::Ctx;
 use super::procs::{self, Proc};
 use super::report::{Row, SectionReport, Target, median_by};
 use super::throughput::iperf3_client_with;
+use super::via::Via;
 
 const TARGET_RATIO: f64 = 0.97;
 const IPERF_PORT: u16 = 5201;
@@ -122,30 +123,29 @@ fn throughput_row(unobserved: Option<f64>, observed: Option<f64>) -> Row {
         (Some(o), Some(u)) if u > 0.0 => Some(o / u),
         _ => None,
     };
-    Row {
-        metric: "observe: netns-to-netns throughput, direct = unobserved, relay = observed both ends (Gbit/s)".to_string(),
-        values: [value(unobserved), "-".to_string(), value(observed)],
-        vs_socat: "-".to_string(),
-        vs_direct: ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.3}x")),
-        target: Some(Target {
-            text: format!(">= {TARGET_RATIO}x unobserved"),
-            pass: ratio.map(|r| r >= TARGET_RATIO),
-        }),
-    }
+    let mut row = Row::cells(
+        "observe: netns-to-netns throughput, direct = unobserved, relay = observed both ends (Gbit/s)",
+        &[
+            (Via::Direct, value(unobserved)),
+            (Via::Relay, value(observed)),
+        ],
+    )
+    .target(Target {
+        text: format!(">= {TARGET_RATIO}x unobserved"),
+        pass: ratio.map(|r| r >= TARGET_RATIO),
+    });
+    row.vs_direct = ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.3}x"));
+    row
 }
 
 fn cost_row(ns_per_packet: Option<f64>) -> Row {
-    Row {
-        metric: "observe: eBPF program run time per packet (ns, --bpf-stats)".to_string(),
-        values: [
-            "-".to_string(),
-            "-".to_string(),
+    Row::cells(
+        "observe: eBPF program run time per packet (ns, --bpf-stats)",
+        &[(
+            Via::Relay,
             ns_per_packet.map_or_else(|| "error".to_string(), |v| format!("{v:.1}")),
-        ],
-        vs_socat: "-".to_string(),
-        vs_direct: "-".to_string(),
-        target: None,
-    }
+        )],
+    )
 }
 
 /// Namespaces `a` and `b` joined by a veth pair; deleted on drop. The

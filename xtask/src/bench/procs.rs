@@ -192,6 +192,13 @@ impl Drop for Proc {
         if self.exited.is_none() {
             let _ = self.child.wait();
         }
+        // The others (nginx's workers, socat's forks) are not our children:
+        // wait a moment for them to be gone, so that the next measurement
+        // does not share the machine with a dying forwarder.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while running_members(pid) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if let Ok(mut live) = LIVE_GROUPS.lock() {
             live.remove(&pid);
         }
@@ -287,15 +294,36 @@ pub fn wait_listening_in_own_netns(port: u16, owner: &mut Proc, timeout: Duratio
 }
 
 fn wait_listening_in(tables: &str, port: u16, owner: &mut Proc, timeout: Duration) -> Result<()> {
+    wait_all_listening_in(tables, &[port], owner, timeout)
+}
+
+/// [`wait_listening`] for several ports of one process (a forwarder with
+/// many routes), reading the tables once per poll.
+pub fn wait_all_listening(ports: &[u16], owner: &mut Proc, timeout: Duration) -> Result<()> {
+    wait_all_listening_in("/proc/net", ports, owner, timeout)
+}
+
+fn wait_all_listening_in(
+    tables: &str,
+    ports: &[u16],
+    owner: &mut Proc,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if is_listening(tables, port)? {
+        let listening = listening_ports(tables)?;
+        let missing: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|p| !listening.contains(p))
+            .collect();
+        if missing.is_empty() {
             return Ok(());
         }
         owner.check_alive()?;
         if Instant::now() > deadline {
             bail!(
-                "{} is not listening on port {port} after {timeout:?}; stderr:\n{}",
+                "{} is not listening on port(s) {missing:?} after {timeout:?}; stderr:\n{}",
                 owner.name,
                 owner.stderr_tail()
             );
@@ -304,9 +332,10 @@ fn wait_listening_in(tables: &str, port: u16, owner: &mut Proc, timeout: Duratio
     }
 }
 
-fn is_listening(tables: &str, port: u16) -> Result<bool> {
+/// Every port something LISTENs on, from `<tables>/tcp{,6}`.
+fn listening_ports(tables: &str) -> Result<BTreeSet<u16>> {
     const TCP_LISTEN: &str = "0A";
-    let want = format!("{port:04X}");
+    let mut ports = BTreeSet::new();
     for table in [format!("{tables}/tcp"), format!("{tables}/tcp6")] {
         let text = match std::fs::read_to_string(&table) {
             Ok(text) => text,
@@ -315,17 +344,23 @@ fn is_listening(tables: &str, port: u16) -> Result<bool> {
         };
         // "  sl  local_address rem_address   st ..." then e.g.
         // "   0: 0100007F:1F90 00000000:0000 0A ..."
-        let found = text.lines().skip(1).any(|line| {
+        for line in text.lines().skip(1) {
             let mut fields = line.split_whitespace();
             let local = fields.nth(1).unwrap_or("");
             let state = fields.nth(1).unwrap_or("");
-            state == TCP_LISTEN && local.rsplit(':').next() == Some(want.as_str())
-        });
-        if found {
-            return Ok(true);
+            if state != TCP_LISTEN {
+                continue;
+            }
+            if let Some(port) = local
+                .rsplit(':')
+                .next()
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            {
+                ports.insert(port);
+            }
         }
     }
-    Ok(false)
+    Ok(ports)
 }
 
 /// Raise RLIMIT_NOFILE (soft and, as root, hard) to at least `want`, so
@@ -354,6 +389,64 @@ pub fn cpu_seconds(pid: i32) -> Result<f64> {
     parse_cpu_ticks(&stat)
         .map(|ticks| ticks as f64 / clock_ticks_per_second())
         .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+/// CPU time of every process in group `pgid` (a forwarder and its workers
+/// or forks): each member's own, plus what each has reaped. A member that
+/// exits between listing and reading is skipped; its parent counts it
+/// once reaped.
+pub fn group_cpu_seconds(pgid: i32) -> Result<f64> {
+    let mut total = 0.0;
+    for pid in group_members(pgid)? {
+        if let Ok(secs) = cpu_seconds(pid) {
+            total += secs;
+        }
+    }
+    Ok(total)
+}
+
+/// The pids in process group `pgid`, from /proc.
+pub fn group_members(pgid: i32) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces or ')'.
+        let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        if after_comm
+            .split_whitespace()
+            .nth(2)
+            .and_then(|s| s.parse::<i32>().ok())
+            == Some(pgid)
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// Members of group `pgid` that are not zombies (a zombie holds no socket
+/// and uses no CPU; init reaps it when it will).
+fn running_members(pgid: i32) -> usize {
+    group_members(pgid).map_or(0, |pids| {
+        pids.into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    let state = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                    !state.trim_start().starts_with('Z')
+                })
+            })
+            .count()
+    })
 }
 
 /// utime + stime + cutime + cstime (fields 14-17), counted after the

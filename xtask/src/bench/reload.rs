@@ -17,6 +17,7 @@ use super::observe::{scrape, sum_family};
 use super::procs::{self, Proc};
 use super::report::{self, Row, SectionReport};
 use super::rss::vm_rss_kib;
+use super::via::Via;
 
 const ROUTE_COUNTS: [usize; 3] = [1, 100, 1_000];
 /// Reloads per measurement; the median is reported.
@@ -116,13 +117,10 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         match measure(ctx, n) {
             Ok((unchanged, changed, kib)) => {
                 for (what, ms) in [("unchanged", unchanged), ("all changed", changed)] {
-                    rows.push(Row {
-                        metric: format!("reload, {n} routes, {what} (ms)"),
-                        values: ["-".into(), "-".into(), format!("{ms:.2}")],
-                        vs_socat: "-".into(),
-                        vs_direct: "-".into(),
-                        target: None,
-                    });
+                    rows.push(Row::cells(
+                        format!("reload, {n} routes, {what} (ms)"),
+                        &[(Via::Relay, format!("{ms:.2}"))],
+                    ));
                 }
                 figures.insert(
                     format!("routes_{n}"),
@@ -137,13 +135,10 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         && many > few
     {
         let per_route = (*many_kib as f64 - *few_kib as f64) / (*many - *few) as f64;
-        rows.push(Row {
-            metric: "memory per idle route (KiB, VmRSS)".into(),
-            values: ["-".into(), "-".into(), format!("{per_route:.1}")],
-            vs_socat: "-".into(),
-            vs_direct: "-".into(),
-            target: None,
-        });
+        rows.push(Row::cells(
+            "memory per idle route (KiB, VmRSS)",
+            &[(Via::Relay, format!("{per_route:.1}"))],
+        ));
         figures.insert("kib_per_route".into(), json!(per_route));
     }
     SectionReport {

@@ -1,10 +1,11 @@
 //! Memory per idle relayed connection. A holding server here accepts
 //! connections, reads the one byte each client sends (so the whole path is
-//! really up) and keeps them open. relay (one process) is measured by
-//! VmRSS growth over 10,000 connections; socat (a process per connection)
-//! by the growth of the summed Pss of all its processes over fewer
-//! connections, Pss so that shared pages are not counted 500 times.
-//! Target: relay <= 40 KiB per connection.
+//! really up) and keeps them open. A forwarder that is one process (relay,
+//! HAProxy, docker-proxy) is measured by VmRSS growth over 10,000
+//! connections; one of several processes (nginx's workers, socat's process
+//! per connection, over 500 only) by the growth of the summed Pss of all
+//! of them, Pss so that shared pages are not counted once per process.
+//! Targets: relay <= 40 KiB per connection, and <= the best peer's.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -17,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use super::Ctx;
-use super::report::{Row, SectionReport, Target};
+use super::report::{Better, PerVia, SectionReport, Target};
 use super::via::{Hop, HopOptions, Via};
 
 const TARGET_KIB_PER_CONN: f64 = 40.0;
@@ -42,75 +43,75 @@ impl Growth {
 }
 
 pub fn run(ctx: &Ctx) -> SectionReport {
-    let (n_relay, n_socat) = counts(ctx.quick);
-    let n_relay = n_relay.min(ctx.max_held_connections);
-    println!(
-        "xtask: bench: memory per idle connection, relay x{n_relay} (VmRSS), socat x{n_socat} (sum of Pss)"
+    let (n_many, n_socat) = counts(ctx.quick);
+    // Within what this process and every forwarder can hold (HAProxy
+    // refuses to start when its maxconn does not fit the fd limit).
+    let n_many = n_many
+        .min(ctx.max_held_connections)
+        .min(super::peers::max_forwarded(super::peers::fd_hard_limit()).saturating_sub(1000));
+    let vias: Vec<Via> = ctx
+        .vias(Via::PLAIN)
+        .into_iter()
+        .filter(|v| *v != Via::Direct)
+        .collect();
+    // docker-proxy relays with Go's io.Copy, which splices through a pipe
+    // per direction, held while the connection idles: six descriptors per
+    // connection. At EMFILE it stops accepting for good ("Stopping proxy"),
+    // so it gets what its limit holds.
+    let n_docker = n_many.min(
+        usize::try_from(super::peers::fd_hard_limit().saturating_sub(1024) / 6)
+            .unwrap_or(usize::MAX),
     );
-    let one = |via: Via, n: usize| {
-        measure(ctx, via, n)
-            .inspect(|g| {
-                println!(
-                    "xtask:   {:<6} {:.1} KiB/conn ({}: {} -> {} KiB over {} connections)",
-                    via.name(),
-                    g.per_conn_kib(),
-                    g.measure,
-                    g.before_kib,
-                    g.after_kib,
-                    g.connections
-                );
-            })
-            .map_err(|err| {
-                let text = format!("{err:#}");
-                eprintln!("xtask: bench: {} failed: {text}", via.name());
-                text
-            })
+    let count = |via: Via| match via {
+        Via::Socat => n_socat,
+        Via::DockerProxy => n_docker,
+        _ => n_many,
     };
-    let socat = one(Via::Socat, n_socat);
-    let relay = one(Via::Relay, n_relay);
-
-    let value = |g: &Result<Growth, String>| match g {
-        Ok(g) => format!(
-            "{:.1} ({}, {} conns)",
+    println!(
+        "xtask: bench: memory per idle connection, x{n_many} (socat x{n_socat}); one process: VmRSS, \
+         several (socat's forks, nginx's workers): sum of Pss"
+    );
+    let growth = PerVia::measure(&vias, |via| {
+        let g = measure(ctx, via, count(via))?;
+        println!(
+            "xtask:   {:<14} {:.1} KiB/conn ({}: {} -> {} KiB over {} connections)",
+            via.name(),
             g.per_conn_kib(),
             g.measure,
+            g.before_kib,
+            g.after_kib,
             g.connections
-        ),
-        Err(_) => "error".to_string(),
-    };
-    let relay_kib = relay.as_ref().ok().map(Growth::per_conn_kib);
-    let row = Row {
-        metric: "memory per idle connection (KiB)".to_string(),
-        values: ["-".to_string(), value(&socat), value(&relay)],
-        vs_socat: super::report::ratio(relay_kib, socat.as_ref().ok().map(Growth::per_conn_kib)),
-        vs_direct: "-".to_string(),
-        target: Some(Target {
+        );
+        Ok(g)
+    });
+    let kib = growth.map(Growth::per_conn_kib);
+    let mut row = kib
+        .row("memory per idle connection (KiB)", 1, Better::Lower)
+        .target(Target {
             text: format!("<= {TARGET_KIB_PER_CONN} KiB/conn"),
-            pass: relay_kib.map(|k| k <= TARGET_KIB_PER_CONN),
-        }),
-    };
-    let to_json = |g: &Result<Growth, String>| match g {
-        Ok(g) => json!({
-            "kib_per_connection": g.per_conn_kib(),
-            "connections": g.connections,
-            "measure": g.measure,
-            "before_kib": g.before_kib,
-            "after_kib": g.after_kib,
-        }),
-        Err(err) => json!({ "error": err }),
-    };
-    let errors = [(Via::Socat, &socat), (Via::Relay, &relay)]
-        .into_iter()
-        .filter_map(|(via, g)| g.as_ref().err().map(|e| format!("{}: {e}", via.name())))
-        .collect();
+            pass: kib.ok(Via::Relay).map(|k| *k <= TARGET_KIB_PER_CONN),
+        })
+        .target(Target::vs_best_peer(&kib, Better::Lower, 1.0));
+    // Say how each was measured, in its cell.
+    for via in growth.vias() {
+        if let (Some(g), Some(cell)) = (growth.ok(via), row.cells.get_mut(&via)) {
+            *cell = format!("{cell} ({}, {} conns)", g.measure, g.connections);
+        }
+    }
     SectionReport {
         key: "memory_per_connection",
         json: json!({
             "method": "idle connections held open after 1 byte each reached the server",
-            "socat": to_json(&socat),
-            "relay": to_json(&relay),
+            "per_route": growth.to_json(|g| json!({
+                "kib_per_connection": g.per_conn_kib(),
+                "connections": g.connections,
+                "measure": g.measure,
+                "before_kib": g.before_kib,
+                "after_kib": g.after_kib,
+            })),
+            "relay_vs_best_peer": kib.relay_vs_best_peer(Better::Lower),
         }),
-        errors,
+        errors: growth.errors(),
         rows: vec![row],
     }
 }
@@ -124,14 +125,13 @@ fn measure(ctx: &Ctx, via: Via, n: usize) -> Result<Growth> {
     };
     let mut hop = Hop::start(via, holder.port, &ctx.relay_bin, "rss", opts)?;
     let pid = hop
-        .proc
-        .as_ref()
-        .map(|p| p.pid())
+        .pgid()
         .context("rss is measured on a forwarder process")?;
     let read = |pid: i32| -> Result<u64> {
-        match via {
-            Via::Relay => vm_rss_kib(pid),
-            _ => group_pss_kib(pid),
+        if via.multi_process() {
+            group_pss_kib(pid)
+        } else {
+            vm_rss_kib(pid)
         }
     };
     let before_kib = read(pid)?;
@@ -144,10 +144,10 @@ fn measure(ctx: &Ctx, via: Via, n: usize) -> Result<Growth> {
         connections: n,
         before_kib,
         after_kib,
-        measure: if via == Via::Relay {
-            "VmRSS"
-        } else {
+        measure: if via.multi_process() {
             "sum of Pss"
+        } else {
+            "VmRSS"
         },
     })
 }
@@ -311,7 +311,7 @@ pub(super) fn vm_rss_kib(pid: i32) -> Result<u64> {
 /// Sum of Pss over every process in process group `pgid`, in KiB.
 fn group_pss_kib(pgid: i32) -> Result<u64> {
     let mut total = 0;
-    for pid in group_members(pgid)? {
+    for pid in super::procs::group_members(pgid)? {
         // A member may exit between listing and reading; skip it.
         if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
             total += kib_field(&text, "Pss:")
@@ -319,34 +319,6 @@ fn group_pss_kib(pgid: i32) -> Result<u64> {
         }
     }
     Ok(total)
-}
-
-fn group_members(pgid: i32) -> Result<Vec<i32>> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid pgrp ...": comm may hold spaces or ')'.
-        let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        if after_comm
-            .split_whitespace()
-            .nth(2)
-            .and_then(|s| s.parse::<i32>().ok())
-            == Some(pgid)
-        {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
 }
 
 /// `Field:   1234 kB` -> 1234.

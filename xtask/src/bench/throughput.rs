@@ -1,8 +1,10 @@
 //! Single-stream throughput: iperf3 client to iperf3 server, directly and
 //! through each forwarder. iperf3 opens a control and a data connection;
-//! both go through the forwarder. Target: relay >= 3x socat.
-//! Also 8 parallel streams, and the forwarder's CPU time per GiB relayed
-//! (its utime + stime, children included for socat's forks).
+//! both go through the forwarder. Targets: relay >= 3x socat and >= 0.95x
+//! direct. Also 8 parallel streams (target: >= 1.1x the best peer), and the
+//! forwarder's CPU time per GiB relayed (utime + stime of every process in
+//! its group: socat's forks, nginx's workers; target: <= 0.8x the best
+//! peer's), and the whole host's.
 
 use std::process::Command;
 use std::time::Duration;
@@ -12,10 +14,15 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 use super::procs::{self, Proc};
-use super::report::{PerVia, Row, SectionReport, Target, cell, median_by, ratio};
+use super::report::{Better, PerVia, SectionReport, Target, median_by};
 use super::via::{Hop, Via};
 
 const TARGET_VS_SOCAT: f64 = 3.0;
+/// Issue 18's targets: one stream near direct, 8 streams and CPU ahead of
+/// the best peer.
+const TARGET_1_VS_DIRECT: f64 = 0.95;
+const TARGET_8_VS_BEST: f64 = 1.1;
+const TARGET_CPU_VS_BEST: f64 = 0.8;
 
 /// Parallel streams of the multi-stream row.
 const MANY_STREAMS: usize = 8;
@@ -32,7 +39,8 @@ struct Run {
 }
 
 pub fn run(ctx: &Ctx) -> SectionReport {
-    let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
+    let (secs, rounds) = (ctx.secs(), ctx.rounds());
+    let vias = ctx.vias(Via::PLAIN);
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
     let mut errors = Vec::new();
@@ -40,75 +48,61 @@ pub fn run(ctx: &Ctx) -> SectionReport {
         println!(
             "xtask: bench: throughput, {streams} stream(s), iperf3 -P {streams} -t {secs}, median of {rounds} rotating round(s)"
         );
-        let samples = PerVia::measure_rounds(rounds, |via| {
+        let samples = PerVia::measure_rounds(&vias, rounds, |via| {
             let run = measure(ctx, via, secs, streams)?;
             let cpu = run
                 .cpu_s_per_gib
                 .map_or(String::new(), |c| format!(", {c:.3} CPU s/GiB"));
             let cpu = format!("{cpu}, host {:.3} CPU s/GiB", run.host_cpu_s_per_gib);
-            println!("xtask:   {:<6} {:.2} Gbit/s{cpu}", via.name(), run.gbps);
+            println!("xtask:   {:<14} {:.2} Gbit/s{cpu}", via.name(), run.gbps);
             Ok(run)
         });
         let runs = samples.map(|s| median_by(s, |r| r.gbps));
         let gbps = runs.map(|r| r.gbps);
-        let relay_vs_socat = match (&gbps.relay, &gbps.socat) {
-            (Ok(r), Ok(s)) if *s > 0.0 => Some(r / s),
-            _ => None,
-        };
-        rows.push(Row {
-            metric: format!(
-                "throughput, {streams} stream{} (Gbit/s)",
-                if streams == 1 { "" } else { "s" }
-            ),
-            values: [
-                cell(&gbps.direct, 2),
-                cell(&gbps.socat, 2),
-                cell(&gbps.relay, 2),
-            ],
-            vs_socat: ratio(gbps.relay.clone().ok(), gbps.socat.clone().ok()),
-            vs_direct: ratio(gbps.relay.clone().ok(), gbps.direct.clone().ok()),
-            // The issue's target is for one stream.
-            target: (streams == 1).then(|| Target {
-                text: format!(">= {TARGET_VS_SOCAT}x socat"),
-                pass: relay_vs_socat.map(|r| r >= TARGET_VS_SOCAT),
-            }),
+        let metric = format!(
+            "throughput, {streams} stream{} (Gbit/s)",
+            if streams == 1 { "" } else { "s" }
+        );
+        let row = gbps.row(metric, 2, Better::Higher);
+        rows.push(if streams == 1 {
+            row.target(Target::at_least(&gbps, Via::Socat, TARGET_VS_SOCAT))
+                .target(Target::at_least(&gbps, Via::Direct, TARGET_1_VS_DIRECT))
+        } else {
+            row.target(Target::vs_best_peer(
+                &gbps,
+                Better::Higher,
+                TARGET_8_VS_BEST,
+            ))
         });
         if streams == 1 {
             let cpu = runs.map(|r| r.cpu_s_per_gib.unwrap_or(f64::NAN));
-            let cpu_cell = |v: &Result<f64, String>| match v {
-                Ok(v) if v.is_finite() => format!("{v:.3}"),
-                Ok(_) => "-".to_string(),
-                Err(_) => "error".to_string(),
-            };
-            rows.push(Row {
-                metric: "forwarder CPU per GiB relayed, 1 stream (s)".to_string(),
-                values: ["-".to_string(), cpu_cell(&cpu.socat), cpu_cell(&cpu.relay)],
-                vs_socat: ratio(cpu.relay.clone().ok(), cpu.socat.clone().ok()),
-                vs_direct: "-".to_string(),
-                target: None,
-            });
+            rows.push(
+                cpu.row(
+                    "forwarder CPU per GiB relayed, 1 stream, all its processes (s)",
+                    3,
+                    Better::Lower,
+                )
+                .target(Target::vs_best_peer(
+                    &cpu,
+                    Better::Lower,
+                    TARGET_CPU_VS_BEST,
+                )),
+            );
             json.insert(
                 "cpu_s_per_gib".into(),
                 cpu.to_json(|v| json!(v.is_finite().then_some(*v))),
             );
             let host = runs.map(|r| r.host_cpu_s_per_gib);
-            rows.push(Row {
-                metric: "host CPU per GiB relayed, 1 stream, all processes and kernel (s)"
-                    .to_string(),
-                values: [
-                    cpu_cell(&host.direct),
-                    cpu_cell(&host.socat),
-                    cpu_cell(&host.relay),
-                ],
-                vs_socat: ratio(host.relay.clone().ok(), host.socat.clone().ok()),
-                vs_direct: ratio(host.relay.clone().ok(), host.direct.clone().ok()),
-                target: None,
-            });
+            rows.push(host.row(
+                "host CPU per GiB relayed, 1 stream, all processes and kernel (s)",
+                3,
+                Better::Lower,
+            ));
             json.insert(
                 "host_cpu_s_per_gib".into(),
                 host.to_json(|v| json!(v.is_finite().then_some(*v))),
             );
-            json.insert("relay_vs_socat".into(), json!(relay_vs_socat));
+            json.insert("relay_vs_socat".into(), json!(gbps.relay_vs(Via::Socat)));
         }
         json.insert(
             format!("streams_{streams}"),
@@ -116,6 +110,7 @@ pub fn run(ctx: &Ctx) -> SectionReport {
                 "tool": format!("iperf3 -P {streams} -t {secs} (end.sum_received.bits_per_second), median of {rounds}"),
                 "gbit_per_s": gbps.to_json(|v| json!(v)),
                 "samples_gbit_per_s": samples.to_json(|v| json!(v.iter().map(|r| r.gbps).collect::<Vec<_>>())),
+                "relay_vs_best_peer": gbps.relay_vs_best_peer(Better::Higher),
             }),
         );
         errors.extend(gbps.errors());
@@ -140,15 +135,15 @@ fn measure(ctx: &Ctx, via: Via, secs: u64, streams: usize) -> Result<Run> {
         "throughput",
         ctx.hop_options(),
     )?;
-    let pid = hop.proc.as_ref().map(|p| p.pid());
-    let cpu_before = pid.map(procs::cpu_seconds).transpose()?;
+    let pgid = hop.pgid();
+    let cpu_before = pgid.map(procs::group_cpu_seconds).transpose()?;
     let host_before = procs::host_busy_seconds()?;
     let gbps = iperf3_client(hop.port, secs, streams, via.name())?;
     let host_after = procs::host_busy_seconds()?;
     hop.check_alive()?;
     // socat's children are counted once reaped: give it a moment to reap.
     std::thread::sleep(Duration::from_millis(200));
-    let cpu_after = pid.map(procs::cpu_seconds).transpose()?;
+    let cpu_after = pgid.map(procs::group_cpu_seconds).transpose()?;
     let gib = gbps * 1e9 * secs as f64 / 8.0 / f64::from(1u32 << 30);
     let cpu_s_per_gib = match (cpu_before, cpu_after) {
         (Some(before), Some(after)) if gib > 0.0 => Some((after - before) / gib),

@@ -1,15 +1,17 @@
-//! TLS bridging: relay against socat where a hop terminates or originates
-//! TLS, both measured in the same run.
+//! TLS bridging: relay against the peers that terminate and originate TLS
+//! (socat, stunnel, HAProxy, nginx stream), all measured in the same run.
 //!
 //! - Throughput plain -> TLS -> plain: iperf3 through an "entry" hop that
-//!   originates TLS and an "exit" hop that terminates it (two relays, or two
-//!   socats). Direct is plain iperf3 with no hop and no TLS, for scale.
-//!   Target: relay >= 2x socat.
+//!   originates TLS and an "exit" hop that terminates it (two hops of the
+//!   same tool). Direct is plain iperf3 with no hop and no TLS, for scale.
+//!   Targets: relay >= 2x socat and >= 1.3x the best peer.
 //! - Full TLS handshakes per second through one terminating hop to a
 //!   backend that closes at once, driven by a rustls load generator
 //!   (resumption disabled, so every connection pays for a full handshake).
 //!   Direct is a bare rustls server: the ceiling of the generator on this
-//!   machine. Target: relay >= 10x socat.
+//!   machine. Targets: relay >= 10x socat and >= 1.5x the best peer.
+//!
+//! How each tool is told to do it is in `via.rs` and `peers.rs`.
 //!
 //! The generator, the bare server and the backend are `tls-peer`
 //! (`tls_peer.rs`), built here with `--release` and run as processes of
@@ -28,25 +30,26 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use super::Ctx;
+use super::peers::{TlsFiles, TlsSide};
 use super::procs::{self, Proc, TempDir};
-use super::report::{PerVia, Row, SectionReport, Target, cell, median_by, ratio};
+use super::report::{Better, PerVia, SectionReport, Target, median_by};
 use super::throughput::{iperf3_client, iperf3_server};
 use super::via::{Hop, Via};
 use crate::{cmd, workspace};
 
 const TARGET_THROUGHPUT_VS_SOCAT: f64 = 2.0;
 const TARGET_HANDSHAKES_VS_SOCAT: f64 = 10.0;
+const TARGET_THROUGHPUT_VS_BEST: f64 = 1.3;
+const TARGET_HANDSHAKES_VS_BEST: f64 = 1.5;
 /// The name both forwarders check in the exit hop's certificate.
 const CERT_NAME: &str = "localhost";
 /// Load generator threads, each with one connection in flight; also the
 /// bare server's threads.
 const CLIENT_THREADS: usize = 8;
-/// socat's default listen backlog is 5; give it relay's default instead,
-/// so that a burst of connects is not what separates them.
-const SOCAT_LISTEN: &str = "fork,reuseaddr,bind=127.0.0.1,backlog=4096";
 
 pub fn run(ctx: &Ctx) -> SectionReport {
-    let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
+    let (secs, rounds) = (ctx.secs(), ctx.rounds());
+    let vias = ctx.vias(Via::TLS);
     // Other work on the machine shows up here; the JSON keeps it.
     let load_before = loadavg();
     let certs = Certs::generate();
@@ -56,10 +59,10 @@ pub fn run(ctx: &Ctx) -> SectionReport {
          iperf3 -t {secs}, median of {rounds} rotating round(s) (direct: plain, no hops)"
     );
     let tput = match &certs {
-        Err(err) => PerVia::all_failed(err),
-        Ok(certs) => PerVia::measure_rounds(rounds, |via| {
+        Err(err) => PerVia::all_failed(&vias, err),
+        Ok(certs) => PerVia::measure_rounds(&vias, rounds, |via| {
             let gbps = measure_throughput(ctx, certs, via, secs)?;
-            println!("xtask:   {:<6} {gbps:.2} Gbit/s", via.name());
+            println!("xtask:   {:<14} {gbps:.2} Gbit/s", via.name());
             Ok(gbps)
         }),
     };
@@ -70,12 +73,12 @@ pub fn run(ctx: &Ctx) -> SectionReport {
          (direct: bare rustls server)"
     );
     let hs = match &certs {
-        Err(err) => PerVia::all_failed(err),
+        Err(err) => PerVia::all_failed(&vias, err),
         Ok(certs) => match HandshakeBench::start(certs) {
-            Err(err) => PerVia::all_failed(&err),
-            Ok(bench) => PerVia::measure_rounds(rounds, |via| {
+            Err(err) => PerVia::all_failed(&vias, &err),
+            Ok(bench) => PerVia::measure_rounds(&vias, rounds, |via| {
                 let run = bench.measure(ctx, certs, via, secs)?;
-                println!("xtask:   {:<6} {}", via.name(), run.summary());
+                println!("xtask:   {:<14} {}", via.name(), run.summary());
                 Ok(run)
             }),
         },
@@ -85,18 +88,36 @@ pub fn run(ctx: &Ctx) -> SectionReport {
     let hs_runs = hs.map(|s| median_by(s, |r| r.per_s()));
     let hps = hs_runs.map(HandshakeRun::per_s);
     let rows = vec![
-        ratio_row(
+        gbps.row(
             "TLS bridge plain->TLS->plain, 2 hops, 1 stream (Gbit/s; direct: no hops, no TLS)",
-            &gbps,
             2,
+            Better::Higher,
+        )
+        .target(Target::at_least(
+            &gbps,
+            Via::Socat,
             TARGET_THROUGHPUT_VS_SOCAT,
-        ),
-        ratio_row(
+        ))
+        .target(Target::vs_best_peer(
+            &gbps,
+            Better::Higher,
+            TARGET_THROUGHPUT_VS_BEST,
+        )),
+        hps.row(
             "TLS handshakes/s, full, 1 terminating hop (direct: rustls server)",
-            &hps,
             0,
+            Better::Higher,
+        )
+        .target(Target::at_least(
+            &hps,
+            Via::Socat,
             TARGET_HANDSHAKES_VS_SOCAT,
-        ),
+        ))
+        .target(Target::vs_best_peer(
+            &hps,
+            Better::Higher,
+            TARGET_HANDSHAKES_VS_BEST,
+        )),
     ];
     let mut errors = gbps
         .errors()
@@ -111,27 +132,27 @@ pub fn run(ctx: &Ctx) -> SectionReport {
             "throughput": {
                 "tool": format!(
                     "iperf3 -t {secs} (end.sum_received.bits_per_second), median of {rounds}; \
-                     entry hop: relay `forward A tls://B --tls-ca --tls-name {CERT_NAME}` / socat \
-                     `TCP-LISTEN OPENSSL:..,cafile,commonname={CERT_NAME}`; exit hop: relay \
-                     `forward tls://B P --tls-cert --tls-key` / socat `OPENSSL-LISTEN:..,cert,key,verify=0 TCP`; \
-                     direct: no hops, no TLS"
+                     entry hop originates TLS verifying {CERT_NAME}, exit hop terminates it, two hops of \
+                     the same tool (each hop's configuration: target/bench/<tool>-tls-entry.conf, \
+                     <tool>-tls-exit.conf); direct: no hops, no TLS"
                 ),
                 "gbit_per_s": gbps.to_json(|v| json!(v)),
                 "samples_gbit_per_s": tput.to_json(|v| json!(v)),
-                "relay_vs_socat": relay_vs_socat(&gbps),
+                "relay_vs_socat": gbps.relay_vs(Via::Socat),
+                "relay_vs_best_peer": gbps.relay_vs_best_peer(Better::Higher),
             },
             "handshakes": {
                 "tool": format!(
                     "tls-peer (rustls, release build): {CLIENT_THREADS} client threads, resumption disabled, {secs} s, \
                      per connection: connect, full handshake, read to the server's close, close_notify; \
-                     hop: relay `forward tls://B P --tls-cert --tls-key` / socat \
-                     `OPENSSL-LISTEN:B,{SOCAT_LISTEN},cert,key,verify=0 TCP:P`; backend closes at once; \
+                     one terminating hop (target/bench/<tool>-tls-handshakes.conf); backend closes at once; \
                      direct: tls-peer serve (rustls, {CLIENT_THREADS} threads); median of {rounds}"
                 ),
                 "handshakes_per_s": hps.to_json(|v| json!(v)),
                 "samples_handshakes_per_s": hs.to_json(|s| json!(s.iter().map(HandshakeRun::per_s).collect::<Vec<_>>())),
                 "runs": hs_runs.to_json(HandshakeRun::to_json),
-                "relay_vs_socat": relay_vs_socat(&hps),
+                "relay_vs_socat": hps.relay_vs(Via::Socat),
+                "relay_vs_best_peer": hps.relay_vs_best_peer(Better::Higher),
             },
         }),
         errors,
@@ -149,40 +170,13 @@ fn loadavg() -> Option<f64> {
         .ok()
 }
 
-fn relay_vs_socat(values: &PerVia<f64>) -> Option<f64> {
-    match (&values.relay, &values.socat) {
-        (Ok(r), Ok(s)) if *s > 0.0 => Some(r / s),
-        _ => None,
-    }
-}
-
-/// A table row for a higher-is-better value with a "relay >= Nx socat" target.
-fn ratio_row(metric: &str, values: &PerVia<f64>, decimals: usize, target: f64) -> Row {
-    Row {
-        metric: metric.to_string(),
-        values: [
-            cell(&values.direct, decimals),
-            cell(&values.socat, decimals),
-            cell(&values.relay, decimals),
-        ],
-        vs_socat: ratio(values.relay.clone().ok(), values.socat.clone().ok()),
-        vs_direct: ratio(values.relay.clone().ok(), values.direct.clone().ok()),
-        target: Some(Target {
-            text: format!(">= {target}x socat"),
-            pass: relay_vs_socat(values).map(|r| r >= target),
-        }),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Certificates
 
 /// A CA and a leaf certificate it signed, for 127.0.0.1 and `localhost`,
 /// as PEM files for the forwarders and tls-peer.
 struct Certs {
-    ca_pem: PathBuf,
-    cert_pem: PathBuf,
-    key_pem: PathBuf,
+    files: TlsFiles,
     _dir: TempDir,
 }
 
@@ -214,17 +208,23 @@ impl Certs {
             .signed_by(&key, &ca, &ca_key)
             .context("cannot sign the server certificate")?;
 
-        let certs = Certs {
-            ca_pem: dir.path().join("ca.pem"),
-            cert_pem: dir.path().join("server.pem"),
-            key_pem: dir.path().join("server.key"),
-            _dir: dir,
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            cert_and_key: dir.path().join("server-and-key.pem"),
+            name: CERT_NAME,
         };
-        write_file(&certs.ca_pem, &ca.pem(), 0o644)?;
-        write_file(&certs.cert_pem, &cert.pem(), 0o644)?;
+        write_file(&files.ca, &ca.pem(), 0o644)?;
+        write_file(&files.cert, &cert.pem(), 0o644)?;
         // Owner-only, as relay warns about group/other-readable keys.
-        write_file(&certs.key_pem, &key.serialize_pem(), 0o600)?;
-        Ok(certs)
+        write_file(&files.key, &key.serialize_pem(), 0o600)?;
+        write_file(
+            &files.cert_and_key,
+            &(cert.pem() + &key.serialize_pem()),
+            0o600,
+        )?;
+        Ok(Certs { files, _dir: dir })
     }
 }
 
@@ -242,71 +242,10 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
 // ---------------------------------------------------------------------------
 // Hops
 
-/// What a TLS hop does with TLS.
-#[derive(Clone, Copy)]
-enum Role {
-    /// Terminates TLS from its clients, forwards plain.
-    Exit,
-    /// Takes plain clients, originates TLS to its target.
-    Entry,
-}
-
-/// Start `via` listening on a free port in front of 127.0.0.1:`target`,
-/// with TLS on the side `role` says; returns once it listens.
-fn start_hop(
-    ctx: &Ctx,
-    certs: &Certs,
-    via: Via,
-    role: Role,
-    target: u16,
-    label: &str,
-) -> Result<Hop> {
-    let port = procs::free_port()?;
-    let (cert, key, ca) = (&certs.cert_pem, &certs.key_pem, &certs.ca_pem);
-    let cmd = match (via, role) {
-        (Via::Direct, _) => bail!("invariant: direct runs start no hop"),
-        (Via::Relay, Role::Exit) => {
-            let mut cmd = Command::new(&ctx.relay_bin);
-            cmd.arg("forward")
-                .arg(format!("tls://127.0.0.1:{port}"))
-                .arg(format!("127.0.0.1:{target}"))
-                .arg("--tls-cert")
-                .arg(cert)
-                .arg("--tls-key")
-                .arg(key);
-            cmd
-        }
-        (Via::Relay, Role::Entry) => {
-            let mut cmd = Command::new(&ctx.relay_bin);
-            cmd.arg("forward")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg(format!("tls://127.0.0.1:{target}"))
-                .arg("--tls-ca")
-                .arg(ca)
-                .args(["--tls-name", CERT_NAME]);
-            cmd
-        }
-        (Via::Socat, Role::Exit) => {
-            let mut cmd = Command::new("socat");
-            cmd.arg(format!(
-                "OPENSSL-LISTEN:{port},{SOCAT_LISTEN},cert={},key={},verify=0",
-                cert.display(),
-                key.display()
-            ))
-            .arg(format!("TCP:127.0.0.1:{target}"));
-            cmd
-        }
-        (Via::Socat, Role::Entry) => {
-            let mut cmd = Command::new("socat");
-            cmd.arg(format!("TCP-LISTEN:{port},{SOCAT_LISTEN}"))
-                .arg(format!(
-                    "OPENSSL:127.0.0.1:{target},cafile={},commonname={CERT_NAME}",
-                    ca.display()
-                ));
-            cmd
-        }
-    };
-    Hop::spawn(via, port, cmd, label)
+/// Start `via` in front of 127.0.0.1:`target` with TLS on the side `tls`
+/// says; returns once it listens.
+fn start_hop(ctx: &Ctx, via: Via, tls: TlsSide, target: u16, label: &str) -> Result<Hop> {
+    Hop::start_tls(via, target, tls, &ctx.relay_bin, label, ctx.hop_options())
 }
 
 /// One iperf3 run: fresh server, then exit hop, then entry hop in front.
@@ -317,8 +256,20 @@ fn measure_throughput(ctx: &Ctx, certs: &Certs, via: Via, secs: u64) -> Result<f
     let client_port = if via == Via::Direct {
         server_port
     } else {
-        let exit = start_hop(ctx, certs, via, Role::Exit, server_port, "tls-exit")?;
-        let entry = start_hop(ctx, certs, via, Role::Entry, exit.port, "tls-entry")?;
+        let exit = start_hop(
+            ctx,
+            via,
+            TlsSide::Terminate(&certs.files),
+            server_port,
+            "tls-exit",
+        )?;
+        let entry = start_hop(
+            ctx,
+            via,
+            TlsSide::Originate(&certs.files),
+            exit.port,
+            "tls-entry",
+        )?;
         let port = entry.port;
         hops.extend([exit, entry]);
         port
@@ -357,8 +308,8 @@ impl HandshakeBench {
         let mut cmd = Command::new(&peer_bin);
         cmd.arg("serve")
             .arg(direct_port.to_string())
-            .arg(&certs.cert_pem)
-            .arg(&certs.key_pem)
+            .arg(&certs.files.cert)
+            .arg(&certs.files.key)
             .arg(CLIENT_THREADS.to_string());
         let mut direct = Proc::spawn("tls-peer-direct", cmd)?;
         procs::wait_listening(direct_port, &mut direct, Duration::from_secs(10))?;
@@ -376,9 +327,8 @@ impl HandshakeBench {
             Via::Direct => None,
             _ => Some(start_hop(
                 ctx,
-                certs,
                 via,
-                Role::Exit,
+                TlsSide::Terminate(&certs.files),
                 self.backend_port,
                 "tls-handshakes",
             )?),
@@ -387,7 +337,7 @@ impl HandshakeBench {
         let mut cmd = Command::new(&self.peer_bin);
         cmd.arg("handshakes")
             .arg(port.to_string())
-            .arg(&certs.ca_pem)
+            .arg(&certs.files.ca)
             .arg(CERT_NAME)
             .arg(CLIENT_THREADS.to_string())
             .arg(secs.to_string());
@@ -525,12 +475,13 @@ mod tests {
     fn certificates_name_localhost_and_keep_the_key_private() {
         use std::os::unix::fs::PermissionsExt;
         let certs = Certs::generate().unwrap();
-        let mode = std::fs::metadata(&certs.key_pem)
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "key file mode {mode:o}");
-        for path in [&certs.ca_pem, &certs.cert_pem] {
+        for key in [&certs.files.key, &certs.files.cert_and_key] {
+            let mode = std::fs::metadata(key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} mode {mode:o}", key.display());
+        }
+        let both = std::fs::read_to_string(&certs.files.cert_and_key).unwrap();
+        assert!(both.contains("BEGIN CERTIFICATE") && both.contains("PRIVATE KEY"));
+        for path in [&certs.files.ca, &certs.files.cert] {
             let text = std::fs::read_to_string(path).unwrap();
             assert!(
                 text.starts_with("-----BEGIN CERTIFICATE-----"),
