@@ -245,7 +245,7 @@ mod tests {
                 let macs: [[u8; 6]; 3] = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [0; 6]];
                 f.extend(rng.pick(&macs));
                 f.extend(rng.pick(&macs));
-                if rng.next() % 8 == 0 {
+                if rng.next().is_multiple_of(8) {
                     f.extend([0x81, 0x00, 0x00, rng.byte()]);
                 }
                 let addrs: [[u8; 4]; 4] = [
@@ -302,7 +302,7 @@ mod tests {
                         f.extend((0..pad).map(|_| rng.byte()));
                     }
                 }
-                if rng.next() % 6 == 0 && !f.is_empty() {
+                if rng.next().is_multiple_of(6) && !f.is_empty() {
                     let keep = (rng.next() % f.len() as u64) as usize;
                     f.truncate(keep.max(14));
                 }
