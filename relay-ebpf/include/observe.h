@@ -67,8 +67,9 @@ struct relay_flow_key {
 
 /* Largest --snaplen; the per-CPU scratch buffer holds this many bytes. */
 #define RELAY_SNAPLEN_MAX 262144
-/* Filter rules at most (the and/or/not expression in disjunctive normal form). */
-#define RELAY_FILTER_MAX 32
+/* eBPF instructions each capture filter stub holds (observe.bpf.c): the
+ * longest translated filter relay can load. */
+#define RELAY_PCAP_FILTER_INSNS 4096
 
 /* Counters of the `capture_stats` map, per interface. */
 enum relay_capture_stat {
@@ -85,38 +86,6 @@ enum relay_capture_stat {
 struct relay_capture_key {
 	__u32 ifindex;
 	__u32 stat;
-};
-
-/* What a filter rule tests. */
-enum relay_filter_kind {
-	RELAY_F_PROTO = 1,     /* value: enum relay_proto */
-	RELAY_F_FAMILY = 2,    /* value: 4 or 6 */
-	RELAY_F_NET = 3,       /* family, addr/mask; end */
-	RELAY_F_PORT = 4,      /* port_lo..port_hi (TCP and UDP); end */
-	RELAY_F_DIRECTION = 5, /* value: enum relay_direction */
-};
-
-/* Which end of a packet an address or port rule looks at. */
-enum relay_filter_end {
-	RELAY_END_EITHER = 0,
-	RELAY_END_SRC = 1,
-	RELAY_END_DST = 2,
-};
-
-/* One primitive of the filter. Rules with the same `term` are ANDed (each
- * possibly negated); terms are ORed. Rules of one term are adjacent. */
-struct relay_filter_rule {
-	__u32 addr[4]; /* network byte order, already masked; IPv4 in addr[0] */
-	__u32 mask[4];
-	__u16 port_lo; /* host byte order, inclusive */
-	__u16 port_hi;
-	__u8 kind;
-	__u8 end;
-	__u8 negate;
-	__u8 value;
-	__u8 term;
-	__u8 family;
-	__u16 _pad;
 };
 
 /* Header of every record in the `samples` ring buffer; `caplen` bytes of

@@ -74,9 +74,12 @@ const volatile __u32 snaplen = RELAY_SNAPLEN_MAX;
  * (it also drains on a short timer): a wakeup per sample costs more than
  * the sample itself. 0: wake for every sample. */
 const volatile __u32 wakeup_bytes = 0;
-/* The filter: filter_len rules of filter_rules; 0 rules match everything. */
-const volatile __u32 filter_len = 0;
-const volatile struct relay_filter_rule filter_rules[RELAY_FILTER_MAX] = {};
+/* 1: run the capture filter (the stubs below, patched by relay); 0: every
+ * packet matches and the verifier prunes the calls. */
+const volatile __u32 filter_on = 0;
+/* --direction: 0 both, RELAY_INGRESS + 1 ingress only, RELAY_EGRESS + 1
+ * egress only. */
+const volatile __u32 capture_direction = 0;
 
 /* Written here (samples), read by relay's capture thread. Size: --ring-size,
  * set by relay at load time. */
@@ -190,71 +193,50 @@ static __always_inline void capture_count(__u32 ifindex, __u32 stat)
 		*n += 1;
 }
 
-/* Does word-wise masked `addr` equal the rule's network? */
-static __always_inline int net_matches(const volatile struct relay_filter_rule *r, const __u32 *addr)
-{
-	return (addr[0] & r->mask[0]) == r->addr[0] && (addr[1] & r->mask[1]) == r->addr[1] &&
-	       (addr[2] & r->mask[2]) == r->addr[2] && (addr[3] & r->mask[3]) == r->addr[3];
-}
-
-static __always_inline int port_in(const volatile struct relay_filter_rule *r, __u16 port)
-{
-	return port >= r->port_lo && port <= r->port_hi;
-}
-
-static __always_inline int rule_matches(const volatile struct relay_filter_rule *r,
-					const struct relay_flow_key *flow, __u8 direction)
-{
-	switch (r->kind) {
-	case RELAY_F_PROTO:
-		return flow->family != 0 && proto_class(flow->proto) == r->value;
-	case RELAY_F_FAMILY:
-		return flow->family == r->value;
-	case RELAY_F_NET:
-		if (flow->family != r->family)
-			return 0;
-		if (r->end == RELAY_END_SRC)
-			return net_matches(r, flow->saddr);
-		if (r->end == RELAY_END_DST)
-			return net_matches(r, flow->daddr);
-		return net_matches(r, flow->saddr) || net_matches(r, flow->daddr);
-	case RELAY_F_PORT:
-		if (flow->family == 0 || (flow->proto != IPPROTO_TCP && flow->proto != IPPROTO_UDP))
-			return 0;
-		if (r->end == RELAY_END_SRC)
-			return port_in(r, flow->sport);
-		if (r->end == RELAY_END_DST)
-			return port_in(r, flow->dport);
-		return port_in(r, flow->sport) || port_in(r, flow->dport);
-	case RELAY_F_DIRECTION:
-		return direction == r->value;
+/* The capture filter: tcpdump's expression, compiled by libpcap to classic
+ * BPF and translated to eBPF by relay (relay/src/observe/cbpf.rs), which
+ * writes the translation over the padding of these stubs in the object
+ * before it is loaded (relay/src/observe/stub.rs). One stub per link type:
+ * frames that start with an Ethernet header (DLT_EN10MB: Ethernet, veth,
+ * and loopback, which carries a zeroed Ethernet header at TC) and frames
+ * that start at the IP header (DLT_RAW: tun, WireGuard, ipip).
+ *
+ * The padding is RELAY_PCAP_FILTER_INSNS `goto +0`, then `r0 = 1; exit`:
+ * relay puts the translation at the end and leaves `goto +0` before it,
+ * which the verifier removes (opt_remove_nops), so an unused slot costs
+ * nothing per packet. The translation reads the packet only through
+ * bpf_skb_load_bytes, which bounds every access, keeps the skb in r6,
+ * A, X in r7, r8, the direction (enum relay_direction, for tcpdump's
+ * `inbound`/`outbound`) in r9, the scratch memory M[] on this function's
+ * stack, and returns nonzero for a match. The asm keeps clang from
+ * assuming the result (1) or dropping the arguments: all are decided at
+ * load. */
+#define RELAY_STR2(x) #x
+#define RELAY_STR(x) RELAY_STR2(x)
+#define RELAY_PCAP_STUB(name)                                                              \
+	static __attribute__((noinline)) int name(struct __sk_buff *skb, __u32 direction) \
+	{                                                                                   \
+		int match;                                                                  \
+		asm volatile(".rept " RELAY_STR(RELAY_PCAP_FILTER_INSNS) "\n\tgoto +0\n\t.endr\n\t%0 = 1" \
+			     : "=r"(match)                                                  \
+			     : "r"(skb), "r"(direction)                                     \
+			     : "memory");                                                   \
+		return match;                                                               \
 	}
-	return 0;
-}
 
-/* The filter in disjunctive normal form: true when every rule of some term holds. */
-static __always_inline int filter_matches(const struct relay_flow_key *flow, __u8 direction)
+RELAY_PCAP_STUB(relay_pcap_filter_ether)
+RELAY_PCAP_STUB(relay_pcap_filter_raw)
+
+/* Does the packet pass --direction and --filter? `l3`: bytes before the IP header. */
+static __always_inline int filter_matches(struct __sk_buff *skb, __u32 l3, __u8 direction)
 {
-	__u32 n = filter_len;
-	int term_ok = 1;
-	__u8 term = 0;
-
-	if (n == 0)
+	if (capture_direction != 0 && capture_direction != (__u32)direction + 1)
+		return 0;
+	if (!filter_on)
 		return 1;
-	for (__u32 i = 0; i < RELAY_FILTER_MAX; i++) {
-		if (i >= n)
-			break;
-		const volatile struct relay_filter_rule *r = &filter_rules[i];
-		if (r->term != term) {
-			if (term_ok)
-				return 1;
-			term = r->term;
-			term_ok = 1;
-		}
-		if (term_ok && rule_matches(r, flow, direction) == !!r->negate)
-			term_ok = 0;
-	}
-	return term_ok;
+	if (l3 == 0)
+		return relay_pcap_filter_raw(skb, direction) != 0;
+	return relay_pcap_filter_ether(skb, direction) != 0;
 }
 
 /* Is this packet among the first flow_head of its flow (either direction)? */
@@ -288,7 +270,7 @@ static __always_inline int in_flow_head(const struct relay_flow_key *flow)
 
 /* Filter, sample, copy: the capture half of a packet's visit. */
 static __always_inline void capture(struct __sk_buff *skb, const struct relay_flow_key *flow,
-				    __u8 direction, __u8 tcp_flags_seen)
+				    __u32 l3, __u8 direction, __u8 tcp_flags_seen)
 {
 	__u32 ifindex = skb->ifindex;
 	__u32 zero = 0;
@@ -296,7 +278,7 @@ static __always_inline void capture(struct __sk_buff *skb, const struct relay_fl
 
 	if (!on || !*on)
 		return;
-	if (!filter_matches(flow, direction)) {
+	if (!filter_matches(skb, l3, direction)) {
 		capture_count(ifindex, RELAY_CAP_FILTERED);
 		return;
 	}
@@ -409,7 +391,7 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 count:
 	add(&traffic, &key, skb->len);
 	if (capture_on)
-		capture(skb, &flow, direction, tcp_flags_seen);
+		capture(skb, &flow, l3, direction, tcp_flags_seen);
 	return TC_ACT_UNSPEC;
 }
 

@@ -616,6 +616,32 @@ fn man_pages(dir: Option<PathBuf>) -> ExitCode {
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
 
+/// The static build (`cargo xtask dist`) links libpcap.a, whose D-Bus
+/// capture source pulls in libdbus-1.a, which refers to two functions of
+/// libsystemd (socket activation of a D-Bus *daemon*) that Debian ships no
+/// static library for. Nothing in relay calls them (libpcap's D-Bus source
+/// is a client, and relay only compiles filters): these answer "no
+/// sockets passed" should anything ever ask.
+#[cfg(target_feature = "crt-static")]
+mod libsystemd_for_static_libdbus {
+    use std::ffi::c_int;
+
+    #[unsafe(no_mangle)]
+    extern "C" fn sd_listen_fds(_unset_environment: c_int) -> c_int {
+        0
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn sd_is_socket(
+        _fd: c_int,
+        _family: c_int,
+        _kind: c_int,
+        _listening: c_int,
+    ) -> c_int {
+        0
+    }
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     if let Some(refused) = option_before_subcommand(&matches) {

@@ -221,6 +221,16 @@ impl Sender {
         }
     }
 
+    /// Sends a frame built by hand (ARP, VLAN tags, GRE: what [`Crafted`] does not make).
+    pub fn send_frame(&mut self, frame: &[u8]) -> Result<()> {
+        match self.tx.send_to(frame, None) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(e)
+                .with_context(|| format!("sending a {}-byte frame on {}", frame.len(), self.iface)),
+            None => bail!("pnet could not send on {}", self.iface),
+        }
+    }
+
     pub fn send_all(&mut self, packets: &[Crafted]) -> Result<()> {
         packets.iter().try_for_each(|p| self.send(p))
     }

@@ -515,7 +515,7 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
                 "--filter",
                 "tcp and bogus",
             ],
-            "`bogus` (word 3)",
+            "syntax error in filter expression",
         ),
         (
             vec![
@@ -526,7 +526,7 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
                 "--filter",
                 "net 10.0.0.1/8",
             ],
-            "`10.0.0.1/8`",
+            "non-network bits set in \"10.0.0.1/8\"",
         ),
         (
             vec!["observe", "host", "--pcap", &file, "--sample", "1/0"],
@@ -562,40 +562,37 @@ fn invalid_filter_and_unwritable_path_are_refused_at_startup() -> Result<()> {
     Ok(())
 }
 
-/// Filters that once took gigabytes or overflowed the stack (issue 12):
-/// each is refused as a usage error that names the limit, before relay
-/// needs any privilege, in bounded memory (the address space is capped so a
-/// regression aborts here instead of exhausting the test host).
+/// Filters that once took gigabytes or overflowed the stack (issue 12),
+/// and one too long for the kernel program: each is refused as a usage
+/// error that names the limit, before relay needs any privilege, in
+/// bounded memory (the address space is capped so a regression aborts here
+/// instead of exhausting the test host). libpcap's parser bounds its own
+/// stack ("memory exhausted").
 #[test]
 fn filters_too_large_too_deep_or_empty_are_refused_naming_the_limit() -> Result<()> {
     const MEMORY: u64 = 1 << 30;
     let dir = TempDir::new("capture-filter-limits")?;
     let file = dir.join("x.pcapng").display().to_string();
-    let groups = (0..22)
-        .map(|i| format!("(port {} or port {})", 2 * i + 1, 2 * i + 2))
+    let bytes = (0..600)
+        .map(|i| format!("ether[{i}] = 1"))
         .collect::<Vec<_>>()
-        .join(" and ");
+        .join(" or ");
     let parens = |n: usize| format!("{}tcp{}", "(".repeat(n), ")".repeat(n));
-    let cases: [(&str, String, &[&str]); 6] = [
+    let cases: [(&str, String, &[&str]); 5] = [
         (
-            "22 groups of alternatives",
-            groups,
-            &["32 rules", "Wireshark"],
+            "600 byte tests",
+            bytes,
+            &["too long for the kernel program", "at most 4098"],
         ),
         (
             "10,000 nested parentheses",
             parens(10_000),
-            &["too long", "at most 8192"],
+            &["memory exhausted", "pcap-filter(7)"],
         ),
         (
             "30,000 nots",
             format!("{}tcp", "not ".repeat(30_000)),
-            &["too long", "at most 8192"],
-        ),
-        (
-            "4,000 nested parentheses",
-            parens(4_000),
-            &["`(` (word 65)", "at most 64 deep"],
+            &["memory exhausted", "pcap-filter(7)"],
         ),
         ("an empty filter", String::new(), &["empty"]),
         ("a blank filter", " \t ".to_string(), &["empty"]),

@@ -1,6 +1,8 @@
 //! `cargo xtask dist`: the deployable files in `target/dist/`.
 //!
-//! - `relay`: a statically linked binary, glibc linked in with
+//! - `relay`: a statically linked binary (libpcap and libdbus-1 from
+//!   Debian's static libraries included: libpcap0.8-dev, libdbus-1-dev),
+//!   glibc linked in with
 //!   `-C target-feature=+crt-static` for `x86_64-unknown-linux-gnu` (the
 //!   only target this toolchain has; musl would need rustup's musl target,
 //!   which cannot be installed here). It runs on any x86_64 Linux, in a
@@ -73,6 +75,8 @@ fn build_static() -> Result<PathBuf> {
     // Debug info would make the image five times larger; symbols stay, so
     // a panic's backtrace still names functions.
     flags.push_str("-C target-feature=+crt-static -C strip=debuginfo");
+    // libpcap (the capture filter's compiler) links statically from
+    // Debian's libpcap.a; relay/build.rs adds the libdbus-1.a it needs.
     cmd::run_streaming(
         workspace::cargo()
             .args(["build", "--release", "-p", "relay", "--target", TARGET])

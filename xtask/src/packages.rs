@@ -111,10 +111,21 @@ pub const REQUIRED: &[Package] = &[
         name: "busybox-static",
         program: "busybox",
     },
-    // The capture bench compares relay observe --pcap with tcpdump -w.
+    // The capture bench compares relay observe --pcap with tcpdump -w;
+    // tests/tests/pcap_filter.rs reads captures with tcpdump -r '<expr>'.
     Package {
         name: "tcpdump",
         program: "tcpdump",
+    },
+    // The capture filter: relay links libpcap (the pcap crate), and
+    // `cargo xtask dist` links it statically, with libdbus-1.a.
+    Package {
+        name: "libpcap-dev",
+        program: "/usr/include/pcap/pcap.h",
+    },
+    Package {
+        name: "libdbus-1-dev",
+        program: "/usr/include/dbus-1.0/dbus/dbus.h",
     },
     // Deployment checks: `systemd-analyze verify` on deploy/systemd/, and
     // tests/tests/systemd.rs (systemd-socket-activate, from the same package).

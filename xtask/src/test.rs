@@ -22,7 +22,12 @@ struct Step {
 }
 
 const STEPS: &[Step] = &[
-    // First: they take seconds and fail for reasons a reader fixes at once.
+    // First, since clippy builds relay, which links libpcap (libpcap-dev).
+    Step {
+        name: "Debian packages for real peers and libraries",
+        run: ensure_packages,
+    },
+    // Then: they take seconds and fail for reasons a reader fixes at once.
     Step {
         name: "cargo fmt --all --check",
         run: fmt_check,
@@ -30,10 +35,6 @@ const STEPS: &[Step] = &[
     Step {
         name: "cargo clippy --workspace --all-targets -- -D warnings",
         run: clippy,
-    },
-    Step {
-        name: "Debian packages for real peers",
-        run: ensure_packages,
     },
     // Before anything is built: relay embeds these objects.
     Step {

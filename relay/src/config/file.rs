@@ -265,6 +265,7 @@ impl<'de> Deserialize<'de> for ContainersEntry {
 struct CaptureEntry {
     pcap: Spanned<String>,
     filter: Option<Spanned<String>>,
+    direction: Option<Spanned<String>>,
     sample: Option<Spanned<String>>,
     #[serde(default)]
     flow_head: u32,
@@ -762,6 +763,12 @@ impl Report<'_> {
             Some(f) => self.value(f, &format!("{key}.filter"), capture::parse_filter),
             None => Some(Default::default()),
         };
+        let direction = match &entry.direction {
+            Some(d) => self
+                .value(d, &format!("{key}.direction"), capture::parse_direction)
+                .map(Some),
+            None => Some(None),
+        };
         let sample = match &entry.sample {
             Some(s) => self.value(s, &format!("{key}.sample"), capture::parse_sample),
             None => Some(1),
@@ -797,8 +804,8 @@ impl Report<'_> {
             );
             ok = false;
         }
-        let (filter, sample_every, ring_bytes, rotate_size) =
-            (filter?, sample?, ring?, rotate_size?);
+        let (filter, direction, sample_every, ring_bytes, rotate_size) =
+            (filter?, direction?, sample?, ring?, rotate_size?);
         if !ok {
             return None;
         }
@@ -806,6 +813,7 @@ impl Report<'_> {
         Some(CaptureOptions {
             kernel: KernelCapture {
                 filter,
+                direction,
                 sample_every,
                 flow_head: entry.flow_head,
                 snaplen,

@@ -21,7 +21,7 @@ use aya::maps::{MapData, RingBuf};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::filter::{Filter, FilterError};
-use super::maps::{CaptureStat, CaptureStats, SampleHeader};
+use super::maps::{CaptureStat, CaptureStats, Direction, SampleHeader};
 use super::samples::{self, WallClock};
 use super::sink::{Output, Sink, SinkError, SinkOptions};
 use super::{ObserveError, Observer};
@@ -52,11 +52,14 @@ pub struct CaptureArgs {
     /// Write sampled packets as pcapng to FILE, or `-` for stdout (`| wireshark -k -i -`).
     #[arg(long, value_name = "FILE|-")]
     pub pcap: Option<Output>,
-    /// Which packets, decided in the kernel: tcp, udp, icmp, ip, ip6, inbound, outbound,
-    /// [src|dst] host ADDR, [src|dst] net CIDR, [src|dst] port N, [src|dst] portrange N-M,
-    /// combined with and, or, not and parentheses.
+    /// Which packets, as tcpdump's expression says (pcap-filter(7): `tcp port 80`,
+    /// `tcp[tcpflags] & tcp-syn != 0`, `not arp`, ...): compiled by libpcap, run in the kernel.
     #[arg(long, value_name = "EXPR", requires = "pcap", value_parser = parse_filter)]
     pub filter: Option<Filter>,
+    /// Only packets arriving at the interfaces (in) or leaving them (out), decided in the
+    /// kernel beside --filter (tcpdump's -Q in|out).
+    #[arg(long, value_name = "in|out", requires = "pcap", value_parser = parse_direction)]
+    pub direction: Option<Direction>,
     /// Keep all matching packets, none (with --flow-head: only flow heads) or 1 in N (per CPU).
     #[arg(long, value_name = "all|none|1/N", default_value = "all", requires = "pcap", value_parser = parse_sample)]
     pub sample: u32,
@@ -87,6 +90,17 @@ pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 pub fn parse_filter(text: &str) -> Result<Filter, FilterError> {
     Filter::parse(text)
+}
+
+/// `in` (`inbound`, `ingress`) or `out` (`outbound`, `egress`).
+pub fn parse_direction(text: &str) -> Result<Direction, String> {
+    match text {
+        "in" | "inbound" | "ingress" => Ok(Direction::Ingress),
+        "out" | "outbound" | "egress" => Ok(Direction::Egress),
+        _ => Err(format!(
+            "`{text}` is not in or out (leave --direction out for both)"
+        )),
+    }
 }
 
 /// `all` (1), `none` (0) or `1/N`.
@@ -137,6 +151,8 @@ pub fn parse_ring_size(text: &str) -> Result<u32, String> {
 #[derive(Debug, Clone)]
 pub struct KernelCapture {
     pub filter: Filter,
+    /// Only this direction (`--direction`); None: both.
+    pub direction: Option<Direction>,
     /// 1: all; 0: none (flow heads only); N: 1 in N.
     pub sample_every: u32,
     pub flow_head: u32,
@@ -195,6 +211,7 @@ impl CaptureArgs {
         Some(CaptureOptions {
             kernel: KernelCapture {
                 filter: self.filter.clone().unwrap_or_default(),
+                direction: self.direction,
                 sample_every: self.sample,
                 flow_head: self.flow_head,
                 snaplen: self.snaplen,
@@ -555,11 +572,16 @@ impl CaptureRun {
                 .unwrap_or_default(),
             application: format!("relay {}", env!("CARGO_PKG_VERSION")),
             comment: format!(
-                "relay observe {target} on host {host}; filter: {}",
+                "relay observe {target} on host {host}; filter: {}{}",
                 if options.kernel.filter.text().is_empty() {
                     "(all)"
                 } else {
                     options.kernel.filter.text()
+                },
+                match options.kernel.direction {
+                    None => "",
+                    Some(Direction::Ingress) => "; direction: in",
+                    Some(Direction::Egress) => "; direction: out",
                 }
             ),
         };

@@ -78,23 +78,6 @@ pub struct FlowKey {
     pub ifindex: u32,
 }
 
-/// `struct relay_filter_rule`: one primitive of the capture filter.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FilterRule {
-    pub addr: [u32; 4],
-    pub mask: [u32; 4],
-    pub port_lo: u16,
-    pub port_hi: u16,
-    pub kind: u8,
-    pub end: u8,
-    pub negate: u8,
-    pub value: u8,
-    pub term: u8,
-    pub family: u8,
-    pub _pad: u16,
-}
-
 /// `struct relay_capture_key`
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,8 +136,6 @@ unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for FlagKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowKey {}
-// SAFETY: as above.
-unsafe impl aya::Pod for FilterRule {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CaptureKey {}
 
@@ -310,7 +291,7 @@ mod tests {
         };
         /// A struct's name and size, and each field's name and offset.
         type Layout = (&'static str, usize, Vec<(&'static str, usize)>);
-        let rust: [Layout; 7] = [
+        let rust: [Layout; 6] = [
             (
                 "relay_traffic_key",
                 size_of::<TrafficKey>(),
@@ -352,23 +333,6 @@ mod tests {
                     ("proto", offset_of!(FlowKey, proto)),
                     ("_pad", offset_of!(FlowKey, _pad)),
                     ("ifindex", offset_of!(FlowKey, ifindex)),
-                ],
-            ),
-            (
-                "relay_filter_rule",
-                size_of::<FilterRule>(),
-                vec![
-                    ("addr", offset_of!(FilterRule, addr)),
-                    ("mask", offset_of!(FilterRule, mask)),
-                    ("port_lo", offset_of!(FilterRule, port_lo)),
-                    ("port_hi", offset_of!(FilterRule, port_hi)),
-                    ("kind", offset_of!(FilterRule, kind)),
-                    ("end", offset_of!(FilterRule, end)),
-                    ("negate", offset_of!(FilterRule, negate)),
-                    ("value", offset_of!(FilterRule, value)),
-                    ("term", offset_of!(FilterRule, term)),
-                    ("family", offset_of!(FilterRule, family)),
-                    ("_pad", offset_of!(FilterRule, _pad)),
                 ],
             ),
             (

@@ -8,7 +8,9 @@
 //! - [`discover`], [`fleet`]: every container of the host (`containers`),
 //!   found through the Docker API and attached one by one;
 //! - [`filter`], [`samples`], [`sink`], [`capture`]: sampled packets to
-//!   pcapng (`--pcap`), filtered and sampled in the kernel.
+//!   pcapng (`--pcap`), filtered and sampled in the kernel; the filter is
+//!   libpcap's classic program, translated by [`cbpf`] and written into the
+//!   object's filter stubs by [`stub`] before it loads.
 //!
 //! The programs live in relay-ebpf/src/observe.bpf.c; the compiled object is
 //! committed and embedded here, so building relay needs no clang.
@@ -16,6 +18,7 @@
 pub mod attach;
 pub mod capture;
 pub mod discover;
+pub mod cbpf;
 pub mod export;
 pub mod filter;
 pub mod fleet;
@@ -23,6 +26,7 @@ pub mod maps;
 pub mod samples;
 pub mod session;
 pub mod sink;
+pub mod stub;
 pub mod watch;
 
 use std::os::fd::OwnedFd;
@@ -41,7 +45,7 @@ use maps::{CaptureKey, CaptureStat, CaptureStats, Counter, FlagKey, FlowKey, Tra
 use crate::netns::Netns;
 
 /// The compiled observe programs (`cargo xtask build-ebpf`), 8-byte aligned as ELF parsing needs.
-fn object() -> &'static [u8] {
+pub(crate) fn object() -> &'static [u8] {
     aya::include_bytes_aligned!("../../../relay-ebpf/obj/observe.bpf.o")
 }
 
@@ -138,6 +142,15 @@ pub enum ObserveError {
     },
     #[error("target {0} stopped (use --follow to attach again when it returns)")]
     TargetGone(String),
+    /// The filter does not compile for an interface's link type (it did for Ethernet).
+    #[error("cannot filter on {iface}: {source}")]
+    Filter {
+        iface: String,
+        #[source]
+        source: filter::FilterError,
+    },
+    #[error(transparent)]
+    Stub(#[from] stub::StubError),
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
     #[error(transparent)]
@@ -152,7 +165,9 @@ impl ObserveError {
     /// of the kernel or the daemon (exit 1).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            ObserveError::NoSuchInterface { .. } | ObserveError::NothingToObserve => true,
+            ObserveError::NoSuchInterface { .. }
+            | ObserveError::NothingToObserve
+            | ObserveError::Filter { .. } => true,
             ObserveError::Netns(err) => err.is_bad_input(),
             ObserveError::Sink(sink::SinkError::Open { .. }) => true,
             _ => false,
@@ -308,7 +323,7 @@ impl Observer {
                 if interfaces.is_empty() {
                     return Err(ObserveError::NothingToObserve);
                 }
-                let mut ebpf = load(capture.as_ref(), interfaces.len())?;
+                let mut ebpf = load(capture.as_ref(), &interfaces)?;
                 if capture.is_some() {
                     start_capture(&mut ebpf, &interfaces)?;
                 }
@@ -425,8 +440,9 @@ impl Observer {
 const FLOW_HEAD_FLOWS: u32 = 65536;
 
 /// Loads the object, with the capture tunables when capturing (without,
-/// the verifier prunes the capture path: counting costs what it did).
-fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, ObserveError> {
+/// the verifier prunes the capture path: counting costs what it did), and
+/// the filter written into the stub of each link type among `interfaces`.
+fn load(capture: Option<&KernelCapture>, interfaces: &[Interface]) -> Result<Ebpf, ObserveError> {
     let Some(capture) = capture else {
         return EbpfLoader::new()
             .load(object())
@@ -434,14 +450,42 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
                 source: Box::new(source),
             });
     };
-    let (rules, filter_len) = capture.filter.table();
+    let mut object = stub::Object8::new(object());
+    let mut patched = Vec::new();
+    for iface in interfaces {
+        let (link, name) = if attach::l2_len(iface) == 0 {
+            (filter::LinkType::Raw, stub::RAW)
+        } else {
+            (filter::LinkType::Ethernet, stub::ETHER)
+        };
+        if patched.contains(&name) {
+            continue;
+        }
+        let program = capture
+            .filter
+            .program(link)
+            .map_err(|source| ObserveError::Filter {
+                iface: iface.name.clone(),
+                source,
+            })?;
+        if let Some(program) = program {
+            stub::patch(&mut object, name, &program)?;
+        }
+        patched.push(name);
+    }
+    let filter_on = u32::from(!capture.filter.is_all());
+    let direction = match capture.direction {
+        None => 0u32,
+        Some(maps::Direction::Ingress) => 1,
+        Some(maps::Direction::Egress) => 2,
+    };
     let cpus = nr_cpus()?;
     let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     let on = 1u32;
     // Woken at a quarter full; the reader also drains every few milliseconds.
     let wakeup_bytes = capture.ring_bytes / 4;
     let stats_entries =
-        u32::try_from(interfaces.max(1) * maps::CaptureStat::ALL.len()).unwrap_or(u32::MAX);
+        u32::try_from(interfaces.len().max(1) * maps::CaptureStat::ALL.len()).unwrap_or(u32::MAX);
     // The LRU map is allocated whole at creation: only as big as --flow-head needs.
     let flow_entries = if capture.flow_head > 0 {
         FLOW_HEAD_FLOWS
@@ -454,13 +498,13 @@ fn load(capture: Option<&KernelCapture>, interfaces: usize) -> Result<Ebpf, Obse
         .override_global("flow_head", &capture.flow_head, true)
         .override_global("snaplen", &capture.snaplen, true)
         .override_global("wakeup_bytes", &wakeup_bytes, true)
-        .override_global("filter_len", &filter_len, true)
-        .override_global("filter_rules", &rules, true)
+        .override_global("filter_on", &filter_on, true)
+        .override_global("capture_direction", &direction, true)
         .map_max_entries("samples", capture.ring_bytes)
         .map_max_entries("capture_scratch", cpus)
         .map_max_entries("capture_stats", stats_entries)
         .map_max_entries("capture_flows", flow_entries)
-        .load(object())
+        .load(object.bytes())
         .map_err(|source| ObserveError::Load {
             source: Box::new(source),
         })
