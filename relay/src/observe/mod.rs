@@ -17,8 +17,8 @@
 
 pub mod attach;
 pub mod capture;
-pub mod discover;
 pub mod cbpf;
+pub mod discover;
 pub mod export;
 pub mod filter;
 pub mod fleet;
