@@ -53,6 +53,12 @@ const STEPS: &[Step] = &[
         name: "the forwarder's suite once more on each data path (copy, splice, sockmap)",
         run: per_data_path,
     },
+    // Alone, after everything else: it restarts the host's dockerd, which
+    // stops every container (the other Docker tests' too).
+    Step {
+        name: "observing containers survives a dockerd restart",
+        run: dockerd_restart,
+    },
 ];
 
 /// The test files whose every test runs once per data path.
@@ -146,4 +152,32 @@ fn per_data_path(ctx: &mut Ctx) -> Result<()> {
         cmd::run_streaming(&mut cmd).with_context(|| format!("on data path {path}"))?;
     }
     Ok(())
+}
+
+/// The containers test that restarts dockerd, which skips unless asked
+/// (`RELAY_TESTS_RESTART_DOCKERD=1`): run here, when no other test runs.
+/// Skipped when the caller filtered the run (ARGS given).
+fn dockerd_restart(ctx: &mut Ctx) -> Result<()> {
+    if !ctx.cargo_test_args.is_empty() {
+        println!("xtask: skipped: test arguments were given, so only that selection runs");
+        return Ok(());
+    }
+    let relay_bin = ctx
+        .relay_bin
+        .as_ref()
+        .expect("invariant: the build step runs before the test step");
+    cmd::run_streaming(
+        workspace::cargo()
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "relay-tests",
+                "--test",
+                "containers",
+            ])
+            .arg("a_dockerd_restart_is_survived")
+            .env("RELAY_BIN", relay_bin)
+            .env("RELAY_TESTS_RESTART_DOCKERD", "1"),
+    )
 }
