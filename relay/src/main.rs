@@ -331,7 +331,10 @@ impl RouteArgs {
         }
         route.connect_timeout = self.connect_timeout.0;
         route.idle_timeout = self.idle_timeout.0;
-        route.max_connections = self.max_connections;
+        // --max-connections wins over a `max-children=` in the address.
+        if self.max_connections.is_some() {
+            route.max_connections = self.max_connections;
+        }
         route.drain_timeout = self.drain_timeout.0;
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;
