@@ -292,15 +292,14 @@ fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
     }
 }
 
-const LISTEN_OPTIONS: &str =
-    "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, netns=, container=, pid=";
+const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, netns=, container=, pid=";
 const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
 const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, max-children=<n>, netns=, container=, pid=";
-const CONNECT_OPTIONS: &str =
-    "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, netns=, container=, pid=";
+const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, netns=, container=, pid=";
 const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
-const UNIX_CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
+const UNIX_CONNECT_OPTIONS: &str =
+    "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
 const EXEC_OPTIONS: &str = "stderr";
 
 /// The socat address types relay speaks, by what they make.
@@ -1622,10 +1621,22 @@ mod tests {
         .unwrap();
         let tcp = l.tcp().unwrap();
         assert_eq!(tcp.range.len(), 4);
-        for inside in ["10.1.2.3", "192.168.1.7", "172.31.255.1", "fd12::1", "::ffff:10.9.9.9"] {
+        for inside in [
+            "10.1.2.3",
+            "192.168.1.7",
+            "172.31.255.1",
+            "fd12::1",
+            "::ffff:10.9.9.9",
+        ] {
             assert!(tcp.admits(inside.parse().unwrap()), "{inside}");
         }
-        for outside in ["11.0.0.1", "192.168.1.8", "172.32.0.1", "fe80::1", "127.0.0.1"] {
+        for outside in [
+            "11.0.0.1",
+            "192.168.1.8",
+            "172.32.0.1",
+            "fe80::1",
+            "127.0.0.1",
+        ] {
             assert!(!tcp.admits(outside.parse().unwrap()), "{outside}");
         }
         // Host bits in the network are dropped, as socat masks them.
@@ -1634,7 +1645,12 @@ mod tests {
         // No range: everyone.
         let l = parse_listen("TCP-LISTEN:80").unwrap();
         assert!(l.tcp().unwrap().admits("203.0.113.1".parse().unwrap()));
-        for bad in ["range=10.0.0.0/33", "range=nowhere", "range=10.0.0.0:255.0.255.0", "range="] {
+        for bad in [
+            "range=10.0.0.0/33",
+            "range=nowhere",
+            "range=10.0.0.0:255.0.255.0",
+            "range=",
+        ] {
             let err = parse_listen(&format!("TCP-LISTEN:80,{bad}")).unwrap_err();
             assert!(err.to_string().contains("range="), "{bad}: {err}");
         }
@@ -1676,7 +1692,13 @@ mod tests {
         assert_eq!(t.retry.retries, None);
         assert!(t.retry.again_after(u32::MAX));
         assert_eq!(t.retry.interval, DEFAULT_RETRY_INTERVAL);
-        for bad in ["retry=-1", "retry=", "interval=0", "interval=x", "forever=2"] {
+        for bad in [
+            "retry=-1",
+            "retry=",
+            "interval=0",
+            "interval=x",
+            "forever=2",
+        ] {
             let err = parse_target(&format!("TCP:db:1,{bad}")).unwrap_err();
             let key = bad.split('=').next().unwrap();
             assert!(err.to_string().contains(key), "{bad}: {err}");
@@ -1704,7 +1726,10 @@ mod tests {
             }
             .unwrap_err()
             .to_string();
-            assert!(err.contains(&format!("socat option `{name}`")), "{input}: {err}");
+            assert!(
+                err.contains(&format!("socat option `{name}`")),
+                "{input}: {err}"
+            );
             assert!(err.contains(instead), "{input}: {err}");
         }
         let err = parse_listen("TCP-LISTEN:80,keepalive").unwrap_err();
