@@ -3,6 +3,7 @@
 //! a file), run it, and turn the result into an exit code (2 for usage
 //! errors, 1 for runtime failures). Everything else lives in the library.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use relay::metrics;
 use relay::netns::Target;
 use relay::observe::discover::{Rule, Selection};
 use relay::observe::{self, ObserveOptions};
-use relay::{limits, run, tls};
+use relay::{limits, run, socat_flags, tls};
 
 #[derive(Parser)]
 #[command(
@@ -311,7 +312,7 @@ impl TlsArgs {
 #[derive(Args)]
 #[command(next_help_heading = "Logging")]
 struct LogArgs {
-    /// More log output (-v debug, -vv trace).
+    /// More log output (-v debug, -vv trace; in the socat form, where -v is socat's data dump, --verbose).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Less log output (-q warnings only, -qq errors only).
@@ -619,8 +620,60 @@ fn man_pages(dir: Option<PathBuf>) -> ExitCode {
 /// Exit code for a usage error, as clap uses and socat scripts expect.
 const USAGE: u8 = 2;
 
+/// Whether relay's own top-level option `flag` consumes the next argument.
+fn takes_value(command: &clap::Command, flag: &str) -> bool {
+    let is_flag = |arg: &&clap::Arg| match flag.strip_prefix("--") {
+        Some(long) => arg.get_long() == Some(long),
+        None => {
+            let mut chars = flag.chars().skip(1);
+            matches!((chars.next(), chars.next()), (Some(c), None) if arg.get_short() == Some(c))
+        }
+    };
+    command
+        .get_arguments()
+        .find(is_flag)
+        .is_some_and(|arg| arg.get_action().takes_values())
+}
+
+/// The command line, with the socat form's global flags translated
+/// (`socat_flags`), and the log level its `-d` flags set; `Err` is a
+/// refused flag, already reported.
+fn arguments() -> Result<(Vec<OsString>, Option<i8>), ExitCode> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // Arguments that are not UTF-8 are file names, not socat flags.
+    let Some(strings) = args[1.min(args.len())..]
+        .iter()
+        .map(|a| a.to_str().map(String::from))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return Ok((args, None));
+    };
+    let command = Cli::command();
+    if !socat_flags::is_socat_form(&strings, |flag| takes_value(&command, flag)) {
+        return Ok((args, None));
+    }
+    match socat_flags::translate(&strings) {
+        Ok(translated) => Ok((
+            args.iter()
+                .take(1)
+                .cloned()
+                .chain(translated.args.into_iter().map(OsString::from))
+                .collect(),
+            translated.verbosity,
+        )),
+        Err(err) => {
+            eprintln!("relay: error: {err}");
+            Err(ExitCode::from(USAGE))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let (args, socat_verbosity) = match arguments() {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    let matches = Cli::command().get_matches_from(args);
     if let Some(refused) = option_before_subcommand(&matches) {
         eprintln!("relay: error: {refused}");
         return ExitCode::from(USAGE);
@@ -630,7 +683,7 @@ fn main() -> ExitCode {
         Err(err) => err.exit(),
     };
     let (verbosity, log_format) = (
-        cli.log.verbose as i8 - cli.log.quiet as i8,
+        socat_verbosity.unwrap_or(0) + cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
     let (mut spec, source) = match plan(cli) {

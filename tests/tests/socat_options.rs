@@ -2,7 +2,9 @@
 //! peers: `range=` (a client from another network namespace is closed
 //! before anything reaches the target, loopback is served),
 //! `max-children=` (the route's connection limit) and `retry=`/`interval=`
-//! (a target that starts listening late is still reached).
+//! (a target that starts listening late is still reached); socat's global
+//! flags (`-d` sets the log level, the ones relay does not do are refused
+//! by name with exit 2).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -20,6 +22,9 @@ const METRIC_TIMEOUT: Duration = Duration::from_secs(5);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTIONS_TOTAL: &str = "relay_connections_total";
 const RETRIES_TOTAL: &str = "relay_upstream_connect_retries_total";
+
+/// How long a refused command line may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A backend that echoes and counts what it accepts.
 fn echo_backend() -> Result<Backend> {
@@ -191,5 +196,60 @@ fn retries_run_out_and_the_client_is_told() -> Result<()> {
         retries == 2.0,
         "retry=2 tries twice more, counted {retries}"
     );
+    Ok(())
+}
+
+#[test]
+fn d_flags_set_the_log_level_as_socat() -> Result<()> {
+    let backend = echo_backend()?;
+    let port = free_port()?;
+    // Loopback is outside this range: the denial is logged at debug.
+    let relay = RelayCmd::socat(
+        port,
+        format!("TCP-LISTEN:{port},fork,reuseaddr,range=10.0.0.0/8"),
+        format!("TCP:{}", backend.addr()),
+    )
+    .opts(&["-d", "-d", "-dd"])
+    .with_metrics()?
+    .spawn()?;
+    let mut client = relay.connect()?;
+    expect_close(&mut client, CLOSE_TIMEOUT)?;
+    relay.wait_metric(
+        CONNECTIONS_TOTAL,
+        &[("outcome", "denied")],
+        1.0,
+        METRIC_TIMEOUT,
+    )?;
+    poll_until("the debug line of the denial", METRIC_TIMEOUT, || {
+        Ok(relay.stderr().contains("outside range=").then_some(()))
+    })?;
+    ensure!(
+        backend.accepted() == 0,
+        "a denied client reached the target"
+    );
+    Ok(())
+}
+
+#[test]
+fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["-v", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
+            &["`-v`", "--pcap"],
+        ),
+        (&["-u", "TCP-LISTEN:1", "TCP:127.0.0.1:1"], &["`-u`"]),
+        (
+            &["-lf", "/tmp/x", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
+            &["`-lf`"],
+        ),
+        (
+            &["TCP-LISTEN:1,fork,su=nobody", "TCP:127.0.0.1:1"],
+            &["`su`", "User="],
+        ),
+        (&["TCP-LISTEN:1,fork", "TCP:127.0.0.1:1,crlf"], &["`crlf`"]),
+    ];
+    for (line, names) in cases {
+        RelayCmd::raw(line).expect_usage_error(EXIT_TIMEOUT, names)?;
+    }
     Ok(())
 }

@@ -322,8 +322,8 @@ impl Forwarder {
                         // Closed unread: no byte reaches the target, which is
                         // never connected to. socat goes on listening too,
                         // with `fork` or without.
-                        route.metrics.outcome(Outcome::Denied).inc();
                         tracing::debug!(route = %route.metrics.name, %peer, "client outside range=: closed");
+                        route.metrics.outcome(Outcome::Denied).inc();
                         drop(stream);
                         continue;
                     }
