@@ -1059,51 +1059,11 @@ fn retry_option(input: &str, opt: &SocatOption<'_>, retry: &mut Retry) -> Result
     Ok(())
 }
 
-/// socat options relay knows and refuses, each with what to do instead;
-/// an option in no table is refused as unknown by the address's parser.
-pub const REFUSED_OPTIONS: &[(&str, &str)] = &[
-    (
-        "sndbuf",
-        "relay leaves socket buffers to the kernel's autotuning: tune net.ipv4.tcp_wmem, or keep socat for this route",
-    ),
-    (
-        "rcvbuf",
-        "relay leaves socket buffers to the kernel's autotuning: tune net.ipv4.tcp_rmem, or keep socat for this route",
-    ),
-    (
-        "crlf",
-        "relay relays bytes unchanged and does not rewrite line endings: keep socat where the data must change",
-    ),
-    (
-        "ignoreeof",
-        "relay ends a direction at EOF and does not poll a file for growth: pipe `tail -f FILE` into `relay - <ADDR>` instead",
-    ),
-    (
-        "su",
-        "relay does not switch users: run relay as that user (the systemd unit's User=, or `runuser -u USER -- relay ...`)",
-    ),
-    (
-        "su-d",
-        "relay does not switch users: run relay as that user (the systemd unit's User=, or `runuser -u USER -- relay ...`)",
-    ),
-];
-
-/// Aliases socat accepts for the names in [`REFUSED_OPTIONS`].
-fn canonical_option(key: &str) -> &str {
-    match key {
-        "so-sndbuf" => "sndbuf",
-        "so-rcvbuf" => "rcvbuf",
-        "substuser" => "su",
-        "substuser-delayed" => "su-d",
-        other => other,
-    }
-}
-
-/// Refuses an option relay knows it does not do, saying what to use
-/// instead; `Ok` for a name it does not know (the caller says so).
+/// Refuses an option relay knows it does not do (the conformance table,
+/// `socat_table`), saying what to use instead; `Ok` for a name it does not
+/// know (the caller says so).
 fn refused_option(input: &str, key: &str) -> Result<(), AddrError> {
-    let key = canonical_option(key);
-    match REFUSED_OPTIONS.iter().find(|(name, _)| *name == key) {
+    match crate::socat_table::refusal(key) {
         Some((name, instead)) => Err(invalid(
             input,
             format!("socat option `{name}` is not supported: {instead}"),

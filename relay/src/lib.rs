@@ -19,5 +19,6 @@ pub mod observe;
 pub mod pcapng;
 pub mod run;
 pub mod socat_flags;
+pub mod socat_table;
 pub mod tls;
 pub mod udp;

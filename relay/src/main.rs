@@ -39,6 +39,9 @@ struct Cli {
     /// socat form: the address to connect to, e.g. `TCP:127.0.0.1:80`, `UNIX-CONNECT:/var/run/docker.sock` or `-` (STDIO); the two may come in either order.
     #[arg(value_name = "ADDR2")]
     socat_target: Option<String>,
+    /// socat form: print what relay will do with these two addresses (each option, and where socat differs) and exit: 0, or 2 with the error a run would give.
+    #[arg(long, requires = "socat_target")]
+    explain: bool,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -421,6 +424,7 @@ fn plan(cli: Cli) -> Plan {
         command,
         socat_listen,
         socat_target,
+        explain,
         route,
         tls,
         metrics,
@@ -529,6 +533,15 @@ fn plan(cli: Cli) -> Plan {
             Plan::Exit(ExitCode::SUCCESS)
         }
         (Some(Command::Man { dir }), None, None) => Plan::Exit(man_pages(dir)),
+        (None, Some(first), Some(second)) if explain => {
+            match relay::socat_table::explain(&first, &second) {
+                Ok(text) => {
+                    print!("{text}");
+                    Plan::Exit(ExitCode::SUCCESS)
+                }
+                Err(err) => usage(err),
+            }
+        }
         (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
             Ok((listen, target)) => one_route(route.spec(listen, target, &tls), &metrics),
             Err(err) => usage(err),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use relay_tests::peers::{Backend, EchoServer, expect_close, round_trip};
 use relay_tests::ports::free_port;
+use relay_tests::relay_proc::relay_bin;
 use relay_tests::wait::poll_until;
 use relay_tests::{NetNs, RelayCmd, require_root};
 
@@ -251,5 +252,32 @@ fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()>
     for (line, names) in cases {
         RelayCmd::raw(line).expect_usage_error(EXIT_TIMEOUT, names)?;
     }
+    Ok(())
+}
+
+#[test]
+fn explain_prints_what_relay_will_do_or_refuses_as_a_run_would() -> Result<()> {
+    let explain = |addr1: &str| -> Result<std::process::Output> {
+        std::process::Command::new(relay_bin()?)
+            .args(["--explain", addr1, "TCP:127.0.0.1:1,retry=3"])
+            .output()
+            .context("running relay --explain")
+    };
+    let out = explain("TCP-LISTEN:1,fork,range=10.0.0.0/8")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == Some(0), "exit 0 expected: {out:?}");
+    ensure!(
+        text.contains("range=10.0.0.0/8: admit only clients") && text.contains("retry=3: repeat"),
+        "each option explained: {text}"
+    );
+    let out = explain("TCP-LISTEN:1,fork,crlf")?;
+    ensure!(
+        out.status.code() == Some(2),
+        "a refused option exits 2: {out:?}"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("socat option `crlf`"),
+        "the refusal names the option: {out:?}"
+    );
     Ok(())
 }
