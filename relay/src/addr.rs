@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use crate::netns::Target;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use thiserror::Error;
 
 /// A host as written: an IP literal, or a name resolved later (per connection
@@ -57,6 +58,9 @@ impl Family {
 pub struct ListenAddr {
     pub endpoint: ListenEndpoint,
     pub backlog: Option<u32>,
+    /// `max-children=`: open connections at most (the route's
+    /// `max_connections` unless that is set explicitly).
+    pub max_children: Option<u32>,
     /// Serve one connection and exit: socat's listen address without `fork`.
     pub once: bool,
     /// TLS termination (`tls://`, `OPENSSL-LISTEN:`).
@@ -84,6 +88,18 @@ pub struct TcpListen {
     pub family: Family,
     pub reuseaddr: bool,
     pub reuseport: bool,
+    /// `range=`: only clients inside one of these networks are served;
+    /// empty admits every client.
+    pub range: Vec<IpNet>,
+}
+
+impl TcpListen {
+    /// Whether `range=` lets this client in. An IPv4 client of a dual-stack
+    /// listener arrives as `::ffff:a.b.c.d` and is matched as IPv4.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.range.is_empty() || self.range.iter().any(|net| net.contains(&client))
+    }
 }
 
 /// A UNIX stream socket to listen on, with socat's file options.
@@ -136,12 +152,38 @@ pub struct TargetAddr {
     pub endpoint: TargetEndpoint,
     /// Per-address `connect-timeout=`; overrides `--connect-timeout`.
     pub connect_timeout: Option<Duration>,
+    /// `retry=`, `interval=`, `forever`: how failed connects are repeated.
+    pub retry: Retry,
     /// TLS origination (`tls://`, `OPENSSL:`).
     pub tls: Option<TlsTarget>,
     /// Connect from inside this namespace (`...@container:web`, socat `netns=`).
     pub netns: Option<Target>,
     pub text: String,
 }
+
+/// socat's connect retries: after a failed attempt, wait `interval` and
+/// try again, `retries` more times (`None`: for ever, socat's `forever`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub retries: Option<u32>,
+    pub interval: Duration,
+}
+
+impl Retry {
+    /// One attempt, no retry: socat's default.
+    pub const NONE: Retry = Retry {
+        retries: Some(0),
+        interval: DEFAULT_RETRY_INTERVAL,
+    };
+
+    /// Whether another attempt follows attempt number `done` (1-based).
+    pub fn again_after(&self, done: u32) -> bool {
+        self.retries.is_none_or(|n| done <= n)
+    }
+}
+
+/// socat's `interval=` default.
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What kind of socket a route connects to for each client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,15 +292,14 @@ fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
     }
 }
 
-const LISTEN_OPTIONS: &str =
-    "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, netns=, container=, pid=";
+const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, netns=, container=, pid=";
 const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
-const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, netns=, container=, pid=";
-const CONNECT_OPTIONS: &str =
-    "connect-timeout=<seconds>, nodelay, keepalive, netns=, container=, pid=";
+const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, max-children=<n>, netns=, container=, pid=";
+const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, netns=, container=, pid=";
 const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
-const UNIX_CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, netns=, container=, pid=";
+const UNIX_CONNECT_OPTIONS: &str =
+    "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
 const EXEC_OPTIONS: &str = "stderr";
 
 /// The socat address types relay speaks, by what they make.
@@ -778,6 +819,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
                 Ok(ListenAddr {
                     endpoint: ListenEndpoint::Stdio(mode),
                     backlog: None,
+                    max_children: None,
                     once: true,
                     tls: None,
                     netns: None,
@@ -793,6 +835,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
         return Ok(ListenAddr {
             endpoint: ListenEndpoint::Unix(unix_listen_defaults(name)),
             backlog: None,
+            max_children: None,
             once: false,
             tls: None,
             netns,
@@ -811,8 +854,10 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
             family: Family::Any,
             reuseaddr: true,
             reuseport: false,
+            range: Vec::new(),
         }),
         backlog: None,
+        max_children: None,
         once: false,
         tls: (scheme != "tcp").then(TlsListen::default),
         netns,
@@ -860,6 +905,7 @@ fn parse_unix_listen(
     let mut addr = ListenAddr {
         endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
+        max_children: None,
         once: true,
         tls: None,
         netns: None,
@@ -920,7 +966,9 @@ fn parse_unix_listen(
                 unix.group = Some(opt.required(input)?.to_string());
             }
             "backlog" => addr.backlog = Some(backlog(input, &opt)?),
+            "max-children" => addr.max_children = Some(max_children(input, &opt)?),
             other => {
+                refused_option(input, other)?;
                 return Err(invalid(
                     input,
                     format!(
@@ -933,6 +981,95 @@ fn parse_unix_listen(
     check_path_namespace(input, &unix.name, &addr.netns)?;
     addr.endpoint = ListenEndpoint::Unix(unix);
     Ok(addr)
+}
+
+/// relay always sets TCP_NODELAY on both legs, so `nodelay=0` cannot be
+/// honoured and is refused rather than ignored.
+fn no_nodelay_off(input: &str, opt: &SocatOption<'_>) -> Result<(), AddrError> {
+    if opt.flag(input)? {
+        Ok(())
+    } else {
+        Err(invalid(
+            input,
+            "`nodelay=0` cannot be honoured: relay always sets TCP_NODELAY",
+        ))
+    }
+}
+
+fn max_children(input: &str, opt: &SocatOption<'_>) -> Result<u32, AddrError> {
+    let value = opt.required(input)?;
+    value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        invalid(
+            input,
+            format!("`max-children={value}`: expected a whole number of at least 1"),
+        )
+    })
+}
+
+/// socat's `range=`: `<ip>/<bits>`, `<ipv4>:<netmask>`, a bare address (that
+/// host only); IPv6 in brackets or bare (`[fd00::]/8`, `fd00::/8`).
+fn parse_range(input: &str, value: &str) -> Result<IpNet, AddrError> {
+    let bad = || {
+        invalid(
+            input,
+            format!(
+                "`range={value}`: expected a network such as range=10.0.0.0/8, range=10.0.0.0:255.0.0.0, range=127.0.0.1 or range=[fd00::]/8"
+            ),
+        )
+    };
+    let unbracket = |text: &str| {
+        text.strip_prefix('[')
+            .map(|t| t.replacen(']', "", 1))
+            .unwrap_or_else(|| text.to_string())
+    };
+    let text = unbracket(value);
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let (ip, mask) = text.split_once(':').ok_or_else(bad)?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let mask: std::net::Ipv4Addr = mask.parse().map_err(|_| bad())?;
+    ipnet::Ipv4Net::with_netmask(ip, mask)
+        .map(|net| IpNet::V4(net.trunc()))
+        .map_err(|_| bad())
+}
+
+/// `retry=<n>`, `interval=<seconds>`, `forever` (socat's connect retries).
+fn retry_option(input: &str, opt: &SocatOption<'_>, retry: &mut Retry) -> Result<(), AddrError> {
+    match opt.key.as_str() {
+        "retry" => {
+            let value = opt.required(input)?;
+            retry.retries = Some(value.parse().map_err(|_| {
+                invalid(
+                    input,
+                    format!("`retry={value}`: expected a whole number of retries (or `forever`)"),
+                )
+            })?);
+        }
+        "interval" => retry.interval = parse_seconds(input, &opt.key, opt.required(input)?)?,
+        _ => {
+            if opt.flag(input)? {
+                retry.retries = None;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an option relay knows it does not do (the conformance table,
+/// `socat_table`), saying what to use instead; `Ok` for a name it does not
+/// know (the caller says so).
+fn refused_option(input: &str, key: &str) -> Result<(), AddrError> {
+    match crate::socat_table::refusal(key) {
+        Some((name, instead)) => Err(invalid(
+            input,
+            format!("socat option `{name}` is not supported: {instead}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn backlog(input: &str, opt: &SocatOption<'_>) -> Result<u32, AddrError> {
@@ -959,11 +1096,13 @@ fn parse_socat_listen(
         // socat sets SO_REUSEADDR only when asked.
         reuseaddr: false,
         reuseport: false,
+        range: Vec::new(),
     };
     // The endpoint is set once its options are read (`tcp` above).
     let mut addr = ListenAddr {
         endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
+        max_children: None,
         once: true,
         tls: tls.then(|| TlsListen {
             verify_clients: true,
@@ -1024,7 +1163,18 @@ fn parse_socat_listen(
                 tcp.host = Host::Ip(ip);
             }
             "backlog" => addr.backlog = Some(backlog(input, &opt)?),
+            "max-children" => addr.max_children = Some(max_children(input, &opt)?),
+            "range" => tcp.range.push(parse_range(input, opt.required(input)?)?),
+            // relay sets TCP_NODELAY on every accepted socket already.
+            "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
+            "keepalive" | "so-keepalive" => {
+                return Err(invalid(
+                    input,
+                    "`keepalive` on a listen address is not supported: relay sets SO_KEEPALIVE on the target leg only (write `keepalive` on the connect address); the idle timeout (-T) closes vanished clients",
+                ));
+            }
             other => {
+                refused_option(input, other)?;
                 return Err(invalid(
                     input,
                     format!(
@@ -1075,6 +1225,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
                 Ok(TargetAddr {
                     endpoint: TargetEndpoint::Stdio(mode),
                     connect_timeout: None,
+                    retry: Retry::NONE,
                     tls: None,
                     netns: None,
                     text: input.to_string(),
@@ -1089,6 +1240,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
         return Ok(TargetAddr {
             endpoint: TargetEndpoint::Unix(name),
             connect_timeout: None,
+            retry: Retry::NONE,
             tls: None,
             netns,
             text: input.to_string(),
@@ -1111,6 +1263,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             keepalive: false,
         }),
         connect_timeout: None,
+        retry: Retry::NONE,
         tls,
         netns,
         text: input.to_string(),
@@ -1170,6 +1323,7 @@ fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetAddr, AddrEr
     Ok(TargetAddr {
         endpoint: TargetEndpoint::Exec(spec),
         connect_timeout: None,
+        retry: Retry::NONE,
         tls: None,
         netns: None,
         text: input.to_string(),
@@ -1184,6 +1338,7 @@ fn parse_unix_target(
     let mut addr = TargetAddr {
         endpoint: TargetEndpoint::Unix(name),
         connect_timeout: None,
+        retry: Retry::NONE,
         tls: None,
         netns: None,
         text: input.to_string(),
@@ -1198,7 +1353,9 @@ fn parse_unix_target(
             "connect-timeout" => {
                 addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
             }
+            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
             other => {
+                refused_option(input, other)?;
                 return Err(invalid(
                     input,
                     format!(
@@ -1247,6 +1404,7 @@ fn parse_socat_target(
     let mut addr = TargetAddr {
         endpoint: TargetEndpoint::Stdio(StdioMode::Both),
         connect_timeout: None,
+        retry: Retry::NONE,
         tls,
         netns: None,
         text: input.to_string(),
@@ -1296,16 +1454,11 @@ fn parse_socat_target(
             }
             // relay always sets TCP_NODELAY on both legs, so `nodelay=0`
             // cannot be honoured and is refused rather than ignored.
-            "nodelay" | "tcp-nodelay" => {
-                if !opt.flag(input)? {
-                    return Err(invalid(
-                        input,
-                        "`nodelay=0` cannot be honoured: relay always sets TCP_NODELAY",
-                    ));
-                }
-            }
+            "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
             "keepalive" | "so-keepalive" => tcp.keepalive = opt.flag(input)?,
+            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
             other => {
+                refused_option(input, other)?;
                 return Err(invalid(
                     input,
                     format!(
@@ -1418,6 +1571,130 @@ mod tests {
         assert!(t.tcp().unwrap().keepalive);
         let t = parse_target("tcp6-connect:[::1]:80").unwrap();
         assert_eq!(t.tcp().unwrap().family, Family::V6);
+    }
+
+    #[test]
+    fn range_admits_only_its_networks() {
+        let l = parse_listen(
+            "TCP-LISTEN:80,fork,range=10.0.0.0/8,range=192.168.1.7,range=172.16.0.0:255.240.0.0,range=[fd00::]/8",
+        )
+        .unwrap();
+        let tcp = l.tcp().unwrap();
+        assert_eq!(tcp.range.len(), 4);
+        for inside in [
+            "10.1.2.3",
+            "192.168.1.7",
+            "172.31.255.1",
+            "fd12::1",
+            "::ffff:10.9.9.9",
+        ] {
+            assert!(tcp.admits(inside.parse().unwrap()), "{inside}");
+        }
+        for outside in [
+            "11.0.0.1",
+            "192.168.1.8",
+            "172.32.0.1",
+            "fe80::1",
+            "127.0.0.1",
+        ] {
+            assert!(!tcp.admits(outside.parse().unwrap()), "{outside}");
+        }
+        // Host bits in the network are dropped, as socat masks them.
+        let l = parse_listen("TCP-LISTEN:80,range=127.0.0.9/8").unwrap();
+        assert!(l.tcp().unwrap().admits("127.1.1.1".parse().unwrap()));
+        // No range: everyone.
+        let l = parse_listen("TCP-LISTEN:80").unwrap();
+        assert!(l.tcp().unwrap().admits("203.0.113.1".parse().unwrap()));
+        for bad in [
+            "range=10.0.0.0/33",
+            "range=nowhere",
+            "range=10.0.0.0:255.0.255.0",
+            "range=",
+        ] {
+            let err = parse_listen(&format!("TCP-LISTEN:80,{bad}")).unwrap_err();
+            assert!(err.to_string().contains("range="), "{bad}: {err}");
+        }
+        // A UNIX socket has no client address to match.
+        let err = parse_listen("UNIX-LISTEN:/tmp/x.sock,range=10.0.0.0/8").unwrap_err();
+        assert!(err.to_string().contains("option `range`"), "{err}");
+    }
+
+    #[test]
+    fn max_children_is_the_connection_limit() {
+        let l = parse_listen("TCP-LISTEN:80,fork,max-children=8").unwrap();
+        assert_eq!(l.max_children, Some(8));
+        let l = parse_listen("UNIX-LISTEN:/tmp/x.sock,fork,max-children=3").unwrap();
+        assert_eq!(l.max_children, Some(3));
+        let spec = crate::config::RouteSpec::new(l, parse_target("TCP:db:1").unwrap());
+        assert_eq!(spec.max_connections, Some(3));
+        for bad in ["max-children=0", "max-children=many", "max-children"] {
+            let err = parse_listen(&format!("TCP-LISTEN:80,{bad}")).unwrap_err();
+            assert!(err.to_string().contains("max-children"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn connect_retries_as_socat() {
+        let t = parse_target("TCP:db:5432").unwrap();
+        assert_eq!(t.retry, Retry::NONE);
+        assert!(!t.retry.again_after(1));
+        let t = parse_target("TCP:db:5432,retry=3,interval=0.5").unwrap();
+        assert_eq!(
+            t.retry,
+            Retry {
+                retries: Some(3),
+                interval: Duration::from_millis(500)
+            }
+        );
+        assert!(t.retry.again_after(3));
+        assert!(!t.retry.again_after(4));
+        let t = parse_target("UNIX-CONNECT:/run/x.sock,forever").unwrap();
+        assert_eq!(t.retry.retries, None);
+        assert!(t.retry.again_after(u32::MAX));
+        assert_eq!(t.retry.interval, DEFAULT_RETRY_INTERVAL);
+        for bad in [
+            "retry=-1",
+            "retry=",
+            "interval=0",
+            "interval=x",
+            "forever=2",
+        ] {
+            let err = parse_target(&format!("TCP:db:1,{bad}")).unwrap_err();
+            let key = bad.split('=').next().unwrap();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+        // Retrying belongs to the connect side.
+        let err = parse_listen("TCP-LISTEN:80,retry=3").unwrap_err();
+        assert!(err.to_string().contains("option `retry`"), "{err}");
+    }
+
+    #[test]
+    fn known_socat_options_are_refused_with_what_to_use() {
+        let cases = [
+            ("TCP-LISTEN:80,sndbuf=65536", "sndbuf", "tcp_wmem"),
+            ("TCP:h:80,so-rcvbuf=65536", "rcvbuf", "tcp_rmem"),
+            ("TCP:h:80,crlf", "crlf", "line endings"),
+            ("UNIX-CONNECT:/x.sock,ignoreeof", "ignoreeof", "tail -f"),
+            ("TCP-LISTEN:80,fork,su=nobody", "su", "User="),
+            ("UNIX-LISTEN:/x.sock,substuser=nobody", "su", "runuser"),
+        ];
+        for (input, name, instead) in cases {
+            let err = if input.contains("LISTEN") {
+                parse_listen(input).map(|_| ())
+            } else {
+                parse_target(input).map(|_| ())
+            }
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("socat option `{name}`")),
+                "{input}: {err}"
+            );
+            assert!(err.contains(instead), "{input}: {err}");
+        }
+        let err = parse_listen("TCP-LISTEN:80,keepalive").unwrap_err();
+        assert!(err.to_string().contains("connect address"), "{err}");
+        assert!(parse_listen("TCP-LISTEN:80,nodelay").is_ok());
     }
 
     #[test]
@@ -1672,8 +1949,8 @@ mod tests {
                 "option `bogus`",
             ),
             (
-                parse_listen("TCP-LISTEN:80,nodelay").map(|_| ()),
-                "option `nodelay`",
+                parse_listen("TCP-LISTEN:80,nodelay=0").map(|_| ()),
+                "`nodelay=0` cannot be honoured",
             ),
             (parse_target("TCP:host").map(|_| ()), "`host` has no port"),
             (parse_target("TCP:db:1,fork").map(|_| ()), "option `fork`"),

@@ -18,5 +18,7 @@ pub mod netns;
 pub mod observe;
 pub mod pcapng;
 pub mod run;
+pub mod socat_flags;
+pub mod socat_table;
 pub mod tls;
 pub mod udp;

@@ -3,6 +3,7 @@
 //! a file), run it, and turn the result into an exit code (2 for usage
 //! errors, 1 for runtime failures). Everything else lives in the library.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ use relay::metrics;
 use relay::netns::Target;
 use relay::observe::discover::{Rule, Selection};
 use relay::observe::{self, ObserveOptions};
-use relay::{limits, run, tls};
+use relay::{limits, run, socat_flags, tls};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,9 @@ struct Cli {
     /// socat form: the address to connect to, e.g. `TCP:127.0.0.1:80`, `UNIX-CONNECT:/var/run/docker.sock` or `-` (STDIO); the two may come in either order.
     #[arg(value_name = "ADDR2")]
     socat_target: Option<String>,
+    /// socat form: print what relay will do with these two addresses (each option, and where socat differs) and exit: 0, or 2 with the error a run would give.
+    #[arg(long, requires = "socat_target")]
+    explain: bool,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -311,7 +315,7 @@ impl TlsArgs {
 #[derive(Args)]
 #[command(next_help_heading = "Logging")]
 struct LogArgs {
-    /// More log output (-v debug, -vv trace).
+    /// More log output (-v debug, -vv trace; in the socat form, where -v is socat's data dump, --verbose).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Less log output (-q warnings only, -qq errors only).
@@ -331,7 +335,10 @@ impl RouteArgs {
         }
         route.connect_timeout = self.connect_timeout.0;
         route.idle_timeout = self.idle_timeout.0;
-        route.max_connections = self.max_connections;
+        // --max-connections wins over a `max-children=` in the address.
+        if self.max_connections.is_some() {
+            route.max_connections = self.max_connections;
+        }
         route.drain_timeout = self.drain_timeout.0;
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;
@@ -417,6 +424,7 @@ fn plan(cli: Cli) -> Plan {
         command,
         socat_listen,
         socat_target,
+        explain,
         route,
         tls,
         metrics,
@@ -525,6 +533,15 @@ fn plan(cli: Cli) -> Plan {
             Plan::Exit(ExitCode::SUCCESS)
         }
         (Some(Command::Man { dir }), None, None) => Plan::Exit(man_pages(dir)),
+        (None, Some(first), Some(second)) if explain => {
+            match relay::socat_table::explain(&first, &second) {
+                Ok(text) => {
+                    print!("{text}");
+                    Plan::Exit(ExitCode::SUCCESS)
+                }
+                Err(err) => usage(err),
+            }
+        }
         (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
             Ok((listen, target)) => one_route(route.spec(listen, target, &tls), &metrics),
             Err(err) => usage(err),
@@ -642,8 +659,60 @@ mod libsystemd_for_static_libdbus {
     }
 }
 
+/// Whether relay's own top-level option `flag` consumes the next argument.
+fn takes_value(command: &clap::Command, flag: &str) -> bool {
+    let is_flag = |arg: &&clap::Arg| match flag.strip_prefix("--") {
+        Some(long) => arg.get_long() == Some(long),
+        None => {
+            let mut chars = flag.chars().skip(1);
+            matches!((chars.next(), chars.next()), (Some(c), None) if arg.get_short() == Some(c))
+        }
+    };
+    command
+        .get_arguments()
+        .find(is_flag)
+        .is_some_and(|arg| arg.get_action().takes_values())
+}
+
+/// The command line, with the socat form's global flags translated
+/// (`socat_flags`), and the log level its `-d` flags set; `Err` is a
+/// refused flag, already reported.
+fn arguments() -> Result<(Vec<OsString>, Option<i8>), ExitCode> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // Arguments that are not UTF-8 are file names, not socat flags.
+    let Some(strings) = args[1.min(args.len())..]
+        .iter()
+        .map(|a| a.to_str().map(String::from))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return Ok((args, None));
+    };
+    let command = Cli::command();
+    if !socat_flags::is_socat_form(&strings, |flag| takes_value(&command, flag)) {
+        return Ok((args, None));
+    }
+    match socat_flags::translate(&strings) {
+        Ok(translated) => Ok((
+            args.iter()
+                .take(1)
+                .cloned()
+                .chain(translated.args.into_iter().map(OsString::from))
+                .collect(),
+            translated.verbosity,
+        )),
+        Err(err) => {
+            eprintln!("relay: error: {err}");
+            Err(ExitCode::from(USAGE))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let (args, socat_verbosity) = match arguments() {
+        Ok(parsed) => parsed,
+        Err(code) => return code,
+    };
+    let matches = Cli::command().get_matches_from(args);
     if let Some(refused) = option_before_subcommand(&matches) {
         eprintln!("relay: error: {refused}");
         return ExitCode::from(USAGE);
@@ -653,7 +722,7 @@ fn main() -> ExitCode {
         Err(err) => err.exit(),
     };
     let (verbosity, log_format) = (
-        cli.log.verbose as i8 - cli.log.quiet as i8,
+        socat_verbosity.unwrap_or(0) + cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
     let (mut spec, source) = match plan(cli) {

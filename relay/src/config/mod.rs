@@ -87,6 +87,8 @@ pub struct RouteSpec {
 impl RouteSpec {
     /// A route with the documented defaults, named after its listen address.
     pub fn new(listen: ListenAddr, target: TargetAddr) -> Self {
+        // socat's `max-children=` is the route's limit.
+        let max_connections = listen.max_children;
         RouteSpec {
             name: listen.text.clone(),
             listen,
@@ -94,7 +96,7 @@ impl RouteSpec {
             target,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
-            max_connections: None,
+            max_connections,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             data_path: DataPath::Auto,
             experimental_sockmap: false,

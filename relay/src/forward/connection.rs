@@ -180,7 +180,7 @@ impl Connection {
         };
 
         let upstream = tokio::select! {
-            result = upstream::connect(&route.target, route.namespace.as_ref(), route.connect_timeout) => result,
+            result = upstream::connect(&route.target, route.namespace.as_ref(), route.connect_timeout, &metrics.connect_retries) => result,
             _ = raised(&mut close) => {
                 // The client may have sent a request already: a FIN would
                 // read as "served", a reset says it was not.

@@ -54,10 +54,13 @@ pub enum Outcome {
     TlsError,
     /// The target's namespace is gone (its container stopped).
     NamespaceUnavailable,
+    /// The client is outside the listener's `range=`: closed before
+    /// connecting to the target.
+    Denied,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Closed,
         Outcome::Refused,
         Outcome::ConnectTimeout,
@@ -68,6 +71,7 @@ impl Outcome {
         Outcome::Limit,
         Outcome::TlsError,
         Outcome::NamespaceUnavailable,
+        Outcome::Denied,
     ];
 
     /// The connection never reached its target (socat's exit status 1 for
@@ -80,6 +84,7 @@ impl Outcome {
                 | Outcome::ConnectError
                 | Outcome::TlsError
                 | Outcome::NamespaceUnavailable
+                | Outcome::Denied
         )
     }
 
@@ -95,6 +100,7 @@ impl Outcome {
             Outcome::Limit => "limit",
             Outcome::TlsError => "tls_error",
             Outcome::NamespaceUnavailable => "namespace_unavailable",
+            Outcome::Denied => "denied",
         }
     }
 }
@@ -152,6 +158,7 @@ pub struct ForwardMetrics {
     tls_duration: HistogramVec,
     data_path: IntGaugeVec,
     children: IntCounterVec,
+    connect_retries: IntCounterVec,
 }
 
 /// How an EXEC/SYSTEM child ended; the `exit` label.
@@ -226,6 +233,11 @@ impl ForwardMetrics {
                 "EXEC/SYSTEM children by how they ended (success: exit 0; failure: another exit status; signal: killed by a signal not from relay; killed: relay ended it after the connection closed).",
                 &["route", "exit"],
             ),
+            connect_retries: counter(
+                "relay_upstream_connect_retries_total",
+                "Connect attempts to the target repeated after a failure (socat's retry=/forever).",
+                &["route"],
+            ),
         };
         for collector in [
             Box::new(metrics.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -237,6 +249,7 @@ impl ForwardMetrics {
             Box::new(metrics.tls_duration.clone()),
             Box::new(metrics.data_path.clone()),
             Box::new(metrics.children.clone()),
+            Box::new(metrics.connect_retries.clone()),
         ] {
             registry
                 .register(collector)
@@ -261,6 +274,7 @@ impl ForwardMetrics {
             to_client: self.bytes.with_label_values(&[name, DIRECTIONS[1]]),
             connect_duration: self.connect_duration.with_label_values(&[name]),
             connection_duration: self.connection_duration.with_label_values(&[name]),
+            connect_retries: self.connect_retries.with_label_values(&[name]),
         }
     }
 
@@ -281,6 +295,7 @@ impl ForwardMetrics {
         }
         let _ = self.connect_duration.remove_label_values(&[name]);
         let _ = self.connection_duration.remove_label_values(&[name]);
+        let _ = self.connect_retries.remove_label_values(&[name]);
         for role in TlsRole::ALL {
             for outcome in HandshakeOutcome::ALL {
                 let _ = self.tls_handshakes.remove_label_values(&[
@@ -329,6 +344,7 @@ pub struct RouteMetrics {
     pub to_client: IntCounter,
     pub connect_duration: Histogram,
     pub connection_duration: Histogram,
+    pub connect_retries: IntCounter,
 }
 
 impl RouteMetrics {

@@ -318,6 +318,15 @@ impl Forwarder {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
+                    if !admitted(&config.listen, &peer) {
+                        // Closed unread: no byte reaches the target, which is
+                        // never connected to. socat goes on listening too,
+                        // with `fork` or without.
+                        tracing::debug!(route = %route.metrics.name, %peer, "client outside range=: closed");
+                        route.metrics.outcome(Outcome::Denied).inc();
+                        drop(stream);
+                        continue;
+                    }
                     let connection = Connection::new(stream, peer, route.clone());
                     let close = close_rx.clone();
                     let task = tokio::spawn(async move {
@@ -422,6 +431,15 @@ fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, Forwar
 pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
     if flag.wait_for(|d| *d).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Whether the listener's `range=` lets `peer` in; only TCP listeners
+/// have one.
+fn admitted(listen: &ListenAddr, peer: &listener::Peer) -> bool {
+    match (listen.tcp(), peer) {
+        (Some(tcp), listener::Peer::Tcp(addr)) => tcp.admits(addr.ip()),
+        _ => true,
     }
 }
 

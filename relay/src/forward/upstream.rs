@@ -3,12 +3,14 @@
 //! is followed) and each address tried in turn; a UNIX path is connected
 //! as the host sees it (inside a container, through `/proc/<pid>/root`),
 //! an abstract name from inside the target's network namespace; STDIO is
-//! there already. The whole attempt is bounded by the connect timeout.
+//! there already. Each attempt is bounded by the connect timeout; socat's
+//! `retry=`/`forever` repeat a failed one.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use thiserror::Error;
 use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
@@ -52,9 +54,33 @@ impl ConnectError {
     }
 }
 
-/// Connects to `target` (from inside `namespace` when it has one), giving
-/// up after `timeout` overall.
+/// Connects to `target` (from inside `namespace` when it has one), each
+/// attempt bounded by `timeout`; a failed attempt is repeated as the
+/// address's `retry=`/`forever` says, after its `interval=`, each repeat
+/// counted in `retries`.
 pub async fn connect(
+    target: &TargetAddr,
+    namespace: Option<&Namespace>,
+    timeout: Duration,
+    retries: &IntCounter,
+) -> Result<(Socket, Option<Child>), ConnectError> {
+    let mut attempts = 1;
+    loop {
+        match connect_once(target, namespace, timeout).await {
+            Err(err) if target.retry.again_after(attempts) => {
+                tracing::debug!(target = %target.text, error = %err, attempts,
+                    retry_in_ms = target.retry.interval.as_millis() as u64, "connect failed; retrying");
+                tokio::time::sleep(target.retry.interval).await;
+                retries.inc();
+                attempts += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// One connect attempt, giving up after `timeout`.
+async fn connect_once(
     target: &TargetAddr,
     namespace: Option<&Namespace>,
     timeout: Duration,

@@ -1,0 +1,316 @@
+//! socat's global flags in the socat form (`relay -d -d TCP-LISTEN:80,fork
+//! TCP:web:80`): each means what it means in socat, or is refused by name
+//! with what to use instead, never taken for one of relay's own options.
+//!
+//! This module owns that translation: which command lines are the socat
+//! form, the table of socat's flags, and the rewriting of the argument
+//! list before clap sees it. relay's own spellings stay for what socat
+//! has no flag for; its verbosity is `--verbose`/`-q` here, because `-v`
+//! is socat's data dump.
+
+use thiserror::Error;
+
+/// What relay does with one socat global flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagStatus {
+    /// Taken as socat takes it.
+    Supported(&'static str),
+    /// Refused: the reason and what to use instead.
+    Refused(&'static str),
+}
+
+/// Every socat global flag relay knows: its spelling, whether it takes a
+/// value, and what relay does with it.
+pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
+    (
+        "-d",
+        false,
+        FlagStatus::Supported(
+            "log level, repeatable: -d warnings, -dd / -ddd info (socat's notices), -dddd debug; without it relay logs at info, where socat prints errors only",
+        ),
+    ),
+    (
+        "-T",
+        true,
+        FlagStatus::Supported(
+            "idle timeout in seconds (relay's --idle-timeout); without it relay closes connections idle for 10 minutes, socat never does (-T none)",
+        ),
+    ),
+    (
+        "-ls",
+        false,
+        FlagStatus::Supported("log to stderr: relay's default"),
+    ),
+    (
+        "-s",
+        false,
+        FlagStatus::Supported(
+            "sloppy: accepted; relay refuses bad input at start and a failed connection never ends a `fork` listener",
+        ),
+    ),
+    (
+        "-v",
+        false,
+        FlagStatus::Refused(
+            "relay does not dump relayed data to stderr: capture it with `relay forward <LISTEN> <TARGET> --observe host --pcap FILE`, or tcpdump; relay's own log verbosity is --verbose",
+        ),
+    ),
+    (
+        "-x",
+        false,
+        FlagStatus::Refused(
+            "relay does not hex-dump relayed data: capture it with `relay forward <LISTEN> <TARGET> --observe host --pcap FILE`, or tcpdump",
+        ),
+    ),
+    (
+        "-t",
+        true,
+        FlagStatus::Refused(
+            "relay has no half-close linger: after one side's EOF the other direction runs until it ends or the idle timeout (-T) fires",
+        ),
+    ),
+    (
+        "-u",
+        false,
+        FlagStatus::Refused(
+            "relay relays both directions; keep socat for one-way transfers (or use STDIN / STDOUT as an address)",
+        ),
+    ),
+    (
+        "-U",
+        false,
+        FlagStatus::Refused(
+            "relay relays both directions; keep socat for one-way transfers (or use STDIN / STDOUT as an address)",
+        ),
+    ),
+    (
+        "-4",
+        false,
+        FlagStatus::Refused(
+            "write the family into the addresses instead: TCP4-LISTEN: / TCP4: (or TCP6-LISTEN: / TCP6:)",
+        ),
+    ),
+    (
+        "-6",
+        false,
+        FlagStatus::Refused(
+            "write the family into the addresses instead: TCP6-LISTEN: / TCP6: (or TCP4-LISTEN: / TCP4:)",
+        ),
+    ),
+    (
+        "-lf",
+        true,
+        FlagStatus::Refused(
+            "relay logs to stderr: redirect it (`2>>FILE`) or let systemd's journal keep it",
+        ),
+    ),
+    (
+        "-b",
+        true,
+        FlagStatus::Refused(
+            "relay sizes its copy buffers itself (and splices without one): drop -b",
+        ),
+    ),
+];
+
+/// The subcommands; a command line naming one before any address is not
+/// the socat form.
+pub const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "check",
+    "forward",
+    "observe",
+    "publish",
+    "completions",
+    "man",
+    "help",
+];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FlagError {
+    #[error("socat flag `{flag}` is not supported: {instead}")]
+    Refused { flag: String, instead: &'static str },
+    #[error("socat flag `{flag}` needs a value (for example `{flag} 10`)")]
+    MissingValue { flag: String },
+}
+
+/// The socat form's arguments, ready for clap, and the log level its
+/// `-d` flags ask for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Translated {
+    pub args: Vec<String>,
+    /// relay's verbosity (0 info, -1 warnings, 1 debug), when `-d` was given.
+    pub verbosity: Option<i8>,
+}
+
+/// Whether `args` (without the program name) is the socat form: an
+/// address comes before any subcommand name. `takes_value` says which of
+/// relay's own options consume the next argument, so their values
+/// (`--name run`, `--metrics 127.0.0.1:9100`) are not mistaken for either.
+pub fn is_socat_form(args: &[String], takes_value: impl Fn(&str) -> bool) -> bool {
+    let mut tokens = args.iter();
+    while let Some(token) = tokens.next() {
+        if token == "--" {
+            return true;
+        }
+        if token != "-" && token.starts_with('-') {
+            let consumes = !token.contains('=')
+                && (takes_value(token)
+                    || FLAGS.iter().any(|(flag, value, _)| *value && flag == token));
+            if consumes {
+                tokens.next();
+            }
+            continue;
+        }
+        return !SUBCOMMANDS.contains(&token.as_str());
+    }
+    false
+}
+
+/// Rewrites the socat form's arguments: `-d` flags become a verbosity,
+/// flags without an effect are dropped, refused ones are an error naming
+/// them. relay's own long options pass through.
+pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut debug_level = 0u32;
+    let mut tokens = args.iter();
+    while let Some(token) = tokens.next() {
+        if token == "--" {
+            out.push(token.clone());
+            out.extend(tokens.cloned());
+            break;
+        }
+        // socat spells repeated -d as `-d -d` or `-dd`.
+        if let Some(ds) = token.strip_prefix('-')
+            && !ds.is_empty()
+            && ds.chars().all(|c| c == 'd')
+        {
+            debug_level += ds.len() as u32;
+            continue;
+        }
+        // `-vx`, `-vv`: socat's dumps combined; the first letter names it.
+        let dump = token
+            .strip_prefix('-')
+            .filter(|rest| !rest.is_empty() && rest.chars().all(|c| c == 'v' || c == 'x'))
+            .map(|rest| if rest.starts_with('v') { "-v" } else { "-x" });
+        let spelled = dump.unwrap_or(token);
+        match FLAGS.iter().find(|(flag, _, _)| *flag == spelled) {
+            Some((_, _, FlagStatus::Refused(instead))) => {
+                return Err(FlagError::Refused {
+                    flag: token.clone(),
+                    instead,
+                });
+            }
+            Some((flag, takes_value, FlagStatus::Supported(_))) => {
+                if *flag == "-T" {
+                    out.push(token.clone());
+                    out.push(
+                        tokens
+                            .next()
+                            .cloned()
+                            .ok_or_else(|| FlagError::MissingValue {
+                                flag: token.clone(),
+                            })?,
+                    );
+                } else if *takes_value {
+                    tokens.next();
+                }
+            }
+            None => out.push(token.clone()),
+        }
+    }
+    let verbosity = match debug_level {
+        0 => None,
+        1 => Some(-1),
+        2 | 3 => Some(0),
+        _ => Some(1),
+    };
+    Ok(Translated {
+        args: out,
+        verbosity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    fn relay_value_options(flag: &str) -> bool {
+        matches!(flag, "--name" | "--metrics" | "-T")
+    }
+
+    #[test]
+    fn the_socat_form_is_told_from_subcommands() {
+        for socat in [
+            "TCP-LISTEN:80,fork TCP:web:80",
+            "-d -d TCP-LISTEN:80 TCP:web:80",
+            "- TCP:web:80",
+            "--name run TCP-LISTEN:80 TCP:web:80",
+            "--metrics 127.0.0.1:9100 TCP-LISTEN:80 TCP:web:80",
+            "-T 30 TCP-LISTEN:80 TCP:web:80",
+        ] {
+            assert!(is_socat_form(&args(socat), relay_value_options), "{socat}");
+        }
+        for sub in [
+            "forward 127.0.0.1:80 web:80",
+            "-v forward 127.0.0.1:80 web:80",
+            "run -c relay.toml",
+            "--help",
+            "",
+        ] {
+            assert!(!is_socat_form(&args(sub), relay_value_options), "{sub}");
+        }
+    }
+
+    #[test]
+    fn d_flags_are_the_log_level() {
+        let cases = [
+            ("TCP-LISTEN:80 TCP:w:80", None),
+            ("-d TCP-LISTEN:80 TCP:w:80", Some(-1)),
+            ("-d -d TCP-LISTEN:80 TCP:w:80", Some(0)),
+            ("-dd TCP-LISTEN:80 TCP:w:80", Some(0)),
+            ("-d -d -d TCP-LISTEN:80 TCP:w:80", Some(0)),
+            ("-dd -dd TCP-LISTEN:80 TCP:w:80", Some(1)),
+        ];
+        for (line, verbosity) in cases {
+            let t = translate(&args(line)).unwrap();
+            assert_eq!(t.verbosity, verbosity, "{line}");
+            assert_eq!(t.args, args("TCP-LISTEN:80 TCP:w:80"), "{line}");
+        }
+    }
+
+    #[test]
+    fn flags_without_effect_are_dropped_and_t_kept() {
+        let t = translate(&args("-ls -s -T 30 --name web - TCP:w:80")).unwrap();
+        assert_eq!(t.args, args("-T 30 --name web - TCP:w:80"));
+        assert_eq!(
+            translate(&args("TCP-LISTEN:80 TCP:w:80 -T")),
+            Err(FlagError::MissingValue { flag: "-T".into() })
+        );
+    }
+
+    #[test]
+    fn refused_flags_are_named_with_what_to_use() {
+        for (line, flag, instead) in [
+            ("-v TCP-LISTEN:80 TCP:w:80", "-v", "--pcap"),
+            ("-x TCP-LISTEN:80 TCP:w:80", "-x", "--pcap"),
+            ("-vx TCP-LISTEN:80 TCP:w:80", "-vx", "--pcap"),
+            ("-vv TCP-LISTEN:80 TCP:w:80", "-vv", "--verbose"),
+            ("-t 5 TCP-LISTEN:80 TCP:w:80", "-t", "idle timeout"),
+            ("-u TCP-LISTEN:80 TCP:w:80", "-u", "STDIN"),
+            ("-U TCP-LISTEN:80 TCP:w:80", "-U", "STDOUT"),
+            ("-4 TCP-LISTEN:80 TCP:w:80", "-4", "TCP4"),
+            ("-6 TCP-LISTEN:80 TCP:w:80", "-6", "TCP6"),
+            ("-lf /var/log/x TCP-LISTEN:80 TCP:w:80", "-lf", "2>>FILE"),
+            ("-b 65536 TCP-LISTEN:80 TCP:w:80", "-b", "drop -b"),
+        ] {
+            let err = translate(&args(line)).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{flag}`")), "{line}: {err}");
+            assert!(err.contains(instead), "{line}: {err}");
+        }
+    }
+}
