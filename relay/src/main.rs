@@ -216,6 +216,9 @@ struct RouteArgs {
     /// [default: 10000, or what the open-file limit holds if less].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// UDP routes: sessions (client addresses) at most; a new client beyond it has its datagrams dropped, counted as limited.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_SESSIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions: u32,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, default_value_t = Dur(config::DEFAULT_DRAIN_TIMEOUT))]
     drain_timeout: Dur,
@@ -332,6 +335,7 @@ impl RouteArgs {
         route.connect_timeout = self.connect_timeout.0;
         route.idle_timeout = self.idle_timeout.0;
         route.max_connections = self.max_connections;
+        route.max_sessions = self.max_sessions;
         route.drain_timeout = self.drain_timeout.0;
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;

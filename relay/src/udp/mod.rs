@@ -9,11 +9,19 @@
 //! counted. Without `fork` (socat's single-peer listener) the first client
 //! is the only one, and the route ends when its session does.
 //!
+//! Told to stop (a drain, or a reload that changed the route and gave a
+//! duplicate of the socket to its successor), the relay stops receiving at
+//! once: every datagram from then on is the successor's (or, for a removed
+//! route, nobody's), and the open sessions only carry the target's replies
+//! back until they are idle or the drain timeout ends. Reading on would
+//! race the successor for each datagram and drop the new clients' ones.
+//!
 //! Not here: the address grammar (`addr`), where the upstream socket is
 //! opened (the caller's [`OpenUpstream`]: resolving names, entering a
 //! namespace), TCP (`forward`).
 
 pub mod metrics;
+pub mod route;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -118,6 +126,11 @@ impl UdpRelay {
         self.socket.local_addr()
     }
 
+    /// Another handle on the listening socket, for a reload's successor.
+    pub fn socket_handle(&self) -> io::Result<std::net::UdpSocket> {
+        Ok(socket2::SockRef::from(&*self.socket).try_clone()?.into())
+    }
+
     /// Relays until `stop` turns true (then open sessions get the drain
     /// timeout), or, without `fork`, until the one session ends.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
@@ -149,7 +162,7 @@ impl UdpRelay {
                 }
             };
             tokio::select! {
-                received = socket.recv_from(&mut buf) => {
+                received = socket.recv_from(&mut buf), if draining.is_none() => {
                     let (n, client) = match received {
                         Ok(received) => received,
                         Err(err) => {
@@ -219,7 +232,7 @@ impl UdpRelay {
                 }
                 _ = crate::forward::raised(&mut stop), if draining.is_none() => {
                     tracing::info!(route = %counters.route.name, open = sessions.len(), timeout_s = options.drain_timeout.as_secs_f64(),
-                        "stopping: no new UDP sessions; open ones go on until idle or the drain timeout");
+                        "stopping: no more datagrams read; open sessions carry replies until idle or the drain timeout");
                     draining = Some(tokio::time::Instant::now() + options.drain_timeout);
                 }
                 _ = drain_deadline => {
