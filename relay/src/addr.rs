@@ -283,7 +283,8 @@ const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
 const UNIX_CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, netns=, container=, pid=";
 const EXEC_OPTIONS: &str = "stderr";
-const UDP_LISTEN_OPTIONS: &str = "fork, reuseaddr, so-reuseport, bind=<addr>, netns=, container=, pid=";
+const UDP_LISTEN_OPTIONS: &str =
+    "fork, reuseaddr, so-reuseport, bind=<addr>, netns=, container=, pid=";
 const UDP_CONNECT_OPTIONS: &str = "netns=, container=, pid=";
 
 /// The socat address types relay speaks, by what they make.
@@ -1387,7 +1388,15 @@ fn parse_socat_target(
 
 /// socat's TLS options, which a UDP address cannot take (relay speaks no DTLS).
 const TLS_OPTION_KEYS: &[&str] = &[
-    "cert", "key", "cafile", "capath", "verify", "snihost", "no-sni", "commonname", "cn",
+    "cert",
+    "key",
+    "cafile",
+    "capath",
+    "verify",
+    "snihost",
+    "no-sni",
+    "commonname",
+    "cn",
 ];
 
 fn refuse_tls_on_udp(input: &str, key: &str) -> Result<(), AddrError> {
@@ -1979,10 +1988,17 @@ mod tests {
             (&udp.host, udp.port, udp.reuseaddr, udp.reuseport, l.once),
             (&v4(127, 0, 0, 1), 5353, true, true, false)
         );
-        assert!(parse_listen("udp6-listen:53").unwrap().once, "without fork, one client");
+        assert!(
+            parse_listen("udp6-listen:53").unwrap().once,
+            "without fork, one client"
+        );
         let l = parse_listen("udp://127.0.0.1:5353").unwrap();
         assert!(l.is_udp() && !l.once && l.tls.is_none());
-        for text in ["UDP:127.0.0.1:53", "udp-connect:127.0.0.1:53", "udp://127.0.0.1:53"] {
+        for text in [
+            "UDP:127.0.0.1:53",
+            "udp-connect:127.0.0.1:53",
+            "udp://127.0.0.1:53",
+        ] {
             let t = parse_target(text).unwrap();
             let TargetEndpoint::Udp(udp) = &t.endpoint else {
                 panic!("a UDP target: {t:?}")
@@ -1997,9 +2013,15 @@ mod tests {
     #[test]
     fn udp_pairs_with_udp_only_and_takes_no_tls() {
         let err = parse_pair("UDP-LISTEN:53,fork", "TCP:127.0.0.1:53").unwrap_err();
-        assert!(err.to_string().contains("its target must be UDP too"), "{err}");
+        assert!(
+            err.to_string().contains("its target must be UDP too"),
+            "{err}"
+        );
         let err = parse_pair("TCP-LISTEN:53,fork", "UDP:127.0.0.1:53").unwrap_err();
-        assert!(err.to_string().contains("its listener must be UDP too"), "{err}");
+        assert!(
+            err.to_string().contains("its listener must be UDP too"),
+            "{err}"
+        );
         assert!(parse_pair("UDP-LISTEN:53,fork", "UDP:127.0.0.1:53").is_ok());
         let err = parse_listen("UDP-LISTEN:53,cert=/x.pem").unwrap_err();
         assert!(err.to_string().contains("`cert` is a TLS option"), "{err}");

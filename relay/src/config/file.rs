@@ -417,7 +417,11 @@ impl Report<'_> {
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
         if let Err(e) = addr::check_datagram_pair(&listen, &target) {
-            self.at(Some(entry.target.span()), &format!("{key}.target"), e.to_string());
+            self.at(
+                Some(entry.target.span()),
+                &format!("{key}.target"),
+                e.to_string(),
+            );
         }
         if listen.once && !listen.is_stdio() && entry.socket.is_none() {
             // socat's single-connection listener ends its route after one
@@ -939,18 +943,38 @@ mod tests {
         assert!(dns.listen.is_udp() && dns.target.is_udp());
         assert_eq!(dns.max_sessions, 64);
         assert_eq!(dns.idle_timeout, Some(std::time::Duration::from_secs(30)));
-        assert_eq!(spec.routes[1].max_sessions, super::super::DEFAULT_MAX_SESSIONS);
+        assert_eq!(
+            spec.routes[1].max_sessions,
+            super::super::DEFAULT_MAX_SESSIONS
+        );
         let found = problems(
             "[[route]]\nlisten = \"udp://127.0.0.1:5353\"\ntarget = \"127.0.0.1:53\"\nmax-connections = 5\n",
         );
-        assert!(found.iter().any(|p| p.contains("its target must be UDP too")), "{found:?}");
-        assert!(found.iter().any(|p| p.contains("use `max-sessions`")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("its target must be UDP too")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("use `max-sessions`")),
+            "{found:?}"
+        );
         let found = problems(
             "[[route]]\nlisten = \"127.0.0.1:5353\"\ntarget = \"127.0.0.1:53\"\nmax-sessions = 0\n",
         );
-        assert!(found.iter().any(|p| p.contains("must be at least 1")), "{found:?}");
-        assert!(found.iter().any(|p| p.contains("applies to UDP routes only")), "{found:?}");
-        let found = problems("[[route]]\nlisten = \"UDP-LISTEN:5353\"\ntarget = \"UDP:127.0.0.1:53\"\n");
+        assert!(
+            found.iter().any(|p| p.contains("must be at least 1")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("applies to UDP routes only")),
+            "{found:?}"
+        );
+        let found =
+            problems("[[route]]\nlisten = \"UDP-LISTEN:5353\"\ntarget = \"UDP:127.0.0.1:53\"\n");
         assert!(found.iter().any(|p| p.contains("add `,fork`")), "{found:?}");
     }
 

@@ -148,7 +148,7 @@ impl UdpRelay {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut served_once = false;
         let mut draining: Option<tokio::time::Instant> = None;
-        loop {
+        'relay: loop {
             if draining.is_some() && sessions.is_empty() {
                 break;
             }
@@ -171,50 +171,63 @@ impl UdpRelay {
                             continue;
                         }
                     };
-                    let stale = sessions.get(&client).is_some_and(|s| s.ended.load(Ordering::Acquire));
-                    if stale {
+                    // The datagram's session: its last use is stored before its end
+                    // is read, and the reply task stores the end before it reads
+                    // the last use again (both SeqCst), so a session that expires
+                    // as this datagram arrives is either kept (the task sees the
+                    // use) or replaced here (this loop sees the end): the datagram
+                    // never goes to an upstream socket nobody reads.
+                    loop {
+                        let stale = sessions.get(&client).is_some_and(|s| s.ended.load(Ordering::Acquire));
+                        if stale {
+                            sessions.remove(&client);
+                        }
+                        if !sessions.contains_key(&client) {
+                            let refused = draining.is_some()
+                                || sessions.len() >= options.max_sessions
+                                || (options.once && served_once);
+                            if refused {
+                                counters.end(SessionEnd::Limited);
+                                continue 'relay;
+                            }
+                            let upstream = match open().await {
+                                Ok(upstream) => Arc::new(upstream),
+                                Err(err) => {
+                                    tracing::warn!(route = %counters.route.name, %client, error = %err, "cannot open the upstream socket; datagram dropped");
+                                    counters.end(SessionEnd::Error);
+                                    continue 'relay;
+                                }
+                            };
+                            served_once = true;
+                            counters.opened();
+                            let session = Session {
+                                upstream: upstream.clone(),
+                                last: Arc::new(AtomicU64::new(elapsed_ms(started))),
+                                ended: Arc::new(AtomicBool::new(false)),
+                            };
+                            tracing::debug!(route = %counters.route.name, %client, "UDP session opened");
+                            tasks.spawn(replies(Replies {
+                                client,
+                                upstream,
+                                listener: socket.clone(),
+                                last: session.last.clone(),
+                                ended: session.ended.clone(),
+                                started,
+                                idle: options.idle_timeout,
+                                counters: counters.clone(),
+                                close: close_rx.clone(),
+                                done: ended_tx.clone(),
+                            }));
+                            sessions.insert(client, session);
+                        }
+                        let session = &sessions[&client];
+                        session.last.store(elapsed_ms(started), Ordering::SeqCst);
+                        if !session.ended.load(Ordering::SeqCst) {
+                            break;
+                        }
                         sessions.remove(&client);
                     }
-                    if !sessions.contains_key(&client) {
-                        let refused = draining.is_some()
-                            || sessions.len() >= options.max_sessions
-                            || (options.once && served_once);
-                        if refused {
-                            counters.end(SessionEnd::Limited);
-                            continue;
-                        }
-                        let upstream = match open().await {
-                            Ok(upstream) => Arc::new(upstream),
-                            Err(err) => {
-                                tracing::warn!(route = %counters.route.name, %client, error = %err, "cannot open the upstream socket; datagram dropped");
-                                counters.end(SessionEnd::Error);
-                                continue;
-                            }
-                        };
-                        served_once = true;
-                        counters.opened();
-                        let session = Session {
-                            upstream: upstream.clone(),
-                            last: Arc::new(AtomicU64::new(elapsed_ms(started))),
-                            ended: Arc::new(AtomicBool::new(false)),
-                        };
-                        tracing::debug!(route = %counters.route.name, %client, "UDP session opened");
-                        tasks.spawn(replies(Replies {
-                            client,
-                            upstream,
-                            listener: socket.clone(),
-                            last: session.last.clone(),
-                            ended: session.ended.clone(),
-                            started,
-                            idle: options.idle_timeout,
-                            counters: counters.clone(),
-                            close: close_rx.clone(),
-                            done: ended_tx.clone(),
-                        }));
-                        sessions.insert(client, session);
-                    }
                     let session = &sessions[&client];
-                    session.last.store(elapsed_ms(started), Ordering::Release);
                     match session.upstream.send(&buf[..n]).await {
                         Ok(_) => {
                             counters.udp.to_target.inc();
@@ -294,9 +307,17 @@ async fn replies(mut r: Replies) {
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
-                let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::Acquire));
+                let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::SeqCst));
                 if Duration::from_millis(since) >= r.idle {
-                    break SessionEnd::Expired;
+                    // Ended first, then the last use read again: a datagram
+                    // the receiving loop routed here meanwhile keeps the
+                    // session (see `run`).
+                    r.ended.store(true, Ordering::SeqCst);
+                    let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::SeqCst));
+                    if Duration::from_millis(since) >= r.idle {
+                        break SessionEnd::Expired;
+                    }
+                    r.ended.store(false, Ordering::SeqCst);
                 }
             }
             _ = crate::forward::raised(&mut r.close) => break SessionEnd::Drained,

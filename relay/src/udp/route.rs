@@ -48,12 +48,7 @@ pub async fn bind(addr: &ListenAddr) -> Result<std::net::UdpSocket, ForwardError
     match &addr.netns {
         None => make(),
         // A socket belongs to the namespace it was made in.
-        Some(target) => {
-            crate::netns::resolve(target)
-                .await?
-                .run_async(make)
-                .await?
-        }
+        Some(target) => crate::netns::resolve(target).await?.run_async(make).await?,
     }
     .map_err(bind_err)
 }
