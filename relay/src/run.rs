@@ -488,8 +488,9 @@ struct Prepared {
 
 /// What serves a route: a forwarder for streams, a UDP relay for datagrams.
 enum Service {
-    Stream(Forwarder),
-    Datagram(UdpRelay),
+    // Boxed: the two differ in size, and there are few of them.
+    Stream(Box<Forwarder>),
+    Datagram(Box<UdpRelay>),
 }
 
 impl Service {
@@ -505,9 +506,9 @@ impl Service {
 
     async fn run(self, drain: watch::Receiver<bool>) -> Option<crate::forward::metrics::Outcome> {
         match self {
-            Service::Stream(forwarder) => forwarder.run(drain).await,
+            Service::Stream(forwarder) => (*forwarder).run(drain).await,
             Service::Datagram(relay) => {
-                relay.run(drain).await;
+                (*relay).run(drain).await;
                 None
             }
         }
@@ -1027,7 +1028,7 @@ impl Supervisor {
             .register("listener", forwarder.local());
         ready.set(true);
         tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local());
-        Ok((Service::Stream(forwarder), ready))
+        Ok((Service::Stream(Box::new(forwarder)), ready))
     }
 
     /// Binds a UDP route's socket (or takes `listener` over) and opens its
@@ -1077,7 +1078,7 @@ impl Supervisor {
         let ready = self.registry.readiness().register("listener", &local);
         ready.set(true);
         tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {local}");
-        Ok((Service::Datagram(relay), ready))
+        Ok((Service::Datagram(Box::new(relay)), ready))
     }
 }
 

@@ -171,12 +171,20 @@ fn dig_through_udp_listen_fork_to_dnsmasq_answers_every_query_and_sessions_expir
 
 /// Echoes every datagram back to its sender, as it came.
 fn udp_echo() -> Result<SocketAddr> {
+    udp_echo_tagged("")
+}
+
+/// Echoes every datagram back to its sender after `tag`, so a test sees
+/// which peer answered.
+fn udp_echo_tagged(tag: &'static str) -> Result<SocketAddr> {
     let socket = UdpSocket::bind("127.0.0.1:0").context("binding the UDP echo peer")?;
     let addr = socket.local_addr()?;
     thread::spawn(move || {
         let mut buf = vec![0u8; 65_535];
         while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(&buf[..n], peer);
+            let mut reply = tag.as_bytes().to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, peer);
         }
     });
     Ok(addr)
@@ -333,5 +341,74 @@ fn mixed_udp_and_stream_pairs_and_udp_with_tls_are_refused() -> Result<()> {
     for (args, names) in cases {
         RelayCmd::raw(args).expect_usage_error(WAIT, names)?;
     }
+    Ok(())
+}
+
+/// A changed UDP route takes its socket over on SIGHUP (every datagram from
+/// then on reaches the new target, a client with an old session included),
+/// and a removed one drains and takes its series with it.
+#[test]
+fn a_reload_hands_a_changed_udp_route_its_socket_and_removes_a_removed_one() -> Result<()> {
+    let (old, new) = (udp_echo_tagged("old:")?, udp_echo_tagged("new:")?);
+    let dir = relay_tests::tempdir::TempDir::new("udp-reload")?;
+    let file = dir.join("relay.toml");
+    let (port, other) = (free_udp_port()?, free_udp_port()?);
+    let route = |name: &str, port: u16, target: SocketAddr| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"udp://127.0.0.1:{port}\"\ntarget = \"udp://{target}\"\nidle-timeout = \"1s\"\ndrain-timeout = \"5s\"\n"
+        )
+    };
+    std::fs::write(&file, route("dns", port, old))?;
+    let relay = RelayCmd::raw(&["run", "-c", &file.to_string_lossy()])
+        .with_metrics()?
+        .spawn()?;
+    let ask = |client: &UdpSocket, bytes: &[u8]| -> Result<Vec<u8>> {
+        client.send_to(bytes, loopback(port))?;
+        let mut buf = [0u8; 64];
+        let (n, _) = client.recv_from(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    };
+    let a = UdpSocket::bind("127.0.0.1:0")?;
+    a.set_read_timeout(Some(WAIT))?;
+    ensure!(
+        ask(&a, b"x")? == b"old:x",
+        "before the reload, the old target"
+    );
+    std::fs::write(&file, route("dns", port, new))?;
+    relay.signal(nix::sys::signal::Signal::SIGHUP)?;
+    relay.wait_metric(
+        "relay_config_reloads_total",
+        &[("outcome", "ok")],
+        1.0,
+        WAIT,
+    )?;
+    ensure!(
+        ask(&a, b"y")? == b"new:y",
+        "after the reload, a client with an open session reaches the new target"
+    );
+    let b = UdpSocket::bind("127.0.0.1:0")?;
+    b.set_read_timeout(Some(WAIT))?;
+    ensure!(
+        ask(&b, b"z")? == b"new:z",
+        "after the reload, a new client reaches the new target"
+    );
+    std::fs::write(&file, route("other", other, new))?;
+    relay.signal(nix::sys::signal::Signal::SIGHUP)?;
+    relay.wait_metric(
+        "relay_config_reloads_total",
+        &[("outcome", "ok")],
+        2.0,
+        WAIT,
+    )?;
+    poll_until("the removed route's UDP series to go", WAIT, || {
+        let scrape = relay.scrape()?;
+        let gone = scrape
+            .value("relay_udp_sessions_active", &[("route", "dns")])
+            .is_none()
+            && scrape
+                .value("relay_udp_sessions_active", &[("route", "other")])
+                .is_some();
+        Ok(gone.then_some(()))
+    })?;
     Ok(())
 }
