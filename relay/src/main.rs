@@ -142,10 +142,10 @@ fn parse_observe_target(text: &str) -> Result<Target, String> {
 
 #[derive(Args)]
 struct ForwardArgs {
-    /// Where to listen: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP-LISTEN:<port>[,opts]`.
+    /// Where to listen: `host:port`, `[v6]:port`, `tcp://host:port`, `udp://host:port` or `TCP-LISTEN:<port>[,opts]`.
     #[arg(value_parser = addr::parse_listen)]
     listen: ListenAddr,
-    /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP:<host>:<port>[,opts]`.
+    /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port`, `udp://host:port` (with a UDP listener) or `TCP:<host>:<port>[,opts]`.
     #[arg(value_parser = addr::parse_target)]
     target: TargetAddr,
     /// Also count the traffic of this target with eBPF (container:<name>, pid:<pid>, netns:<name|path>, host).

@@ -1042,6 +1042,10 @@ impl Supervisor {
             route: route.name.clone(),
             source,
         };
+        // UDP carries no TLS: a --tls-* flag (or [route.tls]) on this route
+        // is refused, as on a plain TCP route, rather than ignored.
+        tls::settings::resolve(&route.listen, &route.target, &route.tls)
+            .map_err(|e| failed(e.into()))?;
         let socket = match listener {
             Some(crate::forward::listener::Handle::Udp(socket)) => socket,
             // Another kind of socket at this identity cannot be: identities

@@ -338,6 +338,13 @@ fn mixed_udp_and_stream_pairs_and_udp_with_tls_are_refused() -> Result<()> {
             &["must be UDP too"],
         ),
     ];
+    RelayCmd::raw(&[
+        format!("UDP-LISTEN:{udp},fork"),
+        format!("UDP:127.0.0.1:{udp}"),
+        "--tls-cert".to_string(),
+        "/nonexistent.pem".to_string(),
+    ])
+    .expect_usage_error(WAIT, &["TLS flag"])?;
     for (args, names) in cases {
         RelayCmd::raw(args).expect_usage_error(WAIT, names)?;
     }
