@@ -71,14 +71,18 @@ pub struct ListenAddr {
     pub text: String,
 }
 
-/// What kind of socket a route listens on. Streams only: a datagram route
-/// (UDP) is a route kind of its own, not another endpoint here.
+/// What kind of socket a route listens on. `Udp` is the one datagram
+/// kind: it pairs with a UDP target only ([`check_route`]), and the
+/// supervisor runs such a route with `udp::UdpRelay`, not a forwarder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenEndpoint {
     Tcp(TcpListen),
     Unix(UnixListen),
     /// stdin/stdout as the one client (`STDIO`, `-`, `STDIN`, `STDOUT`).
     Stdio(StdioMode),
+    /// A UDP socket (`UDP-LISTEN:`, `udp://`): host, port, family and the
+    /// reuse flags mean what they mean for TCP; there is no backlog.
+    Udp(TcpListen),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +199,16 @@ pub enum TargetEndpoint {
     /// A program started for each client, its stdin and stdout the
     /// connection (`EXEC:`, `SYSTEM:`).
     Exec(ExecSpec),
+    /// A UDP peer (`UDP:`, `udp://`), one connected socket per client session.
+    Udp(UdpTarget),
+}
+
+/// A UDP target: its host is resolved as each session opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpTarget {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
 }
 
 /// A program to run per connection.
@@ -228,6 +242,11 @@ impl ListenAddr {
     pub fn is_stdio(&self) -> bool {
         matches!(self.endpoint, ListenEndpoint::Stdio(_))
     }
+
+    /// A UDP listener: its route relays datagrams, not a stream.
+    pub fn is_udp(&self) -> bool {
+        matches!(self.endpoint, ListenEndpoint::Udp(_))
+    }
 }
 
 impl TargetAddr {
@@ -247,6 +266,10 @@ impl TargetAddr {
 
     pub fn is_stdio(&self) -> bool {
         matches!(self.endpoint, TargetEndpoint::Stdio(_))
+    }
+
+    pub fn is_udp(&self) -> bool {
+        matches!(self.endpoint, TargetEndpoint::Udp(_))
     }
 }
 
@@ -301,6 +324,9 @@ const TLS_CONNECT_OPTIONS: &str =
 const UNIX_CONNECT_OPTIONS: &str =
     "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
 const EXEC_OPTIONS: &str = "stderr";
+const UDP_LISTEN_OPTIONS: &str =
+    "fork, reuseaddr, so-reuseport, bind=<addr>, netns=, container=, pid=";
+const UDP_CONNECT_OPTIONS: &str = "netns=, container=, pid=";
 
 /// The socat address types relay speaks, by what they make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +345,8 @@ enum Kind {
     Exec {
         shell: bool,
     },
+    UdpListen(Family),
+    UdpConnect(Family),
 }
 
 impl Kind {
@@ -330,6 +358,7 @@ impl Kind {
                 | Kind::UnixListen
                 | Kind::AbstractListen
                 | Kind::Stdio(_)
+                | Kind::UdpListen(_)
         )
     }
 
@@ -373,6 +402,18 @@ const KEYWORDS: &[(&str, Kind)] = &[
     ("stdout", Kind::Stdio(StdioMode::Out)),
     ("exec", Kind::Exec { shell: false }),
     ("system", Kind::Exec { shell: true }),
+    ("udp-listen", Kind::UdpListen(Family::Any)),
+    ("udp-l", Kind::UdpListen(Family::Any)),
+    ("udp4-listen", Kind::UdpListen(Family::V4)),
+    ("udp4-l", Kind::UdpListen(Family::V4)),
+    ("udp6-listen", Kind::UdpListen(Family::V6)),
+    ("udp6-l", Kind::UdpListen(Family::V6)),
+    ("udp", Kind::UdpConnect(Family::Any)),
+    ("udp-connect", Kind::UdpConnect(Family::Any)),
+    ("udp4", Kind::UdpConnect(Family::V4)),
+    ("udp4-connect", Kind::UdpConnect(Family::V4)),
+    ("udp6", Kind::UdpConnect(Family::V6)),
+    ("udp6-connect", Kind::UdpConnect(Family::V6)),
 ];
 
 /// Splits a socat address into its kind and the rest (after the `:`, or
@@ -401,17 +442,18 @@ fn socat_keyword(input: &str) -> Option<(Kind, &str)> {
 /// instead: named so that, for example, `UDP-LISTEN:53` is refused as such
 /// instead of being looked up as a host called `UDP-LISTEN`.
 const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
-    ("udp", UDP_INSTEAD),
-    ("udp4", UDP_INSTEAD),
-    ("udp6", UDP_INSTEAD),
-    ("udp-listen", UDP_INSTEAD),
-    ("udp4-listen", UDP_INSTEAD),
-    ("udp6-listen", UDP_INSTEAD),
-    ("udp-l", UDP_INSTEAD),
     ("udp-sendto", UDP_INSTEAD),
+    ("udp4-sendto", UDP_INSTEAD),
+    ("udp6-sendto", UDP_INSTEAD),
     ("udp-recvfrom", UDP_INSTEAD),
+    ("udp4-recvfrom", UDP_INSTEAD),
+    ("udp6-recvfrom", UDP_INSTEAD),
     ("udp-recv", UDP_INSTEAD),
+    ("udp4-recv", UDP_INSTEAD),
+    ("udp6-recv", UDP_INSTEAD),
     ("udp-datagram", UDP_INSTEAD),
+    ("udp4-datagram", UDP_INSTEAD),
+    ("udp6-datagram", UDP_INSTEAD),
     ("unix-sendto", DATAGRAM_UNIX_INSTEAD),
     ("unix-recvfrom", DATAGRAM_UNIX_INSTEAD),
     ("unix-recv", DATAGRAM_UNIX_INSTEAD),
@@ -450,7 +492,7 @@ const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("tcp-sendto", OTHER_PROTOCOL),
 ];
 
-const UDP_INSTEAD: &str = "relay forwards streams only so far; keep socat for UDP";
+const UDP_INSTEAD: &str = "relay relays UDP as a listener with a session per client: use `UDP-LISTEN:<port>,fork UDP:<host>:<port>` (replies go back to each client), or keep socat for unconnected datagram addresses";
 const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
 const FILE_INSTEAD: &str =
     "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
@@ -677,10 +719,10 @@ fn socat_form(input: &str, position: Position) -> Result<Option<(Kind, &str)>, A
     if looks_like_socat(input) {
         let expected = match position {
             Position::Listen => {
-                "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L, OPENSSL-LISTEN, UNIX-LISTEN, ABSTRACT-LISTEN or STDIO"
+                "TCP-LISTEN, TCP4-LISTEN, TCP6-LISTEN, TCP-L, OPENSSL-LISTEN, UNIX-LISTEN, ABSTRACT-LISTEN, UDP-LISTEN, UDP4-LISTEN, UDP6-LISTEN or STDIO"
             }
             Position::Target => {
-                "TCP, TCP4, TCP6, TCP-CONNECT, OPENSSL, UNIX-CONNECT, UNIX-CLIENT, UNIX, ABSTRACT-CONNECT or STDIO"
+                "TCP, TCP4, TCP6, TCP-CONNECT, OPENSSL, UNIX-CONNECT, UNIX-CLIENT, UNIX, ABSTRACT-CONNECT, UDP, UDP4, UDP6, UDP-CONNECT or STDIO"
             }
         };
         return Err(invalid(
@@ -826,6 +868,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
                     text: input.to_string(),
                 })
             }
+            Kind::UdpListen(family) => parse_udp_listen(input, family, rest),
             _ => unreachable!("socat_form returns listen kinds for the listen position"),
         };
     }
@@ -844,11 +887,16 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
     }
     let (scheme, rest) = split_scheme(
         address,
-        &["tcp", "tls", "tls-listen", "unix", "unix-abstract"],
+        &["tcp", "tls", "tls-listen", "unix", "unix-abstract", "udp"],
     )?;
     let (host, port) = host_port(input, rest)?;
+    let endpoint = if scheme == "udp" {
+        ListenEndpoint::Udp
+    } else {
+        ListenEndpoint::Tcp
+    };
     Ok(ListenAddr {
-        endpoint: ListenEndpoint::Tcp(TcpListen {
+        endpoint: endpoint(TcpListen {
             host,
             port,
             family: Family::Any,
@@ -859,7 +907,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
         backlog: None,
         max_children: None,
         once: false,
-        tls: (scheme != "tcp").then(TlsListen::default),
+        tls: (scheme != "tcp" && scheme != "udp").then(TlsListen::default),
         netns,
         text: input.to_string(),
     })
@@ -1220,6 +1268,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
                 parse_unix_target(input, name, options)
             }
             Kind::Exec { shell } => parse_exec(input, rest, shell),
+            Kind::UdpConnect(family) => parse_udp_target(input, family, rest),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
                 Ok(TargetAddr {
@@ -1246,10 +1295,24 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             text: input.to_string(),
         });
     }
-    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract"])?;
+    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract", "udp"])?;
     let (host, port) = host_port(input, rest)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
+    }
+    if scheme == "udp" {
+        return Ok(TargetAddr {
+            endpoint: TargetEndpoint::Udp(UdpTarget {
+                host,
+                port,
+                family: Family::Any,
+            }),
+            connect_timeout: None,
+            retry: Retry::NONE,
+            tls: None,
+            netns,
+            text: input.to_string(),
+        });
     }
     let tls = (scheme == "tls").then(|| TlsTarget {
         verify: true,
@@ -1477,10 +1540,154 @@ fn parse_socat_target(
     Ok(addr)
 }
 
+/// socat's TLS options, which a UDP address cannot take (relay speaks no DTLS).
+const TLS_OPTION_KEYS: &[&str] = &[
+    "cert",
+    "key",
+    "cafile",
+    "capath",
+    "verify",
+    "snihost",
+    "no-sni",
+    "commonname",
+    "cn",
+];
+
+fn refuse_tls_on_udp(input: &str, key: &str) -> Result<(), AddrError> {
+    if TLS_OPTION_KEYS.contains(&key) {
+        return Err(invalid(
+            input,
+            format!(
+                "option `{key}` is a TLS option and UDP carries no TLS (relay speaks no DTLS): drop it, or use OPENSSL-LISTEN / OPENSSL over TCP"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `UDP-LISTEN:<port>[,options]` (and `UDP4-`/`UDP6-`): like TCP-LISTEN,
+/// without `fork` one client only.
+fn parse_udp_listen(input: &str, family: Family, rest: &str) -> Result<ListenAddr, AddrError> {
+    let (port, options) = split_options(rest);
+    let mut udp = TcpListen {
+        host: Host::Ip(match family {
+            Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+        }),
+        port: parse_port(input, port)?,
+        family,
+        reuseaddr: false,
+        reuseport: false,
+        range: Vec::new(),
+    };
+    let mut addr = ListenAddr {
+        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
+        backlog: None,
+        max_children: None,
+        once: true,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
+        refuse_tls_on_udp(input, &opt.key)?;
+        match opt.key.as_str() {
+            "fork" => addr.once = !opt.flag(input)?,
+            "reuseaddr" | "so-reuseaddr" => udp.reuseaddr = opt.flag(input)?,
+            "reuseport" | "so-reuseport" => udp.reuseport = opt.flag(input)?,
+            "bind" => {
+                let value = opt.required(input)?;
+                let host = value
+                    .strip_prefix('[')
+                    .and_then(|v| v.strip_suffix(']'))
+                    .unwrap_or(value);
+                let ip: IpAddr = host.parse().map_err(|_| {
+                    invalid(
+                        input,
+                        format!(
+                            "`bind={value}`: expected an IP address of this host (for example bind=127.0.0.1 or bind=[::1])"
+                        ),
+                    )
+                })?;
+                if !family.admits(&ip) {
+                    return Err(invalid(
+                        input,
+                        format!("`bind={ip}` does not match the address family of this keyword"),
+                    ));
+                }
+                udp.host = Host::Ip(ip);
+            }
+            "backlog" => {
+                return Err(invalid(
+                    input,
+                    "option `backlog` is for stream listeners; a UDP socket has no accept queue: drop it",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on a UDP listen address (supported: {UDP_LISTEN_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    addr.endpoint = ListenEndpoint::Udp(udp);
+    Ok(addr)
+}
+
+/// `UDP:<host>:<port>[,options]` (`UDP-CONNECT:`, `UDP4:`, `UDP6:`).
+fn parse_udp_target(input: &str, family: Family, rest: &str) -> Result<TargetAddr, AddrError> {
+    let (hostport, options) = split_options(rest);
+    let (host, port) = host_port(input, hostport)?;
+    if port == 0 {
+        return Err(invalid(input, "port 0 cannot be sent to"));
+    }
+    if let Host::Ip(ip) = &host
+        && !family.admits(ip)
+    {
+        return Err(invalid(
+            input,
+            format!("`{ip}` does not match the address family of this keyword"),
+        ));
+    }
+    let mut addr = TargetAddr {
+        endpoint: TargetEndpoint::Udp(UdpTarget { host, port, family }),
+        connect_timeout: None,
+        retry: Retry::NONE,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
+        refuse_tls_on_udp(input, &opt.key)?;
+        return Err(invalid(
+            input,
+            format!(
+                "address option `{}` is not supported by relay on a UDP address (supported: {UDP_CONNECT_OPTIONS})",
+                opt.key
+            ),
+        ));
+    }
+    Ok(addr)
+}
+
 /// Checks what one address cannot know about the other: STDIO is one
 /// client, so a listener in front of it cannot `fork`, and STDIO on both
 /// sides relays nothing.
 pub fn check_route(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrError> {
+    check_datagram_pair(listen, target)?;
     if listen.is_stdio() && target.is_stdio() {
         return Err(invalid(
             &target.text,
@@ -1494,6 +1701,28 @@ pub fn check_route(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrE
         ));
     }
     Ok(())
+}
+
+/// A UDP listener relays datagrams, and only a UDP target takes them as
+/// datagrams: a mixed pair is refused with what to write instead.
+pub fn check_datagram_pair(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrError> {
+    match (listen.is_udp(), target.is_udp()) {
+        (true, false) => Err(invalid(
+            &target.text,
+            format!(
+                "a UDP listener (`{}`) relays datagrams: its target must be UDP too (`UDP:<host>:<port>` or `udp://host:port`); for a stream target listen with TCP-LISTEN",
+                listen.text
+            ),
+        )),
+        (false, true) => Err(invalid(
+            &target.text,
+            format!(
+                "a UDP target takes datagrams: its listener must be UDP too (`UDP-LISTEN:<port>,fork` or `udp://host:port`), not `{}`",
+                listen.text
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The two addresses of the socat form, in either order: socat does not
@@ -1966,8 +2195,8 @@ mod tests {
                 "option `snihost`",
             ),
             (
-                parse_listen("UDP-LISTEN:5353").map(|_| ()),
-                "`UDP-LISTEN` is not supported",
+                parse_target("UDP-SENDTO:127.0.0.1:53").map(|_| ()),
+                "`UDP-SENDTO` is not supported by relay: relay relays UDP as a listener",
             ),
             (
                 parse_target("unix-sendto:/run/x.sock").map(|_| ()),
@@ -2028,5 +2257,60 @@ mod tests {
             let err = result.expect_err(expected).to_string();
             assert!(err.contains(expected), "expected `{expected}` in `{err}`");
         }
+    }
+
+    #[test]
+    fn udp_addresses_parse_in_both_forms() {
+        let l = parse_listen("UDP-LISTEN:5353,fork,reuseaddr,so-reuseport,bind=127.0.0.1").unwrap();
+        let ListenEndpoint::Udp(udp) = &l.endpoint else {
+            panic!("a UDP listener: {l:?}")
+        };
+        assert_eq!(
+            (&udp.host, udp.port, udp.reuseaddr, udp.reuseport, l.once),
+            (&v4(127, 0, 0, 1), 5353, true, true, false)
+        );
+        assert!(
+            parse_listen("udp6-listen:53").unwrap().once,
+            "without fork, one client"
+        );
+        let l = parse_listen("udp://127.0.0.1:5353").unwrap();
+        assert!(l.is_udp() && !l.once && l.tls.is_none());
+        for text in [
+            "UDP:127.0.0.1:53",
+            "udp-connect:127.0.0.1:53",
+            "udp://127.0.0.1:53",
+        ] {
+            let t = parse_target(text).unwrap();
+            let TargetEndpoint::Udp(udp) = &t.endpoint else {
+                panic!("a UDP target: {t:?}")
+            };
+            assert_eq!((&udp.host, udp.port), (&v4(127, 0, 0, 1), 53), "{text}");
+        }
+        let t = parse_target("UDP:dns:53,container=web").unwrap();
+        assert_eq!(t.netns, Some("container:web".parse().unwrap()));
+        assert!(parse_target("UDP4:[::1]:53").is_err(), "family checked");
+    }
+
+    #[test]
+    fn udp_pairs_with_udp_only_and_takes_no_tls() {
+        let err = parse_pair("UDP-LISTEN:53,fork", "TCP:127.0.0.1:53").unwrap_err();
+        assert!(
+            err.to_string().contains("its target must be UDP too"),
+            "{err}"
+        );
+        let err = parse_pair("TCP-LISTEN:53,fork", "UDP:127.0.0.1:53").unwrap_err();
+        assert!(
+            err.to_string().contains("its listener must be UDP too"),
+            "{err}"
+        );
+        assert!(parse_pair("UDP-LISTEN:53,fork", "UDP:127.0.0.1:53").is_ok());
+        let err = parse_listen("UDP-LISTEN:53,cert=/x.pem").unwrap_err();
+        assert!(err.to_string().contains("`cert` is a TLS option"), "{err}");
+        let err = parse_target("UDP:127.0.0.1:53,verify=0").unwrap_err();
+        assert!(err.to_string().contains("no DTLS"), "{err}");
+        let err = parse_listen("UDP-RECVFROM:53").unwrap_err();
+        assert!(err.to_string().contains("UDP-LISTEN:<port>,fork"), "{err}");
+        let err = parse_listen("UDP-LISTEN:53,backlog=5").unwrap_err();
+        assert!(err.to_string().contains("no accept queue"), "{err}");
     }
 }

@@ -146,10 +146,10 @@ fn parse_observe_target(text: &str) -> Result<Target, String> {
 
 #[derive(Args)]
 struct ForwardArgs {
-    /// Where to listen: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP-LISTEN:<port>[,opts]`.
+    /// Where to listen: `host:port`, `[v6]:port`, `tcp://host:port`, `udp://host:port` or `TCP-LISTEN:<port>[,opts]`.
     #[arg(value_parser = addr::parse_listen)]
     listen: ListenAddr,
-    /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port` or `TCP:<host>:<port>[,opts]`.
+    /// Where to connect: `host:port`, `[v6]:port`, `tcp://host:port`, `udp://host:port` (with a UDP listener) or `TCP:<host>:<port>[,opts]`.
     #[arg(value_parser = addr::parse_target)]
     target: TargetAddr,
     /// Also count the traffic of this target with eBPF (container:<name>, pid:<pid>, netns:<name|path>, host).
@@ -220,6 +220,9 @@ struct RouteArgs {
     /// [default: 10000, or what the open-file limit holds if less].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// UDP routes: sessions (client addresses) at most; a new client beyond it has its datagrams dropped, counted as limited.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_SESSIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions: u32,
     /// After SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, default_value_t = Dur(config::DEFAULT_DRAIN_TIMEOUT))]
     drain_timeout: Dur,
@@ -339,6 +342,7 @@ impl RouteArgs {
         if self.max_connections.is_some() {
             route.max_connections = self.max_connections;
         }
+        route.max_sessions = self.max_sessions;
         route.drain_timeout = self.drain_timeout.0;
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;

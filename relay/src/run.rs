@@ -50,6 +50,8 @@ use crate::observe::fleet::Fleet;
 use crate::observe::session::{Session, SessionOptions};
 use crate::observe::{ObserveError, ObserveOptions};
 use crate::tls;
+use crate::udp::metrics::UdpMetrics;
+use crate::udp::{UdpCounters, UdpOptions, UdpRelay};
 pub use handover::HandoverError;
 
 /// Why a run ended other than by a signal and a finished drain.
@@ -200,11 +202,13 @@ pub async fn run(spec: Spec, source: Source, inherited: Inherited) -> Result<(),
     let mut signals = Signals::install()?;
     let registry = Arc::new(Metrics::new());
     let forward_metrics = registry.shared(ForwardMetrics::register);
+    let udp_metrics = registry.shared(UdpMetrics::register);
     let reloads = registry.shared(ReloadMetrics::register);
     reloads.applied(&source.hash);
     let mut sup = Supervisor {
         registry: registry.clone(),
         forward_metrics,
+        udp_metrics,
         reloads,
         routes: HashMap::new(),
         route_tasks: JoinSet::new(),
@@ -478,8 +482,37 @@ struct Watching {
 /// Routes and observers started for a spec, not yet serving.
 struct Prepared {
     /// Each with its `route_key`, computed once.
-    routes: Vec<(RouteSpec, String, Forwarder, ReadyFlag)>,
+    routes: Vec<(RouteSpec, String, Service, ReadyFlag)>,
     observers: Vec<(String, Started)>,
+}
+
+/// What serves a route: a forwarder for streams, a UDP relay for datagrams.
+enum Service {
+    // Boxed: the two differ in size, and there are few of them.
+    Stream(Box<Forwarder>),
+    Datagram(Box<UdpRelay>),
+}
+
+impl Service {
+    /// Another handle on its socket, for a changed route's successor.
+    fn listener_handle(&self) -> std::io::Result<Option<crate::forward::listener::Handle>> {
+        match self {
+            Service::Stream(forwarder) => forwarder.listener_handle(),
+            Service::Datagram(relay) => relay
+                .socket_handle()
+                .map(|s| Some(crate::forward::listener::Handle::Udp(s))),
+        }
+    }
+
+    async fn run(self, drain: watch::Receiver<bool>) -> Option<crate::forward::metrics::Outcome> {
+        match self {
+            Service::Stream(forwarder) => (*forwarder).run(drain).await,
+            Service::Datagram(relay) => {
+                (*relay).run(drain).await;
+                None
+            }
+        }
+    }
 }
 
 /// An observer entry, started: one target's session, or a fleet of containers.
@@ -510,6 +543,7 @@ impl Started {
 struct Supervisor {
     registry: Arc<Metrics>,
     forward_metrics: Arc<ForwardMetrics>,
+    udp_metrics: Arc<UdpMetrics>,
     reloads: Arc<ReloadMetrics>,
     /// By route name.
     routes: HashMap<String, Running>,
@@ -582,6 +616,7 @@ impl Supervisor {
         for route in &spec.routes {
             if !self.has_route(&route.name) {
                 self.forward_metrics.remove_route(&route.name);
+                self.udp_metrics.remove_route(&route.name);
             }
         }
         // A session detaches (programs, series, readiness) only by running
@@ -662,7 +697,11 @@ impl Supervisor {
             let listener = outside
                 .map(crate::forward::listener::Handle::Tcp)
                 .or(listener);
-            let (forwarder, ready) = self.start_route(route, listener).await?;
+            let (forwarder, ready) = if route.listen.is_udp() {
+                self.start_udp_route(route, listener).await?
+            } else {
+                self.start_route(route, listener).await?
+            };
             prepared
                 .routes
                 .push((RouteSpec::clone(route), key, forwarder, ready));
@@ -691,8 +730,8 @@ impl Supervisor {
 
     /// Puts what [`Supervisor::prepare`] started in service.
     fn commit(&mut self, prepared: Prepared) {
-        for (route, key, forwarder, ready) in prepared.routes {
-            let listener = match forwarder.listener_handle() {
+        for (route, key, service, ready) in prepared.routes {
+            let listener = match service.listener_handle() {
                 // A socat address without `fork` closes its listener after
                 // one connection: a spare handle would keep it listening.
                 Ok(_) if route.listen.once => None,
@@ -718,7 +757,7 @@ impl Supervisor {
                 old.drain.send_replace(true);
             }
             self.route_tasks.spawn(async move {
-                let outcome = forwarder.run(drain_rx).await;
+                let outcome = service.run(drain_rx).await;
                 (id, outcome)
             });
             self.routes.insert(
@@ -787,6 +826,7 @@ impl Supervisor {
         }
         if !by_itself && !self.has_route(&name) {
             self.forward_metrics.remove_route(&name);
+            self.udp_metrics.remove_route(&name);
         }
         by_itself
     }
@@ -929,7 +969,7 @@ impl Supervisor {
         &self,
         route: &RouteSpec,
         listener: Option<crate::forward::listener::Handle>,
-    ) -> Result<(Forwarder, ReadyFlag), RunError> {
+    ) -> Result<(Service, ReadyFlag), RunError> {
         let failed = |source: ForwardError| RunError::Route {
             route: route.name.clone(),
             source,
@@ -988,7 +1028,61 @@ impl Supervisor {
             .register("listener", forwarder.local());
         ready.set(true);
         tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {}", forwarder.local());
-        Ok((forwarder, ready))
+        Ok((Service::Stream(Box::new(forwarder)), ready))
+    }
+
+    /// Binds a UDP route's socket (or takes `listener` over) and opens its
+    /// target's namespace, marked ready.
+    async fn start_udp_route(
+        &self,
+        route: &RouteSpec,
+        listener: Option<crate::forward::listener::Handle>,
+    ) -> Result<(Service, ReadyFlag), RunError> {
+        let failed = |source: ForwardError| RunError::Route {
+            route: route.name.clone(),
+            source,
+        };
+        // UDP carries no TLS: a --tls-* flag (or [route.tls]) on this route
+        // is refused, as on a plain TCP route, rather than ignored.
+        tls::settings::resolve(&route.listen, &route.target, &route.tls)
+            .map_err(|e| failed(e.into()))?;
+        let socket = match listener {
+            Some(crate::forward::listener::Handle::Udp(socket)) => socket,
+            // Another kind of socket at this identity cannot be: identities
+            // of UDP listeners are their own.
+            _ => crate::udp::route::bind(&route.listen)
+                .await
+                .map_err(failed)?,
+        };
+        let open = crate::udp::route::upstream(&route.target)
+            .await
+            .map_err(failed)?;
+        let options = UdpOptions {
+            idle_timeout: route.idle_timeout.unwrap_or(crate::duration::MAX),
+            max_sessions: route.max_sessions as usize,
+            drain_timeout: route.drain_timeout,
+            once: route.listen.once,
+        };
+        let counters = UdpCounters {
+            route: self.forward_metrics.route(&route.name),
+            udp: self.udp_metrics.route(&route.name),
+        };
+        let bind_failed = |cause| {
+            failed(ForwardError::Bind {
+                addr: route.listen.text.clone(),
+                resolved: "udp".to_string(),
+                cause,
+            })
+        };
+        let relay = UdpRelay::new(socket, open, options, counters).map_err(bind_failed)?;
+        let local = relay
+            .local_addr()
+            .map(|a| format!("udp://{a}"))
+            .map_err(bind_failed)?;
+        let ready = self.registry.readiness().register("listener", &local);
+        ready.set(true);
+        tracing::info!(route = %route.name, upstream = %route.target.text, "listening on {local}");
+        Ok((Service::Datagram(Box::new(relay)), ready))
     }
 }
 

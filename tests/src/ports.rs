@@ -25,6 +25,17 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// A UDP port on 127.0.0.1 that was free a moment ago (UDP and TCP
+/// ports are separate: a free TCP port says nothing about UDP).
+pub fn free_udp_port() -> Result<u16> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding UDP 127.0.0.1:0 to find a free port")?;
+    Ok(socket
+        .local_addr()
+        .context("reading the port of a bound UDP socket")?
+        .port())
+}
+
 /// `n` distinct ports on 127.0.0.1 that were free a moment ago.
 pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     let mut ports = Vec::with_capacity(n);

@@ -165,7 +165,7 @@ fn idle_timeout_has_a_default_and_can_be_turned_off() -> Result<()> {
 fn unsupported_socat_keyword_exits_2_naming_it() -> Result<()> {
     let socat_listen = format!("TCP-LISTEN:{},bind=127.0.0.1", free_port()?);
     expect_refusals(&[
-        refusal(&["UDP-LISTEN:5353", "TCP:127.0.0.1:1"], 2, "UDP-LISTEN"),
+        refusal(&["SCTP-LISTEN:5353", "TCP:127.0.0.1:1"], 2, "SCTP-LISTEN"),
         refusal(
             &[&socat_listen, "SOCKS4A:proxy.example:db:5432"],
             2,

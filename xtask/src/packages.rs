@@ -24,6 +24,15 @@ pub const REQUIRED: &[Package] = &[
         name: "socat",
         program: "socat",
     },
+    // UDP routes (issue 14): DNS through relay, a real server and client.
+    Package {
+        name: "dnsmasq",
+        program: "dnsmasq",
+    },
+    Package {
+        name: "bind9-dnsutils",
+        program: "dig",
+    },
     Package {
         name: "iperf3",
         program: "iperf3",

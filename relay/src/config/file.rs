@@ -157,6 +157,7 @@ struct RouteEntry {
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<u32>>,
+    max_sessions: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
     data_path: Option<Spanned<String>>,
     #[serde(default)]
@@ -416,6 +417,13 @@ impl Report<'_> {
         let listen = self.value(&entry.listen, &format!("{key}.listen"), addr::parse_listen);
         let target = self.value(&entry.target, &format!("{key}.target"), addr::parse_target);
         let (listen, target) = (listen?, target?);
+        if let Err(e) = addr::check_datagram_pair(&listen, &target) {
+            self.at(
+                Some(entry.target.span()),
+                &format!("{key}.target"),
+                e.to_string(),
+            );
+        }
         if listen.once && !listen.is_stdio() && entry.socket.is_none() {
             // socat's single-connection listener ends its route after one
             // client; a host daemon's route serves until it is removed, and
@@ -479,7 +487,31 @@ impl Report<'_> {
                     "must be at least 1",
                 );
             }
+            if route.listen.is_udp() {
+                self.at(
+                    Some(max.span()),
+                    &format!("{key}.max-connections"),
+                    "a UDP route has sessions, not connections: use `max-sessions`",
+                );
+            }
             route.max_connections = Some(*max.get_ref());
+        }
+        if let Some(max) = &entry.max_sessions {
+            if *max.get_ref() == 0 {
+                self.at(
+                    Some(max.span()),
+                    &format!("{key}.max-sessions"),
+                    "must be at least 1",
+                );
+            }
+            if !route.listen.is_udp() {
+                self.at(
+                    Some(max.span()),
+                    &format!("{key}.max-sessions"),
+                    "applies to UDP routes only (a session per client address); a stream route takes `max-connections`",
+                );
+            }
+            route.max_sessions = *max.get_ref();
         }
         if let Some(path) = &entry.data_path
             && let Some(path) = self.value(path, &format!("{key}.data-path"), |p| {
@@ -851,6 +883,17 @@ pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
         }
         addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
         addr::ListenEndpoint::Stdio(_) => None,
+        // A UDP port is not a TCP one: both may be bound at once.
+        addr::ListenEndpoint::Udp(udp) => {
+            if udp.port == 0 {
+                return None;
+            }
+            let host = match &udp.host {
+                Host::Ip(ip) => ip.to_string(),
+                Host::Name(name) => name.to_ascii_lowercase(),
+            };
+            Some(format!("udp|{host}|{}|{netns}", udp.port))
+        }
     }
 }
 
@@ -895,6 +938,52 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(Problems(p)) => p.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn a_udp_route_takes_max_sessions_and_a_udp_target_only() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            "[[route]]\nlisten = \"udp://127.0.0.1:5353\"\ntarget = \"UDP:127.0.0.1:53\"\nidle-timeout = \"30s\"\nmax-sessions = 64\n\n[[route]]\nlisten = \"127.0.0.1:5353\"\ntarget = \"127.0.0.1:53\"\n",
+        )
+        .expect("UDP and TCP may share a port number");
+        let dns = &spec.routes[0];
+        assert!(dns.listen.is_udp() && dns.target.is_udp());
+        assert_eq!(dns.max_sessions, 64);
+        assert_eq!(dns.idle_timeout, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(
+            spec.routes[1].max_sessions,
+            super::super::DEFAULT_MAX_SESSIONS
+        );
+        let found = problems(
+            "[[route]]\nlisten = \"udp://127.0.0.1:5353\"\ntarget = \"127.0.0.1:53\"\nmax-connections = 5\n",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("its target must be UDP too")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("use `max-sessions`")),
+            "{found:?}"
+        );
+        let found = problems(
+            "[[route]]\nlisten = \"127.0.0.1:5353\"\ntarget = \"127.0.0.1:53\"\nmax-sessions = 0\n",
+        );
+        assert!(
+            found.iter().any(|p| p.contains("must be at least 1")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("applies to UDP routes only")),
+            "{found:?}"
+        );
+        let found =
+            problems("[[route]]\nlisten = \"UDP-LISTEN:5353\"\ntarget = \"UDP:127.0.0.1:53\"\n");
+        assert!(found.iter().any(|p| p.contains("add `,fork`")), "{found:?}");
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub const DEFAULT_TOP_FLOWS: usize = 10;
 /// it off.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// UDP sessions (client addresses) per route at most: a new client beyond
+/// it has its datagram dropped and counted (`limited`). Each session holds
+/// one socket, so this also bounds the descriptors a UDP route takes.
+pub const DEFAULT_MAX_SESSIONS: u32 = 1024;
+
 /// What one relay process runs.
 #[derive(Debug, Clone, Default)]
 pub struct Spec {
@@ -72,6 +77,8 @@ pub struct RouteSpec {
     pub idle_timeout: Option<Duration>,
     /// `None`: [`DEFAULT_MAX_CONNECTIONS`], or what the open-file limit holds.
     pub max_connections: Option<u32>,
+    /// A UDP route's sessions at most (its idle timeout is `idle_timeout`).
+    pub max_sessions: u32,
     pub drain_timeout: Duration,
     pub data_path: DataPath,
     /// Allows `data_path = sockmap` (known defects; see `forward::data_path`).
@@ -97,6 +104,7 @@ impl RouteSpec {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             max_connections,
+            max_sessions: DEFAULT_MAX_SESSIONS,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             data_path: DataPath::Auto,
             experimental_sockmap: false,

@@ -108,6 +108,8 @@ pub enum Handle {
         name: String,
         file: Option<Arc<SocketFile>>,
     },
+    /// A UDP route's socket (served by `udp::UdpRelay`, not a forwarder).
+    Udp(std::net::UdpSocket),
 }
 
 impl Handle {
@@ -119,6 +121,7 @@ impl Handle {
                 name: name.clone(),
                 file: file.clone(),
             },
+            Handle::Udp(s) => Handle::Udp(s.try_clone()?),
         })
     }
 
@@ -129,6 +132,9 @@ impl Handle {
                 .local_addr()
                 .map_or_else(|_| "a TCP socket".to_string(), |a| a.to_string()),
             Handle::Unix { name, .. } => name.clone(),
+            Handle::Udp(s) => s
+                .local_addr()
+                .map_or_else(|_| "a UDP socket".to_string(), |a| format!("udp {a}")),
         }
     }
 }
@@ -148,6 +154,12 @@ impl Listener {
                     name,
                     file,
                 }
+            }
+            Handle::Udp(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a UDP socket cannot serve a stream route",
+                ));
             }
         })
     }
@@ -204,6 +216,14 @@ pub async fn bind(addr: &ListenAddr) -> Result<Listener, ForwardError> {
         ListenEndpoint::Tcp(tcp) => bind_tcp(addr, tcp, backlog).await.map(Listener::Tcp),
         ListenEndpoint::Unix(unix) => bind_unix(addr, unix, backlog).await,
         ListenEndpoint::Stdio(mode) => Ok(Listener::Stdio(Some(*mode))),
+        ListenEndpoint::Udp(_) => Err(ForwardError::Bind {
+            addr: addr.text.clone(),
+            resolved: "udp".to_string(),
+            cause: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a UDP listener relays datagrams (udp::UdpRelay), not a stream",
+            ),
+        }),
     }
 }
 
@@ -257,7 +277,11 @@ fn listening_socket(
     Ok(socket)
 }
 
-async fn resolve(addr: &ListenAddr, tcp: &TcpListen) -> Result<SocketAddr, ForwardError> {
+/// The one address a listener binds (a UDP listener's too).
+pub(crate) async fn resolve(
+    addr: &ListenAddr,
+    tcp: &TcpListen,
+) -> Result<SocketAddr, ForwardError> {
     match &tcp.host {
         Host::Ip(ip) => Ok(SocketAddr::new(*ip, tcp.port)),
         Host::Name(name) => tokio::net::lookup_host((name.as_str(), tcp.port))

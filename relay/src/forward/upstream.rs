@@ -128,6 +128,11 @@ async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket
         TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
         TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
         TargetEndpoint::Exec(_) => unreachable!("connect starts EXEC targets before connecting"),
+        TargetEndpoint::Udp(_) => {
+            unreachable!(
+                "a UDP target pairs with a UDP listener only (addr::check_datagram_pair), which udp::UdpRelay serves"
+            )
+        }
     }
 }
 

@@ -9,11 +9,19 @@
 //! counted. Without `fork` (socat's single-peer listener) the first client
 //! is the only one, and the route ends when its session does.
 //!
+//! Told to stop (a drain, or a reload that changed the route and gave a
+//! duplicate of the socket to its successor), the relay stops receiving at
+//! once: every datagram from then on is the successor's (or, for a removed
+//! route, nobody's), and the open sessions only carry the target's replies
+//! back until they are idle or the drain timeout ends. Reading on would
+//! race the successor for each datagram and drop the new clients' ones.
+//!
 //! Not here: the address grammar (`addr`), where the upstream socket is
 //! opened (the caller's [`OpenUpstream`]: resolving names, entering a
 //! namespace), TCP (`forward`).
 
 pub mod metrics;
+pub mod route;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -118,6 +126,11 @@ impl UdpRelay {
         self.socket.local_addr()
     }
 
+    /// Another handle on the listening socket, for a reload's successor.
+    pub fn socket_handle(&self) -> io::Result<std::net::UdpSocket> {
+        Ok(socket2::SockRef::from(&*self.socket).try_clone()?.into())
+    }
+
     /// Relays until `stop` turns true (then open sessions get the drain
     /// timeout), or, without `fork`, until the one session ends.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
@@ -135,7 +148,7 @@ impl UdpRelay {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut served_once = false;
         let mut draining: Option<tokio::time::Instant> = None;
-        loop {
+        'relay: loop {
             if draining.is_some() && sessions.is_empty() {
                 break;
             }
@@ -149,7 +162,7 @@ impl UdpRelay {
                 }
             };
             tokio::select! {
-                received = socket.recv_from(&mut buf) => {
+                received = socket.recv_from(&mut buf), if draining.is_none() => {
                     let (n, client) = match received {
                         Ok(received) => received,
                         Err(err) => {
@@ -158,50 +171,63 @@ impl UdpRelay {
                             continue;
                         }
                     };
-                    let stale = sessions.get(&client).is_some_and(|s| s.ended.load(Ordering::Acquire));
-                    if stale {
+                    // The datagram's session: its last use is stored before its end
+                    // is read, and the reply task stores the end before it reads
+                    // the last use again (both SeqCst), so a session that expires
+                    // as this datagram arrives is either kept (the task sees the
+                    // use) or replaced here (this loop sees the end): the datagram
+                    // never goes to an upstream socket nobody reads.
+                    loop {
+                        let stale = sessions.get(&client).is_some_and(|s| s.ended.load(Ordering::Acquire));
+                        if stale {
+                            sessions.remove(&client);
+                        }
+                        if !sessions.contains_key(&client) {
+                            let refused = draining.is_some()
+                                || sessions.len() >= options.max_sessions
+                                || (options.once && served_once);
+                            if refused {
+                                counters.end(SessionEnd::Limited);
+                                continue 'relay;
+                            }
+                            let upstream = match open().await {
+                                Ok(upstream) => Arc::new(upstream),
+                                Err(err) => {
+                                    tracing::warn!(route = %counters.route.name, %client, error = %err, "cannot open the upstream socket; datagram dropped");
+                                    counters.end(SessionEnd::Error);
+                                    continue 'relay;
+                                }
+                            };
+                            served_once = true;
+                            counters.opened();
+                            let session = Session {
+                                upstream: upstream.clone(),
+                                last: Arc::new(AtomicU64::new(elapsed_ms(started))),
+                                ended: Arc::new(AtomicBool::new(false)),
+                            };
+                            tracing::debug!(route = %counters.route.name, %client, "UDP session opened");
+                            tasks.spawn(replies(Replies {
+                                client,
+                                upstream,
+                                listener: socket.clone(),
+                                last: session.last.clone(),
+                                ended: session.ended.clone(),
+                                started,
+                                idle: options.idle_timeout,
+                                counters: counters.clone(),
+                                close: close_rx.clone(),
+                                done: ended_tx.clone(),
+                            }));
+                            sessions.insert(client, session);
+                        }
+                        let session = &sessions[&client];
+                        session.last.store(elapsed_ms(started), Ordering::SeqCst);
+                        if !session.ended.load(Ordering::SeqCst) {
+                            break;
+                        }
                         sessions.remove(&client);
                     }
-                    if !sessions.contains_key(&client) {
-                        let refused = draining.is_some()
-                            || sessions.len() >= options.max_sessions
-                            || (options.once && served_once);
-                        if refused {
-                            counters.end(SessionEnd::Limited);
-                            continue;
-                        }
-                        let upstream = match open().await {
-                            Ok(upstream) => Arc::new(upstream),
-                            Err(err) => {
-                                tracing::warn!(route = %counters.route.name, %client, error = %err, "cannot open the upstream socket; datagram dropped");
-                                counters.end(SessionEnd::Error);
-                                continue;
-                            }
-                        };
-                        served_once = true;
-                        counters.opened();
-                        let session = Session {
-                            upstream: upstream.clone(),
-                            last: Arc::new(AtomicU64::new(elapsed_ms(started))),
-                            ended: Arc::new(AtomicBool::new(false)),
-                        };
-                        tracing::debug!(route = %counters.route.name, %client, "UDP session opened");
-                        tasks.spawn(replies(Replies {
-                            client,
-                            upstream,
-                            listener: socket.clone(),
-                            last: session.last.clone(),
-                            ended: session.ended.clone(),
-                            started,
-                            idle: options.idle_timeout,
-                            counters: counters.clone(),
-                            close: close_rx.clone(),
-                            done: ended_tx.clone(),
-                        }));
-                        sessions.insert(client, session);
-                    }
                     let session = &sessions[&client];
-                    session.last.store(elapsed_ms(started), Ordering::Release);
                     match session.upstream.send(&buf[..n]).await {
                         Ok(_) => {
                             counters.udp.to_target.inc();
@@ -219,7 +245,7 @@ impl UdpRelay {
                 }
                 _ = crate::forward::raised(&mut stop), if draining.is_none() => {
                     tracing::info!(route = %counters.route.name, open = sessions.len(), timeout_s = options.drain_timeout.as_secs_f64(),
-                        "stopping: no new UDP sessions; open ones go on until idle or the drain timeout");
+                        "stopping: no more datagrams read; open sessions carry replies until idle or the drain timeout");
                     draining = Some(tokio::time::Instant::now() + options.drain_timeout);
                 }
                 _ = drain_deadline => {
@@ -281,9 +307,17 @@ async fn replies(mut r: Replies) {
                 }
             },
             _ = tokio::time::sleep_until(deadline) => {
-                let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::Acquire));
+                let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::SeqCst));
                 if Duration::from_millis(since) >= r.idle {
-                    break SessionEnd::Expired;
+                    // Ended first, then the last use read again: a datagram
+                    // the receiving loop routed here meanwhile keeps the
+                    // session (see `run`).
+                    r.ended.store(true, Ordering::SeqCst);
+                    let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::SeqCst));
+                    if Duration::from_millis(since) >= r.idle {
+                        break SessionEnd::Expired;
+                    }
+                    r.ended.store(false, Ordering::SeqCst);
                 }
             }
             _ = crate::forward::raised(&mut r.close) => break SessionEnd::Drained,
