@@ -1190,26 +1190,7 @@ fn parse_socat_listen(
             "fork" => addr.once = !opt.flag(input)?,
             "reuseaddr" | "so-reuseaddr" => tcp.reuseaddr = opt.flag(input)?,
             "reuseport" | "so-reuseport" => tcp.reuseport = opt.flag(input)?,
-            "bind" => {
-                let value = opt.required(input)?;
-                // socat allows `bind=host` or `bind=host:port`; the port of a
-                // listen address is the one after the keyword.
-                let host = value
-                    .strip_prefix('[')
-                    .and_then(|v| v.strip_suffix(']'))
-                    .unwrap_or(value);
-                // A listener binds an address of this host: a name would be
-                // a DNS lookup at start, and a typo an exit 1 after it.
-                let ip: IpAddr = host.parse().map_err(|_| {
-                    invalid(
-                        input,
-                        format!(
-                            "`bind={value}`: expected an IP address of this host (for example bind=127.0.0.1 or bind=[::1])"
-                        ),
-                    )
-                })?;
-                tcp.host = Host::Ip(ip);
-            }
+            "bind" => tcp.host = Host::Ip(bind_ip(input, &opt)?),
             "backlog" => addr.backlog = Some(backlog(input, &opt)?),
             "max-children" => addr.max_children = Some(max_children(input, &opt)?),
             "range" => tcp.range.push(parse_range(input, opt.required(input)?)?),
@@ -1565,6 +1546,26 @@ fn refuse_tls_on_udp(input: &str, key: &str) -> Result<(), AddrError> {
     Ok(())
 }
 
+/// A listener's `bind=`: an IP address of this host. socat allows
+/// `bind=host` or `bind=host:port`; the port of a listen address is the
+/// one after the keyword. A name would be a DNS lookup at start, and a
+/// typo an exit 1 after it.
+fn bind_ip(input: &str, opt: &SocatOption<'_>) -> Result<IpAddr, AddrError> {
+    let value = opt.required(input)?;
+    let host = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    host.parse().map_err(|_| {
+        invalid(
+            input,
+            format!(
+                "`bind={value}`: expected an IP address of this host (for example bind=127.0.0.1 or bind=[::1])"
+            ),
+        )
+    })
+}
+
 /// `UDP-LISTEN:<port>[,options]` (and `UDP4-`/`UDP6-`): like TCP-LISTEN,
 /// without `fork` one client only.
 fn parse_udp_listen(input: &str, family: Family, rest: &str) -> Result<ListenAddr, AddrError> {
@@ -1601,19 +1602,7 @@ fn parse_udp_listen(input: &str, family: Family, rest: &str) -> Result<ListenAdd
             "reuseaddr" | "so-reuseaddr" => udp.reuseaddr = opt.flag(input)?,
             "reuseport" | "so-reuseport" => udp.reuseport = opt.flag(input)?,
             "bind" => {
-                let value = opt.required(input)?;
-                let host = value
-                    .strip_prefix('[')
-                    .and_then(|v| v.strip_suffix(']'))
-                    .unwrap_or(value);
-                let ip: IpAddr = host.parse().map_err(|_| {
-                    invalid(
-                        input,
-                        format!(
-                            "`bind={value}`: expected an IP address of this host (for example bind=127.0.0.1 or bind=[::1])"
-                        ),
-                    )
-                })?;
+                let ip = bind_ip(input, &opt)?;
                 if !family.admits(&ip) {
                     return Err(invalid(
                         input,

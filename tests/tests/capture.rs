@@ -926,19 +926,8 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
     require_root!("creates network namespaces and attaches eBPF programs");
     require_tool!("tshark");
     require_tool!("openssl");
-    use relay_tests::certs::{Ca, CertSpec};
-    let lab = Lab::new("capture-keys")?;
-    // A TLS server inside the namespace; relay originates TLS to it across the veth.
-    let ca = Ca::new("capture-keys")?;
+    let (lab, ca, _s_server) = tls_lab("capture-keys")?;
     let addr = lab.ns.addr().to_string();
-    let server = ca.issue("server", &CertSpec::server(&[addr.as_str()]))?;
-    let mut cmd = lab.ns.command("openssl");
-    cmd.args(["s_server", "-accept", "4433", "-www", "-cert"])
-        .arg(&server.cert)
-        .arg("-key")
-        .arg(&server.key);
-    let mut s_server = ChildProc::spawn("openssl-s_server", cmd)?;
-    s_server.wait_listening(4433, EXIT_TIMEOUT)?;
 
     let file = lab.dir.join("tls.pcapng");
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -976,6 +965,25 @@ fn embedded_tls_keys_let_tshark_decrypt_the_capture_without_a_key_log_file() -> 
         "tshark should decrypt the request with the embedded keys and show {uri:?}, got {uris:?} (stderr: {stderr})",
     );
     Ok(())
+}
+
+/// A lab whose namespace runs `openssl s_server -www` on port 4433 with a
+/// certificate of `ca` for the namespace's address (relay originates TLS to
+/// it across the veth).
+fn tls_lab(name: &str) -> Result<(Lab, relay_tests::certs::Ca, ChildProc)> {
+    use relay_tests::certs::{Ca, CertSpec};
+    let lab = Lab::new(name)?;
+    let ca = Ca::new(name)?;
+    let addr = lab.ns.addr().to_string();
+    let server = ca.issue("server", &CertSpec::server(&[addr.as_str()]))?;
+    let mut cmd = lab.ns.command("openssl");
+    cmd.args(["s_server", "-accept", "4433", "-www", "-cert"])
+        .arg(&server.cert)
+        .arg("-key")
+        .arg(&server.key);
+    let mut s_server = ChildProc::spawn("openssl-s_server", cmd)?;
+    s_server.wait_listening(4433, EXIT_TIMEOUT)?;
+    Ok((lab, ca, s_server))
 }
 
 /// The HTTP request URIs tshark decrypts from `file` with no key log file
@@ -1019,18 +1027,8 @@ fn a_changed_route_keeps_embedding_its_tls_keys_after_a_reload() -> Result<()> {
     require_root!("creates network namespaces and attaches eBPF programs");
     require_tool!("tshark");
     require_tool!("openssl");
-    use relay_tests::certs::{Ca, CertSpec};
-    let lab = Lab::new("capture-keys-reload")?;
-    let ca = Ca::new("capture-keys-reload")?;
+    let (lab, ca, _s_server) = tls_lab("capture-keys-reload")?;
     let addr = lab.ns.addr().to_string();
-    let server = ca.issue("server", &CertSpec::server(&[addr.as_str()]))?;
-    let mut cmd = lab.ns.command("openssl");
-    cmd.args(["s_server", "-accept", "4433", "-www", "-cert"])
-        .arg(&server.cert)
-        .arg("-key")
-        .arg(&server.key);
-    let mut s_server = ChildProc::spawn("openssl-s_server", cmd)?;
-    s_server.wait_listening(4433, EXIT_TIMEOUT)?;
 
     let file = lab.dir.join("tls.pcapng");
     let config = lab.dir.join("relay.toml");

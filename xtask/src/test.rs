@@ -129,18 +129,27 @@ fn cargo_test(ctx: &mut Ctx) -> Result<()> {
     )
 }
 
+/// The relay binary, for a step that runs only when the whole suite does
+/// (no test arguments were given).
+fn whole_run<'a>(ctx: &'a Ctx) -> Option<&'a PathBuf> {
+    if !ctx.cargo_test_args.is_empty() {
+        return None;
+    }
+    Some(
+        ctx.relay_bin
+            .as_ref()
+            .expect("invariant: the build step runs before the test step"),
+    )
+}
+
 /// The relay under test takes `--data-path $RELAY_DATA_PATH` (see the
 /// harness's `RelayCmd::args`): one suite, parametrized by the variable.
 /// Skipped when the caller filtered the run (ARGS given).
 fn per_data_path(ctx: &mut Ctx) -> Result<()> {
-    if !ctx.cargo_test_args.is_empty() {
+    let Some(relay_bin) = whole_run(ctx) else {
         println!("xtask: skipped: test arguments were given, so only that selection runs");
         return Ok(());
-    }
-    let relay_bin = ctx
-        .relay_bin
-        .as_ref()
-        .expect("invariant: the build step runs before the test step");
+    };
     for path in DATA_PATHS {
         println!("xtask: RELAY_DATA_PATH={path}");
         let mut cmd = workspace::cargo();
@@ -158,14 +167,10 @@ fn per_data_path(ctx: &mut Ctx) -> Result<()> {
 /// (`RELAY_TESTS_RESTART_DOCKERD=1`): run here, when no other test runs.
 /// Skipped when the caller filtered the run (ARGS given).
 fn dockerd_restart(ctx: &mut Ctx) -> Result<()> {
-    if !ctx.cargo_test_args.is_empty() {
+    let Some(relay_bin) = whole_run(ctx) else {
         println!("xtask: skipped: test arguments were given, so only that selection runs");
         return Ok(());
-    }
-    let relay_bin = ctx
-        .relay_bin
-        .as_ref()
-        .expect("invariant: the build step runs before the test step");
+    };
     cmd::run_streaming(
         workspace::cargo()
             .args([
