@@ -25,15 +25,22 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago (UDP and TCP
-/// ports are separate: a free TCP port says nothing about UDP).
+/// A port on 127.0.0.1 that was free a moment ago for UDP and for TCP
+/// both (UDP and TCP ports are separate, and a DNS server such as
+/// dnsmasq takes the port for both).
 pub fn free_udp_port() -> Result<u16> {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("binding UDP 127.0.0.1:0 to find a free port")?;
-    Ok(socket
-        .local_addr()
-        .context("reading the port of a bound UDP socket")?
-        .port())
+    for _ in 0..100 {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .context("binding UDP 127.0.0.1:0 to find a free port")?;
+        let port = socket
+            .local_addr()
+            .context("reading the port of a bound UDP socket")?
+            .port();
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free for both UDP and TCP on 127.0.0.1 in 100 tries")
 }
 
 /// `n` distinct ports on 127.0.0.1 that were free a moment ago.
