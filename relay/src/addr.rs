@@ -1127,6 +1127,24 @@ fn backlog(input: &str, opt: &SocatOption<'_>) -> Result<u32, AddrError> {
         .map_err(|_| invalid(input, format!("`backlog={value}`: expected a whole number")))
 }
 
+impl TcpListen {
+    /// A socat listen keyword's socket before its options: every address
+    /// of the family, on `port`; SO_REUSEADDR only when asked, as socat.
+    fn any_address(family: Family, port: u16) -> Self {
+        TcpListen {
+            host: Host::Ip(match family {
+                Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+            }),
+            port,
+            family,
+            reuseaddr: false,
+            reuseport: false,
+            range: Vec::new(),
+        }
+    }
+}
+
 fn parse_socat_listen(
     input: &str,
     family: Family,
@@ -1134,18 +1152,7 @@ fn parse_socat_listen(
     tls: bool,
 ) -> Result<ListenAddr, AddrError> {
     let (port, options) = split_options(rest);
-    let mut tcp = TcpListen {
-        host: Host::Ip(match family {
-            Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
-            _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
-        }),
-        port: parse_port(input, port)?,
-        family,
-        // socat sets SO_REUSEADDR only when asked.
-        reuseaddr: false,
-        reuseport: false,
-        range: Vec::new(),
-    };
+    let mut tcp = TcpListen::any_address(family, parse_port(input, port)?);
     // The endpoint is set once its options are read (`tcp` above).
     let mut addr = ListenAddr {
         endpoint: ListenEndpoint::Stdio(StdioMode::Both),
@@ -1570,17 +1577,7 @@ fn bind_ip(input: &str, opt: &SocatOption<'_>) -> Result<IpAddr, AddrError> {
 /// without `fork` one client only.
 fn parse_udp_listen(input: &str, family: Family, rest: &str) -> Result<ListenAddr, AddrError> {
     let (port, options) = split_options(rest);
-    let mut udp = TcpListen {
-        host: Host::Ip(match family {
-            Family::V6 => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
-            _ => IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
-        }),
-        port: parse_port(input, port)?,
-        family,
-        reuseaddr: false,
-        reuseport: false,
-        range: Vec::new(),
-    };
+    let mut udp = TcpListen::any_address(family, parse_port(input, port)?);
     let mut addr = ListenAddr {
         endpoint: ListenEndpoint::Stdio(StdioMode::Both),
         backlog: None,
