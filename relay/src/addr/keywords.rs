@@ -1,0 +1,202 @@
+//! The socat address keywords relay knows (`TCP-LISTEN`, `UNIX-CONNECT`,
+//! ...), each mapped to a [`Kind`], the option lists each kind takes (for
+//! error messages), and socat's other address types with what to use instead.
+
+use super::*;
+
+pub(super) const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, netns=, container=, pid=";
+
+pub(super) const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
+
+pub(super) const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, max-children=<n>, netns=, container=, pid=";
+
+pub(super) const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, netns=, container=, pid=";
+
+pub(super) const TLS_CONNECT_OPTIONS: &str =
+    "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";
+
+pub(super) const UNIX_CONNECT_OPTIONS: &str =
+    "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
+
+pub(super) const EXEC_OPTIONS: &str = "stderr";
+
+pub(super) const UDP_LISTEN_OPTIONS: &str =
+    "fork, reuseaddr, so-reuseport, bind=<addr>, netns=, container=, pid=";
+
+pub(super) const UDP_CONNECT_OPTIONS: &str = "netns=, container=, pid=";
+
+/// The socat address types relay speaks, by what they make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    TcpListen(Family),
+    TlsListen,
+    UnixListen,
+    AbstractListen,
+    TcpConnect(Family),
+    TlsConnect,
+    UnixConnect,
+    AbstractConnect,
+    /// Either side: stdin/stdout.
+    Stdio(StdioMode),
+    /// A program per connection; `shell`: SYSTEM (through /bin/sh -c).
+    Exec {
+        shell: bool,
+    },
+    UdpListen(Family),
+    UdpConnect(Family),
+}
+
+impl Kind {
+    pub(super) fn listens(self) -> bool {
+        matches!(
+            self,
+            Kind::TcpListen(_)
+                | Kind::TlsListen
+                | Kind::UnixListen
+                | Kind::AbstractListen
+                | Kind::Stdio(_)
+                | Kind::UdpListen(_)
+        )
+    }
+
+    pub(super) fn connects(self) -> bool {
+        !self.listens() || matches!(self, Kind::Stdio(_))
+    }
+}
+
+/// Every socat keyword relay takes (case-insensitive, as socat's are).
+pub(super) const KEYWORDS: &[(&str, Kind)] = &[
+    ("tcp-listen", Kind::TcpListen(Family::Any)),
+    ("tcp-l", Kind::TcpListen(Family::Any)),
+    ("tcp4-listen", Kind::TcpListen(Family::V4)),
+    ("tcp4-l", Kind::TcpListen(Family::V4)),
+    ("tcp6-listen", Kind::TcpListen(Family::V6)),
+    ("tcp6-l", Kind::TcpListen(Family::V6)),
+    ("openssl-listen", Kind::TlsListen),
+    ("ssl-l", Kind::TlsListen),
+    ("unix-listen", Kind::UnixListen),
+    ("unix-l", Kind::UnixListen),
+    ("abstract-listen", Kind::AbstractListen),
+    ("tcp", Kind::TcpConnect(Family::Any)),
+    ("tcp-connect", Kind::TcpConnect(Family::Any)),
+    ("tcp4", Kind::TcpConnect(Family::V4)),
+    ("tcp4-connect", Kind::TcpConnect(Family::V4)),
+    ("tcp6", Kind::TcpConnect(Family::V6)),
+    ("tcp6-connect", Kind::TcpConnect(Family::V6)),
+    ("openssl", Kind::TlsConnect),
+    ("ssl", Kind::TlsConnect),
+    ("openssl-connect", Kind::TlsConnect),
+    ("unix-connect", Kind::UnixConnect),
+    // socat's UNIX-CLIENT falls back to a datagram socket when a stream
+    // connect fails; relay routes streams, so it is a stream connect here.
+    ("unix-client", Kind::UnixConnect),
+    ("unix", Kind::UnixConnect),
+    ("abstract-connect", Kind::AbstractConnect),
+    ("abstract-client", Kind::AbstractConnect),
+    ("stdio", Kind::Stdio(StdioMode::Both)),
+    ("-", Kind::Stdio(StdioMode::Both)),
+    ("stdin", Kind::Stdio(StdioMode::In)),
+    ("stdout", Kind::Stdio(StdioMode::Out)),
+    ("exec", Kind::Exec { shell: false }),
+    ("system", Kind::Exec { shell: true }),
+    ("udp-listen", Kind::UdpListen(Family::Any)),
+    ("udp-l", Kind::UdpListen(Family::Any)),
+    ("udp4-listen", Kind::UdpListen(Family::V4)),
+    ("udp4-l", Kind::UdpListen(Family::V4)),
+    ("udp6-listen", Kind::UdpListen(Family::V6)),
+    ("udp6-l", Kind::UdpListen(Family::V6)),
+    ("udp", Kind::UdpConnect(Family::Any)),
+    ("udp-connect", Kind::UdpConnect(Family::Any)),
+    ("udp4", Kind::UdpConnect(Family::V4)),
+    ("udp4-connect", Kind::UdpConnect(Family::V4)),
+    ("udp6", Kind::UdpConnect(Family::V6)),
+    ("udp6-connect", Kind::UdpConnect(Family::V6)),
+];
+
+/// Splits a socat address into its kind and the rest (after the `:`, or
+/// after the keyword for the STDIO family, which takes no parameter).
+pub(super) fn socat_keyword(input: &str) -> Option<(Kind, &str)> {
+    let (word, rest) = match input.split_once(':') {
+        Some(split) => split,
+        // `STDIO`, `-`, `STDIN,opts`: no colon.
+        None => input
+            .split_once(',')
+            .map_or((input, ""), |(w, _)| (w, &input[w.len()..])),
+    };
+    let kind = KEYWORDS
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(word))
+        .map(|(_, kind)| *kind)?;
+    match kind {
+        Kind::Stdio(_) if input.contains(':') => None,
+        Kind::Stdio(_) => Some((kind, rest)),
+        _ if !input.contains(':') => None,
+        _ => Some((kind, rest)),
+    }
+}
+
+/// socat address types relay does not (yet) speak, with what to use
+/// instead: named so that, for example, `UDP-LISTEN:53` is refused as such
+/// instead of being looked up as a host called `UDP-LISTEN`.
+pub(super) const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
+    ("udp-sendto", UDP_INSTEAD),
+    ("udp4-sendto", UDP_INSTEAD),
+    ("udp6-sendto", UDP_INSTEAD),
+    ("udp-recvfrom", UDP_INSTEAD),
+    ("udp4-recvfrom", UDP_INSTEAD),
+    ("udp6-recvfrom", UDP_INSTEAD),
+    ("udp-recv", UDP_INSTEAD),
+    ("udp4-recv", UDP_INSTEAD),
+    ("udp6-recv", UDP_INSTEAD),
+    ("udp-datagram", UDP_INSTEAD),
+    ("udp4-datagram", UDP_INSTEAD),
+    ("udp6-datagram", UDP_INSTEAD),
+    ("unix-sendto", DATAGRAM_UNIX_INSTEAD),
+    ("unix-recvfrom", DATAGRAM_UNIX_INSTEAD),
+    ("unix-recv", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-sendto", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-recvfrom", DATAGRAM_UNIX_INSTEAD),
+    ("abstract-recv", DATAGRAM_UNIX_INSTEAD),
+    ("stderr", "relay writes only its log to stderr; use STDOUT"),
+    ("pipe", FILE_INSTEAD),
+    ("file", FILE_INSTEAD),
+    ("open", FILE_INSTEAD),
+    ("gopen", FILE_INSTEAD),
+    ("create", FILE_INSTEAD),
+    ("fd", FILE_INSTEAD),
+    ("pty", FILE_INSTEAD),
+    ("readline", "use socat for interactive line editing"),
+    ("tun", "relay does not make TUN devices"),
+    ("socks4", PROXY_INSTEAD),
+    ("socks4a", PROXY_INSTEAD),
+    ("socks5", PROXY_INSTEAD),
+    ("proxy", PROXY_INSTEAD),
+    ("proxy-connect", PROXY_INSTEAD),
+    ("sctp", OTHER_PROTOCOL),
+    ("sctp-listen", OTHER_PROTOCOL),
+    ("sctp-connect", OTHER_PROTOCOL),
+    ("vsock-listen", OTHER_PROTOCOL),
+    ("vsock-connect", OTHER_PROTOCOL),
+    ("ip", OTHER_PROTOCOL),
+    ("ip4", OTHER_PROTOCOL),
+    ("ip6", OTHER_PROTOCOL),
+    ("ip-sendto", OTHER_PROTOCOL),
+    ("interface", OTHER_PROTOCOL),
+    ("dccp-listen", OTHER_PROTOCOL),
+    ("dccp-connect", OTHER_PROTOCOL),
+    ("udplite-listen", OTHER_PROTOCOL),
+    ("udplite-connect", OTHER_PROTOCOL),
+    ("tcp-sendto", OTHER_PROTOCOL),
+];
+
+pub(super) const UDP_INSTEAD: &str = "relay relays UDP as a listener with a session per client: use `UDP-LISTEN:<port>,fork UDP:<host>:<port>` (replies go back to each client), or keep socat for unconnected datagram addresses";
+
+pub(super) const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
+
+pub(super) const FILE_INSTEAD: &str =
+    "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
+
+pub(super) const PROXY_INSTEAD: &str =
+    "relay does not speak proxy protocols as a client yet; keep socat for this line";
+
+pub(super) const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS and UNIX stream sockets only";

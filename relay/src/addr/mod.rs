@@ -1,0 +1,380 @@
+//! Address grammar: the URL form (`host:port`, `[v6]:port`, `tcp://host:port`)
+//! and the socat form (`TCP-LISTEN:8080,fork,reuseaddr`, `TCP:host:80,nodelay`),
+//! parsed into one [`ListenAddr`] or [`TargetAddr`].
+//!
+//! This module only parses; it resolves no names and opens no sockets. Every
+//! error names the token that is wrong and what was expected, because users
+//! paste these strings out of socat scripts.
+//!
+//! This file holds the parsed types and the pair checks; the grammar lives in
+//! one submodule per concern: `keywords` (socat's address keywords and
+//! types), `lex` (tokens and options), `options` (options several kinds
+//! share), and one per address family (`listen`, `target`, `unix`, `udp`).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::netns::Target;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+/// A host as written: an IP literal, or a name resolved later (per connection
+/// for targets, so a DNS change is followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Which address family an address may resolve to (socat's `TCP4`/`TCP6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    #[default]
+    Any,
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn admits(self, ip: &IpAddr) -> bool {
+        match self {
+            Family::Any => true,
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        }
+    }
+}
+
+/// Where the relay listens, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    pub endpoint: ListenEndpoint,
+    pub backlog: Option<u32>,
+    /// `max-children=`: open connections at most (the route's
+    /// `max_connections` unless that is set explicitly).
+    pub max_children: Option<u32>,
+    /// Serve one connection and exit: socat's listen address without `fork`.
+    pub once: bool,
+    /// TLS termination (`tls://`, `OPENSSL-LISTEN:`).
+    pub tls: Option<TlsListen>,
+    /// Listen inside this namespace (`...@container:web`, socat `netns=`).
+    pub netns: Option<Target>,
+    /// The address as the user wrote it, for logs and the default route name.
+    pub text: String,
+}
+
+/// What kind of socket a route listens on. `Udp` is the one datagram
+/// kind: it pairs with a UDP target only ([`check_route`]), and the
+/// supervisor runs such a route with `udp::UdpRelay`, not a forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEndpoint {
+    Tcp(TcpListen),
+    Unix(UnixListen),
+    /// stdin/stdout as the one client (`STDIO`, `-`, `STDIN`, `STDOUT`).
+    Stdio(StdioMode),
+    /// A UDP socket (`UDP-LISTEN:`, `udp://`): host, port, family and the
+    /// reuse flags mean what they mean for TCP; there is no backlog.
+    Udp(TcpListen),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListen {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    /// `range=`: only clients inside one of these networks are served;
+    /// empty admits every client.
+    pub range: Vec<IpNet>,
+}
+
+impl TcpListen {
+    /// Whether `range=` lets this client in. An IPv4 client of a dual-stack
+    /// listener arrives as `::ffff:a.b.c.d` and is matched as IPv4.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.range.is_empty() || self.range.iter().any(|net| net.contains(&client))
+    }
+}
+
+/// A UNIX stream socket to listen on, with socat's file options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixListen {
+    pub name: UnixName,
+    /// Remove a socket file left at the path before binding.
+    pub unlink_early: bool,
+    /// Remove the socket file when the route closes (socat's default).
+    pub unlink_close: bool,
+    /// `mode=`: permission bits of the socket file (octal, as socat).
+    pub mode: Option<u32>,
+    /// `user=`: owner of the socket file (name or uid).
+    pub user: Option<String>,
+    /// `group=`: group of the socket file (name or gid).
+    pub group: Option<String>,
+}
+
+/// A UNIX socket address: a file system path, or a name in the abstract
+/// namespace (which belongs to a network namespace, not the file system).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UnixName {
+    Path(PathBuf),
+    Abstract(String),
+}
+
+impl fmt::Display for UnixName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixName::Path(path) => write!(f, "{}", path.display()),
+            UnixName::Abstract(name) => write!(f, "@{name}"),
+        }
+    }
+}
+
+/// Which of stdin and stdout a STDIO address uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StdioMode {
+    /// `STDIO`, `-`: read stdin, write stdout.
+    Both,
+    /// `STDIN`: read stdin; what the peer sends is discarded.
+    In,
+    /// `STDOUT`: write stdout; stdin is not read (the peer sees EOF at once).
+    Out,
+}
+
+/// Where the relay connects for each accepted client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetAddr {
+    pub endpoint: TargetEndpoint,
+    /// Per-address `connect-timeout=`; overrides `--connect-timeout`.
+    pub connect_timeout: Option<Duration>,
+    /// `retry=`, `interval=`, `forever`: how failed connects are repeated.
+    pub retry: Retry,
+    /// TLS origination (`tls://`, `OPENSSL:`).
+    pub tls: Option<TlsTarget>,
+    /// Connect from inside this namespace (`...@container:web`, socat `netns=`).
+    pub netns: Option<Target>,
+    pub text: String,
+}
+
+/// socat's connect retries: after a failed attempt, wait `interval` and
+/// try again, `retries` more times (`None`: for ever, socat's `forever`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub retries: Option<u32>,
+    pub interval: Duration,
+}
+
+impl Retry {
+    /// One attempt, no retry: socat's default.
+    pub const NONE: Retry = Retry {
+        retries: Some(0),
+        interval: DEFAULT_RETRY_INTERVAL,
+    };
+
+    /// Whether another attempt follows attempt number `done` (1-based).
+    pub fn again_after(&self, done: u32) -> bool {
+        self.retries.is_none_or(|n| done <= n)
+    }
+}
+
+/// socat's `interval=` default.
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What kind of socket a route connects to for each client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetEndpoint {
+    Tcp(TcpTarget),
+    Unix(UnixName),
+    /// stdin/stdout as the target of the one client.
+    Stdio(StdioMode),
+    /// A program started for each client, its stdin and stdout the
+    /// connection (`EXEC:`, `SYSTEM:`).
+    Exec(ExecSpec),
+    /// A UDP peer (`UDP:`, `udp://`), one connected socket per client session.
+    Udp(UdpTarget),
+}
+
+/// A UDP target: its host is resolved as each session opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpTarget {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+}
+
+/// A program to run per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// The program and its arguments: `EXEC:` split at spaces (no shell,
+    /// as socat), `SYSTEM:` as `/bin/sh -c <command>`.
+    pub argv: Vec<String>,
+    /// `stderr`: the child's stderr goes into the connection too (a dup of
+    /// its stdout, as socat's option); without it, to relay's stderr.
+    pub stderr_to_peer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpTarget {
+    pub host: Host,
+    pub port: u16,
+    pub family: Family,
+    pub keepalive: bool,
+}
+
+impl ListenAddr {
+    /// The TCP side of a TCP listener.
+    pub fn tcp(&self) -> Option<&TcpListen> {
+        match &self.endpoint {
+            ListenEndpoint::Tcp(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
+    pub fn is_stdio(&self) -> bool {
+        matches!(self.endpoint, ListenEndpoint::Stdio(_))
+    }
+
+    /// A UDP listener: its route relays datagrams, not a stream.
+    pub fn is_udp(&self) -> bool {
+        matches!(self.endpoint, ListenEndpoint::Udp(_))
+    }
+}
+
+impl TargetAddr {
+    /// The TCP side of a TCP target.
+    pub fn tcp(&self) -> Option<&TcpTarget> {
+        match &self.endpoint {
+            TargetEndpoint::Tcp(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
+    /// The host a TLS target is reached at (the SNI default); a non-TCP
+    /// target has none.
+    pub fn host(&self) -> Option<&Host> {
+        self.tcp().map(|t| &t.host)
+    }
+
+    pub fn is_stdio(&self) -> bool {
+        matches!(self.endpoint, TargetEndpoint::Stdio(_))
+    }
+
+    pub fn is_udp(&self) -> bool {
+        matches!(self.endpoint, TargetEndpoint::Udp(_))
+    }
+}
+
+/// TLS settings written into a listen address (socat's `OPENSSL-LISTEN`
+/// options); command-line flags fill what is left unset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsListen {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// `cafile=`/`capath=`: roots that client certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// Demand a client certificate: socat's `verify`, 1 by default on
+    /// `OPENSSL-LISTEN`; the URL form asks for none unless told.
+    pub verify_clients: bool,
+}
+
+/// TLS settings written into a target address (socat's `OPENSSL` options).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsTarget {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// `snihost=`
+    pub sni: Option<String>,
+    /// `no-sni`
+    pub no_sni: bool,
+    /// `commonname=`: the name checked in the certificate.
+    pub name: Option<String>,
+    /// `verify=0` turns verification off.
+    pub verify: bool,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AddrError {
+    #[error("`{input}`: {problem}")]
+    Invalid { input: String, problem: String },
+}
+
+fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
+    AddrError::Invalid {
+        input: input.to_string(),
+        problem: problem.into(),
+    }
+}
+
+mod keywords;
+mod lex;
+mod listen;
+mod options;
+mod target;
+mod udp;
+mod unix;
+
+use keywords::*;
+use lex::*;
+use listen::*;
+use options::*;
+use udp::*;
+use unix::*;
+
+pub use listen::parse_listen;
+pub use target::parse_target;
+pub use udp::check_datagram_pair;
+
+/// Checks what one address cannot know about the other: STDIO is one
+/// client, so a listener in front of it cannot `fork`, and STDIO on both
+/// sides relays nothing.
+pub fn check_route(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrError> {
+    check_datagram_pair(listen, target)?;
+    if listen.is_stdio() && target.is_stdio() {
+        return Err(invalid(
+            &target.text,
+            "STDIO on both sides relays nothing; one address must be a socket (for example `TCP:host:port`)",
+        ));
+    }
+    if target.is_stdio() && !listen.once {
+        return Err(invalid(
+            &listen.text,
+            "STDIO as the target serves one client: drop `fork` (stdin and stdout cannot be shared between connections)",
+        ));
+    }
+    Ok(())
+}
+
+/// The two addresses of the socat form, in either order: socat does not
+/// care which comes first, so `relay TCP:host:port -` works like
+/// `relay - TCP:host:port`. The first address is taken as the listener
+/// when it can be one; else the second, if it can, and the first connects.
+pub fn parse_pair(first: &str, second: &str) -> Result<(ListenAddr, TargetAddr), AddrError> {
+    let forward = parse_listen(first).and_then(|l| parse_target(second).map(|t| (l, t)));
+    let pair = match forward {
+        Ok(pair) => pair,
+        Err(err) => match (parse_listen(second), parse_target(first)) {
+            (Ok(listen), Ok(target)) => (listen, target),
+            _ => return Err(err),
+        },
+    };
+    check_route(&pair.0, &pair.1)?;
+    Ok(pair)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! Target addresses: the URL form and the socat form (`TCP`, `OPENSSL`,
+//! `EXEC`/`SYSTEM`, `STDIO`, and the UNIX and UDP kinds' entry points).
+
+use super::*;
+
+/// Parses a target address: `host:port`, `[v6]:port`, `tcp://host:port`,
+/// `unix:///path`, `unix-abstract://name`, socat's `TCP:<host>:<port>`,
+/// `UNIX-CONNECT:<path>` (`UNIX-CLIENT:`, `UNIX:`), `ABSTRACT-CONNECT:<name>`
+/// (with options), or `STDIO`/`-`.
+pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
+    if let Some((kind, rest)) = socat_form(input, Position::Target)? {
+        return match kind {
+            Kind::TcpConnect(family) => parse_socat_target(input, family, rest, false),
+            Kind::TlsConnect => parse_socat_target(input, Family::Any, rest, true),
+            Kind::UnixConnect | Kind::AbstractConnect => {
+                let (name, options) = split_options(rest);
+                let name = if kind == Kind::UnixConnect {
+                    unix_path(input, name)?
+                } else {
+                    abstract_name(input, name)?
+                };
+                parse_unix_target(input, name, options)
+            }
+            Kind::Exec { shell } => parse_exec(input, rest, shell),
+            Kind::UdpConnect(family) => parse_udp_target(input, family, rest),
+            Kind::Stdio(mode) => {
+                stdio_options(input, rest)?;
+                Ok(TargetAddr {
+                    endpoint: TargetEndpoint::Stdio(mode),
+                    connect_timeout: None,
+                    retry: Retry::NONE,
+                    tls: None,
+                    netns: None,
+                    text: input.to_string(),
+                })
+            }
+            _ => unreachable!("socat_form returns connect kinds for the target position"),
+        };
+    }
+    let (address, netns) = split_namespace(input)?;
+    if let Some(name) = unix_url(input, address)? {
+        check_path_namespace(input, &name, &netns)?;
+        return Ok(TargetAddr {
+            endpoint: TargetEndpoint::Unix(name),
+            connect_timeout: None,
+            retry: Retry::NONE,
+            tls: None,
+            netns,
+            text: input.to_string(),
+        });
+    }
+    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract", "udp"])?;
+    let (host, port) = host_port(input, rest)?;
+    if port == 0 {
+        return Err(invalid(input, "port 0 cannot be connected to"));
+    }
+    if scheme == "udp" {
+        return Ok(TargetAddr {
+            endpoint: TargetEndpoint::Udp(UdpTarget {
+                host,
+                port,
+                family: Family::Any,
+            }),
+            connect_timeout: None,
+            retry: Retry::NONE,
+            tls: None,
+            netns,
+            text: input.to_string(),
+        });
+    }
+    let tls = (scheme == "tls").then(|| TlsTarget {
+        verify: true,
+        ..TlsTarget::default()
+    });
+    Ok(TargetAddr {
+        endpoint: TargetEndpoint::Tcp(TcpTarget {
+            host,
+            port,
+            family: Family::Any,
+            keepalive: false,
+        }),
+        connect_timeout: None,
+        retry: Retry::NONE,
+        tls,
+        netns,
+        text: input.to_string(),
+    })
+}
+
+/// `EXEC:<command>[,options]` / `SYSTEM:<command>[,options]`: the command
+/// runs up to the first comma (socat's rule; a command with a comma needs a
+/// script).
+pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetAddr, AddrError> {
+    let (command, options) = split_options(rest);
+    if command.trim().is_empty() {
+        return Err(invalid(
+            input,
+            "the command is empty; expected for example `EXEC:/usr/bin/cat` or `SYSTEM:'grep -v x'`",
+        ));
+    }
+    let argv = if shell {
+        vec!["/bin/sh".to_string(), "-c".to_string(), command.to_string()]
+    } else {
+        command
+            .split(' ')
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut spec = ExecSpec {
+        argv,
+        stderr_to_peer: false,
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        match opt.key.as_str() {
+            "stderr" => spec.stderr_to_peer = opt.flag(input)?,
+            "nofork" => {
+                return Err(invalid(
+                    input,
+                    "option `nofork` is not supported by relay: relay runs one child per connection (its stdin and stdout the connection); drop `nofork`",
+                ));
+            }
+            "pty" => {
+                return Err(invalid(
+                    input,
+                    "option `pty` is not supported by relay yet: the child's stdin and stdout are a socket pair; keep socat for programs that need a terminal",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on EXEC/SYSTEM (supported: {EXEC_OPTIONS})"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(TargetAddr {
+        endpoint: TargetEndpoint::Exec(spec),
+        connect_timeout: None,
+        retry: Retry::NONE,
+        tls: None,
+        netns: None,
+        text: input.to_string(),
+    })
+}
+
+pub(super) fn parse_socat_target(
+    input: &str,
+    family: Family,
+    rest: &str,
+    tls: bool,
+) -> Result<TargetAddr, AddrError> {
+    let (hostport, options) = split_options(rest);
+    let (host, port) = host_port(input, hostport)?;
+    if port == 0 {
+        return Err(invalid(input, "port 0 cannot be connected to"));
+    }
+    if let Host::Ip(ip) = &host
+        && !family.admits(ip)
+    {
+        return Err(invalid(
+            input,
+            format!("`{ip}` does not match the address family of this keyword"),
+        ));
+    }
+    let tls = tls.then(|| TlsTarget {
+        verify: true,
+        ..TlsTarget::default()
+    });
+    let mut tcp = TcpTarget {
+        host,
+        port,
+        family,
+        keepalive: false,
+    };
+    // The endpoint is set once its options are read (`tcp` above).
+    let mut addr = TargetAddr {
+        endpoint: TargetEndpoint::Stdio(StdioMode::Both),
+        connect_timeout: None,
+        retry: Retry::NONE,
+        tls,
+        netns: None,
+        text: input.to_string(),
+    };
+    for opt in socat_options(input, options) {
+        let opt = opt?;
+        if let Some(target) = namespace_option(input, &opt)? {
+            addr.netns = Some(target);
+            continue;
+        }
+        if let Some(tls) = addr.tls.as_mut() {
+            match opt.key.as_str() {
+                "cafile" | "capath" => {
+                    tls.ca = Some(opt.path(input)?);
+                    continue;
+                }
+                "cert" => {
+                    tls.cert = Some(opt.path(input)?);
+                    continue;
+                }
+                "key" => {
+                    tls.key = Some(opt.path(input)?);
+                    continue;
+                }
+                "snihost" => {
+                    tls.sni = Some(opt.required(input)?.to_string());
+                    continue;
+                }
+                "no-sni" => {
+                    tls.no_sni = opt.flag(input)?;
+                    continue;
+                }
+                "commonname" | "cn" => {
+                    tls.name = Some(opt.required(input)?.to_string());
+                    continue;
+                }
+                "verify" => {
+                    tls.verify = opt.flag(input)?;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match opt.key.as_str() {
+            "connect-timeout" => {
+                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
+            }
+            // relay always sets TCP_NODELAY on both legs, so `nodelay=0`
+            // cannot be honoured and is refused rather than ignored.
+            "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
+            "keepalive" | "so-keepalive" => tcp.keepalive = opt.flag(input)?,
+            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
+            other => {
+                refused_option(input, other)?;
+                return Err(invalid(
+                    input,
+                    format!(
+                        "address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS}{})",
+                        if addr.tls.is_some() {
+                            format!(", {TLS_CONNECT_OPTIONS}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    addr.endpoint = TargetEndpoint::Tcp(tcp);
+    Ok(addr)
+}
