@@ -1,13 +1,14 @@
 //! `cargo xtask`: the project's own build and check commands.
 //!
 //! This file only parses the command line and dispatches; each command
-//! lives in its own module (`test`, `bench`, `ebpf`, `dist`). A failing child command's
+//! lives in its own module (`test`, `bench`, `fuzz`, `ebpf`, `dist`). A failing child command's
 //! exit code becomes xtask's exit code (see `cmd::ExitCodeError`).
 
 mod bench;
 mod cmd;
 mod dist;
 mod ebpf;
+mod fuzz;
 mod packages;
 mod test;
 mod workspace;
@@ -44,6 +45,12 @@ commands:
   dist             static relay binary (glibc, +crt-static), CA bundle, shell
                    completions and man pages in target/dist; the Dockerfile
                    builds its FROM scratch image from there
+  fuzz [--seconds N] [TARGET...]
+                   build the coverage-guided fuzz targets of fuzz/ (libFuzzer,
+                   stable Rust) and run each for N seconds (default 60) from
+                   its committed corpus in fuzz/corpus/; a crash fails the
+                   run and leaves its input in target/fuzz/artifacts/.
+                   Targets: addr, config, filter, cbpf, pcapng, metrics_http
   build-ebpf       compile relay-ebpf/src/*.bpf.c into the committed
                    relay-ebpf/obj/*.o (needs clang and libbpf-dev)
   help             this text";
@@ -59,6 +66,13 @@ fn main() -> ExitCode {
             Err(err) => {
                 // A usage error: exit 2, as for an unknown command.
                 eprintln!("xtask: bench: {err:#}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("fuzz") => match fuzz::Options::parse(&args[1..]) {
+            Ok(opts) => fuzz::run(&opts),
+            Err(err) => {
+                eprintln!("xtask: fuzz: {err:#}\n\n{USAGE}");
                 return ExitCode::from(2);
             }
         },

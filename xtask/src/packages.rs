@@ -106,6 +106,11 @@ pub const REQUIRED: &[Package] = &[
         name: "libbpf-dev",
         program: "/usr/include/bpf/bpf_helpers.h",
     },
+    // libFuzzer (C++) for `cargo xtask fuzz`, built by libfuzzer-sys.
+    Package {
+        name: "g++",
+        program: "g++",
+    },
     Package {
         name: "bpftool",
         program: "bpftool",

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::{cmd, packages, workspace};
+use crate::{cmd, fuzz, packages, workspace};
 
 /// What the steps share: set by earlier steps, read by later ones.
 struct Ctx<'a> {
@@ -53,6 +53,10 @@ const STEPS: &[Step] = &[
         name: "the forwarder's suite once more on each data path (copy, splice, sockmap)",
         run: per_data_path,
     },
+    Step {
+        name: "every fuzz target for 20 s",
+        run: fuzz_briefly,
+    },
     // Alone, after everything else: it restarts the host's dockerd, which
     // stops every container (the other Docker tests' too).
     Step {
@@ -82,7 +86,18 @@ pub fn run(args: &[String]) -> Result<()> {
 
 fn fmt_check(_: &mut Ctx) -> Result<()> {
     cmd::run_streaming(workspace::cargo().args(["fmt", "--all", "--check"]))
-        .context("code is not formatted: run `cargo fmt --all` and commit the result")
+        .context("code is not formatted: run `cargo fmt --all` and commit the result")?;
+    // fuzz/ is a workspace of its own, which `--all` does not reach.
+    cmd::run_streaming(workspace::cargo().args([
+        "fmt",
+        "--all",
+        "--check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+    ]))
+    .context(
+        "the fuzz targets are not formatted: run `cargo fmt --all --manifest-path fuzz/Cargo.toml`",
+    )
 }
 
 fn clippy(_: &mut Ctx) -> Result<()> {
@@ -161,6 +176,20 @@ fn per_data_path(ctx: &mut Ctx) -> Result<()> {
         cmd::run_streaming(&mut cmd).with_context(|| format!("on data path {path}"))?;
     }
     Ok(())
+}
+
+/// Each fuzz target for 20 s from its committed corpus: what a change
+/// breaks in a parser shows here, not only in a long local run.
+/// Skipped when the caller filtered the run (ARGS given).
+fn fuzz_briefly(ctx: &mut Ctx) -> Result<()> {
+    if whole_run(ctx).is_none() {
+        println!("xtask: skipped: test arguments were given, so only that selection runs");
+        return Ok(());
+    }
+    fuzz::run(&fuzz::Options {
+        seconds: 20,
+        targets: fuzz::TARGETS.iter().map(|(t, _)| *t).collect(),
+    })
 }
 
 /// The containers test that restarts dockerd, which skips unless asked

@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use super::Metrics;
 use crate::health::Report;
@@ -339,13 +339,18 @@ impl<T> Table<T> {
 
 /// One HTTP connection under `limits`; the stream is closed on return.
 /// `asked` turns true once the request head is in (the connection is then
-/// busy answering and no longer evicted).
-async fn serve_connection(
-    stream: TcpStream,
+/// busy answering and no longer evicted). Any byte stream will do, so the
+/// fuzz target (fuzz/fuzz_targets/metrics_http.rs) drives the very code a
+/// socket does.
+pub async fn serve_connection<S>(
+    stream: S,
     metrics: &Arc<Metrics>,
     asked: &Arc<AtomicBool>,
     limits: EndpointLimits,
-) -> EndpointOutcome {
+) -> EndpointOutcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (for_service, asked) = (metrics.clone(), asked.clone());
     let service = hyper::service::service_fn(move |req| {
         asked.store(true, Ordering::Release);
@@ -416,6 +421,7 @@ fn answer(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn metrics_endpoint_bare_port_stays_local() {

@@ -17,7 +17,8 @@ use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::health::Readiness;
 pub use endpoint::{
-    EndpointLimits, EndpointOutcome, MetricsError, adopt, bind, parse_endpoint, serve, serve_with,
+    EndpointLimits, EndpointOutcome, MetricsError, adopt, bind, parse_endpoint, serve,
+    serve_connection, serve_with,
 };
 
 type Hooks = Vec<(u64, Box<dyn Fn() + Send + Sync>)>;

@@ -99,6 +99,10 @@ pub enum TranslateError {
     Jump { at: usize },
     #[error("the compiled filter is empty")]
     Empty,
+    #[error(
+        "the compiled filter runs past its last instruction (instruction {at} is not a return); report the expression"
+    )]
+    FallsOff { at: usize },
 }
 
 // Classic BPF (linux/filter.h, pcap/bpf.h).
@@ -313,6 +317,12 @@ pub fn translate(program: &[Insn]) -> Result<Vec<EbpfInsn>, TranslateError> {
         let (code, k) = (i.code, i.k);
         let unsupported = TranslateError::Unsupported { at, code };
         let class = code & 0x07;
+        // Classic BPF ends every path in a return (the kernel's own checker
+        // demands it); a last instruction that is not one would run on into
+        // whatever follows the stub. Found by the `cbpf` fuzz target.
+        if at + 1 == program.len() && class != CLASS_RET && class != CLASS_JMP {
+            return Err(TranslateError::FallsOff { at });
+        }
         match class {
             CLASS_LD | CLASS_LDX => {
                 let dst = if class == CLASS_LD { A } else { XR };
@@ -904,6 +914,19 @@ pub(crate) mod tests {
         );
         assert!(translate(&[Insn::new(0xc4, 0, 0, 0), RET_A]).is_err());
         assert_eq!(translate(&[]), Err(TranslateError::Empty));
+    }
+
+    /// The `cbpf` fuzz target's first find: a reachable last instruction
+    /// that is not a return fell off the end of the translation.
+    #[test]
+    fn a_program_that_runs_past_its_end_is_refused() {
+        let program = [
+            Insn::new(0x80, 0, 0, 0),
+            Insn::new(0x25, 0, 1, 64),
+            Insn::new(0x06, 0, 0, 25),
+            Insn::new(0x00, 0, 37, 100_663_296),
+        ];
+        assert_eq!(translate(&program), Err(TranslateError::FallsOff { at: 3 }));
         // What no path reaches is left out (the verifier refuses it), and
         // so is the shared rejection when nothing rejects.
         let dead = [
