@@ -159,6 +159,43 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
         "EXEC, SYSTEM",
         Status::Supported("the child's stderr goes into the connection too"),
     ),
+    (
+        "socksport",
+        "SOCKS4, SOCKS4A, SOCKS5-CONNECT",
+        Status::Supported("the SOCKS server's port (default 1080; also the second field)"),
+    ),
+    (
+        "socksuser",
+        "SOCKS4, SOCKS4A",
+        Status::Supported("the user id sent (default $LOGNAME or $USER, as socat)"),
+    ),
+    (
+        "proxyport",
+        "PROXY",
+        Status::Supported("the HTTP proxy's port (default 8080; also the second field)"),
+    ),
+    (
+        "proxy-authorization, proxyauth",
+        "PROXY",
+        Status::Supported("`user:password`, sent as Proxy-Authorization: Basic"),
+    ),
+    (
+        "proxy-authorization-file",
+        "PROXY",
+        Status::Supported(
+            "the credentials read from this file at each connect (kept out of the process list)",
+        ),
+    ),
+    (
+        "resolve",
+        "PROXY",
+        Status::Supported("relay resolves the host (IPv4) and sends the address in CONNECT"),
+    ),
+    (
+        "ignorecr",
+        "PROXY",
+        Status::Supported("accepted: relay takes a bare NL as a line end in the reply always"),
+    ),
     ("sndbuf, so-sndbuf", "any", Status::Refused(SNDBUF)),
     ("rcvbuf, so-rcvbuf", "any", Status::Refused(RCVBUF)),
     (

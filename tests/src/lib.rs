@@ -56,6 +56,7 @@ pub mod payload;
 pub mod peers;
 pub mod ports;
 pub mod prometheus;
+pub mod proxies;
 pub mod redis;
 pub mod relay_proc;
 pub mod shaper;

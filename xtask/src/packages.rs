@@ -64,6 +64,16 @@ pub const REQUIRED: &[Package] = &[
         name: "stunnel4",
         program: "stunnel4",
     },
+    // Proxy servers for the SOCKS4 / SOCKS5-CONNECT (Dante) and PROXY
+    // (Tinyproxy, HTTP CONNECT) connect addresses.
+    Package {
+        name: "dante-server",
+        program: "/usr/sbin/danted",
+    },
+    Package {
+        name: "tinyproxy",
+        program: "tinyproxy",
+    },
     Package {
         name: "iproute2",
         program: "ip",

@@ -18,6 +18,12 @@ pub(super) const TLS_CONNECT_OPTIONS: &str =
 pub(super) const UNIX_CONNECT_OPTIONS: &str =
     "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, netns=, container=, pid=";
 
+pub(super) const SOCKS4_OPTIONS: &str = "socksport=<port> (default 1080), socksuser=<user>";
+
+pub(super) const SOCKS5_OPTIONS: &str = "socksport=<port> (default 1080)";
+
+pub(super) const HTTP_PROXY_OPTIONS: &str = "proxyport=<port> (default 8080), proxy-authorization=<user>:<password> (proxyauth=), proxy-authorization-file=<path>, resolve, ignorecr";
+
 pub(super) const EXEC_OPTIONS: &str = "stderr";
 
 pub(super) const UDP_LISTEN_OPTIONS: &str =
@@ -44,6 +50,17 @@ pub(super) enum Kind {
     },
     UdpListen(Family),
     UdpConnect(Family),
+    /// TCP through a proxy: `SOCKS4`, `SOCKS4A`, `SOCKS5-CONNECT`, `PROXY`.
+    ProxyConnect(Via),
+}
+
+/// Which proxy protocol a proxied connect address speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    Socks4,
+    Socks4a,
+    Socks5,
+    Http,
 }
 
 impl Kind {
@@ -111,6 +128,14 @@ pub(super) const KEYWORDS: &[(&str, Kind)] = &[
     ("udp4-connect", Kind::UdpConnect(Family::V4)),
     ("udp6", Kind::UdpConnect(Family::V6)),
     ("udp6-connect", Kind::UdpConnect(Family::V6)),
+    ("socks4", Kind::ProxyConnect(Via::Socks4)),
+    ("socks", Kind::ProxyConnect(Via::Socks4)),
+    ("socks4a", Kind::ProxyConnect(Via::Socks4a)),
+    // socat 1.8's SOCKS5 client address.
+    ("socks5-connect", Kind::ProxyConnect(Via::Socks5)),
+    ("socks5", Kind::ProxyConnect(Via::Socks5)),
+    ("proxy", Kind::ProxyConnect(Via::Http)),
+    ("proxy-connect", Kind::ProxyConnect(Via::Http)),
 ];
 
 /// Splits a socat address into its kind and the rest (after the `:`, or
@@ -167,11 +192,8 @@ pub(super) const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("pty", FILE_INSTEAD),
     ("readline", "use socat for interactive line editing"),
     ("tun", "relay does not make TUN devices"),
-    ("socks4", PROXY_INSTEAD),
-    ("socks4a", PROXY_INSTEAD),
-    ("socks5", PROXY_INSTEAD),
-    ("proxy", PROXY_INSTEAD),
-    ("proxy-connect", PROXY_INSTEAD),
+    ("socks4-listen", PROXY_INSTEAD),
+    ("socks5-listen", PROXY_INSTEAD),
     ("sctp", OTHER_PROTOCOL),
     ("sctp-listen", OTHER_PROTOCOL),
     ("sctp-connect", OTHER_PROTOCOL),
@@ -196,7 +218,6 @@ pub(super) const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream socke
 pub(super) const FILE_INSTEAD: &str =
     "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
 
-pub(super) const PROXY_INSTEAD: &str =
-    "relay does not speak proxy protocols as a client yet; keep socat for this line";
+pub(super) const PROXY_INSTEAD: &str = "relay is not a SOCKS server: it connects through one (SOCKS4, SOCKS4A, SOCKS5-CONNECT, PROXY); keep socat, or a SOCKS server such as dante, for this line";
 
 pub(super) const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS and UNIX stream sockets only";

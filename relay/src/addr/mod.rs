@@ -233,6 +233,57 @@ pub struct TcpTarget {
     pub port: u16,
     pub family: Family,
     pub keepalive: bool,
+    /// Through a proxy (socat's `SOCKS4`, `SOCKS4A`, `SOCKS5-CONNECT`,
+    /// `PROXY`): `host` and `port` above are the proxy's, and the proxy is
+    /// asked to connect on to the hop's.
+    pub proxy: Option<ProxyHop>,
+}
+
+/// Where a proxy is asked to connect, and how it is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHop {
+    pub protocol: ProxyProtocol,
+    pub host: Host,
+    pub port: u16,
+}
+
+/// The proxy protocols relay speaks as a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// SOCKS 4: relay resolves the host (to IPv4; the protocol carries
+    /// nothing else), as socat does.
+    Socks4 { user: Option<String> },
+    /// SOCKS 4A: the proxy resolves a host name.
+    Socks4a { user: Option<String> },
+    /// SOCKS 5 without authentication: names and IPv6 go to the proxy.
+    Socks5,
+    /// HTTP `CONNECT`; `resolve`: send the host's IPv4 address instead of
+    /// its name (socat's `resolve`).
+    HttpConnect {
+        auth: Option<ProxyAuth>,
+        resolve: bool,
+    },
+}
+
+impl ProxyProtocol {
+    /// The SOCKS user id sent (`socksuser=`, else socat's default: the
+    /// login name from `$LOGNAME` or `$USER`, if any).
+    pub fn socks_user(user: &Option<String>) -> String {
+        user.clone()
+            .or_else(|| std::env::var("LOGNAME").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_default()
+    }
+}
+
+/// HTTP proxy credentials (`user:password`, sent as Basic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyAuth {
+    /// `proxy-authorization=` / `proxyauth=`: written in the address.
+    Inline(String),
+    /// `proxy-authorization-file=`: read when each connection is made, so
+    /// the secret stays out of the process list and can be rotated.
+    File(PathBuf),
 }
 
 impl ListenAddr {
@@ -324,6 +375,7 @@ mod keywords;
 mod lex;
 mod listen;
 mod options;
+mod proxy;
 mod target;
 mod udp;
 mod unix;
@@ -332,6 +384,7 @@ use keywords::*;
 use lex::*;
 use listen::*;
 use options::*;
+use proxy::*;
 use udp::*;
 use unix::*;
 

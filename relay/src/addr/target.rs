@@ -22,6 +22,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
                 parse_unix_target(input, name, options)
             }
             Kind::Exec { shell } => parse_exec(input, rest, shell),
+            Kind::ProxyConnect(via) => parse_proxy_target(input, via, rest),
             Kind::UdpConnect(family) => parse_udp_target(input, family, rest),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
@@ -78,6 +79,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             port,
             family: Family::Any,
             keepalive: false,
+            proxy: None,
         }),
         connect_timeout: None,
         retry: Retry::NONE,
@@ -155,10 +157,30 @@ pub(super) fn parse_socat_target(
 ) -> Result<TargetAddr, AddrError> {
     let (hostport, options) = split_options(rest);
     let (host, port) = host_port(input, hostport)?;
-    if port == 0 {
+    let tcp = TcpTarget {
+        host,
+        port,
+        family,
+        keepalive: false,
+        proxy: None,
+    };
+    tcp_target(input, tcp, options, tls)
+}
+
+/// A TCP target (direct, or the connection to a proxy) with its options:
+/// the TCP and retry ones, the TLS ones when `tls`, the proxy's when it
+/// goes through one.
+pub(super) fn tcp_target(
+    input: &str,
+    mut tcp: TcpTarget,
+    options: Option<&str>,
+    tls: bool,
+) -> Result<TargetAddr, AddrError> {
+    let family = tcp.family;
+    if tcp.port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));
     }
-    if let Host::Ip(ip) = &host
+    if let Host::Ip(ip) = &tcp.host
         && !family.admits(ip)
     {
         return Err(invalid(
@@ -170,12 +192,6 @@ pub(super) fn parse_socat_target(
         verify: true,
         ..TlsTarget::default()
     });
-    let mut tcp = TcpTarget {
-        host,
-        port,
-        family,
-        keepalive: false,
-    };
     // The endpoint is set once its options are read (`tcp` above).
     let mut addr = TargetAddr {
         endpoint: TargetEndpoint::Stdio(StdioMode::Both),
@@ -189,6 +205,9 @@ pub(super) fn parse_socat_target(
         let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {
             addr.netns = Some(target);
+            continue;
+        }
+        if proxy_option(input, &opt, &mut tcp)? {
             continue;
         }
         if let Some(tls) = addr.tls.as_mut() {
@@ -239,10 +258,10 @@ pub(super) fn parse_socat_target(
                     input,
                     format!(
                         "address option `{other}` is not supported by relay on a connect address (supported: {CONNECT_OPTIONS}{})",
-                        if addr.tls.is_some() {
-                            format!(", {TLS_CONNECT_OPTIONS}")
-                        } else {
-                            String::new()
+                        match (&addr.tls, &tcp.proxy) {
+                            (Some(_), _) => format!(", {TLS_CONNECT_OPTIONS}"),
+                            (None, Some(hop)) => format!(", {}", proxy_options(&hop.protocol)),
+                            (None, None) => String::new(),
                         }
                     ),
                 ));

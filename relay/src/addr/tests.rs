@@ -566,3 +566,84 @@ fn udp_pairs_with_udp_only_and_takes_no_tls() {
     let err = parse_listen("UDP-LISTEN:53,backlog=5").unwrap_err();
     assert!(err.to_string().contains("no accept queue"), "{err}");
 }
+
+fn hop(text: &str) -> (Host, u16, ProxyHop) {
+    let target = parse_target(text).unwrap();
+    let tcp = target.tcp().unwrap().clone();
+    (tcp.host, tcp.port, tcp.proxy.expect("a proxied target"))
+}
+
+#[test]
+fn proxied_targets_take_socat_spelling_and_default_ports() {
+    let (proxy, port, via) = hop("SOCKS4A:socks.internal:db.internal:5432,socksuser=app");
+    assert_eq!((proxy, port), (Host::Name("socks.internal".into()), 1080));
+    assert_eq!(
+        via,
+        ProxyHop {
+            protocol: ProxyProtocol::Socks4a {
+                user: Some("app".into())
+            },
+            host: Host::Name("db.internal".into()),
+            port: 5432
+        }
+    );
+    let (_, port, via) = hop("socks4:127.0.0.1:10.0.0.5:80,socksport=1081");
+    assert_eq!(port, 1081);
+    assert_eq!(via.protocol, ProxyProtocol::Socks4 { user: None });
+    let (_, port, via) = hop("SOCKS5-CONNECT:127.0.0.1:1085:[::1]:6379");
+    assert_eq!((port, via.protocol), (1085, ProxyProtocol::Socks5));
+    assert_eq!(via.host, Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    let (proxy, port, via) = hop(
+        "PROXY:[::1]:www.example.org:443,proxyport=3128,proxyauth=u:p,resolve,ignorecr,connect-timeout=2,retry=3",
+    );
+    assert_eq!(
+        (proxy, port),
+        (Host::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)), 3128)
+    );
+    assert_eq!(
+        via.protocol,
+        ProxyProtocol::HttpConnect {
+            auth: Some(ProxyAuth::Inline("u:p".into())),
+            resolve: true
+        }
+    );
+    let (_, port, _) = hop("PROXY:proxy:host:22");
+    assert_eq!(port, 8080, "socat's default HTTP proxy port");
+    let target =
+        parse_target("PROXY:proxy:host:22,proxy-authorization-file=/etc/relay/proxy.cred").unwrap();
+    assert_eq!(target.retry, Retry::NONE);
+}
+
+#[test]
+fn proxied_targets_refuse_what_their_protocol_cannot_carry() {
+    for (text, expected) in [
+        ("SOCKS4:proxy:[::1]:80", "IPv4 addresses only"),
+        (
+            "SOCKS4A:proxy:host",
+            "expected `SOCKS4A:<proxy>:<host>:<port>`",
+        ),
+        (
+            "SOCKS4:proxy:host:80,proxyport=1",
+            "supported: connect-timeout",
+        ),
+        (
+            "SOCKS5-CONNECT:proxy:1080:host:80,socksuser=x",
+            "socksport=<port>",
+        ),
+        ("PROXY:proxy:host:80,socksport=1", "proxyport=<port>"),
+        (
+            "PROXY:proxy:host:80,proxyauth=nopassword",
+            "`<user>:<password>`",
+        ),
+        ("PROXY:proxy:host:0", "port 0"),
+        ("SOCKS4:proxy:host:80,cafile=/x", "supported:"),
+        ("SOCKS5-LISTEN:1080", "relay is not a SOCKS server"),
+    ] {
+        let err = parse_target(text).unwrap_err().to_string();
+        assert!(err.contains(expected), "{text}: {err}");
+    }
+    let err = parse_listen("SOCKS4A:proxy:host:80")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("this is a connect address"), "{err}");
+}

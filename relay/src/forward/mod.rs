@@ -37,6 +37,7 @@ mod splice;
 pub mod stdio;
 pub mod stream;
 pub mod upstream;
+pub mod via_proxy;
 
 use std::io;
 use std::path::PathBuf;

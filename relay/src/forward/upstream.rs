@@ -18,6 +18,7 @@ use super::exec::{self, Child};
 use super::namespace::Namespace;
 use super::stdio::Stdio;
 use super::stream::Socket;
+use super::via_proxy::{self, ProxyError};
 use crate::addr::{Host, TargetAddr, TargetEndpoint, TcpTarget, UnixName};
 use crate::forward::metrics::Outcome;
 use crate::netns::{Netns, NetnsError};
@@ -36,6 +37,12 @@ pub enum ConnectError {
     Resolve { host: String, cause: io::Error },
     #[error("cannot connect to {addr}: {cause}")]
     Failed { addr: SocketAddr, cause: io::Error },
+    #[error("{target} through the proxy at {proxy}: {cause}")]
+    Proxy {
+        proxy: String,
+        target: String,
+        cause: super::via_proxy::ProxyError,
+    },
     #[error("target namespace unavailable: {0}")]
     Namespace(#[from] NetnsError),
 }
@@ -43,12 +50,17 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn outcome(&self) -> Outcome {
         match self {
-            ConnectError::Refused { .. } => Outcome::Refused,
+            ConnectError::Refused { .. }
+            | ConnectError::Proxy {
+                cause: ProxyError::Refused(_),
+                ..
+            } => Outcome::Refused,
             ConnectError::Timeout { .. } => Outcome::ConnectTimeout,
             ConnectError::Resolve { .. }
             | ConnectError::Failed { .. }
             | ConnectError::Unix { .. }
-            | ConnectError::Spawn { .. } => Outcome::ConnectError,
+            | ConnectError::Spawn { .. }
+            | ConnectError::Proxy { .. } => Outcome::ConnectError,
             ConnectError::Namespace(_) => Outcome::NamespaceUnavailable,
         }
     }
@@ -124,7 +136,19 @@ async fn connect_once(
 /// One attempt, inside `netns` when the target names one.
 async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket, ConnectError> {
     match &target.endpoint {
-        TargetEndpoint::Tcp(tcp) => connect_any(tcp, netns).await.map(Socket::Tcp),
+        TargetEndpoint::Tcp(tcp) => {
+            let mut stream = connect_any(tcp, netns).await?;
+            if let Some(hop) = &tcp.proxy {
+                via_proxy::handshake(&mut stream, hop)
+                    .await
+                    .map_err(|cause| ConnectError::Proxy {
+                        proxy: format!("{}:{}", tcp.host, tcp.port),
+                        target: format!("{}:{}", hop.host, hop.port),
+                        cause,
+                    })?;
+            }
+            Ok(Socket::Tcp(stream))
+        }
         TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
         TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
         TargetEndpoint::Exec(_) => unreachable!("connect starts EXEC targets before connecting"),
