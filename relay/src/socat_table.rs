@@ -5,7 +5,8 @@
 //! line from it, and the README's "socat conformance" section is
 //! generated from it (a test fails when the README differs).
 //!
-//! Global flags have their table in [`crate::socat_flags`].
+//! Global flags have their table in [`crate::socat_flags`]; address types
+//! come from the parser's keyword tables ([`addr::address_types`]).
 
 use crate::addr::{self, AddrError};
 use crate::socat_flags::{self, FlagStatus};
@@ -274,7 +275,20 @@ pub fn explain(first: &str, second: &str) -> Result<String, AddrError> {
 /// The README's "socat conformance" tables, generated from [`OPTIONS`] and
 /// [`socat_flags::FLAGS`].
 pub fn conformance_markdown() -> String {
-    let mut out = String::from("| socat option | applies to | relay |\n|---|---|---|\n");
+    let mut out = String::from("| socat address type | relay |\n|---|---|\n");
+    for (names, status) in addr::address_types() {
+        let names = names
+            .split(", ")
+            .map(|n| format!("`{}`", n.to_ascii_uppercase()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let status = match status {
+            Ok(what) => Status::Supported(what),
+            Err(why) => Status::Refused(why),
+        };
+        out.push_str(&format!("| {names} | {} |\n", cell(status)));
+    }
+    out.push_str("\n| socat option | applies to | relay |\n|---|---|---|\n");
     for (names, applies, status) in OPTIONS {
         let names = names
             .split(", ")

@@ -138,6 +138,59 @@ pub(super) const KEYWORDS: &[(&str, Kind)] = &[
     ("proxy-connect", Kind::ProxyConnect(Via::Http)),
 ];
 
+impl Kind {
+    /// What relay makes of this address type, for the conformance table.
+    fn summary(self) -> &'static str {
+        match self {
+            Kind::TcpListen(_) => "TCP listener",
+            Kind::TlsListen => "TLS listener (rustls)",
+            Kind::UnixListen => "UNIX stream listener",
+            Kind::AbstractListen => "UNIX stream listener in the abstract namespace",
+            Kind::TcpConnect(_) => "TCP connect",
+            Kind::TlsConnect => "TLS connect (rustls)",
+            Kind::UnixConnect => {
+                "UNIX stream connect (UNIX-CLIENT: stream only, no datagram fallback)"
+            }
+            Kind::AbstractConnect => "UNIX stream connect in the abstract namespace",
+            Kind::Stdio(_) => "stdin/stdout as one connection, either side",
+            Kind::Exec { shell: false } => "a program per connection (no shell)",
+            Kind::Exec { shell: true } => "a shell command per connection",
+            Kind::UdpListen(_) => "UDP listener, one session per client with fork",
+            Kind::UdpConnect(_) => "UDP peer, one connected socket per session",
+            Kind::ProxyConnect(Via::Socks4) => {
+                "TCP through a SOCKS 4 server (relay resolves the host)"
+            }
+            Kind::ProxyConnect(Via::Socks4a) => {
+                "TCP through a SOCKS 4A server (the server resolves the host)"
+            }
+            Kind::ProxyConnect(Via::Socks5) => "TCP through a SOCKS 5 server, no authentication",
+            Kind::ProxyConnect(Via::Http) => "TCP through an HTTP proxy's CONNECT",
+        }
+    }
+}
+
+/// Every socat address type relay knows, aliases together: its names, and
+/// what relay makes of it (`Ok`) or why it refuses it and what to use
+/// instead (`Err`). From the tables the parser uses, so the README's
+/// conformance table cannot drift from them.
+pub fn address_types() -> Vec<(String, Result<&'static str, &'static str>)> {
+    let mut rows: Vec<(String, Result<&'static str, &'static str>)> = Vec::new();
+    let mut push = |name: &str, status| match rows.last_mut() {
+        Some((names, last)) if *last == status => {
+            names.push_str(", ");
+            names.push_str(name);
+        }
+        _ => rows.push((name.to_string(), status)),
+    };
+    for (name, kind) in KEYWORDS {
+        push(name, Ok(kind.summary()));
+    }
+    for (name, instead) in OTHER_SOCAT_TYPES {
+        push(name, Err(*instead));
+    }
+    rows
+}
+
 /// Splits a socat address into its kind and the rest (after the `:`, or
 /// after the keyword for the STDIO family, which takes no parameter).
 pub(super) fn socat_keyword(input: &str) -> Option<(Kind, &str)> {
@@ -220,4 +273,4 @@ pub(super) const FILE_INSTEAD: &str =
 
 pub(super) const PROXY_INSTEAD: &str = "relay is not a SOCKS server: it connects through one (SOCKS4, SOCKS4A, SOCKS5-CONNECT, PROXY); keep socat, or a SOCKS server such as dante, for this line";
 
-pub(super) const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS and UNIX stream sockets only";
+pub(super) const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS, UDP and UNIX stream sockets only";

@@ -388,6 +388,7 @@ use proxy::*;
 use udp::*;
 use unix::*;
 
+pub use keywords::address_types;
 pub use listen::parse_listen;
 pub use target::parse_target;
 pub use udp::check_datagram_pair;
