@@ -35,8 +35,8 @@ fn relay_to(target: String) -> Result<relay_tests::Relay> {
     .spawn()
 }
 
-/// Echoes through `relay`, then checks a refused target closes the client
-/// and is counted.
+/// A client of `relay`, whose target the proxy refuses, is closed and
+/// counted as outcome="refused".
 fn expect_refused_closes(relay: &relay_tests::Relay) -> Result<()> {
     let mut client = relay.connect()?;
     expect_close(&mut client, CLOSE_TIMEOUT)?;

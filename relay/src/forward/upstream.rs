@@ -3,8 +3,10 @@
 //! is followed) and each address tried in turn; a UNIX path is connected
 //! as the host sees it (inside a container, through `/proc/<pid>/root`),
 //! an abstract name from inside the target's network namespace; STDIO is
-//! there already. Each attempt is bounded by the connect timeout; socat's
-//! `retry=`/`forever` repeat a failed one.
+//! there already. A target through a proxy (SOCKS, HTTP CONNECT) is the
+//! proxy's TCP address plus the handshake (`via_proxy`). Each attempt is
+//! bounded by the connect timeout; socat's `retry=`/`forever` repeat a
+//! failed one.
 
 use std::io;
 use std::net::SocketAddr;
@@ -41,7 +43,7 @@ pub enum ConnectError {
     Proxy {
         proxy: String,
         target: String,
-        cause: super::via_proxy::ProxyError,
+        cause: ProxyError,
     },
     #[error("target namespace unavailable: {0}")]
     Namespace(#[from] NetnsError),
