@@ -15,6 +15,7 @@ use base64::Engine;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_socks::TargetAddr;
 use tokio_socks::tcp::{Socks4Stream, Socks5Stream};
 
 use crate::addr::{Host, ProxyAuth, ProxyHop, ProxyProtocol};
@@ -39,36 +40,16 @@ pub async fn handshake(stream: &mut TcpStream, hop: &ProxyHop) -> Result<(), Pro
     match &hop.protocol {
         ProxyProtocol::Socks4 { user } => {
             let ip = resolve_v4(&hop.host, hop.port).await?;
-            let user = ProxyProtocol::socks_user(user);
-            socks4(stream, SocketAddr::new(ip.into(), hop.port), None, &user).await
+            let target = TargetAddr::Ip(SocketAddr::new(ip.into(), hop.port));
+            socks4(stream, target, &ProxyProtocol::socks_user(user)).await
         }
         ProxyProtocol::Socks4a { user } => {
-            let user = ProxyProtocol::socks_user(user);
-            match &hop.host {
-                Host::Ip(ip) => socks4(stream, SocketAddr::new(*ip, hop.port), None, &user).await,
-                Host::Name(name) => {
-                    socks4(
-                        stream,
-                        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-                        Some((name, hop.port)),
-                        &user,
-                    )
-                    .await
-                }
-            }
+            socks4(stream, socks_target(hop), &ProxyProtocol::socks_user(user)).await
         }
-        ProxyProtocol::Socks5 => {
-            let result = match &hop.host {
-                Host::Ip(ip) => {
-                    Socks5Stream::connect_with_socket(&mut *stream, SocketAddr::new(*ip, hop.port))
-                        .await
-                }
-                Host::Name(name) => {
-                    Socks5Stream::connect_with_socket(&mut *stream, (name.as_str(), hop.port)).await
-                }
-            };
-            result.map(drop).map_err(socks_error)
-        }
+        ProxyProtocol::Socks5 => Socks5Stream::connect_with_socket(&mut *stream, socks_target(hop))
+            .await
+            .map(drop)
+            .map_err(socks_error),
         ProxyProtocol::HttpConnect { auth, resolve } => {
             let authority = match (&hop.host, resolve) {
                 (Host::Name(_), true) => {
@@ -97,24 +78,26 @@ pub async fn handshake(stream: &mut TcpStream, hop: &ProxyHop) -> Result<(), Pro
     }
 }
 
-/// SOCKS 4 to `ip`, or SOCKS 4A to `name` when given.
+/// The hop as SOCKS names it: an address, or a name the server resolves
+/// (SOCKS 4A, SOCKS 5).
+fn socks_target(hop: &ProxyHop) -> TargetAddr<'_> {
+    match &hop.host {
+        Host::Ip(ip) => TargetAddr::Ip(SocketAddr::new(*ip, hop.port)),
+        Host::Name(name) => TargetAddr::Domain(name.as_str().into(), hop.port),
+    }
+}
+
+/// SOCKS 4 to an address, or SOCKS 4A to a name.
 async fn socks4(
     stream: &mut TcpStream,
-    ip: SocketAddr,
-    name: Option<(&String, u16)>,
+    target: TargetAddr<'_>,
     user: &str,
 ) -> Result<(), ProxyError> {
     // tokio-socks refuses an empty user id; without one it sends none.
-    let result = match (name, user.is_empty()) {
-        (Some((name, port)), true) => {
-            Socks4Stream::connect_with_socket(&mut *stream, (name.as_str(), port)).await
-        }
-        (Some((name, port)), false) => {
-            Socks4Stream::connect_with_userid_and_socket(&mut *stream, (name.as_str(), port), user)
-                .await
-        }
-        (None, true) => Socks4Stream::connect_with_socket(&mut *stream, ip).await,
-        (None, false) => Socks4Stream::connect_with_userid_and_socket(&mut *stream, ip, user).await,
+    let result = if user.is_empty() {
+        Socks4Stream::connect_with_socket(&mut *stream, target).await
+    } else {
+        Socks4Stream::connect_with_userid_and_socket(&mut *stream, target, user).await
     };
     result.map(drop).map_err(socks_error)
 }
