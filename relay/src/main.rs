@@ -15,7 +15,7 @@ use relay::config::{
     self, ContainersSpec, Observed, ObserverSpec, RouteSpec, Spec, file::Problems,
 };
 use relay::duration::{self, Dur};
-use relay::forward::{DataPath, data_path};
+use relay::forward::{DataPath, Flow, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics;
 use relay::netns::Target;
@@ -42,6 +42,9 @@ struct Cli {
     /// socat form: print what relay will do with these two addresses (each option, and where socat differs) and exit: 0, or 2 with the error a run would give.
     #[arg(long, requires = "socat_target")]
     explain: bool,
+    /// socat's -u / -U, as the socat form's flags translate them: the address read, `first` or `second`.
+    #[arg(long = "socat-unidirectional", hide = true, value_parser = ["first", "second"], requires = "socat_target")]
+    socat_unidirectional: Option<String>,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -232,6 +235,9 @@ struct RouteArgs {
     /// Allow --data-path sockmap, which has known defects (duplicated bytes over veth/TUN links, resets after a large write and half-close, no backpressure; README, Data paths).
     #[arg(long)]
     experimental_sockmap: bool,
+    /// Relay one direction only: to-target (the client's bytes), or to-client (the target's); what the other side sends is read and dropped. socat: -u / -U.
+    #[arg(long, value_enum, value_name = "to-target|to-client")]
+    one_way: Option<Flow>,
 }
 
 /// Where `/metrics` is served: every command that runs something takes it.
@@ -346,6 +352,7 @@ impl RouteArgs {
         route.drain_timeout = self.drain_timeout.0;
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;
+        route.flow = self.one_way.unwrap_or_default();
         route.tls = tls.flags();
         route.handshake_timeout = tls.tls_handshake_timeout.0;
         route
@@ -429,6 +436,7 @@ fn plan(cli: Cli) -> Plan {
         socat_listen,
         socat_target,
         explain,
+        socat_unidirectional,
         route,
         tls,
         metrics,
@@ -547,7 +555,18 @@ fn plan(cli: Cli) -> Plan {
             }
         }
         (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
-            Ok((listen, target)) => one_route(route.spec(listen, target, &tls), &metrics),
+            Ok((listen, target)) => {
+                // -u reads the first address: the client when the first
+                // is the listener, else the target (-U the other way).
+                let listener_first = listen.text == first;
+                let mut spec = route.spec(listen, target, &tls);
+                match (socat_unidirectional.as_deref(), listener_first) {
+                    (Some("first"), true) | (Some("second"), false) => spec.flow = Flow::ToTarget,
+                    (Some(_), _) => spec.flow = Flow::ToClient,
+                    (None, _) => {}
+                }
+                one_route(spec, &metrics)
+            }
             Err(err) => usage(err),
         },
         _ => {
@@ -736,6 +755,10 @@ fn main() -> ExitCode {
     };
     for route in &spec.routes {
         if let Err(err) = data_path::require_opt_in(route.data_path, route.experimental_sockmap) {
+            eprintln!("relay: error: {err}");
+            return ExitCode::from(USAGE);
+        }
+        if let Err(err) = route.flow.check(&route.listen) {
             eprintln!("relay: error: {err}");
             return ExitCode::from(USAGE);
         }

@@ -1019,6 +1019,7 @@ impl Supervisor {
             tls_client,
             handshake_timeout: route.handshake_timeout,
             data_path: route.data_path,
+            flow: route.flow,
         };
         let metrics = self.forward_metrics.route(&route.name);
         let forwarder = match listener {

@@ -72,15 +72,15 @@ pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
     (
         "-u",
         false,
-        FlagStatus::Refused(
-            "relay relays both directions; keep socat for one-way transfers (or use STDIN / STDOUT as an address)",
+        FlagStatus::Supported(
+            "one direction, the first address to the second (relay's --one-way); what the second sends back is read and dropped, and the connection ends 0.5 s after the first's EOF at the latest, as socat's -t default",
         ),
     ),
     (
         "-U",
         false,
-        FlagStatus::Refused(
-            "relay relays both directions; keep socat for one-way transfers (or use STDIN / STDOUT as an address)",
+        FlagStatus::Supported(
+            "one direction, the second address to the first (relay's --one-way); otherwise as -u",
         ),
     ),
     (
@@ -143,6 +143,20 @@ pub struct Translated {
     pub verbosity: Option<i8>,
 }
 
+/// The hidden option `-u` and `-U` become: which address is read,
+/// `first` or `second`. Which of the two is the listener is known only
+/// once the addresses are parsed (socat takes them in either order), so
+/// the command line turns it into a route's `Flow` then.
+pub const UNIDIRECTIONAL_ARG: &str = "--socat-unidirectional";
+
+fn unidirectional(flag: &str) -> Option<&'static str> {
+    match flag {
+        "-u" => Some("first"),
+        "-U" => Some("second"),
+        _ => None,
+    }
+}
+
 /// Whether `args` (without the program name) is the socat form: an
 /// address comes before any subcommand name. `takes_value` says which of
 /// relay's own options consume the next argument, so their values
@@ -202,7 +216,9 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
                 });
             }
             Some((flag, takes_value, FlagStatus::Supported(_))) => {
-                if *flag == "-T" {
+                if let Some(direction) = unidirectional(flag) {
+                    out.push(format!("{UNIDIRECTIONAL_ARG}={direction}"));
+                } else if *flag == "-T" {
                     out.push(token.clone());
                     out.push(
                         tokens
@@ -294,6 +310,17 @@ mod tests {
     }
 
     #[test]
+    fn one_way_flags_name_the_address_read() {
+        let t = translate(&args("-u - TCP:w:80")).unwrap();
+        assert_eq!(t.args, args("--socat-unidirectional=first - TCP:w:80"));
+        let t = translate(&args("-U TCP-LISTEN:80 TCP:w:80")).unwrap();
+        assert_eq!(
+            t.args,
+            args("--socat-unidirectional=second TCP-LISTEN:80 TCP:w:80")
+        );
+    }
+
+    #[test]
     fn refused_flags_are_named_with_what_to_use() {
         for (line, flag, instead) in [
             ("-v TCP-LISTEN:80 TCP:w:80", "-v", "--pcap"),
@@ -301,8 +328,6 @@ mod tests {
             ("-vx TCP-LISTEN:80 TCP:w:80", "-vx", "--pcap"),
             ("-vv TCP-LISTEN:80 TCP:w:80", "-vv", "--verbose"),
             ("-t 5 TCP-LISTEN:80 TCP:w:80", "-t", "idle timeout"),
-            ("-u TCP-LISTEN:80 TCP:w:80", "-u", "STDIN"),
-            ("-U TCP-LISTEN:80 TCP:w:80", "-U", "STDOUT"),
             ("-4 TCP-LISTEN:80 TCP:w:80", "-4", "TCP4"),
             ("-6 TCP-LISTEN:80 TCP:w:80", "-6", "TCP6"),
             ("-lf /var/log/x TCP-LISTEN:80 TCP:w:80", "-lf", "2>>FILE"),

@@ -3,19 +3,21 @@
 //! before anything reaches the target, loopback is served),
 //! `max-children=` (the route's connection limit) and `retry=`/`interval=`
 //! (a target that starts listening late is still reached); socat's global
-//! flags (`-d` sets the log level, the ones relay does not do are refused
-//! by name with exit 2).
+//! flags (`-d` sets the log level, `-u` / `-U` relay one way, the ones
+//! relay does not do are refused by name with exit 2).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use relay_tests::payload::read_fingerprint;
 use relay_tests::peers::{Backend, EchoServer, expect_close, round_trip};
 use relay_tests::ports::free_port;
 use relay_tests::relay_proc::relay_bin;
 use relay_tests::wait::poll_until;
-use relay_tests::{NetNs, RelayCmd, require_root};
+use relay_tests::{Fingerprint, NetNs, Payload, RelayCmd, require_root};
 
 /// How long a counter may take to move after the client saw the effect.
 const METRIC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -231,6 +233,96 @@ fn d_flags_set_the_log_level_as_socat() -> Result<()> {
     Ok(())
 }
 
+/// socat's `-u` reads the first address and writes the second, `-U` the
+/// other way, whichever of the two is the listener: the source's bytes
+/// arrive whole, and nothing the destination sends reaches the source
+/// (relay reads and drops it), on every data path.
+#[test]
+fn one_way_flags_relay_only_from_the_address_they_name() -> Result<()> {
+    let payload = Payload::new(14, 2 << 20);
+    // Greets, then takes what comes until EOF: the greeting must not
+    // reach the client.
+    let sunk: Arc<Mutex<Vec<Fingerprint>>> = Arc::default();
+    let sink = {
+        let sunk = Arc::clone(&sunk);
+        Backend::start(move |mut stream| {
+            let _ = stream.write_all(b"greeting");
+            if let Ok(fingerprint) = read_fingerprint(&mut stream) {
+                sunk.lock().expect("sink lock").push(fingerprint);
+            }
+        })?
+    };
+    // Sends the payload and its EOF, then counts what comes back: nothing
+    // may, and relay's close ends the count.
+    let heard: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let source = {
+        let heard = Arc::clone(&heard);
+        Backend::start(move |mut stream| {
+            if payload.write_to(&mut stream).is_ok() && stream.shutdown(Shutdown::Write).is_ok() {
+                let mut back = Vec::new();
+                let _ = stream.read_to_end(&mut back);
+                heard.lock().expect("source lock").push(back.len());
+            }
+        })?
+    };
+    let port = free_port()?;
+    let listen = format!("TCP-LISTEN:{port},fork,reuseaddr");
+    let to_sink = format!("TCP:{}", sink.addr());
+    let from_source = format!("TCP:{}", source.addr());
+    let cases = [
+        ("-u", &listen, &to_sink, true),
+        ("-U", &to_sink, &listen, true),
+        ("-U", &listen, &from_source, false),
+        ("-u", &from_source, &listen, false),
+    ];
+    for (flag, addr1, addr2, to_target) in cases {
+        let line = format!("relay {flag} {addr1} {addr2}");
+        let relay = RelayCmd::socat(port, addr1, addr2).opts(&[flag]).spawn()?;
+        let mut client = relay.connect()?;
+        if to_target {
+            payload.write_to(&mut client)?;
+            client.shutdown(Shutdown::Write)?;
+            let mut back = Vec::new();
+            client
+                .read_to_end(&mut back)
+                .with_context(|| format!("{line}: the client's end"))?;
+            ensure!(
+                back.is_empty(),
+                "{line}: the target's greeting must not reach the client, got {back:?}"
+            );
+            let got = poll_until("the target's whole payload", CLOSE_TIMEOUT, || {
+                Ok(sunk.lock().expect("sink lock").pop())
+            })?;
+            ensure!(
+                got == payload.fingerprint(),
+                "{line}: the target got {got}, the client sent {}",
+                payload.fingerprint()
+            );
+        } else {
+            client.write_all(b"must not arrive")?;
+            let got = read_fingerprint(&mut client)
+                .with_context(|| format!("{line}: reading the target's payload"))?;
+            ensure!(
+                got == payload.fingerprint(),
+                "{line}: the client got {got}, the target sent {}",
+                payload.fingerprint()
+            );
+            drop(client);
+            let back = poll_until(
+                "the target's count of what came back",
+                CLOSE_TIMEOUT,
+                || Ok(heard.lock().expect("source lock").pop()),
+            )?;
+            ensure!(
+                back == 0,
+                "{line}: {back} bytes of the client reached the target"
+            );
+        }
+        drop(relay);
+    }
+    Ok(())
+}
+
 #[test]
 fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
     let cases: [(&[&str], &[&str]); 5] = [
@@ -238,7 +330,7 @@ fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()>
             &["-v", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
             &["`-v`", "--pcap"],
         ),
-        (&["-u", "TCP-LISTEN:1", "TCP:127.0.0.1:1"], &["`-u`"]),
+        (&["-t", "1", "TCP-LISTEN:1", "TCP:127.0.0.1:1"], &["`-t`"]),
         (
             &["-lf", "/tmp/x", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
             &["`-lf`"],

@@ -20,7 +20,7 @@ use toml::Spanned;
 use super::{ContainersSpec, DEFAULT_TOP_FLOWS, Observed, ObserverSpec, RouteSpec, Spec, TlsFlags};
 use crate::addr::{self, Host};
 use crate::duration::{self, Timeout};
-use crate::forward::{DataPath, data_path};
+use crate::forward::{DataPath, Flow, data_path};
 use crate::netns::Target;
 use crate::observe::ObserveOptions;
 use crate::observe::capture::{self, CaptureOptions, KernelCapture, SNAPLEN_MAX};
@@ -162,6 +162,7 @@ struct RouteEntry {
     data_path: Option<Spanned<String>>,
     #[serde(default)]
     experimental_sockmap: bool,
+    one_way: Option<Spanned<String>>,
     tls: Option<TlsEntry>,
     observe: Option<Spanned<String>>,
     capture: Option<Spanned<CaptureEntry>>,
@@ -533,6 +534,20 @@ impl Report<'_> {
                     "experimental-sockmap = true",
                 ),
             );
+        }
+        if let Some(flow) = &entry.one_way
+            && let Some(flow) = self.value(flow, &format!("{key}.one-way"), |f| match f {
+                "to-target" => Ok(Flow::ToTarget),
+                "to-client" => Ok(Flow::ToClient),
+                _ => Err(format!(
+                    "`{f}` is not a direction; expected to-target or to-client (leave it out for both)"
+                )),
+            })
+        {
+            route.flow = flow;
+            if let Err(e) = flow.check(&route.listen) {
+                self.at(entry.one_way.as_ref().map(Spanned::span), &format!("{key}.one-way"), e);
+            }
         }
         let tls = entry.tls.unwrap_or_default();
         if let Some(d) = duration(self, &tls.handshake_timeout, "tls.handshake-timeout") {
@@ -938,6 +953,33 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(Problems(p)) => p.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn a_route_may_relay_one_way_unless_it_is_udp() {
+        let spec = parse(
+            Path::new("relay.toml"),
+            "[[route]]\nlisten = \"127.0.0.1:514\"\ntarget = \"UNIX-CONNECT:/run/log.sock\"\none-way = \"to-target\"\n",
+        )
+        .expect("one way on a stream route");
+        assert_eq!(spec.routes[0].flow, Flow::ToTarget);
+        let found = problems(
+            "[[route]]\nlisten = \"127.0.0.1:514\"\ntarget = \"127.0.0.1:515\"\none-way = \"up\"\n",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("route[0].one-way")
+                    && p.contains("expected to-target or to-client")),
+            "{found:?}"
+        );
+        let found = problems(
+            "[[route]]\nlisten = \"udp://127.0.0.1:514\"\ntarget = \"UDP:127.0.0.1:515\"\none-way = \"to-client\"\n",
+        );
+        assert!(
+            found.iter().any(|p| p.contains("applies to stream routes")),
+            "{found:?}"
+        );
     }
 
     #[test]

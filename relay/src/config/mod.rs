@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::addr::{ListenAddr, TargetAddr};
-use crate::forward::DataPath;
+use crate::forward::{DataPath, Flow};
 use crate::netns::Target;
 use crate::observe::capture::CaptureOptions;
 pub use crate::observe::fleet::{ContainersSpec, DEFAULT_MAX_CONTAINERS};
@@ -83,6 +83,8 @@ pub struct RouteSpec {
     pub data_path: DataPath,
     /// Allows `data_path = sockmap` (known defects; see `forward::data_path`).
     pub experimental_sockmap: bool,
+    /// Both directions, or one (socat's `-u` / `-U`).
+    pub flow: Flow,
     pub tls: TlsFlags,
     pub handshake_timeout: Duration,
     /// Observe this target beside the route (`forward --observe`).
@@ -108,6 +110,7 @@ impl RouteSpec {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             data_path: DataPath::Auto,
             experimental_sockmap: false,
+            flow: Flow::Both,
             tls: TlsFlags::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             observe: None,

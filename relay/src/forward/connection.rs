@@ -38,7 +38,7 @@ use super::listener::Peer;
 use super::pump::{Activity, Counters, Direction, Eof};
 use super::stream::{Socket, Stream};
 use super::upstream;
-use super::{Engine, copy, sockmap, splice};
+use super::{Engine, Flow, copy, sockmap, splice};
 use super::{RouteContext, raised};
 use crate::forward::metrics::Outcome;
 use crate::forward::metrics::TlsRole;
@@ -57,6 +57,13 @@ impl Side {
         match self {
             Side::Client => "client",
             Side::Target => "target",
+        }
+    }
+
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Target,
+            Side::Target => Side::Client,
         }
     }
 }
@@ -306,6 +313,9 @@ async fn relay(
         metric: &metrics.to_client,
         total: &transfer.to_client,
     };
+    if route.flow != Flow::Both {
+        return one_way(client, upstream, route, (up, down), activity, close).await;
+    }
     if let (
         Engine::Sockmap(sockmap),
         Stream::Plain(Socket::Tcp(client)),
@@ -373,6 +383,83 @@ async fn copy_both_ways(
     let to_target = copy::pump(&mut client_read, &mut upstream_write, up, activity);
     let to_client = copy::pump(&mut upstream_read, &mut client_write, down, activity);
     both_ways(to_target, to_client, activity, &|| {}, route, close).await
+}
+
+/// How long a one-way connection waits, once the source's EOF has been
+/// passed on, for the destination to close too: socat's `-t` default.
+const ONE_WAY_LINGER: Duration = Duration::from_millis(500);
+
+/// One direction only ([`Flow::ToTarget`] or [`Flow::ToClient`]): the
+/// source's bytes go to the destination (spliced where the route splices;
+/// a sockmap pair carries both directions, so one way splices there too),
+/// and what the destination sends back is read and dropped, except from
+/// stdin, which is left to the user. The connection ends once the source's
+/// EOF has been passed on and the destination has closed, or
+/// [`ONE_WAY_LINGER`] later: a destination that keeps its end open is not
+/// waited for.
+async fn one_way(
+    client: &mut Stream,
+    upstream: &mut Stream,
+    route: &RouteContext,
+    (up, down): (Counters<'_>, Counters<'_>),
+    activity: &Activity,
+    close: &mut watch::Receiver<bool>,
+) -> End {
+    let (source, destination, counters, from) = match route.flow {
+        Flow::ToClient => (upstream, client, down, Side::Target),
+        Flow::ToTarget | Flow::Both => (client, upstream, up, Side::Client),
+    };
+    let to = from.other();
+    let drops_replies = !matches!(destination, Stream::Plain(Socket::Stdio(_)));
+    let splices = !matches!(route.engine, Engine::Copy);
+    let (mut source_read, _) = copy::split(source);
+    let (mut replies, mut destination_write) = copy::split(destination);
+    let forward = async {
+        if let (true, Some(src), Some(dst)) = (splices, source_read.fd(), destination_write.fd()) {
+            return splice::pump(src, dst, counters, activity).await;
+        }
+        copy::pump(&mut source_read, &mut destination_write, counters, activity).await
+    };
+    let dropped = async {
+        if !drops_replies {
+            return std::future::pending().await;
+        }
+        match tokio::io::copy(&mut replies, &mut tokio::io::sink()).await {
+            // A TLS peer that closed without close_notify has closed.
+            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Err(e),
+            _ => Ok(()),
+        }
+    };
+    tokio::pin!(forward, dropped);
+    let mut destination_closed = false;
+    let eof = loop {
+        tokio::select! {
+            result = &mut forward => match result {
+                Ok(eof) => break eof,
+                Err((leg, error)) => return End::Failed { side: leg.or(from, to), error },
+            },
+            result = &mut dropped, if !destination_closed => match result {
+                Ok(()) => destination_closed = true,
+                Err(error) => return End::Failed { side: to, error },
+            },
+            _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX), &|| {}), if route.idle_timeout.is_some() => {
+                return End::Idle { cut: false };
+            }
+            _ = raised(close) => return End::Drained,
+        }
+    };
+    // stdout has no close to wait for: its bytes were flushed.
+    if drops_replies && !destination_closed {
+        tokio::select! {
+            _ = &mut dropped => {}
+            _ = tokio::time::sleep(ONE_WAY_LINGER) => {}
+            _ = raised(close) => {}
+        }
+    }
+    End::Closed {
+        first: from,
+        unclean: (eof == Eof::WithoutCloseNotify).then_some(from),
+    }
 }
 
 /// Runs both directions to their end (or the idle or drain timer's), and

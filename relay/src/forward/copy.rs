@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{tcp, unix};
 
 use super::pump::{Activity, Counters, Direction, Eof, Leg};
-use super::stream::{Socket, Stream};
+use super::stream::{FdSocket, Socket, Stream};
 
 /// A direction's buffer starts small (ping-pong traffic never needs more)
 /// and doubles each time a read fills it, up to the maximum: large reads
@@ -60,6 +60,28 @@ pub(super) fn split(stream: &mut Stream) -> (ReadPart<'_>, WritePart<'_>) {
         other => {
             let (read, write) = tokio::io::split(other);
             (ReadPart::Other(read), WritePart::Other(write))
+        }
+    }
+}
+
+impl ReadPart<'_> {
+    /// The kernel socket under a plain half, for splice.
+    pub(super) fn fd(&self) -> Option<FdSocket<'_>> {
+        match self {
+            ReadPart::Tcp(half) => Some(FdSocket::Tcp(half.as_ref())),
+            ReadPart::Unix(half) => Some(FdSocket::Unix(half.as_ref())),
+            ReadPart::Other(_) => None,
+        }
+    }
+}
+
+impl WritePart<'_> {
+    /// The kernel socket under a plain half, for splice.
+    pub(super) fn fd(&self) -> Option<FdSocket<'_>> {
+        match self {
+            WritePart::Tcp(half) => Some(FdSocket::Tcp(half.as_ref())),
+            WritePart::Unix(half) => Some(FdSocket::Unix(half.as_ref())),
+            WritePart::Other(_) => None,
         }
     }
 }

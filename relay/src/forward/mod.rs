@@ -53,6 +53,45 @@ use crate::tls::{self, TlsError};
 use connection::Connection;
 pub use data_path::{DataPath, Engine};
 
+/// Which way a route's bytes go: both (the default), or one way only
+/// (socat's `-u`, first address to second, and `-U`, second to first;
+/// `relay forward --one-way`). One way, the source is only read and the
+/// destination only written; what the destination sends back is read and
+/// dropped, so its close is seen and relay's close never meets unread
+/// bytes (which would turn the FIN into a reset and could cut the
+/// transfer's tail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Flow {
+    #[default]
+    Both,
+    /// From the client to the target only.
+    ToTarget,
+    /// From the target to the client only.
+    ToClient,
+}
+
+impl Flow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::Both => "both",
+            Flow::ToTarget => "to-target",
+            Flow::ToClient => "to-client",
+        }
+    }
+
+    /// Refuses one way on a route that cannot run it: a UDP route relays
+    /// datagrams per client session, both ways.
+    pub fn check(self, listen: &ListenAddr) -> Result<(), String> {
+        if self != Flow::Both && listen.is_udp() {
+            return Err(format!(
+                "`{}`: one-way relaying (-u / -U, --one-way) applies to stream routes (TCP, UNIX, TLS, STDIO, EXEC); a UDP route relays both ways: drop it",
+                listen.text
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ForwardError {
     #[error("cannot listen on {addr} ({resolved}): {cause}{hint}", hint = bind_hint(cause))]
@@ -120,6 +159,7 @@ pub struct RouteConfig {
     pub tls_client: Option<tls::ClientOptions>,
     pub handshake_timeout: Duration,
     pub data_path: DataPath,
+    pub flow: Flow,
 }
 
 impl RouteConfig {
@@ -136,6 +176,7 @@ impl RouteConfig {
             tls_client: None,
             handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
             data_path: DataPath::Auto,
+            flow: Flow::Both,
         }
     }
 }
@@ -157,6 +198,7 @@ pub struct RouteContext {
     /// the other side's EOF has been written out (socat's way; stdin may
     /// never end, and its bytes have nowhere to go).
     pub stdio: Option<connection::Side>,
+    pub flow: Flow,
 }
 
 /// A bound route, ready to accept.
@@ -267,6 +309,7 @@ impl Forwarder {
             } else {
                 None
             },
+            flow: config.flow,
         });
         Ok(Forwarder {
             listener,
