@@ -15,6 +15,7 @@ use relay::config::{
     self, ContainersSpec, Observed, ObserverSpec, RouteSpec, Spec, file::Problems,
 };
 use relay::duration::{self, Dur};
+use relay::forward::dump::{Dump, DumpMode};
 use relay::forward::{DataPath, Flow, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics;
@@ -238,6 +239,9 @@ struct RouteArgs {
     /// Relay one direction only: to-target (the client's bytes), or to-client (the target's); what the other side sends is read and dropped. socat: -u / -U.
     #[arg(long, value_enum, value_name = "to-target|to-client")]
     one_way: Option<Flow>,
+    /// Also write every block relayed to stderr, as socat's -v (text), -x (hex) or -v -x (both) show it; the route copies.
+    #[arg(long, value_enum, value_name = "text|hex|both")]
+    dump: Option<DumpMode>,
 }
 
 /// Where `/metrics` is served: every command that runs something takes it.
@@ -353,6 +357,10 @@ impl RouteArgs {
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;
         route.flow = self.one_way.unwrap_or_default();
+        route.dump = self.dump.map(|mode| Dump {
+            mode,
+            listener_second: false,
+        });
         route.tls = tls.flags();
         route.handshake_timeout = tls.tls_handshake_timeout.0;
         route
@@ -560,6 +568,9 @@ fn plan(cli: Cli) -> Plan {
                 // is the listener, else the target (-U the other way).
                 let listener_first = listen.text == first;
                 let mut spec = route.spec(listen, target, &tls);
+                if let Some(dump) = &mut spec.dump {
+                    dump.listener_second = !listener_first;
+                }
                 match (socat_unidirectional.as_deref(), listener_first) {
                     (Some("first"), true) | (Some("second"), false) => spec.flow = Flow::ToTarget,
                     (Some(_), _) => spec.flow = Flow::ToClient,

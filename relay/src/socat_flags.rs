@@ -51,15 +51,15 @@ pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
     (
         "-v",
         false,
-        FlagStatus::Refused(
-            "relay does not dump relayed data to stderr: capture it with `relay forward <LISTEN> <TARGET> --observe host --pcap FILE`, or tcpdump; relay's own log verbosity is --verbose",
+        FlagStatus::Supported(
+            "every block relayed, also on stderr as text in socat's format (`> 2026/12/03 10:32:21.000972  length=5 from=0 to=4`, then the bytes; relay's --dump text); the route copies",
         ),
     ),
     (
         "-x",
         false,
-        FlagStatus::Refused(
-            "relay does not hex-dump relayed data: capture it with `relay forward <LISTEN> <TARGET> --observe host --pcap FILE`, or tcpdump",
+        FlagStatus::Supported(
+            "every block relayed, also on stderr in hex in socat's format (--dump hex); with -v, hex beside text (--dump both)",
         ),
     ),
     (
@@ -187,6 +187,7 @@ pub fn is_socat_form(args: &[String], takes_value: impl Fn(&str) -> bool) -> boo
 pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
     let mut out = Vec::with_capacity(args.len());
     let mut debug_level = 0u32;
+    let (mut dump_text, mut dump_hex) = (false, false);
     let mut tokens = args.iter();
     while let Some(token) = tokens.next() {
         if token == "--" {
@@ -202,13 +203,16 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
             debug_level += ds.len() as u32;
             continue;
         }
-        // `-vx`, `-vv`: socat's dumps combined; the first letter names it.
-        let dump = token
+        // `-v -x`, also written `-vx`: socat's dumps combined.
+        if let Some(letters) = token
             .strip_prefix('-')
             .filter(|rest| !rest.is_empty() && rest.chars().all(|c| c == 'v' || c == 'x'))
-            .map(|rest| if rest.starts_with('v') { "-v" } else { "-x" });
-        let spelled = dump.unwrap_or(token);
-        match FLAGS.iter().find(|(flag, _, _)| *flag == spelled) {
+        {
+            dump_text |= letters.contains('v');
+            dump_hex |= letters.contains('x');
+            continue;
+        }
+        match FLAGS.iter().find(|(flag, _, _)| *flag == token) {
             Some((_, _, FlagStatus::Refused(instead))) => {
                 return Err(FlagError::Refused {
                     flag: token.clone(),
@@ -234,6 +238,15 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
             }
             None => out.push(token.clone()),
         }
+    }
+    let dump = match (dump_text, dump_hex) {
+        (true, true) => Some("both"),
+        (true, false) => Some("text"),
+        (false, true) => Some("hex"),
+        (false, false) => None,
+    };
+    if let Some(mode) = dump {
+        out.insert(0, format!("--dump={mode}"));
     }
     let verbosity = match debug_level {
         0 => None,
@@ -310,6 +323,19 @@ mod tests {
     }
 
     #[test]
+    fn v_and_x_are_the_traffic_dump() {
+        for (line, mode) in [
+            ("-v - TCP:w:80", "text"),
+            ("-x - TCP:w:80", "hex"),
+            ("-v -x - TCP:w:80", "both"),
+            ("-vx - TCP:w:80", "both"),
+        ] {
+            let t = translate(&args(line)).unwrap();
+            assert_eq!(t.args, args(&format!("--dump={mode} - TCP:w:80")), "{line}");
+        }
+    }
+
+    #[test]
     fn one_way_flags_name_the_address_read() {
         let t = translate(&args("-u - TCP:w:80")).unwrap();
         assert_eq!(t.args, args("--socat-unidirectional=first - TCP:w:80"));
@@ -323,10 +349,6 @@ mod tests {
     #[test]
     fn refused_flags_are_named_with_what_to_use() {
         for (line, flag, instead) in [
-            ("-v TCP-LISTEN:80 TCP:w:80", "-v", "--pcap"),
-            ("-x TCP-LISTEN:80 TCP:w:80", "-x", "--pcap"),
-            ("-vx TCP-LISTEN:80 TCP:w:80", "-vx", "--pcap"),
-            ("-vv TCP-LISTEN:80 TCP:w:80", "-vv", "--verbose"),
             ("-t 5 TCP-LISTEN:80 TCP:w:80", "-t", "idle timeout"),
             ("-4 TCP-LISTEN:80 TCP:w:80", "-4", "TCP4"),
             ("-6 TCP-LISTEN:80 TCP:w:80", "-6", "TCP6"),

@@ -20,6 +20,7 @@ use toml::Spanned;
 use super::{ContainersSpec, DEFAULT_TOP_FLOWS, Observed, ObserverSpec, RouteSpec, Spec, TlsFlags};
 use crate::addr::{self, Host};
 use crate::duration::{self, Timeout};
+use crate::forward::dump::{Dump, DumpMode};
 use crate::forward::{DataPath, Flow, data_path};
 use crate::netns::Target;
 use crate::observe::ObserveOptions;
@@ -163,6 +164,7 @@ struct RouteEntry {
     #[serde(default)]
     experimental_sockmap: bool,
     one_way: Option<Spanned<String>>,
+    dump: Option<Spanned<String>>,
     tls: Option<TlsEntry>,
     observe: Option<Spanned<String>>,
     capture: Option<Spanned<CaptureEntry>>,
@@ -548,6 +550,24 @@ impl Report<'_> {
             if let Err(e) = flow.check(&route.listen) {
                 self.at(entry.one_way.as_ref().map(Spanned::span), &format!("{key}.one-way"), e);
             }
+        }
+        if let Some(dump) = &entry.dump {
+            route.dump = self.value(dump, &format!("{key}.dump"), |mode| {
+                let mode = match mode {
+                    "text" => DumpMode::Text,
+                    "hex" => DumpMode::Hex,
+                    "both" => DumpMode::Both,
+                    _ => {
+                        return Err(format!(
+                            "`{mode}` is not a dump; expected text, hex or both"
+                        ));
+                    }
+                };
+                Ok(Dump {
+                    mode,
+                    listener_second: false,
+                })
+            });
         }
         let tls = entry.tls.unwrap_or_default();
         if let Some(d) = duration(self, &tls.handshake_timeout, "tls.handshake-timeout") {
@@ -963,6 +983,15 @@ mod tests {
         )
         .expect("one way on a stream route");
         assert_eq!(spec.routes[0].flow, Flow::ToTarget);
+        let found = problems(
+            "[[route]]\nlisten = \"127.0.0.1:514\"\ntarget = \"127.0.0.1:515\"\ndump = \"binary\"\n",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("route[0].dump") && p.contains("expected text, hex or both")),
+            "{found:?}"
+        );
         let found = problems(
             "[[route]]\nlisten = \"127.0.0.1:514\"\ntarget = \"127.0.0.1:515\"\none-way = \"up\"\n",
         );

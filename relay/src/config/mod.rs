@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::addr::{ListenAddr, TargetAddr};
+use crate::forward::dump::Dump;
 use crate::forward::{DataPath, Flow};
 use crate::netns::Target;
 use crate::observe::capture::CaptureOptions;
@@ -85,6 +86,8 @@ pub struct RouteSpec {
     pub experimental_sockmap: bool,
     /// Both directions, or one (socat's `-u` / `-U`).
     pub flow: Flow,
+    /// socat's `-v`/`-x`: every block relayed, also on stderr.
+    pub dump: Option<Dump>,
     pub tls: TlsFlags,
     pub handshake_timeout: Duration,
     /// Observe this target beside the route (`forward --observe`).
@@ -111,6 +114,7 @@ impl RouteSpec {
             data_path: DataPath::Auto,
             experimental_sockmap: false,
             flow: Flow::Both,
+            dump: None,
             tls: TlsFlags::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             observe: None,

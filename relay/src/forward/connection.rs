@@ -308,10 +308,12 @@ async fn relay(
     let up = Counters {
         metric: &metrics.to_target,
         total: &transfer.to_target,
+        dump: route.dump.as_ref().map(|dump| (dump, true)),
     };
     let down = Counters {
         metric: &metrics.to_client,
         total: &transfer.to_client,
+        dump: route.dump.as_ref().map(|dump| (dump, false)),
     };
     if route.flow != Flow::Both {
         return one_way(client, upstream, route, (up, down), activity, close).await;

@@ -167,6 +167,7 @@ pub(super) async fn pump(
                     .map_err(|e| (Leg::Destination, e));
             }
             Ok(n) => {
+                counters.show(&buffer);
                 activity.hold();
                 dst.write_all(&buffer)
                     .await

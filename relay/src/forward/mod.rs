@@ -27,6 +27,7 @@
 pub mod connection;
 mod copy;
 pub mod data_path;
+pub mod dump;
 pub mod exec;
 pub mod listener;
 pub mod metrics;
@@ -160,6 +161,8 @@ pub struct RouteConfig {
     pub handshake_timeout: Duration,
     pub data_path: DataPath,
     pub flow: Flow,
+    /// socat's `-v`/`-x`: every block relayed, also on stderr (the route copies).
+    pub dump: Option<dump::Dump>,
 }
 
 impl RouteConfig {
@@ -177,6 +180,7 @@ impl RouteConfig {
             handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
             data_path: DataPath::Auto,
             flow: Flow::Both,
+            dump: None,
         }
     }
 }
@@ -199,6 +203,7 @@ pub struct RouteContext {
     /// never end, and its bytes have nowhere to go).
     pub stdio: Option<connection::Side>,
     pub flow: Flow,
+    pub dump: Option<dump::Dump>,
 }
 
 /// A bound route, ready to accept.
@@ -310,6 +315,7 @@ impl Forwarder {
                 None
             },
             flow: config.flow,
+            dump: config.dump,
         });
         Ok(Forwarder {
             listener,
@@ -455,6 +461,16 @@ fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, Forwar
                 route,
                 data_path = config.data_path.as_str(),
                 "--data-path applies to plain (not TLS) routes only; this route has a TLS leg and copies"
+            );
+        }
+        return Ok(Engine::Copy);
+    }
+    if config.dump.is_some() {
+        if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
+            tracing::warn!(
+                route,
+                data_path = config.data_path.as_str(),
+                "a route that dumps its traffic (-v / -x, --dump) copies: only the copy path sees the bytes"
             );
         }
         return Ok(Engine::Copy);

@@ -23,6 +23,8 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
+use super::dump::Dump;
+
 /// The result of one direction: how its source ended, or which leg failed.
 pub(super) type Direction = Result<Eof, (Leg, io::Error)>;
 
@@ -51,14 +53,26 @@ impl Leg {
     }
 }
 
-/// A direction's counters: the route's metric and the connection's total.
+/// A direction's counters: the route's metric and the connection's total;
+/// and, when the route dumps its traffic (socat's `-v`/`-x`), the dump and
+/// whether this direction goes to the target.
 #[derive(Clone, Copy)]
 pub(super) struct Counters<'a> {
     pub(super) metric: &'a IntCounter,
     pub(super) total: &'a AtomicU64,
+    pub(super) dump: Option<(&'a Dump, bool)>,
 }
 
 impl Counters<'_> {
+    /// Shows a block just read in the route's dump, before it is written
+    /// (socat's order). Only the copy path sees blocks; a dumping route
+    /// copies.
+    pub(super) fn show(self, bytes: &[u8]) {
+        if let Some((dump, to_target)) = self.dump {
+            dump.write(to_target, self.total.load(Ordering::Relaxed), bytes);
+        }
+    }
+
     /// Counts `n` bytes that reached the destination.
     pub(super) fn add(self, n: u64) {
         self.metric.inc_by(n);
