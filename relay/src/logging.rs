@@ -1,6 +1,7 @@
-//! Log setup: `tracing` to stderr, as text or JSON lines, at a level set by
-//! `-v`/`-q` (or `RUST_LOG`, which wins when set). stdout stays free for
-//! output a command was asked to write.
+//! Log setup: `tracing` to stderr (or appended to a file, socat's `-lf`),
+//! as text or JSON lines, at a level set by `-v`/`-q` (or `RUST_LOG`, which
+//! wins when set). stdout stays free for output a command was asked to
+//! write.
 //!
 //! Field values come from outside (route names, addresses, container and
 //! TLS names), so text lines escape control characters in every field: a
@@ -12,6 +13,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -20,8 +22,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// `verbosity` counts `-v` up and `-q` down from info.
-pub fn init(verbosity: i8, format: LogFormat) {
+/// `verbosity` counts `-v` up and `-q` down from info. With `file`, lines
+/// are appended there (created if missing) instead of going to stderr.
+pub fn init(
+    verbosity: i8,
+    format: LogFormat,
+    file: Option<&std::path::Path>,
+) -> Result<(), String> {
     let level = match verbosity {
         i8::MIN..=-2 => "error",
         -1 => "warn",
@@ -31,14 +38,26 @@ pub fn init(verbosity: i8, format: LogFormat) {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("relay={level},{level}")));
+    let writer = match file {
+        None => BoxMakeWriter::new(std::io::stderr),
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            BoxMakeWriter::new(std::sync::Mutex::new(file))
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(file.is_none() && std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.fmt_fields(escaped_fields()).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
 /// The text format's fields, `key=value` separated by spaces (the message

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use relay::addr::{self, ListenAddr, TargetAddr};
+use relay::addr::{self, Family, ListenAddr, TargetAddr};
 use relay::config::{
     self, ContainersSpec, Observed, ObserverSpec, RouteSpec, Spec, file::Problems,
 };
@@ -46,6 +46,9 @@ struct Cli {
     /// socat's -u / -U, as the socat form's flags translate them: the address read, `first` or `second`.
     #[arg(long = "socat-unidirectional", hide = true, value_parser = ["first", "second"], requires = "socat_target")]
     socat_unidirectional: Option<String>,
+    /// socat's -4 / -6, as the socat form's flags translate them.
+    #[arg(long = "socat-family", hide = true, value_parser = ["4", "6"], requires = "socat_target")]
+    socat_family: Option<String>,
     #[command(flatten)]
     route: RouteArgs,
     #[command(flatten)]
@@ -337,6 +340,9 @@ struct LogArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Append log lines to this file instead of stderr (socat's -lf).
+    #[arg(long, value_name = "FILE", global = true)]
+    log_file: Option<PathBuf>,
 }
 
 impl RouteArgs {
@@ -445,6 +451,7 @@ fn plan(cli: Cli) -> Plan {
         socat_target,
         explain,
         socat_unidirectional,
+        socat_family,
         route,
         tls,
         metrics,
@@ -563,7 +570,16 @@ fn plan(cli: Cli) -> Plan {
             }
         }
         (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
-            Ok((listen, target)) => {
+            Ok((mut listen, mut target)) => {
+                if let Some(family) = socat_family.as_deref() {
+                    let family = if family == "6" {
+                        Family::V6
+                    } else {
+                        Family::V4
+                    };
+                    listen.default_family(family);
+                    target.default_family(family);
+                }
                 // -u reads the first address: the client when the first
                 // is the listener, else the target (-U the other way).
                 let listener_first = listen.text == first;
@@ -759,6 +775,7 @@ fn main() -> ExitCode {
         socat_verbosity.unwrap_or(0) + cli.log.verbose as i8 - cli.log.quiet as i8,
         cli.log.log_format,
     );
+    let cli_log_file = cli.log.log_file.clone();
     let (mut spec, source) = match plan(cli) {
         Plan::Run(spec, source) => (spec, source),
         Plan::Check(path) => return check(&path),
@@ -774,7 +791,10 @@ fn main() -> ExitCode {
             return ExitCode::from(USAGE);
         }
     }
-    logging::init(verbosity, log_format);
+    if let Err(err) = logging::init(verbosity, log_format, cli_log_file.as_deref()) {
+        eprintln!("relay: error: {err}");
+        return ExitCode::from(USAGE);
+    }
     if spec.routes.iter().any(|r| r.data_path == DataPath::Sockmap) {
         // Once per process, before any route starts: the operator chose a
         // path known to lose data, and the log should say so where it begins.

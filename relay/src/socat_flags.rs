@@ -86,22 +86,22 @@ pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
     (
         "-4",
         false,
-        FlagStatus::Refused(
-            "write the family into the addresses instead: TCP4-LISTEN: / TCP4: (or TCP6-LISTEN: / TCP6:)",
+        FlagStatus::Supported(
+            "IPv4 for the TCP and UDP addresses that name no family (TCP: as TCP4:, TCP-LISTEN: as TCP4-LISTEN:)",
         ),
     ),
     (
         "-6",
         false,
-        FlagStatus::Refused(
-            "write the family into the addresses instead: TCP6-LISTEN: / TCP6: (or TCP4-LISTEN: / TCP4:)",
+        FlagStatus::Supported(
+            "IPv6 for the TCP and UDP addresses that name no family (TCP: as TCP6:, TCP-LISTEN: as TCP6-LISTEN: on [::])",
         ),
     ),
     (
         "-lf",
         true,
-        FlagStatus::Refused(
-            "relay logs to stderr: redirect it (`2>>FILE`) or let systemd's journal keep it",
+        FlagStatus::Supported(
+            "log to this file, appended (relay's --log-file); the -v / -x dump stays on stderr, as socat's",
         ),
     ),
     (
@@ -148,6 +148,10 @@ pub struct Translated {
 /// once the addresses are parsed (socat takes them in either order), so
 /// the command line turns it into a route's `Flow` then.
 pub const UNIDIRECTIONAL_ARG: &str = "--socat-unidirectional";
+
+/// The hidden option `-4` and `-6` become, applied to both addresses once
+/// they are parsed.
+pub const FAMILY_ARG: &str = "--socat-family";
 
 fn unidirectional(flag: &str) -> Option<&'static str> {
     match flag {
@@ -203,6 +207,11 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
             debug_level += ds.len() as u32;
             continue;
         }
+        // socat also takes the log file glued to its flag: `-lf/var/log/x`.
+        if let Some(path) = token.strip_prefix("-lf").filter(|p| !p.is_empty()) {
+            out.extend(["--log-file".to_string(), path.to_string()]);
+            continue;
+        }
         // `-v -x`, also written `-vx`: socat's dumps combined.
         if let Some(letters) = token
             .strip_prefix('-')
@@ -222,8 +231,16 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
             Some((flag, takes_value, FlagStatus::Supported(_))) => {
                 if let Some(direction) = unidirectional(flag) {
                     out.push(format!("{UNIDIRECTIONAL_ARG}={direction}"));
-                } else if *flag == "-T" {
-                    out.push(token.clone());
+                } else if let Some(family) =
+                    flag.strip_prefix('-').filter(|f| ["4", "6"].contains(f))
+                {
+                    out.push(format!("{FAMILY_ARG}={family}"));
+                } else if *flag == "-T" || *flag == "-lf" {
+                    out.push(if *flag == "-lf" {
+                        "--log-file".to_string()
+                    } else {
+                        token.clone()
+                    });
                     out.push(
                         tokens
                             .next()
@@ -323,6 +340,16 @@ mod tests {
     }
 
     #[test]
+    fn lf_is_the_log_file_and_4_6_the_family() {
+        for line in ["-lf /var/log/r - TCP:w:80", "-lf/var/log/r - TCP:w:80"] {
+            let t = translate(&args(line)).unwrap();
+            assert_eq!(t.args, args("--log-file /var/log/r - TCP:w:80"), "{line}");
+        }
+        let t = translate(&args("-6 TCP-LISTEN:80 TCP:w:80")).unwrap();
+        assert_eq!(t.args, args("--socat-family=6 TCP-LISTEN:80 TCP:w:80"));
+    }
+
+    #[test]
     fn v_and_x_are_the_traffic_dump() {
         for (line, mode) in [
             ("-v - TCP:w:80", "text"),
@@ -350,9 +377,6 @@ mod tests {
     fn refused_flags_are_named_with_what_to_use() {
         for (line, flag, instead) in [
             ("-t 5 TCP-LISTEN:80 TCP:w:80", "-t", "idle timeout"),
-            ("-4 TCP-LISTEN:80 TCP:w:80", "-4", "TCP4"),
-            ("-6 TCP-LISTEN:80 TCP:w:80", "-6", "TCP6"),
-            ("-lf /var/log/x TCP-LISTEN:80 TCP:w:80", "-lf", "2>>FILE"),
             ("-b 65536 TCP-LISTEN:80 TCP:w:80", "-b", "drop -b"),
         ] {
             let err = translate(&args(line)).unwrap_err().to_string();

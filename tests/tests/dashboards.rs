@@ -415,7 +415,7 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
             })
             .collect();
         bail!(
-            "{err}: these queries never returned a series:\n{}",
+            "{err:#}: these queries never returned a series:\n{}",
             missing.join("\n")
         );
     }

@@ -7,7 +7,7 @@
 //! relay does not do are refused by name with exit 2).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use relay_tests::payload::read_fingerprint;
 use relay_tests::peers::{Backend, EchoServer, expect_close, round_trip};
 use relay_tests::ports::free_port;
 use relay_tests::relay_proc::relay_bin;
+use relay_tests::tempdir::TempDir;
 use relay_tests::wait::poll_until;
 use relay_tests::{Fingerprint, NetNs, Payload, RelayCmd, require_root};
 
@@ -388,13 +389,56 @@ fn without_timestamps(dump: &str) -> String {
     out
 }
 
+/// socat's `-6` makes `TCP-LISTEN:` listen on IPv6 (`[::]`), `-4` on IPv4
+/// only; `-lf` appends the log to a file and leaves stderr to the dump.
+#[test]
+fn family_and_log_file_flags_mean_what_they_mean_in_socat() -> Result<()> {
+    let echo = EchoServer::start()?;
+    let port = free_port()?;
+    let dir = TempDir::new("socat-lf")?;
+    let log = dir.join("relay.log");
+    let log_arg = log.to_str().context("the log path")?;
+    let listen = format!("TCP-LISTEN:{port},fork,reuseaddr");
+    let target = format!("TCP:{}", echo.addr());
+
+    let relay = RelayCmd::socat(port, &listen, &target)
+        .opts(&["-6", "-lf", log_arg])
+        .spawn()?;
+    let mut v6 = relay_tests::peers::connect(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))
+        .context("-6: connecting over IPv6")?;
+    round_trip(&mut v6, b"over IPv6")?;
+    drop(v6);
+    let written = poll_until("the log file's listening line", METRIC_TIMEOUT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text
+            .contains(&format!("listening on [::]:{port}"))
+            .then_some(text))
+    })?;
+    ensure!(
+        !relay.stderr().contains("listening on"),
+        "-lf: log lines went to stderr too:\n{}\nfile:\n{written}",
+        relay.stderr()
+    );
+    drop(relay);
+
+    let relay = RelayCmd::socat(port, &listen, &target)
+        .opts(&["-4"])
+        .spawn()?;
+    ensure!(
+        TcpStream::connect((Ipv6Addr::LOCALHOST, port)).is_err(),
+        "-4: the listener must not take IPv6 clients"
+    );
+    round_trip(&mut relay.connect()?, b"over IPv4")?;
+    Ok(())
+}
+
 #[test]
 fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
     let cases: [(&[&str], &[&str]); 4] = [
         (&["-t", "1", "TCP-LISTEN:1", "TCP:127.0.0.1:1"], &["`-t`"]),
         (
-            &["-lf", "/tmp/x", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
-            &["`-lf`"],
+            &["-b", "65536", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
+            &["`-b`"],
         ),
         (
             &["TCP-LISTEN:1,fork,su=nobody", "TCP:127.0.0.1:1"],

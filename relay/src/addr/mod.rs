@@ -12,7 +12,7 @@
 //! share), and one per address family (`listen`, `target`, `unix`, `udp`).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use crate::netns::Target;
@@ -303,6 +303,19 @@ impl ListenAddr {
     pub fn is_udp(&self) -> bool {
         matches!(self.endpoint, ListenEndpoint::Udp(_))
     }
+
+    /// socat's `-4` / `-6`: an IP listener that names no family takes
+    /// this one, and without `bind=` listens on all of its addresses.
+    pub fn default_family(&mut self, family: Family) {
+        if let ListenEndpoint::Tcp(ip) | ListenEndpoint::Udp(ip) = &mut self.endpoint
+            && ip.family == Family::Any
+        {
+            ip.family = family;
+            if family == Family::V6 && ip.host == Host::Ip(Ipv4Addr::UNSPECIFIED.into()) {
+                ip.host = Host::Ip(Ipv6Addr::UNSPECIFIED.into());
+            }
+        }
+    }
 }
 
 impl TargetAddr {
@@ -326,6 +339,19 @@ impl TargetAddr {
 
     pub fn is_udp(&self) -> bool {
         matches!(self.endpoint, TargetEndpoint::Udp(_))
+    }
+
+    /// socat's `-4` / `-6`: an IP target that names no family resolves
+    /// to this one only.
+    pub fn default_family(&mut self, family: Family) {
+        let own = match &mut self.endpoint {
+            TargetEndpoint::Tcp(tcp) => &mut tcp.family,
+            TargetEndpoint::Udp(udp) => &mut udp.family,
+            _ => return,
+        };
+        if *own == Family::Any {
+            *own = family;
+        }
     }
 }
 

@@ -647,3 +647,28 @@ fn proxied_targets_refuse_what_their_protocol_cannot_carry() {
         .to_string();
     assert!(err.contains("this is a connect address"), "{err}");
 }
+
+#[test]
+fn socat_family_flags_fill_only_addresses_that_name_none() {
+    let mut target = parse_target("TCP:localhost:80").unwrap();
+    target.default_family(Family::V6);
+    assert_eq!(target.tcp().unwrap().family, Family::V6);
+    let mut target = parse_target("TCP4:localhost:80").unwrap();
+    target.default_family(Family::V6);
+    assert_eq!(target.tcp().unwrap().family, Family::V4);
+    let mut listen = parse_listen("TCP-LISTEN:80,fork").unwrap();
+    listen.default_family(Family::V6);
+    let ListenEndpoint::Tcp(tcp) = &listen.endpoint else {
+        panic!("a TCP listener");
+    };
+    assert_eq!(
+        (tcp.family, &tcp.host),
+        (Family::V6, &Host::Ip(Ipv6Addr::UNSPECIFIED.into()))
+    );
+    let mut listen = parse_listen("TCP-LISTEN:80,fork,bind=127.0.0.1").unwrap();
+    listen.default_family(Family::V4);
+    let ListenEndpoint::Tcp(tcp) = &listen.endpoint else {
+        panic!("a TCP listener");
+    };
+    assert_eq!(tcp.host, Host::Ip(Ipv4Addr::LOCALHOST.into()));
+}
