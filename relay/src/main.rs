@@ -786,7 +786,7 @@ fn main() -> ExitCode {
             eprintln!("relay: error: {err}");
             return ExitCode::from(USAGE);
         }
-        if let Err(err) = route.flow.check(&route.listen) {
+        if let Err(err) = route.flow.check(&route.listen, &route.target) {
             eprintln!("relay: error: {err}");
             return ExitCode::from(USAGE);
         }

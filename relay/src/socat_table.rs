@@ -208,10 +208,54 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
     ),
     (
         "ignoreeof",
-        "any",
-        Status::Refused(
-            "relay ends a direction at EOF and does not poll a file for growth: pipe `tail -f FILE` into `relay - <ADDR>` instead",
+        "OPEN, FILE, GOPEN, PIPE",
+        Status::Supported(
+            "at the end of the file, wait a second and read again (`tail -f`); on other addresses refused",
         ),
+    ),
+    (
+        "creat, create",
+        "OPEN, FILE, GOPEN, PIPE",
+        Status::Supported("make the file if it is missing"),
+    ),
+    (
+        "excl",
+        "OPEN, FILE, GOPEN, PIPE",
+        Status::Supported("with creat: fail if the file exists"),
+    ),
+    (
+        "append",
+        "file addresses",
+        Status::Supported("write at the end of the file"),
+    ),
+    (
+        "trunc",
+        "file addresses",
+        Status::Supported("empty the file when it is opened (CREATE always does)"),
+    ),
+    (
+        "rdonly, wronly, rdwr",
+        "file addresses",
+        Status::Supported(
+            "open for reading, writing or both; without them, the way the route uses the file (socat's -u opens the first address for reading only)",
+        ),
+    ),
+    (
+        "perm, mode",
+        "file addresses",
+        Status::Supported("permission bits (octal) of a file relay makes, before umask"),
+    ),
+    (
+        "raw",
+        "file addresses (a terminal)",
+        Status::Supported(
+            "the terminal in raw mode (cfmakeraw: no line editing, CR and NL unchanged)",
+        ),
+    ),
+    (
+        "echo",
+        "file addresses (a terminal)",
+        Status::Supported("echo=0 turns the terminal's echo off, echo=1 on"),
     ),
     ("su, substuser", "any", Status::Refused(SU)),
     ("su-d, substuser-delayed", "any", Status::Refused(SU)),

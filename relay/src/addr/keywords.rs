@@ -50,6 +50,8 @@ pub(super) enum Kind {
     },
     UdpListen(Family),
     UdpConnect(Family),
+    /// Either side: a file, a named pipe, a terminal.
+    File(FileKind),
     /// TCP through a proxy: `SOCKS4`, `SOCKS4A`, `SOCKS5-CONNECT`, `PROXY`.
     ProxyConnect(Via),
 }
@@ -72,12 +74,13 @@ impl Kind {
                 | Kind::UnixListen
                 | Kind::AbstractListen
                 | Kind::Stdio(_)
+                | Kind::File(_)
                 | Kind::UdpListen(_)
         )
     }
 
     pub(super) fn connects(self) -> bool {
-        !self.listens() || matches!(self, Kind::Stdio(_))
+        !self.listens() || matches!(self, Kind::Stdio(_) | Kind::File(_))
     }
 }
 
@@ -128,6 +131,12 @@ pub(super) const KEYWORDS: &[(&str, Kind)] = &[
     ("udp4-connect", Kind::UdpConnect(Family::V4)),
     ("udp6", Kind::UdpConnect(Family::V6)),
     ("udp6-connect", Kind::UdpConnect(Family::V6)),
+    ("open", Kind::File(FileKind::Open)),
+    ("file", Kind::File(FileKind::Open)),
+    ("create", Kind::File(FileKind::Create)),
+    ("creat", Kind::File(FileKind::Create)),
+    ("gopen", Kind::File(FileKind::Gopen)),
+    ("pipe", Kind::File(FileKind::Pipe)),
     ("socks4", Kind::ProxyConnect(Via::Socks4)),
     ("socks", Kind::ProxyConnect(Via::Socks4)),
     ("socks4a", Kind::ProxyConnect(Via::Socks4a)),
@@ -157,6 +166,14 @@ impl Kind {
             Kind::Exec { shell: true } => "a shell command per connection",
             Kind::UdpListen(_) => "UDP listener, one session per client with fork",
             Kind::UdpConnect(_) => "UDP peer, one connected socket per session",
+            Kind::File(FileKind::Open) => {
+                "a file (or terminal), either side: the one connection first, else opened per connection"
+            }
+            Kind::File(FileKind::Create) => "a file made or truncated, written only",
+            Kind::File(FileKind::Gopen) => {
+                "a UNIX socket at the path is connected to, anything else opened as OPEN"
+            }
+            Kind::File(FileKind::Pipe) => "a named pipe, made if missing (no unnamed PIPE)",
             Kind::ProxyConnect(Via::Socks4) => {
                 "TCP through a SOCKS 4 server (relay resolves the host)"
             }
@@ -236,11 +253,6 @@ pub(super) const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("abstract-recvfrom", DATAGRAM_UNIX_INSTEAD),
     ("abstract-recv", DATAGRAM_UNIX_INSTEAD),
     ("stderr", "relay writes only its log to stderr; use STDOUT"),
-    ("pipe", FILE_INSTEAD),
-    ("file", FILE_INSTEAD),
-    ("open", FILE_INSTEAD),
-    ("gopen", FILE_INSTEAD),
-    ("create", FILE_INSTEAD),
     ("fd", FILE_INSTEAD),
     ("pty", FILE_INSTEAD),
     ("readline", "use socat for interactive line editing"),
@@ -268,8 +280,7 @@ pub(super) const UDP_INSTEAD: &str = "relay relays UDP as a listener with a sess
 
 pub(super) const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
 
-pub(super) const FILE_INSTEAD: &str =
-    "relay connects sockets and stdin/stdout only: use STDIO with a shell redirection, or socat";
+pub(super) const FILE_INSTEAD: &str = "relay opens files by path only (OPEN:, CREATE:, GOPEN:, PIPE:) and has no terminal of its own: use STDIO with a shell redirection, or socat";
 
 pub(super) const PROXY_INSTEAD: &str = "relay is not a SOCKS server: it connects through one (SOCKS4, SOCKS4A, SOCKS5-CONNECT, PROXY); keep socat, or a SOCKS server such as dante, for this line";
 

@@ -34,6 +34,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
                 })
             }
             Kind::UdpListen(family) => parse_udp_listen(input, family, rest),
+            Kind::File(kind) => file::parse_file_listen(input, kind, rest),
             _ => unreachable!("socat_form returns listen kinds for the listen position"),
         };
     }

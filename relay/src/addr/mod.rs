@@ -85,6 +85,8 @@ pub enum ListenEndpoint {
     Unix(UnixListen),
     /// stdin/stdout as the one client (`STDIO`, `-`, `STDIN`, `STDOUT`).
     Stdio(StdioMode),
+    /// A file as the one client (`OPEN:`, `CREATE:`, `GOPEN:`, `PIPE:`).
+    File(FileSpec),
     /// A UDP socket (`UDP-LISTEN:`, `udp://`): host, port, family and the
     /// reuse flags mean what they mean for TCP; there is no backlog.
     Udp(TcpListen),
@@ -201,6 +203,8 @@ pub enum TargetEndpoint {
     Unix(UnixName),
     /// stdin/stdout as the target of the one client.
     Stdio(StdioMode),
+    /// A file opened for each client (`OPEN:`, `CREATE:`, `GOPEN:`, `PIPE:`).
+    File(FileSpec),
     /// A program started for each client, its stdin and stdout the
     /// connection (`EXEC:`, `SYSTEM:`).
     Exec(ExecSpec),
@@ -304,6 +308,14 @@ impl ListenAddr {
         matches!(self.endpoint, ListenEndpoint::Udp(_))
     }
 
+    /// The file of a file address (`OPEN:`, `CREATE:` ...) written first.
+    pub fn file(&self) -> Option<&FileSpec> {
+        match &self.endpoint {
+            ListenEndpoint::File(spec) => Some(spec),
+            _ => None,
+        }
+    }
+
     /// socat's `-4` / `-6`: an IP listener that names no family takes
     /// this one, and without `bind=` listens on all of its addresses.
     pub fn default_family(&mut self, family: Family) {
@@ -339,6 +351,14 @@ impl TargetAddr {
 
     pub fn is_udp(&self) -> bool {
         matches!(self.endpoint, TargetEndpoint::Udp(_))
+    }
+
+    /// The file of a file target (`OPEN:`, `CREATE:` ...).
+    pub fn file(&self) -> Option<&FileSpec> {
+        match &self.endpoint {
+            TargetEndpoint::File(spec) => Some(spec),
+            _ => None,
+        }
     }
 
     /// socat's `-4` / `-6`: an IP target that names no family resolves
@@ -397,6 +417,7 @@ fn invalid(input: &str, problem: impl Into<String>) -> AddrError {
     }
 }
 
+mod file;
 mod keywords;
 mod lex;
 mod listen;
@@ -414,6 +435,7 @@ use proxy::*;
 use udp::*;
 use unix::*;
 
+pub use file::{Access, FileKind, FileSpec};
 pub use keywords::address_types;
 pub use listen::parse_listen;
 pub use target::parse_target;

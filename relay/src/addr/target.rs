@@ -24,6 +24,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             Kind::Exec { shell } => parse_exec(input, rest, shell),
             Kind::ProxyConnect(via) => parse_proxy_target(input, via, rest),
             Kind::UdpConnect(family) => parse_udp_target(input, family, rest),
+            Kind::File(kind) => file::parse_file_target(input, kind, rest),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
                 Ok(TargetAddr {

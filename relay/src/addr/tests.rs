@@ -157,7 +157,6 @@ fn known_socat_options_are_refused_with_what_to_use() {
         ("TCP-LISTEN:80,sndbuf=65536", "sndbuf", "tcp_wmem"),
         ("TCP:h:80,so-rcvbuf=65536", "rcvbuf", "tcp_rmem"),
         ("TCP:h:80,crlf", "crlf", "line endings"),
-        ("UNIX-CONNECT:/x.sock,ignoreeof", "ignoreeof", "tail -f"),
         ("TCP-LISTEN:80,fork,su=nobody", "su", "User="),
         ("UNIX-LISTEN:/x.sock,substuser=nobody", "su", "runuser"),
     ];
@@ -671,4 +670,32 @@ fn socat_family_flags_fill_only_addresses_that_name_none() {
         panic!("a TCP listener");
     };
     assert_eq!(tcp.host, Host::Ip(Ipv4Addr::LOCALHOST.into()));
+}
+
+#[test]
+fn file_addresses_read_their_open_options() {
+    let target = parse_target("OPEN:/var/log/app.log,ignoreeof,rdonly").unwrap();
+    let spec = target.file().expect("a file target");
+    assert!(spec.ignore_eof && spec.kind == FileKind::Open);
+    assert_eq!(spec.access, Some(Access::ReadOnly));
+    let listen = parse_listen("CREATE:/tmp/out,perm=0600").unwrap();
+    let spec = listen.file().expect("a file first");
+    assert!(listen.once && spec.create && spec.truncate && spec.perm == 0o600);
+    assert_eq!(spec.access_for(true, true), Access::WriteOnly);
+    let open = parse_target("FILE:/dev/ttyS0,raw,echo=0").unwrap();
+    let spec = open.file().unwrap();
+    assert!(spec.raw && spec.echo == Some(false));
+    assert_eq!(spec.access_for(true, false), Access::ReadOnly);
+    assert_eq!(spec.access_for(true, true), Access::ReadWrite);
+    for (text, says) in [
+        ("PIPE:", "unnamed pipes"),
+        ("OPEN:/x,excl", "`excl`"),
+        ("CREATE:/x,rdwr", "writing only"),
+        ("OPEN:/x,perm=999", "octal"),
+        ("OPEN:/x,ignoreeof,nonblock", "file address"),
+        ("UNIX-CONNECT:/x.sock,ignoreeof", "UNIX connect address"),
+    ] {
+        let err = parse_target(text).unwrap_err().to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
 }

@@ -547,9 +547,13 @@ impl Report<'_> {
             })
         {
             route.flow = flow;
-            if let Err(e) = flow.check(&route.listen) {
-                self.at(entry.one_way.as_ref().map(Spanned::span), &format!("{key}.one-way"), e);
-            }
+        }
+        if let Err(e) = route.flow.check(&route.listen, &route.target) {
+            let (span, field) = match &entry.one_way {
+                Some(flow) => (Some(flow.span()), "one-way"),
+                None => (Some(entry.target.span()), "target"),
+            };
+            self.at(span, &format!("{key}.{field}"), e);
         }
         if let Some(dump) = &entry.dump {
             route.dump = self.value(dump, &format!("{key}.dump"), |mode| {
@@ -917,7 +921,7 @@ pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
             Some(format!("{host}|{}|{netns}", tcp.port))
         }
         addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
-        addr::ListenEndpoint::Stdio(_) => None,
+        addr::ListenEndpoint::Stdio(_) | addr::ListenEndpoint::File(_) => None,
         // A UDP port is not a TCP one: both may be bound at once.
         addr::ListenEndpoint::Udp(udp) => {
             if udp.port == 0 {

@@ -41,6 +41,8 @@ pub enum Peer {
         uid: Option<u32>,
     },
     Stdio,
+    /// The file of a file address written first.
+    File,
 }
 
 impl fmt::Display for Peer {
@@ -58,6 +60,7 @@ impl fmt::Display for Peer {
                 Ok(())
             }
             Peer::Stdio => f.write_str("stdio"),
+            Peer::File => f.write_str("file"),
         }
     }
 }
@@ -97,6 +100,9 @@ pub enum Listener {
     },
     /// stdin/stdout: one "connection", then nothing more.
     Stdio(Option<StdioMode>),
+    /// A file, opened at bind (so a bad path fails at start): one
+    /// "connection", then nothing more.
+    File(Option<Socket>),
 }
 
 /// Another handle on a listening socket, for a reload's changed route.
@@ -174,7 +180,7 @@ impl Listener {
                 name: name.clone(),
                 file: file.clone(),
             }),
-            Listener::Stdio(_) => None,
+            Listener::Stdio(_) | Listener::File(_) => None,
         })
     }
 
@@ -184,6 +190,7 @@ impl Listener {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
             Listener::Unix { name, .. } => Ok(name.clone()),
             Listener::Stdio(_) => Ok("stdio".to_string()),
+            Listener::File(_) => Ok("file".to_string()),
         }
     }
 
@@ -205,6 +212,10 @@ impl Listener {
                 Some(mode) => Ok((Socket::Stdio(Stdio::new(mode)), Peer::Stdio)),
                 None => std::future::pending().await,
             },
+            Listener::File(file) => match file.take() {
+                Some(file) => Ok((file, Peer::File)),
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -216,6 +227,17 @@ pub async fn bind(addr: &ListenAddr) -> Result<Listener, ForwardError> {
         ListenEndpoint::Tcp(tcp) => bind_tcp(addr, tcp, backlog).await.map(Listener::Tcp),
         ListenEndpoint::Unix(unix) => bind_unix(addr, unix, backlog).await,
         ListenEndpoint::Stdio(mode) => Ok(Listener::Stdio(Some(*mode))),
+        ListenEndpoint::File(spec) => {
+            let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
+            super::file::open(spec, access)
+                .await
+                .map(|file| Listener::File(Some(file)))
+                .map_err(|cause| ForwardError::File {
+                    addr: addr.text.clone(),
+                    path: spec.path.clone(),
+                    cause,
+                })
+        }
         ListenEndpoint::Udp(_) => Err(ForwardError::Bind {
             addr: addr.text.clone(),
             resolved: "udp".to_string(),

@@ -29,6 +29,7 @@ mod copy;
 pub mod data_path;
 pub mod dump;
 pub mod exec;
+pub mod file;
 pub mod listener;
 pub mod metrics;
 pub mod namespace;
@@ -80,16 +81,50 @@ impl Flow {
         }
     }
 
-    /// Refuses one way on a route that cannot run it: a UDP route relays
-    /// datagrams per client session, both ways.
-    pub fn check(self, listen: &ListenAddr) -> Result<(), String> {
+    /// Refuses one way on a route that cannot run it (a UDP route relays
+    /// datagrams per client session, both ways), and a file written only
+    /// (`CREATE:`) where it would be read.
+    pub fn check(self, listen: &ListenAddr, target: &TargetAddr) -> Result<(), String> {
         if self != Flow::Both && listen.is_udp() {
             return Err(format!(
                 "`{}`: one-way relaying (-u / -U, --one-way) applies to stream routes (TCP, UNIX, TLS, STDIO, EXEC); a UDP route relays both ways: drop it",
                 listen.text
             ));
         }
+        for (file, text, reads) in [
+            (listen.file(), &listen.text, self != Flow::ToClient),
+            (target.file(), &target.text, self != Flow::ToTarget),
+        ] {
+            if let Some(spec) = file
+                && reads
+                && spec.access_for(true, false) == crate::addr::Access::WriteOnly
+            {
+                return Err(format!(
+                    "`{text}` is opened for writing only, and this route reads it: relay one way into it (-u with it second, -U with it first), or open it with OPEN:<path>,rdwr"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Fixes how each file address of a route is opened: the way the route
+    /// uses it (socat opens the first address of `-u` for reading only),
+    /// unless an option of its own said.
+    fn open_files(self, listen: &mut ListenAddr, target: &mut TargetAddr) {
+        let (client_reads, target_reads) = match self {
+            Flow::Both => (true, true),
+            Flow::ToTarget => (true, false),
+            Flow::ToClient => (false, true),
+        };
+        let fix = |spec: &mut crate::addr::FileSpec, reads: bool, writes: bool| {
+            spec.access = Some(spec.access_for(reads, writes));
+        };
+        if let ListenEndpoint::File(spec) = &mut listen.endpoint {
+            fix(spec, client_reads, self != Flow::ToTarget);
+        }
+        if let TargetEndpoint::File(spec) = &mut target.endpoint {
+            fix(spec, target_reads, self != Flow::ToClient);
+        }
     }
 }
 
@@ -106,6 +141,12 @@ pub enum ForwardError {
         addr: String,
         path: PathBuf,
         problem: String,
+    },
+    #[error("cannot open {} ({addr}): {cause}", path.display())]
+    File {
+        addr: String,
+        path: PathBuf,
+        cause: io::Error,
     },
     #[error(
         "cannot resolve listen address {addr}: {cause} (a listener binds an address of this host: give an IP address such as 127.0.0.1 or [::1])"
@@ -127,7 +168,8 @@ impl ForwardError {
         match self {
             ForwardError::Tls(_)
             | ForwardError::ResolveListen { .. }
-            | ForwardError::SocketPath { .. } => true,
+            | ForwardError::SocketPath { .. }
+            | ForwardError::File { .. } => true,
             ForwardError::Netns(e) => e.is_bad_input(),
             ForwardError::Bind { .. } | ForwardError::Sockmap(_) => false,
         }
@@ -245,10 +287,13 @@ impl Forwarder {
     }
 
     async fn start(
-        config: RouteConfig,
+        mut config: RouteConfig,
         metrics: RouteMetrics,
         listener: Option<listener::Handle>,
     ) -> Result<Self, ForwardError> {
+        config
+            .flow
+            .open_files(&mut config.listen, &mut config.target);
         let acceptor = config
             .tls_server
             .as_ref()
@@ -307,9 +352,9 @@ impl Forwarder {
             namespace,
             engine,
             handshake_timeout: config.handshake_timeout,
-            stdio: if config.listen.is_stdio() {
+            stdio: if config.listen.is_stdio() || config.listen.file().is_some() {
                 Some(connection::Side::Client)
-            } else if config.target.is_stdio() {
+            } else if config.target.is_stdio() || config.target.file().is_some() {
                 Some(connection::Side::Target)
             } else {
                 None

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::file::FileLeg;
 use super::stdio::Stdio;
 
 /// The byte stream under a leg.
@@ -20,6 +21,8 @@ pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
     Stdio(Stdio),
+    /// A file, named pipe or terminal (socat's `OPEN`, `CREATE`, `PIPE`).
+    File(Box<FileLeg>),
 }
 
 /// A leg that is a kernel socket, as splice(2) needs one.
@@ -43,7 +46,7 @@ impl Socket {
         match self {
             Socket::Tcp(tcp) => Some(FdSocket::Tcp(tcp)),
             Socket::Unix(unix) => Some(FdSocket::Unix(unix)),
-            Socket::Stdio(_) => None,
+            Socket::Stdio(_) | Socket::File(_) => None,
         }
     }
 
@@ -129,6 +132,7 @@ macro_rules! each_socket {
             Socket::Tcp(s) => Pin::new(s).$method($($arg),*),
             Socket::Unix(s) => Pin::new(s).$method($($arg),*),
             Socket::Stdio(s) => Pin::new(s).$method($($arg),*),
+            Socket::File(s) => Pin::new(s).$method($($arg),*),
         }
     };
 }

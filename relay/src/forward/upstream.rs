@@ -31,6 +31,8 @@ pub enum ConnectError {
     Refused { addr: String },
     #[error("cannot connect to {path}: {cause}{hint}", hint = unix_hint(cause))]
     Unix { path: String, cause: io::Error },
+    #[error("cannot open {path}: {cause}")]
+    File { path: String, cause: io::Error },
     #[error("cannot start {program}: {cause}")]
     Spawn { program: String, cause: io::Error },
     #[error("no answer from {target} within {after:?}")]
@@ -62,6 +64,7 @@ impl ConnectError {
             | ConnectError::Failed { .. }
             | ConnectError::Unix { .. }
             | ConnectError::Spawn { .. }
+            | ConnectError::File { .. }
             | ConnectError::Proxy { .. } => Outcome::ConnectError,
             ConnectError::Namespace(_) => Outcome::NamespaceUnavailable,
         }
@@ -153,6 +156,15 @@ async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket
         }
         TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
         TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
+        TargetEndpoint::File(spec) => {
+            let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
+            super::file::open(spec, access)
+                .await
+                .map_err(|cause| ConnectError::File {
+                    path: spec.path.display().to_string(),
+                    cause,
+                })
+        }
         TargetEndpoint::Exec(_) => unreachable!("connect starts EXEC targets before connecting"),
         TargetEndpoint::Udp(_) => {
             unreachable!(

@@ -1,0 +1,166 @@
+//! A file as one leg of a connection (socat's `OPEN`, `CREATE`, `GOPEN`,
+//! `PIPE`): opened with the address's flags, then read and written
+//! through tokio's file I/O, which runs on blocking threads: a regular
+//! file, a named pipe or a terminal has no readiness an event loop could
+//! wait on. The read side and the write side are two descriptors of one
+//! open file, so a read that waits (a terminal, a pipe) never holds up a
+//! write. `ignoreeof` turns the end of the file into a wait for more, as
+//! `tail -f`; a terminal is put into raw mode and its echo set as asked.
+//!
+//! A read still waiting when the connection ends is left to its thread
+//! (as stdin's is): the file closes once that read returns.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::stream::Socket;
+use crate::addr::{Access, FileKind, FileSpec};
+
+/// How long `ignoreeof` waits at the end of the file before it reads
+/// again: `tail -f`'s interval.
+const EOF_POLL: Duration = Duration::from_secs(1);
+
+/// An open file, both ways or one.
+pub struct FileLeg {
+    read: Option<tokio::fs::File>,
+    write: Option<tokio::fs::File>,
+    ignore_eof: bool,
+    /// While `ignoreeof` waits at the end of the file.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Opens `spec` for `access`: a leg of the connection, a [`FileLeg`] or,
+/// for `GOPEN` on a UNIX socket, the connected socket. Opening may wait
+/// (a named pipe opened for reading waits for a writer), so it runs on a
+/// blocking thread.
+pub async fn open(spec: &FileSpec, access: Access) -> io::Result<Socket> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || open_blocking(&spec, access))
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn open_blocking(spec: &FileSpec, access: Access) -> io::Result<Socket> {
+    let path = &spec.path;
+    if spec.kind == FileKind::Gopen
+        && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    {
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        stream.set_nonblocking(true)?;
+        return tokio::net::UnixStream::from_std(stream).map(Socket::Unix);
+    }
+    if spec.kind == FileKind::Pipe && !path.exists() {
+        nix::unistd::mkfifo(
+            path,
+            nix::sys::stat::Mode::from_bits_truncate(spec.perm as nix::libc::mode_t),
+        )?;
+    }
+    let writes = access.writes();
+    let file = OpenOptions::new()
+        .read(access.reads())
+        .write(writes && !spec.append)
+        .append(writes && spec.append)
+        .truncate(writes && spec.truncate)
+        .create(spec.create && !spec.exclusive)
+        .create_new(spec.exclusive)
+        .mode(spec.perm)
+        // A terminal opened here must not become relay's controlling one.
+        .custom_flags(nix::libc::O_NOCTTY)
+        .open(path)?;
+    if spec.raw || spec.echo.is_some() {
+        terminal_mode(&file, spec)?;
+    }
+    let (read, write) = match access {
+        Access::ReadOnly => (Some(file), None),
+        Access::WriteOnly => (None, Some(file)),
+        Access::ReadWrite => (Some(file.try_clone()?), Some(file)),
+    };
+    Ok(Socket::File(Box::new(FileLeg {
+        read: read.map(tokio::fs::File::from_std),
+        write: write.map(tokio::fs::File::from_std),
+        ignore_eof: spec.ignore_eof,
+        wait: None,
+    })))
+}
+
+/// `raw` and `echo=` on a terminal; on anything else they are an error,
+/// as socat's are.
+fn terminal_mode(file: &std::fs::File, spec: &FileSpec) -> io::Result<()> {
+    use nix::sys::termios::{self, LocalFlags, SetArg};
+    let mut attrs = termios::tcgetattr(file).map_err(|errno| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "`raw` and `echo=` apply to a terminal, and {} is not one ({errno})",
+                spec.path.display()
+            ),
+        )
+    })?;
+    if spec.raw {
+        termios::cfmakeraw(&mut attrs);
+    }
+    if let Some(echo) = spec.echo {
+        attrs.local_flags.set(LocalFlags::ECHO, echo);
+    }
+    termios::tcsetattr(file, SetArg::TCSANOW, &attrs)?;
+    Ok(())
+}
+
+impl AsyncRead for FileLeg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(wait) = this.wait.as_mut() {
+                ready!(wait.as_mut().poll(cx));
+                this.wait = None;
+            }
+            // Opened for writing only: nothing to read, which is EOF.
+            let Some(file) = this.read.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let before = buf.filled().len();
+            ready!(Pin::new(file).poll_read(cx, buf))?;
+            if buf.filled().len() > before || !this.ignore_eof {
+                return Poll::Ready(Ok(()));
+            }
+            this.wait = Some(Box::pin(tokio::time::sleep(EOF_POLL)));
+        }
+    }
+}
+
+impl AsyncWrite for FileLeg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().write.as_mut() {
+            Some(file) => Pin::new(file).poll_write(cx, buf),
+            // Opened for reading only: what the peer sends is dropped.
+            None => Poll::Ready(Ok(buf.len())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().write.as_mut() {
+            Some(file) => Pin::new(file).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    /// A file has no half-close: its bytes are flushed to it, and it
+    /// closes with the connection.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
