@@ -216,6 +216,53 @@ fn a_raw_terminal_passes_bytes_unchanged_both_ways() -> Result<()> {
     Ok(())
 }
 
+/// A virtual serial port (`PTY,link=...,raw,echo=0`): a program opens the
+/// link, and what it writes reaches the TCP peer unchanged and the reply
+/// comes back; it may close and open the terminal again; the link goes
+/// when relay exits.
+#[test]
+fn a_pty_is_a_serial_port_at_its_link_until_relay_exits() -> Result<()> {
+    let echo = EchoServer::start()?;
+    let dir = TempDir::new("files-pty")?;
+    let link = dir.join("ttyV0");
+    let mut proc = relay(&[
+        "--drain-timeout",
+        "1s",
+        &format!("PTY,link={},raw,echo=0", link.display()),
+        &format!("TCP:{}", echo.addr()),
+    ])?;
+    poll_until("relay to link its terminal", TIMEOUT, || {
+        proc.ensure_running()?;
+        Ok(link.exists().then_some(()))
+    })?;
+    for line in [&b"AT\rOK\n"[..], b"again\r"] {
+        let mut port = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&link)
+            .with_context(|| format!("opening {}", link.display()))?;
+        port.write_all(line)?;
+        let mut back = vec![0u8; line.len()];
+        let reader = std::thread::spawn(move || port.read_exact(&mut back).map(|()| back));
+        poll_until("the echo through the terminal", TIMEOUT, || {
+            Ok(reader.is_finished().then_some(()))
+        })?;
+        let back = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reader panicked"))?
+            .context("reading the terminal")?;
+        ensure!(back == line, "the terminal got back {back:?} for {line:?}");
+    }
+    proc.signal(nix::sys::signal::Signal::SIGTERM)?;
+    proc.wait_exit(TIMEOUT)?
+        .context("relay did not exit on SIGTERM")?;
+    ensure!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "the link outlived relay"
+    );
+    Ok(())
+}
+
 #[test]
 fn gopen_connects_to_a_unix_socket_at_the_path() -> Result<()> {
     let dir = TempDir::new("files-gopen")?;

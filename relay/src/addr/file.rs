@@ -1,5 +1,6 @@
 //! socat's file addresses: `OPEN:<path>` (and its alias `FILE:`),
-//! `CREATE:<path>`, `GOPEN:<path>` and `PIPE:<path>`, on either side, with
+//! `CREATE:<path>`, `GOPEN:<path>`, `PIPE:<path>` and `PTY` (a new
+//! pseudo-terminal, `link=` naming it), on either side, with
 //! the open options scripts use (`creat`, `excl`, `append`, `trunc`,
 //! `rdonly` / `wronly` / `rdwr`, `perm=`, `ignoreeof`) and, for a terminal
 //! such as a serial line, `raw` and `echo=`. How a file is opened and read
@@ -7,7 +8,7 @@
 
 use super::*;
 
-pub(super) const FILE_OPTIONS: &str = "creat, excl, append, trunc, rdonly, wronly, rdwr, perm=<octal> (mode=), ignoreeof, raw, echo=0|1";
+pub(super) const FILE_OPTIONS: &str = "creat, excl, append, trunc, rdonly, wronly, rdwr, perm=<octal> (mode=), ignoreeof, raw, echo=0|1; PTY: link=<path>, raw, echo=0|1";
 
 /// How socat opens the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,9 @@ pub enum FileKind {
     Gopen,
     /// `PIPE:`: a named pipe, made if missing.
     Pipe,
+    /// `PTY`: a new pseudo-terminal; relay holds its master side, and
+    /// programs open the terminal (at `link=`, if given) as a serial line.
+    Pty,
 }
 
 /// Which ways a file is opened. Unless an option says, the route decides:
@@ -64,6 +68,9 @@ pub struct FileSpec {
     pub raw: bool,
     /// `echo=`: a terminal's echo on or off; `None`: as it is.
     pub echo: Option<bool>,
+    /// `link=` (PTY): a symbolic link to the new terminal, made when it
+    /// opens and removed when it closes.
+    pub link: Option<PathBuf>,
 }
 
 impl FileSpec {
@@ -82,7 +89,13 @@ impl FileSpec {
 
 pub(super) fn parse_file(input: &str, kind: FileKind, rest: &str) -> Result<FileSpec, AddrError> {
     let (path, options) = split_options(rest);
-    if path.is_empty() {
+    if kind == FileKind::Pty && !path.is_empty() {
+        return Err(invalid(
+            input,
+            "PTY takes no path: name the terminal with `PTY,link=<path>`",
+        ));
+    }
+    if path.is_empty() && kind != FileKind::Pty {
         let why = if kind == FileKind::Pipe {
             "PIPE needs a path here (`PIPE:/run/x.fifo`): relay does not make unnamed pipes"
         } else {
@@ -102,9 +115,20 @@ pub(super) fn parse_file(input: &str, kind: FileKind, rest: &str) -> Result<File
         ignore_eof: false,
         raw: false,
         echo: None,
+        link: None,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;
+        if kind == FileKind::Pty && !["link", "raw", "echo"].contains(&opt.key.as_str()) {
+            refused_option(input, &opt.key)?;
+            return Err(invalid(
+                input,
+                format!(
+                    "address option `{}` is not supported by relay on PTY (supported: link=<path>, raw, echo=0|1)",
+                    opt.key
+                ),
+            ));
+        }
         match opt.key.as_str() {
             "creat" | "create" => spec.create = opt.flag(input)?,
             "excl" => spec.exclusive = opt.flag(input)?,
@@ -141,6 +165,9 @@ pub(super) fn parse_file(input: &str, kind: FileKind, rest: &str) -> Result<File
                     })?;
             }
             "ignoreeof" => spec.ignore_eof = opt.flag(input)?,
+            "link" if kind == FileKind::Pty => {
+                spec.link = Some(PathBuf::from(opt.required(input)?));
+            }
             "raw" => spec.raw = opt.flag(input)?,
             "echo" => spec.echo = Some(opt.flag(input)?),
             other => {

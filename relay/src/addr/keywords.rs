@@ -137,6 +137,7 @@ pub(super) const KEYWORDS: &[(&str, Kind)] = &[
     ("creat", Kind::File(FileKind::Create)),
     ("gopen", Kind::File(FileKind::Gopen)),
     ("pipe", Kind::File(FileKind::Pipe)),
+    ("pty", Kind::File(FileKind::Pty)),
     ("socks4", Kind::ProxyConnect(Via::Socks4)),
     ("socks", Kind::ProxyConnect(Via::Socks4)),
     ("socks4a", Kind::ProxyConnect(Via::Socks4a)),
@@ -174,6 +175,9 @@ impl Kind {
                 "a UNIX socket at the path is connected to, anything else opened as OPEN"
             }
             Kind::File(FileKind::Pipe) => "a named pipe, made if missing (no unnamed PIPE)",
+            Kind::File(FileKind::Pty) => {
+                "a new pseudo-terminal, relay holding its master side (link=, raw, echo=)"
+            }
             Kind::ProxyConnect(Via::Socks4) => {
                 "TCP through a SOCKS 4 server (relay resolves the host)"
             }
@@ -223,8 +227,8 @@ pub(super) fn socat_keyword(input: &str) -> Option<(Kind, &str)> {
         .find(|(k, _)| k.eq_ignore_ascii_case(word))
         .map(|(_, kind)| *kind)?;
     match kind {
-        Kind::Stdio(_) if input.contains(':') => None,
-        Kind::Stdio(_) => Some((kind, rest)),
+        Kind::Stdio(_) | Kind::File(FileKind::Pty) if input.contains(':') => None,
+        Kind::Stdio(_) | Kind::File(FileKind::Pty) => Some((kind, rest)),
         _ if !input.contains(':') => None,
         _ => Some((kind, rest)),
     }
@@ -254,7 +258,6 @@ pub(super) const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("abstract-recv", DATAGRAM_UNIX_INSTEAD),
     ("stderr", "relay writes only its log to stderr; use STDOUT"),
     ("fd", FILE_INSTEAD),
-    ("pty", FILE_INSTEAD),
     ("readline", "use socat for interactive line editing"),
     ("tun", "relay does not make TUN devices"),
     ("socks4-listen", PROXY_INSTEAD),
@@ -280,7 +283,7 @@ pub(super) const UDP_INSTEAD: &str = "relay relays UDP as a listener with a sess
 
 pub(super) const DATAGRAM_UNIX_INSTEAD: &str = "relay forwards UNIX stream sockets only: use UNIX-LISTEN / UNIX-CONNECT, or socat for datagram sockets";
 
-pub(super) const FILE_INSTEAD: &str = "relay opens files by path only (OPEN:, CREATE:, GOPEN:, PIPE:) and has no terminal of its own: use STDIO with a shell redirection, or socat";
+pub(super) const FILE_INSTEAD: &str = "relay opens files by path only (OPEN:, CREATE:, GOPEN:, PIPE:, PTY): use STDIO with a shell redirection (`relay - <ADDR> <&3`), or socat";
 
 pub(super) const PROXY_INSTEAD: &str = "relay is not a SOCKS server: it connects through one (SOCKS4, SOCKS4A, SOCKS5-CONNECT, PROXY); keep socat, or a SOCKS server such as dante, for this line";
 

@@ -460,8 +460,8 @@ fn bad_addresses_name_the_token() {
         ),
         (parse_target("EXEC:/bin/sh,pty").map(|_| ()), "option `pty`"),
         (
-            parse_target("PTY,link=/tmp/x").map(|_| ()),
-            "`PTY` is not supported by relay",
+            parse_target("FD:3").map(|_| ()),
+            "`FD` is not supported by relay",
         ),
         (parse_target("SYSTEM:").map(|_| ()), "the command is empty"),
         (
@@ -687,7 +687,16 @@ fn file_addresses_read_their_open_options() {
     assert!(spec.raw && spec.echo == Some(false));
     assert_eq!(spec.access_for(true, false), Access::ReadOnly);
     assert_eq!(spec.access_for(true, true), Access::ReadWrite);
+    let (pty, _) = parse_pair("PTY,link=/tmp/ttyV0,raw,echo=0", "TCP:127.0.0.1:2000").unwrap();
+    let spec = pty.file().expect("a PTY first");
+    assert_eq!(spec.kind, FileKind::Pty);
+    assert_eq!(
+        spec.link.as_deref(),
+        Some(std::path::Path::new("/tmp/ttyV0"))
+    );
     for (text, says) in [
+        ("PTY,creat", "on PTY"),
+        ("PTY:/dev/x", "`PTY` is not supported here"),
         ("PIPE:", "unnamed pipes"),
         ("OPEN:/x,excl", "`excl`"),
         ("CREATE:/x,rdwr", "writing only"),

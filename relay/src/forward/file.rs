@@ -12,6 +12,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -33,6 +34,21 @@ pub struct FileLeg {
     ignore_eof: bool,
     /// While `ignoreeof` waits at the end of the file.
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A PTY's own terminal side, held open so that a program may open and
+    /// close the terminal again and again (a serial port does not go away
+    /// when one user closes it) without relay's reads failing.
+    _terminal: Option<std::os::fd::OwnedFd>,
+    /// A PTY's `link=`, removed when the leg closes.
+    link: Option<std::path::PathBuf>,
+}
+
+impl Drop for FileLeg {
+    fn drop(&mut self) {
+        if let Some(link) = &self.link {
+            // Gone already (removed by hand): nothing to clean.
+            let _ = std::fs::remove_file(link);
+        }
+    }
 }
 
 /// Opens `spec` for `access`: a leg of the connection, a [`FileLeg`] or,
@@ -47,6 +63,9 @@ pub async fn open(spec: &FileSpec, access: Access) -> io::Result<Socket> {
 }
 
 fn open_blocking(spec: &FileSpec, access: Access) -> io::Result<Socket> {
+    if spec.kind == FileKind::Pty {
+        return open_pty(spec);
+    }
     let path = &spec.path;
     if spec.kind == FileKind::Gopen
         && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
@@ -86,6 +105,36 @@ fn open_blocking(spec: &FileSpec, access: Access) -> io::Result<Socket> {
         write: write.map(tokio::fs::File::from_std),
         ignore_eof: spec.ignore_eof,
         wait: None,
+        _terminal: None,
+        link: None,
+    })))
+}
+
+/// A new pseudo-terminal: relay reads and writes its master side; the
+/// terminal side takes `raw` and `echo=`, and `link=` points at it.
+fn open_pty(spec: &FileSpec) -> io::Result<Socket> {
+    let pty = nix::pty::openpty(None, None)?;
+    let terminal = std::fs::File::from(pty.slave);
+    if spec.raw || spec.echo.is_some() {
+        terminal_mode(&terminal, spec)?;
+    }
+    let name = std::fs::read_link(format!("/proc/self/fd/{}", terminal.as_raw_fd()))?;
+    if let Some(link) = &spec.link {
+        // A link left by an earlier run (or connection) is replaced; a
+        // file that is not a link is not relay's to remove.
+        if std::fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(link)?;
+        }
+        std::os::unix::fs::symlink(&name, link)?;
+    }
+    let master = std::fs::File::from(pty.master);
+    Ok(Socket::File(Box::new(FileLeg {
+        read: Some(tokio::fs::File::from_std(master.try_clone()?)),
+        write: Some(tokio::fs::File::from_std(master)),
+        ignore_eof: false,
+        wait: None,
+        _terminal: Some(terminal.into()),
+        link: spec.link.clone(),
     })))
 }
 
