@@ -161,6 +161,13 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
         Status::Supported("the child's stderr goes into the connection too"),
     ),
     (
+        "pty",
+        "EXEC, SYSTEM",
+        Status::Supported(
+            "the child on a new terminal, its controlling one (also ctty, setsid); a half-close reaches it as the terminal's end-of-file; raw and echo= set it up",
+        ),
+    ),
+    (
         "socksport",
         "SOCKS4, SOCKS4A, SOCKS5-CONNECT",
         Status::Supported("the SOCKS server's port (default 1080; also the second field)"),
@@ -247,14 +254,14 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
     ),
     (
         "raw",
-        "file addresses (a terminal)",
+        "file addresses (a terminal), PTY, EXEC with pty",
         Status::Supported(
             "the terminal in raw mode (cfmakeraw: no line editing, CR and NL unchanged)",
         ),
     ),
     (
         "echo",
-        "file addresses (a terminal)",
+        "file addresses (a terminal), PTY, EXEC with pty",
         Status::Supported("echo=0 turns the terminal's echo off, echo=1 on"),
     ),
     ("su, substuser", "any", Status::Refused(SU)),

@@ -185,3 +185,45 @@ fn children_die_with_a_killed_relay() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// `EXEC:...,pty`: the child runs on a terminal of its own (a program that
+/// asks gets one), the client's half-close reaches it as the terminal's
+/// end-of-file (a last line without newline included), its output comes
+/// back as a terminal writes it (NL as CR NL), and it exits cleanly,
+/// counted and reaped.
+#[test]
+fn exec_pty_runs_the_child_on_a_terminal_and_ends_it_with_eof() -> Result<()> {
+    use std::io::{Read, Write};
+    let asks = exec_relay(
+        "SYSTEM:test -t 0 && test -t 1 && echo on a terminal,pty",
+        &[],
+    )?;
+    let mut client = asks.connect()?;
+    let mut told = String::new();
+    client.read_to_string(&mut told)?;
+    ensure!(told == "on a terminal\r\n", "the child said {told:?}");
+
+    let cat = exec_relay("EXEC:/bin/cat,pty,echo=0", &[])?;
+    let mut client = cat.connect()?;
+    client.write_all(b"first line\nno newline")?;
+    client.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    client.read_to_end(&mut back)?;
+    ensure!(
+        back == b"first line\r\nno newline",
+        "cat on a terminal gave back {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    cat.wait_metric(
+        "relay_exec_children_total",
+        &[("exit", "success")],
+        1.0,
+        REAP_TIMEOUT,
+    )?;
+    ensure!(
+        children_of(cat.pid())?.is_empty(),
+        "the child is reaped: {:?}",
+        children_of(cat.pid())
+    );
+    Ok(())
+}

@@ -24,7 +24,7 @@ pub(super) const SOCKS5_OPTIONS: &str = "socksport=<port> (default 1080)";
 
 pub(super) const HTTP_PROXY_OPTIONS: &str = "proxyport=<port> (default 8080), proxy-authorization=<user>:<password> (proxyauth=), proxy-authorization-file=<path>, resolve, ignorecr";
 
-pub(super) const EXEC_OPTIONS: &str = "stderr";
+pub(super) const EXEC_OPTIONS: &str = "stderr, pty (with raw, echo=0|1, ctty, setsid)";
 
 pub(super) const UDP_LISTEN_OPTIONS: &str =
     "fork, reuseaddr, so-reuseport, bind=<addr>, netns=, container=, pid=";

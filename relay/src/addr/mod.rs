@@ -229,6 +229,12 @@ pub struct ExecSpec {
     /// `stderr`: the child's stderr goes into the connection too (a dup of
     /// its stdout, as socat's option); without it, to relay's stderr.
     pub stderr_to_peer: bool,
+    /// `pty`: the child's stdin, stdout and stderr are a new terminal
+    /// (its controlling one) instead of a socket pair.
+    pub pty: bool,
+    /// With `pty`: `raw` and `echo=` for that terminal.
+    pub raw: bool,
+    pub echo: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -113,6 +113,9 @@ pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetA
     let mut spec = ExecSpec {
         argv,
         stderr_to_peer: false,
+        pty: false,
+        raw: false,
+        echo: None,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;
@@ -124,11 +127,13 @@ pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetA
                     "option `nofork` is not supported by relay: relay runs one child per connection (its stdin and stdout the connection); drop `nofork`",
                 ));
             }
-            "pty" => {
-                return Err(invalid(
-                    input,
-                    "option `pty` is not supported by relay yet: the child's stdin and stdout are a socket pair; keep socat for programs that need a terminal",
-                ));
+            "pty" => spec.pty = opt.flag(input)?,
+            "raw" => spec.raw = opt.flag(input)?,
+            "echo" => spec.echo = Some(opt.flag(input)?),
+            "ctty" | "setsid" => {
+                // What `pty` does anyway: the terminal is the child's
+                // controlling one, in a session of its own.
+                opt.flag(input)?;
             }
             other => {
                 return Err(invalid(
@@ -139,6 +144,12 @@ pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetA
                 ));
             }
         }
+    }
+    if !spec.pty && (spec.raw || spec.echo.is_some()) {
+        return Err(invalid(
+            input,
+            "`raw` and `echo=` set up a terminal: add `pty` (the child's stdin and stdout are a socket pair without it)",
+        ));
     }
     Ok(TargetAddr {
         endpoint: TargetEndpoint::Exec(spec),

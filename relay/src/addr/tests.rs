@@ -458,7 +458,7 @@ fn bad_addresses_name_the_token() {
             parse_target("EXEC:/bin/cat,nofork").map(|_| ()),
             "option `nofork` is not supported by relay",
         ),
-        (parse_target("EXEC:/bin/sh,pty").map(|_| ()), "option `pty`"),
+        (parse_target("EXEC:/bin/sh,raw").map(|_| ()), "add `pty`"),
         (
             parse_target("FD:3").map(|_| ()),
             "`FD` is not supported by relay",

@@ -2,7 +2,10 @@
 //! stdout one end of a UNIX socket pair whose other end is the
 //! connection's upstream leg (socat's default), so every data path that
 //! works on a UNIX socket works here, and a half-close reaches the child
-//! as EOF on its stdin.
+//! as EOF on its stdin. With `pty` they are a new terminal instead, the
+//! child's controlling one in a session of its own, and relay's leg is
+//! the terminal's master side (`file::FileLeg`): a half-close reaches the
+//! child as the terminal's end-of-file character.
 //!
 //! This module owns a child's whole life, so none is left behind:
 //! - started with `PR_SET_PDEATHSIG` = SIGKILL, so it dies with relay
@@ -23,6 +26,8 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 
+use super::file::{FileLeg, eof_char, set_terminal};
+use super::stream::Socket;
 use crate::addr::ExecSpec;
 
 /// How long a child may take to exit after its stdin closed, and again
@@ -42,29 +47,44 @@ pub struct Exit {
 }
 
 /// Starts `spec` with its stdin and stdout (and, with `stderr`, its
-/// stderr) on one end of a new socket pair; the other end comes back.
-pub fn spawn(spec: &ExecSpec) -> io::Result<(UnixStream, Child)> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+/// stderr) on one end of a new socket pair, or with `pty` on a new
+/// terminal; relay's end comes back as the connection's leg.
+pub fn spawn(spec: &ExecSpec) -> io::Result<(Socket, Child)> {
     let program = spec
         .argv
         .first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no program to run"))?;
-    let theirs = OwnedFd::from(theirs);
+    let (ours, theirs): (Socket, OwnedFd) = if spec.pty {
+        let pty = nix::pty::openpty(None, None)?;
+        set_terminal(&pty.slave, spec.raw, spec.echo)?;
+        let eof = eof_char(&pty.slave)?;
+        (
+            Socket::File(Box::new(FileLeg::master(pty.master, eof)?)),
+            pty.slave,
+        )
+    } else {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        (Socket::Unix(UnixStream::from_std(ours)?), theirs.into())
+    };
     let mut command = tokio::process::Command::new(program);
     command
         .args(&spec.argv[1..])
         .stdin(Stdio::from(theirs.try_clone()?))
         .stdout(Stdio::from(theirs.try_clone()?))
         .kill_on_drop(true);
-    if spec.stderr_to_peer {
+    // On a terminal stderr goes where a terminal's does: onto it.
+    if spec.stderr_to_peer || spec.pty {
         command.stderr(Stdio::from(theirs));
     } else {
         drop(theirs);
         command.stderr(Stdio::inherit());
     }
     let parent = nix::unistd::getpid();
+    let pty = spec.pty;
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only prctl(2) and getppid(2), both async-signal-safe.
+    // only prctl(2), getppid(2), setsid(2) and ioctl(2), all
+    // async-signal-safe.
     unsafe {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -74,6 +94,14 @@ pub fn spawn(spec: &ExecSpec) -> io::Result<(UnixStream, Child)> {
             if nix::unistd::getppid() != parent {
                 return Err(io::Error::other("relay exited while starting the child"));
             }
+            if pty {
+                // A session of its own, the terminal (its stdin, fd 0) its
+                // controlling one, so job control and ^C work as in a shell.
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -81,9 +109,8 @@ pub fn spawn(spec: &ExecSpec) -> io::Result<(UnixStream, Child)> {
     // Dropping the Command closes the parent's copies of the child's end,
     // so the child's exit is EOF on ours.
     drop(command);
-    ours.set_nonblocking(true)?;
     Ok((
-        UnixStream::from_std(ours)?,
+        ours,
         Child {
             child,
             program: program.clone(),

@@ -40,6 +40,15 @@ pub struct FileLeg {
     _terminal: Option<std::os::fd::OwnedFd>,
     /// A PTY's `link=`, removed when the leg closes.
     link: Option<std::path::PathBuf>,
+    /// The master side of a terminal: EIO from a read means every program
+    /// on the terminal side has closed it, which is its EOF.
+    master: bool,
+    /// An EXEC child's terminal in canonical mode: its end-of-file
+    /// character, written when the peer's EOF is passed on, so the child
+    /// reads EOF as it would from a keyboard's ^D (twice: the first ends a
+    /// line the child has not seen yet, the second is the EOF).
+    eof_char: Option<u8>,
+    eof_sent: bool,
 }
 
 impl Drop for FileLeg {
@@ -107,6 +116,9 @@ fn open_blocking(spec: &FileSpec, access: Access) -> io::Result<Socket> {
         wait: None,
         _terminal: None,
         link: None,
+        master: false,
+        eof_char: None,
+        eof_sent: false,
     })))
 }
 
@@ -127,38 +139,72 @@ fn open_pty(spec: &FileSpec) -> io::Result<Socket> {
         }
         std::os::unix::fs::symlink(&name, link)?;
     }
-    let master = std::fs::File::from(pty.master);
-    Ok(Socket::File(Box::new(FileLeg {
-        read: Some(tokio::fs::File::from_std(master.try_clone()?)),
-        write: Some(tokio::fs::File::from_std(master)),
-        ignore_eof: false,
-        wait: None,
-        _terminal: Some(terminal.into()),
-        link: spec.link.clone(),
-    })))
+    let mut leg = FileLeg::master(pty.master, None)?;
+    leg._terminal = Some(terminal.into());
+    leg.link = spec.link.clone();
+    Ok(Socket::File(Box::new(leg)))
+}
+
+impl FileLeg {
+    /// The master side of a pseudo-terminal; `eof_char`: what to write
+    /// when the peer's EOF is passed on (an EXEC child's ^D).
+    pub fn master(master: std::os::fd::OwnedFd, eof_char: Option<u8>) -> io::Result<Self> {
+        let master = std::fs::File::from(master);
+        Ok(FileLeg {
+            read: Some(tokio::fs::File::from_std(master.try_clone()?)),
+            write: Some(tokio::fs::File::from_std(master)),
+            ignore_eof: false,
+            wait: None,
+            _terminal: None,
+            link: None,
+            master: true,
+            eof_char,
+            eof_sent: false,
+        })
+    }
+}
+
+/// Sets up a new terminal's mode: `raw` (cfmakeraw) and `echo=`.
+pub fn set_terminal(
+    terminal: &impl std::os::fd::AsFd,
+    raw: bool,
+    echo: Option<bool>,
+) -> io::Result<()> {
+    use nix::sys::termios::{self, LocalFlags, SetArg};
+    let mut attrs = termios::tcgetattr(terminal)?;
+    if raw {
+        termios::cfmakeraw(&mut attrs);
+    }
+    if let Some(echo) = echo {
+        attrs.local_flags.set(LocalFlags::ECHO, echo);
+    }
+    termios::tcsetattr(terminal, SetArg::TCSANOW, &attrs)?;
+    Ok(())
+}
+
+/// The end-of-file character of a terminal in canonical mode, if it is.
+pub fn eof_char(terminal: &impl std::os::fd::AsFd) -> io::Result<Option<u8>> {
+    use nix::sys::termios::{self, LocalFlags, SpecialCharacterIndices};
+    let attrs = termios::tcgetattr(terminal)?;
+    Ok(attrs
+        .local_flags
+        .contains(LocalFlags::ICANON)
+        .then(|| attrs.control_chars[SpecialCharacterIndices::VEOF as usize]))
 }
 
 /// `raw` and `echo=` on a terminal; on anything else they are an error,
 /// as socat's are.
 fn terminal_mode(file: &std::fs::File, spec: &FileSpec) -> io::Result<()> {
-    use nix::sys::termios::{self, LocalFlags, SetArg};
-    let mut attrs = termios::tcgetattr(file).map_err(|errno| {
-        io::Error::new(
+    if !nix::unistd::isatty(file).unwrap_or(false) {
+        return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "`raw` and `echo=` apply to a terminal, and {} is not one ({errno})",
+                "`raw` and `echo=` apply to a terminal, and {} is not one",
                 spec.path.display()
             ),
-        )
-    })?;
-    if spec.raw {
-        termios::cfmakeraw(&mut attrs);
+        ));
     }
-    if let Some(echo) = spec.echo {
-        attrs.local_flags.set(LocalFlags::ECHO, echo);
-    }
-    termios::tcsetattr(file, SetArg::TCSANOW, &attrs)?;
-    Ok(())
+    set_terminal(file, spec.raw, spec.echo)
 }
 
 impl AsyncRead for FileLeg {
@@ -178,7 +224,12 @@ impl AsyncRead for FileLeg {
                 return Poll::Ready(Ok(()));
             };
             let before = buf.filled().len();
-            ready!(Pin::new(file).poll_read(cx, buf))?;
+            match ready!(Pin::new(file).poll_read(cx, buf)) {
+                Err(e) if this.master && e.raw_os_error() == Some(nix::libc::EIO) => {
+                    return Poll::Ready(Ok(()));
+                }
+                result => result?,
+            }
             if buf.filled().len() > before || !this.ignore_eof {
                 return Poll::Ready(Ok(()));
             }
@@ -208,8 +259,14 @@ impl AsyncWrite for FileLeg {
     }
 
     /// A file has no half-close: its bytes are flushed to it, and it
-    /// closes with the connection.
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// closes with the connection. An EXEC child's terminal is sent its
+    /// end-of-file character first.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let (Some(eof), false) = (self.eof_char, self.eof_sent) {
+            ready!(self.as_mut().poll_flush(cx))?;
+            let written = ready!(self.as_mut().poll_write(cx, &[eof, eof]))?;
+            self.eof_sent = written == 2;
+        }
         self.poll_flush(cx)
     }
 }

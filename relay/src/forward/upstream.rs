@@ -105,7 +105,7 @@ async fn connect_once(
     if let TargetEndpoint::Exec(spec) = &target.endpoint {
         // A program is started, not connected to: no namespace, no timeout.
         return exec::spawn(spec)
-            .map(|(socket, child)| (Socket::Unix(socket), Some(child)))
+            .map(|(socket, child)| (socket, Some(child)))
             .map_err(|cause| ConnectError::Spawn {
                 program: spec.argv.join(" "),
                 cause,
