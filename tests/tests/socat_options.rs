@@ -432,6 +432,68 @@ fn family_and_log_file_flags_mean_what_they_mean_in_socat() -> Result<()> {
     Ok(())
 }
 
+/// Two connect addresses (`relay TCP:a TCP:b`, socat's "connect both and
+/// relay"): each server gets the other's bytes, and relay exits 0 once
+/// both have closed. A program first (`relay EXEC:cmd TCP:b`) is one
+/// program joined to one connection, reaped before relay exits; a first
+/// address that cannot be reached is an exit 1 naming it.
+#[test]
+fn two_connect_addresses_are_joined_once() -> Result<()> {
+    // Speaks, then keeps what it hears until EOF.
+    let heard: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let speaker = |greeting: &'static [u8]| {
+        let heard = Arc::clone(&heard);
+        Backend::start(move |mut stream| {
+            let _ = stream.write_all(greeting);
+            let _ = stream.shutdown(Shutdown::Write);
+            let mut got = Vec::new();
+            let _ = stream.read_to_end(&mut got);
+            heard.lock().expect("heard lock").push(got);
+        })
+    };
+    let (a, b) = (speaker(b"hello from a")?, speaker(b"hello from b")?);
+    let run = |args: &[String]| -> Result<std::process::ExitStatus> {
+        let mut cmd = std::process::Command::new(relay_bin()?);
+        cmd.args(args);
+        let mut proc = ChildProc::spawn("relay", cmd)?;
+        proc.wait_exit(CLOSE_TIMEOUT)?
+            .with_context(|| format!("relay {args:?} did not exit; log:\n{}", proc.log()))
+    };
+    let status = run(&[format!("TCP:{}", a.addr()), format!("TCP:{}", b.addr())])?;
+    ensure!(status.success(), "relay TCP:a TCP:b exited {status}");
+    let mut got = heard.lock().expect("heard lock").clone();
+    got.sort();
+    ensure!(
+        got == [b"hello from a".to_vec(), b"hello from b".to_vec()],
+        "each server hears the other: {got:?}"
+    );
+
+    heard.lock().expect("heard lock").clear();
+    let status = run(&[
+        "EXEC:printf from-a-program".to_string(),
+        format!("TCP:{}", b.addr()),
+    ])?;
+    ensure!(status.success(), "relay EXEC:... TCP:b exited {status}");
+    let got = heard.lock().expect("heard lock").clone();
+    ensure!(
+        got == [b"from-a-program".to_vec()],
+        "the server hears the program: {got:?}"
+    );
+
+    let closed = free_port()?;
+    let mut cmd = std::process::Command::new(relay_bin()?);
+    cmd.args([
+        format!("TCP:127.0.0.1:{closed}"),
+        format!("TCP:{}", b.addr()),
+    ]);
+    let (status, text) = relay_tests::child::status_and_text(cmd)?;
+    ensure!(
+        status.code() == Some(1) && text.contains("cannot reach the first address"),
+        "an unreachable first address: exit {status}, output:\n{text}"
+    );
+    Ok(())
+}
+
 #[test]
 fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
     let cases: [(&[&str], &[&str]); 4] = [

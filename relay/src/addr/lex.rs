@@ -201,12 +201,12 @@ pub(super) fn socat_form(
         return match position {
             Position::Listen if matches!(kind, Kind::Exec { .. }) => Err(invalid(
                 input,
-                "EXEC/SYSTEM as the first address (one program, one connection to the other address) is not supported yet: \
-                 put a listener first and the program second, for example `TCP-LISTEN:8080,fork EXEC:/usr/bin/cat`",
+                "EXEC/SYSTEM does not listen: put a listener first and the program second (`TCP-LISTEN:8080,fork EXEC:/usr/bin/cat`), \
+                 or in the socat form the program first and a connect address second (`relay EXEC:cmd TCP:host:port`: one program, one connection)",
             )),
             Position::Listen if !kind.listens() => Err(invalid(
                 input,
-                "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`), or be STDIO",
+                "this is a connect address; the first address must listen (for example `TCP-LISTEN:8080,fork`), or be STDIO (in the socat form two connect addresses are joined once: `relay TCP:a:1 TCP:b:2`)",
             )),
             Position::Target if !kind.connects() => Err(invalid(
                 input,

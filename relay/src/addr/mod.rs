@@ -87,6 +87,10 @@ pub enum ListenEndpoint {
     Stdio(StdioMode),
     /// A file as the one client (`OPEN:`, `CREATE:`, `GOPEN:`, `PIPE:`).
     File(FileSpec),
+    /// Two connect addresses (`relay TCP:a:1 TCP:b:2`, `relay EXEC:cmd
+    /// TCP:b:2`): the first is connected to (or started) once, at start,
+    /// and is the route's one client.
+    Connect(Box<TargetAddr>),
     /// A UDP socket (`UDP-LISTEN:`, `udp://`): host, port, family and the
     /// reuse flags mean what they mean for TCP; there is no backlog.
     Udp(TcpListen),
@@ -470,18 +474,48 @@ pub fn check_route(listen: &ListenAddr, target: &TargetAddr) -> Result<(), AddrE
 /// The two addresses of the socat form, in either order: socat does not
 /// care which comes first, so `relay TCP:host:port -` works like
 /// `relay - TCP:host:port`. The first address is taken as the listener
-/// when it can be one; else the second, if it can, and the first connects.
+/// when it can be one; else the second, if it can, and the first connects;
+/// else, when both connect (`relay TCP:a:1 TCP:b:2`), the first is
+/// connected to once at start and the second for it.
 pub fn parse_pair(first: &str, second: &str) -> Result<(ListenAddr, TargetAddr), AddrError> {
     let forward = parse_listen(first).and_then(|l| parse_target(second).map(|t| (l, t)));
     let pair = match forward {
         Ok(pair) => pair,
         Err(err) => match (parse_listen(second), parse_target(first)) {
             (Ok(listen), Ok(target)) => (listen, target),
+            (Err(_), Ok(connect)) => match parse_target(second) {
+                Ok(target) => (first_connect(connect)?, target),
+                Err(_) => return Err(err),
+            },
             _ => return Err(err),
         },
     };
     check_route(&pair.0, &pair.1)?;
     Ok(pair)
+}
+
+/// The first of two connect addresses, as the route's one client.
+fn first_connect(connect: TargetAddr) -> Result<ListenAddr, AddrError> {
+    let refuse = |why: &str| Err(invalid(&connect.text, why));
+    if connect.tls.is_some() {
+        return refuse(
+            "OPENSSL as the first of two connect addresses is not supported: write it second (`relay TCP:a:1 OPENSSL:b:443`)",
+        );
+    }
+    if connect.is_udp() {
+        return refuse(
+            "UDP as the first of two connect addresses is not supported: relay relays UDP from a UDP-LISTEN",
+        );
+    }
+    Ok(ListenAddr {
+        text: connect.text.clone(),
+        endpoint: ListenEndpoint::Connect(Box::new(connect)),
+        backlog: None,
+        max_children: None,
+        once: true,
+        tls: None,
+        netns: None,
+    })
 }
 
 #[cfg(test)]

@@ -400,8 +400,20 @@ fn the_pair_may_come_in_either_order() {
     assert!(err.contains("drop `fork`"), "{err}");
     let err = parse_pair("-", "STDIO").unwrap_err().to_string();
     assert!(err.contains("relays nothing"), "{err}");
-    let err = parse_pair("TCP:a:1", "TCP:b:2").unwrap_err().to_string();
-    assert!(err.contains("first address must listen"), "{err}");
+    // Two connect addresses: the first is the route's one client.
+    let (l, t) = parse_pair("TCP:a:1", "UNIX-CONNECT:/run/b.sock").unwrap();
+    assert!(matches!(&l.endpoint, ListenEndpoint::Connect(first) if first.tcp().is_some()));
+    assert!(l.once && l.text == "TCP:a:1" && t.text == "UNIX-CONNECT:/run/b.sock");
+    let (l, _) = parse_pair("EXEC:/bin/cat", "TCP:b:2").unwrap();
+    assert!(
+        matches!(&l.endpoint, ListenEndpoint::Connect(first) if matches!(first.endpoint, TargetEndpoint::Exec(_)))
+    );
+    let err = parse_pair("OPENSSL:a:443", "TCP:b:2")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("write it second"), "{err}");
+    let err = parse_pair("TCP:a:1", "TCP:b").unwrap_err().to_string();
+    assert!(err.contains("TCP:b"), "{err}");
 }
 
 #[test]

@@ -921,7 +921,9 @@ pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
             Some(format!("{host}|{}|{netns}", tcp.port))
         }
         addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
-        addr::ListenEndpoint::Stdio(_) | addr::ListenEndpoint::File(_) => None,
+        addr::ListenEndpoint::Stdio(_)
+        | addr::ListenEndpoint::File(_)
+        | addr::ListenEndpoint::Connect(_) => None,
         // A UDP port is not a TCP one: both may be bound at once.
         addr::ListenEndpoint::Udp(udp) => {
             if udp.port == 0 {

@@ -139,6 +139,9 @@ pub struct Connection {
     client: Socket,
     peer: Peer,
     route: Arc<RouteContext>,
+    /// The program behind the client leg (EXEC as the first of two
+    /// connect addresses), reaped with the connection.
+    client_child: Option<Child>,
 }
 
 impl Connection {
@@ -147,7 +150,13 @@ impl Connection {
             client,
             peer,
             route,
+            client_child: None,
         }
+    }
+
+    pub fn with_client_child(mut self, child: Option<Child>) -> Self {
+        self.client_child = child;
+        self
     }
 
     /// Runs the connection to its end, records its outcome and logs one line.
@@ -157,6 +166,7 @@ impl Connection {
             client,
             peer,
             route,
+            client_child,
         } = self;
         let metrics = &route.metrics;
         let started = Instant::now();
@@ -271,7 +281,7 @@ impl Connection {
         // An EXEC child's stdin and stdout close with relay's end of the
         // pair: that is its EOF, and then it has its moment to exit.
         drop((client, upstream));
-        if let Some(child) = child {
+        for child in [client_child, child].into_iter().flatten() {
             reap(&route, peer, child).await;
         }
         outcome

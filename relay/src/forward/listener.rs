@@ -17,11 +17,13 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket as RawSocket, Type};
 use tokio::net::{TcpListener, UnixListener};
 
 use super::ForwardError;
+use super::exec::Child;
 use super::stdio::Stdio;
 use super::stream::Socket;
 use crate::addr::{Host, ListenAddr, ListenEndpoint, StdioMode, TcpListen, UnixListen, UnixName};
@@ -43,6 +45,8 @@ pub enum Peer {
     Stdio,
     /// The file of a file address written first.
     File,
+    /// The first of two connect addresses.
+    First,
 }
 
 impl fmt::Display for Peer {
@@ -61,6 +65,7 @@ impl fmt::Display for Peer {
             }
             Peer::Stdio => f.write_str("stdio"),
             Peer::File => f.write_str("file"),
+            Peer::First => f.write_str("first address"),
         }
     }
 }
@@ -103,6 +108,9 @@ pub enum Listener {
     /// A file, opened at bind (so a bad path fails at start): one
     /// "connection", then nothing more.
     File(Option<Socket>),
+    /// The first of two connect addresses, connected to (or started, for
+    /// EXEC) at bind: one "connection", then nothing more.
+    Connected(Option<Socket>, Option<Child>),
 }
 
 /// Another handle on a listening socket, for a reload's changed route.
@@ -180,7 +188,7 @@ impl Listener {
                 name: name.clone(),
                 file: file.clone(),
             }),
-            Listener::Stdio(_) | Listener::File(_) => None,
+            Listener::Stdio(_) | Listener::File(_) | Listener::Connected(..) => None,
         })
     }
 
@@ -191,6 +199,7 @@ impl Listener {
             Listener::Unix { name, .. } => Ok(name.clone()),
             Listener::Stdio(_) => Ok("stdio".to_string()),
             Listener::File(_) => Ok("file".to_string()),
+            Listener::Connected(..) => Ok("(connected to the first address)".to_string()),
         }
     }
 
@@ -216,14 +225,38 @@ impl Listener {
                 Some(file) => Ok((file, Peer::File)),
                 None => std::future::pending().await,
             },
+            Listener::Connected(socket, _) => match socket.take() {
+                Some(socket) => Ok((socket, Peer::First)),
+                None => std::future::pending().await,
+            },
         }
     }
 }
 
-/// Binds the route's listening socket.
-pub async fn bind(addr: &ListenAddr) -> Result<Listener, ForwardError> {
+impl Listener {
+    /// The program started for the first of two connect addresses (EXEC
+    /// first), once its connection has been accepted: the connection reaps it.
+    pub fn take_child(&mut self) -> Option<Child> {
+        match self {
+            Listener::Connected(None, child) => child.take(),
+            _ => None,
+        }
+    }
+}
+
+/// Binds the route's listening socket; for the first of two connect
+/// addresses, connects to it (each attempt bounded by `connect_timeout`,
+/// repeats counted in `retries`).
+pub async fn bind(
+    addr: &ListenAddr,
+    connect_timeout: Duration,
+    retries: &prometheus::IntCounter,
+) -> Result<Listener, ForwardError> {
     let backlog = addr.backlog.unwrap_or(DEFAULT_BACKLOG).min(i32::MAX as u32) as i32;
     match &addr.endpoint {
+        ListenEndpoint::Connect(first) => {
+            connect_first(addr, first, connect_timeout, retries).await
+        }
         ListenEndpoint::Tcp(tcp) => bind_tcp(addr, tcp, backlog).await.map(Listener::Tcp),
         ListenEndpoint::Unix(unix) => bind_unix(addr, unix, backlog).await,
         ListenEndpoint::Stdio(mode) => Ok(Listener::Stdio(Some(*mode))),
@@ -247,6 +280,28 @@ pub async fn bind(addr: &ListenAddr) -> Result<Listener, ForwardError> {
             ),
         }),
     }
+}
+
+/// The first of two connect addresses, reached once, in its namespace if
+/// it names one.
+async fn connect_first(
+    addr: &ListenAddr,
+    first: &crate::addr::TargetAddr,
+    connect_timeout: Duration,
+    retries: &prometheus::IntCounter,
+) -> Result<Listener, ForwardError> {
+    let namespace = match &first.netns {
+        Some(target) => Some(super::namespace::Namespace::resolve(target.clone()).await?),
+        None => None,
+    };
+    let (socket, child) =
+        super::upstream::connect(first, namespace.as_ref(), connect_timeout, retries)
+            .await
+            .map_err(|cause| ForwardError::First {
+                addr: addr.text.clone(),
+                cause,
+            })?;
+    Ok(Listener::Connected(Some(socket), child))
 }
 
 /// Resolves the listen host (once: a listener binds one address) and binds,

@@ -142,6 +142,11 @@ pub enum ForwardError {
         path: PathBuf,
         problem: String,
     },
+    #[error("cannot reach the first address {addr}: {cause}")]
+    First {
+        addr: String,
+        cause: upstream::ConnectError,
+    },
     #[error("cannot open {} ({addr}): {cause}", path.display())]
     File {
         addr: String,
@@ -171,7 +176,9 @@ impl ForwardError {
             | ForwardError::SocketPath { .. }
             | ForwardError::File { .. } => true,
             ForwardError::Netns(e) => e.is_bad_input(),
-            ForwardError::Bind { .. } | ForwardError::Sockmap(_) => false,
+            ForwardError::Bind { .. } | ForwardError::Sockmap(_) | ForwardError::First { .. } => {
+                false
+            }
         }
     }
 }
@@ -327,7 +334,14 @@ impl Forwarder {
         )?;
         metrics.set_data_path(engine.path());
         let listener = match listener {
-            None => listener::bind(&config.listen).await?,
+            None => {
+                listener::bind(
+                    &config.listen,
+                    config.connect_timeout,
+                    &metrics.connect_retries,
+                )
+                .await?
+            }
             Some(handle) => {
                 let resolved = handle.describe();
                 listener::Listener::adopt(handle).map_err(|cause| ForwardError::Bind {
@@ -413,6 +427,7 @@ impl Forwarder {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
+                    let first_child = listener.take_child();
                     if !admitted(&config.listen, &peer) {
                         // Closed unread: no byte reaches the target, which is
                         // never connected to. socat goes on listening too,
@@ -422,7 +437,8 @@ impl Forwarder {
                         drop(stream);
                         continue;
                     }
-                    let connection = Connection::new(stream, peer, route.clone());
+                    let connection =
+                        Connection::new(stream, peer, route.clone()).with_client_child(first_child);
                     let close = close_rx.clone();
                     let task = tokio::spawn(async move {
                         let outcome = connection.run(close).await;
