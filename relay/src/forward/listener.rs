@@ -110,7 +110,7 @@ pub enum Listener {
     File(Option<Socket>),
     /// The first of two connect addresses, connected to (or started, for
     /// EXEC) at bind: one "connection", then nothing more.
-    Connected(Option<Socket>, Option<Child>),
+    Connected(Option<Socket>, Option<Box<Child>>),
 }
 
 /// Another handle on a listening socket, for a reload's changed route.
@@ -238,7 +238,7 @@ impl Listener {
     /// first), once its connection has been accepted: the connection reaps it.
     pub fn take_child(&mut self) -> Option<Child> {
         match self {
-            Listener::Connected(None, child) => child.take(),
+            Listener::Connected(None, child) => child.take().map(|child| *child),
             _ => None,
         }
     }
@@ -299,9 +299,9 @@ async fn connect_first(
             .await
             .map_err(|cause| ForwardError::First {
                 addr: addr.text.clone(),
-                cause,
+                cause: Box::new(cause),
             })?;
-    Ok(Listener::Connected(Some(socket), child))
+    Ok(Listener::Connected(Some(socket), child.map(Box::new)))
 }
 
 /// Resolves the listen host (once: a listener binds one address) and binds,

@@ -145,7 +145,7 @@ pub enum ForwardError {
     #[error("cannot reach the first address {addr}: {cause}")]
     First {
         addr: String,
-        cause: upstream::ConnectError,
+        cause: Box<upstream::ConnectError>,
     },
     #[error("cannot open {} ({addr}): {cause}", path.display())]
     File {
