@@ -3,7 +3,8 @@
 //! TLS) on loopback, in one run, the order rotated from round to round.
 //!
 //! Each section (throughput, connection rate, latency, memory, TLS, many
-//! routes, data paths, the observer's cost) lives in its own module and
+//! routes, data paths, the observer's cost, socat's UDP and UNIX forms)
+//! lives in its own module and
 //! hands back a `report::SectionReport`; this module installs missing
 //! peers, builds relay, runs the sections in order, prints the markdown
 //! table and writes `target/bench/results.json`. A target missed is
@@ -21,6 +22,7 @@ mod reload;
 mod report;
 mod routes;
 mod rss;
+mod socat_forms;
 mod throughput;
 mod tls;
 mod via;
@@ -186,6 +188,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("observe", observe::run),
     ("capture", capture::run),
     ("reload", reload::run),
+    ("socat", socat_forms::run),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
