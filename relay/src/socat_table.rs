@@ -67,9 +67,9 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
     ),
     (
         "keepalive, so-keepalive",
-        "TCP connect",
+        "TCP listen and connect",
         Status::Supported(
-            "SO_KEEPALIVE on the target leg; on a listen address refused (the idle timeout closes vanished clients)",
+            "SO_KEEPALIVE: on a connect address the target leg's, on a listener every accepted connection's",
         ),
     ),
     (
@@ -204,8 +204,20 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
         "PROXY",
         Status::Supported("accepted: relay takes a bare NL as a line end in the reply always"),
     ),
-    ("sndbuf, so-sndbuf", "any", Status::Refused(SNDBUF)),
-    ("rcvbuf, so-rcvbuf", "any", Status::Refused(RCVBUF)),
+    (
+        "sndbuf, so-sndbuf",
+        "TCP listen and connect",
+        Status::Supported(
+            "SO_SNDBUF in bytes (the kernel doubles it and stops autotuning that buffer); on a listener, every accepted connection's",
+        ),
+    ),
+    (
+        "rcvbuf, so-rcvbuf",
+        "TCP listen and connect",
+        Status::Supported(
+            "SO_RCVBUF in bytes (the kernel doubles it and stops autotuning that buffer); on a listener, every accepted connection's",
+        ),
+    ),
     (
         "crlf",
         "any",
@@ -268,8 +280,6 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
     ("su-d, substuser-delayed", "any", Status::Refused(SU)),
 ];
 
-const SNDBUF: &str = "relay leaves socket buffers to the kernel's autotuning: tune net.ipv4.tcp_wmem, or keep socat for this route";
-const RCVBUF: &str = "relay leaves socket buffers to the kernel's autotuning: tune net.ipv4.tcp_rmem, or keep socat for this route";
 const SU: &str = "relay does not switch users: run relay as that user (the systemd unit's User=, or `runuser -u USER -- relay ...`)";
 
 /// The table entry of `key` (any alias, any case).

@@ -494,6 +494,54 @@ fn two_connect_addresses_are_joined_once() -> Result<()> {
     Ok(())
 }
 
+/// `keepalive`, `rcvbuf=` on a listener and `sndbuf=` on the connect
+/// address reach the kernel's sockets, as `ss` shows them: the accepted
+/// connection keeps alive with a receive buffer of twice the bytes asked
+/// (the kernel doubles it), the target leg a send buffer of twice its.
+#[test]
+fn socket_options_reach_the_kernel_on_both_legs() -> Result<()> {
+    let echo = EchoServer::start()?;
+    let port = free_port()?;
+    let relay = RelayCmd::socat(
+        port,
+        format!("TCP-LISTEN:{port},fork,reuseaddr,keepalive,rcvbuf=100000"),
+        format!("TCP:{},sndbuf=30000", echo.addr()),
+    )
+    .spawn()?;
+    let mut client = relay.connect()?;
+    round_trip(&mut client, b"options")?;
+    let filter = format!("( sport = :{port} or dport = :{} )", echo.addr().port());
+    let out = std::process::Command::new("ss")
+        .args(["-tmnoH", "state", "established", &filter])
+        .output()
+        .context("running ss")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // Each socket is a line and its skmem line below it.
+    let sockets: Vec<String> = text
+        .split("\n")
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .map(|pair| pair.join(" "))
+        .collect();
+    let accepted = sockets
+        .iter()
+        .find(|s| s.contains(&format!("127.0.0.1:{port} ")))
+        .with_context(|| format!("the accepted connection in ss:\n{text}"))?;
+    ensure!(
+        accepted.contains("timer:(keepalive") && accepted.contains("rb200000"),
+        "the accepted connection keeps alive with rcvbuf=100000: {accepted}"
+    );
+    let upstream = sockets
+        .iter()
+        .find(|s| s.contains(&format!("{} ", echo.addr())))
+        .with_context(|| format!("the target leg in ss:\n{text}"))?;
+    ensure!(
+        upstream.contains("tb60000"),
+        "the target leg has sndbuf=30000: {upstream}"
+    );
+    Ok(())
+}
+
 #[test]
 fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
     let cases: [(&[&str], &[&str]); 4] = [

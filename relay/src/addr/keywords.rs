@@ -4,13 +4,13 @@
 
 use super::*;
 
-pub(super) const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, netns=, container=, pid=";
+pub(super) const LISTEN_OPTIONS: &str = "fork, reuseaddr, reuseport, bind=<addr>, backlog=<n>, max-children=<n>, range=<cidr> (repeatable), nodelay, keepalive, sndbuf=<bytes>, rcvbuf=<bytes>, netns=, container=, pid=";
 
 pub(super) const TLS_LISTEN_OPTIONS: &str = "cert=, key=, cafile=, capath=, verify=0|1";
 
 pub(super) const UNIX_LISTEN_OPTIONS: &str = "fork, unlink-early, unlink-close=0|1, mode=<octal>, user=<name|uid>, group=<name|gid>, backlog=<n>, max-children=<n>, netns=, container=, pid=";
 
-pub(super) const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, netns=, container=, pid=";
+pub(super) const CONNECT_OPTIONS: &str = "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever, nodelay, keepalive, sndbuf=<bytes>, rcvbuf=<bytes>, netns=, container=, pid=";
 
 pub(super) const TLS_CONNECT_OPTIONS: &str =
     "cafile=, capath=, cert=, key=, snihost=, no-sni, commonname=, verify=0|1";

@@ -69,6 +69,8 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
             reuseaddr: true,
             reuseport: false,
             range: Vec::new(),
+            keepalive: false,
+            buffers: SocketBuffers::default(),
         }),
         backlog: None,
         max_children: None,
@@ -110,6 +112,8 @@ impl TcpListen {
             reuseaddr: false,
             reuseport: false,
             range: Vec::new(),
+            keepalive: false,
+            buffers: SocketBuffers::default(),
         }
     }
 }
@@ -172,11 +176,9 @@ pub(super) fn parse_socat_listen(
             "range" => tcp.range.push(parse_range(input, opt.required(input)?)?),
             // relay sets TCP_NODELAY on every accepted socket already.
             "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
-            "keepalive" | "so-keepalive" => {
-                return Err(invalid(
-                    input,
-                    "`keepalive` on a listen address is not supported: relay sets SO_KEEPALIVE on the target leg only (write `keepalive` on the connect address); the idle timeout (-T) closes vanished clients",
-                ));
+            "keepalive" | "so-keepalive" => tcp.keepalive = opt.flag(input)?,
+            "sndbuf" | "so-sndbuf" | "rcvbuf" | "so-rcvbuf" => {
+                buffer_option(input, &opt, &mut tcp.buffers)?;
             }
             other => {
                 refused_option(input, other)?;

@@ -106,6 +106,31 @@ pub struct TcpListen {
     /// `range=`: only clients inside one of these networks are served;
     /// empty admits every client.
     pub range: Vec<IpNet>,
+    /// `keepalive`: SO_KEEPALIVE on every accepted connection.
+    pub keepalive: bool,
+    pub buffers: SocketBuffers,
+}
+
+/// socat's `sndbuf=` / `rcvbuf=`: SO_SNDBUF / SO_RCVBUF in bytes, which
+/// also turns the kernel's autotuning off for that buffer. `None`: the
+/// kernel's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SocketBuffers {
+    pub send: Option<u32>,
+    pub recv: Option<u32>,
+}
+
+impl SocketBuffers {
+    /// Sets them on a socket not connected or listening yet.
+    pub fn apply(&self, socket: &socket2::SockRef<'_>) -> std::io::Result<()> {
+        if let Some(size) = self.send {
+            socket.set_send_buffer_size(size as usize)?;
+        }
+        if let Some(size) = self.recv {
+            socket.set_recv_buffer_size(size as usize)?;
+        }
+        Ok(())
+    }
 }
 
 impl TcpListen {
@@ -247,6 +272,7 @@ pub struct TcpTarget {
     pub port: u16,
     pub family: Family,
     pub keepalive: bool,
+    pub buffers: SocketBuffers,
     /// Through a proxy (socat's `SOCKS4`, `SOCKS4A`, `SOCKS5-CONNECT`,
     /// `PROXY`): `host` and `port` above are the proxy's, and the proxy is
     /// asked to connect on to the hop's.

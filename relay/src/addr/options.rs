@@ -16,6 +16,34 @@ pub(super) fn no_nodelay_off(input: &str, opt: &SocatOption<'_>) -> Result<(), A
     }
 }
 
+/// `sndbuf=<bytes>` / `rcvbuf=<bytes>` (and their `so-` spellings).
+pub(super) fn buffer_option(
+    input: &str,
+    opt: &SocatOption<'_>,
+    buffers: &mut SocketBuffers,
+) -> Result<(), AddrError> {
+    let value = opt.required(input)?;
+    let size = value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=1 << 30).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                input,
+                format!(
+                    "`{}={value}`: expected a buffer size in bytes, such as 262144",
+                    opt.key
+                ),
+            )
+        })?;
+    if opt.key.contains("snd") {
+        buffers.send = Some(size);
+    } else {
+        buffers.recv = Some(size);
+    }
+    Ok(())
+}
+
 pub(super) fn max_children(input: &str, opt: &SocatOption<'_>) -> Result<u32, AddrError> {
     let value = opt.required(input)?;
     value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {

@@ -63,6 +63,7 @@ pub(super) fn parse_proxy_target(
         port: proxy_port,
         family: Family::Any,
         keepalive: false,
+        buffers: SocketBuffers::default(),
         proxy: Some(ProxyHop {
             protocol,
             host,

@@ -80,6 +80,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             port,
             family: Family::Any,
             keepalive: false,
+            buffers: SocketBuffers::default(),
             proxy: None,
         }),
         connect_timeout: None,
@@ -174,6 +175,7 @@ pub(super) fn parse_socat_target(
         port,
         family,
         keepalive: false,
+        buffers: SocketBuffers::default(),
         proxy: None,
     };
     tcp_target(input, tcp, options, tls)
@@ -263,6 +265,9 @@ pub(super) fn tcp_target(
             // cannot be honoured and is refused rather than ignored.
             "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
             "keepalive" | "so-keepalive" => tcp.keepalive = opt.flag(input)?,
+            "sndbuf" | "so-sndbuf" | "rcvbuf" | "so-rcvbuf" => {
+                buffer_option(input, &opt, &mut tcp.buffers)?;
+            }
             "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
             other => {
                 refused_option(input, other)?;

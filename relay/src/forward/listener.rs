@@ -317,8 +317,8 @@ async fn bind_tcp(
         resolved: socket_addr.to_string(),
         cause,
     };
-    let (reuseaddr, reuseport) = (tcp.reuseaddr, tcp.reuseport);
-    let listen = move || listening_socket(socket_addr, reuseaddr, reuseport, backlog);
+    let tcp = tcp.clone();
+    let listen = move || listening_socket(socket_addr, &tcp, backlog);
     let socket = match &addr.netns {
         None => listen(),
         // A socket belongs to the namespace it was created in: bind it on a
@@ -335,10 +335,11 @@ async fn bind_tcp(
     TcpListener::from_std(socket.into()).map_err(bind_err)
 }
 
+/// The listening socket, with the options accepted connections inherit
+/// from it (SO_KEEPALIVE, SO_SNDBUF, SO_RCVBUF).
 fn listening_socket(
     socket_addr: SocketAddr,
-    reuseaddr: bool,
-    reuseport: bool,
+    tcp: &TcpListen,
     backlog: i32,
 ) -> io::Result<RawSocket> {
     let socket = RawSocket::new(
@@ -346,8 +347,10 @@ fn listening_socket(
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
-    socket.set_reuse_address(reuseaddr)?;
-    socket.set_reuse_port(reuseport)?;
+    socket.set_reuse_address(tcp.reuseaddr)?;
+    socket.set_reuse_port(tcp.reuseport)?;
+    socket.set_keepalive(tcp.keepalive)?;
+    tcp.buffers.apply(&socket2::SockRef::from(&socket))?;
     socket.set_nonblocking(true)?;
     socket.bind(&socket_addr.into())?;
     socket.listen(backlog)?;

@@ -247,7 +247,7 @@ async fn connect_any(tcp: &TcpTarget, netns: Option<&Netns>) -> Result<TcpStream
     };
     let mut last = None;
     for addr in addrs {
-        match connect_one(addr, target.keepalive, netns).await {
+        match connect_one(addr, target, netns).await {
             Ok(stream) => return Ok(stream),
             Err(cause) if cause.kind() == io::ErrorKind::ConnectionRefused => {
                 last = Some(ConnectError::Refused {
@@ -268,7 +268,7 @@ async fn connect_any(tcp: &TcpTarget, netns: Option<&Netns>) -> Result<TcpStream
 
 async fn connect_one(
     addr: SocketAddr,
-    keepalive: bool,
+    target: &TcpTarget,
     netns: Option<&Netns>,
 ) -> io::Result<TcpStream> {
     let socket = match netns {
@@ -292,7 +292,8 @@ async fn connect_one(
             TcpSocket::from_std_stream(stream)
         }
     };
-    socket.set_keepalive(keepalive)?;
+    socket.set_keepalive(target.keepalive)?;
+    target.buffers.apply(&socket2::SockRef::from(&socket))?;
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
