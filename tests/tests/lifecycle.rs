@@ -167,7 +167,7 @@ fn unsupported_socat_keyword_exits_2_naming_it() -> Result<()> {
     expect_refusals(&[
         refusal(&["SCTP-LISTEN:5353", "TCP:127.0.0.1:1"], 2, "SCTP-LISTEN"),
         refusal(&[&socat_listen, "SOCKS5-LISTEN:1080"], 2, "SOCKS5-LISTEN"),
-        refusal(&[&socat_listen, "PTY,link=/tmp/relay-test-pty"], 2, "PTY"),
+        refusal(&[&socat_listen, "FD:3"], 2, "FD"),
         refusal(
             &[&socat_listen, "UNIX-SENDTO:/run/relay-test.sock"],
             2,
