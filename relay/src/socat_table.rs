@@ -221,8 +221,8 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
     (
         "crlf",
         "any",
-        Status::Refused(
-            "relay relays bytes unchanged and does not rewrite line endings: keep socat where the data must change",
+        Status::Supported(
+            "NL written to this address goes as CR NL, CRs read from it are dropped (socat's conversion); the route copies",
         ),
     ),
     (
@@ -439,7 +439,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("retry=3: repeat a failed connect"), "{text}");
-        let err = explain("TCP-LISTEN:8080,fork,crlf", "TCP:db:5432").unwrap_err();
-        assert!(err.to_string().contains("`crlf`"), "{err}");
+        let err = explain("TCP-LISTEN:8080,fork,su=nobody", "TCP:db:5432").unwrap_err();
+        assert!(err.to_string().contains("`su`"), "{err}");
     }
 }

@@ -205,6 +205,7 @@ pub(super) fn parse_file_listen(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     })
 }
 
@@ -221,5 +222,6 @@ pub(super) fn parse_file_target(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     })
 }

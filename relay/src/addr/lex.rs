@@ -274,6 +274,26 @@ pub(super) fn namespace_option(
         .map_err(|e| invalid(input, format!("option `{}`: {e}", opt.key)))
 }
 
+/// socat's `crlf`, which every address kind takes: taken out of the
+/// option list here, so that no kind's own parser sees it. The address
+/// without it, and whether it was set.
+pub(super) fn take_crlf(input: &str) -> Result<(String, bool), AddrError> {
+    let Some((head, options)) = input.split_once(',') else {
+        return Ok((input.to_string(), false));
+    };
+    let mut crlf = false;
+    let mut kept = vec![head];
+    for (opt, text) in socat_options(input, Some(options)).zip(options.split(',')) {
+        let opt = opt?;
+        if opt.key == "crlf" {
+            crlf = opt.flag(input)?;
+        } else {
+            kept.push(text);
+        }
+    }
+    Ok((kept.join(","), crlf))
+}
+
 pub(super) fn split_options(rest: &str) -> (&str, Option<&str>) {
     rest.split_once(',')
         .map_or((rest, None), |(h, o)| (h, Some(o)))

@@ -8,6 +8,14 @@ use super::*;
 /// `UNIX-LISTEN:<path>`, `ABSTRACT-LISTEN:<name>` (with options), or
 /// `STDIO`/`-`.
 pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
+    let (without, crlf) = take_crlf(input)?;
+    let mut addr = parse_listen_form(&without)?;
+    addr.crlf = crlf;
+    addr.text = input.to_string();
+    Ok(addr)
+}
+
+fn parse_listen_form(input: &str) -> Result<ListenAddr, AddrError> {
     if let Some((kind, rest)) = socat_form(input, Position::Listen)? {
         return match kind {
             Kind::TcpListen(family) => parse_socat_listen(input, family, rest, false),
@@ -31,6 +39,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
                     tls: None,
                     netns: None,
                     text: input.to_string(),
+                    crlf: false,
                 })
             }
             Kind::UdpListen(family) => parse_udp_listen(input, family, rest),
@@ -49,6 +58,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
             tls: None,
             netns,
             text: input.to_string(),
+            crlf: false,
         });
     }
     let (scheme, rest) = split_scheme(
@@ -78,6 +88,7 @@ pub fn parse_listen(input: &str) -> Result<ListenAddr, AddrError> {
         tls: (scheme != "tcp" && scheme != "udp").then(TlsListen::default),
         netns,
         text: input.to_string(),
+        crlf: false,
     })
 }
 
@@ -138,6 +149,7 @@ pub(super) fn parse_socat_listen(
         }),
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;

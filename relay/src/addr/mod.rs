@@ -74,6 +74,9 @@ pub struct ListenAddr {
     pub netns: Option<Target>,
     /// The address as the user wrote it, for logs and the default route name.
     pub text: String,
+    /// socat's `crlf`: NL written to this side goes as CR NL, and CRs read
+    /// from it are dropped (socat's conversion, byte for byte).
+    pub crlf: bool,
 }
 
 /// What kind of socket a route listens on. `Udp` is the one datagram
@@ -199,6 +202,8 @@ pub struct TargetAddr {
     /// Connect from inside this namespace (`...@container:web`, socat `netns=`).
     pub netns: Option<Target>,
     pub text: String,
+    /// socat's `crlf`, as [`ListenAddr::crlf`].
+    pub crlf: bool,
 }
 
 /// socat's connect retries: after a failed attempt, wait `interval` and
@@ -535,6 +540,7 @@ fn first_connect(connect: TargetAddr) -> Result<ListenAddr, AddrError> {
     }
     Ok(ListenAddr {
         text: connect.text.clone(),
+        crlf: connect.crlf,
         endpoint: ListenEndpoint::Connect(Box::new(connect)),
         backlog: None,
         max_children: None,

@@ -8,6 +8,14 @@ use super::*;
 /// `UNIX-CONNECT:<path>` (`UNIX-CLIENT:`, `UNIX:`), `ABSTRACT-CONNECT:<name>`
 /// (with options), or `STDIO`/`-`.
 pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
+    let (without, crlf) = take_crlf(input)?;
+    let mut addr = parse_target_form(&without)?;
+    addr.crlf = crlf;
+    addr.text = input.to_string();
+    Ok(addr)
+}
+
+fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
     if let Some((kind, rest)) = socat_form(input, Position::Target)? {
         return match kind {
             Kind::TcpConnect(family) => parse_socat_target(input, family, rest, false),
@@ -34,6 +42,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
                     tls: None,
                     netns: None,
                     text: input.to_string(),
+                    crlf: false,
                 })
             }
             _ => unreachable!("socat_form returns connect kinds for the target position"),
@@ -49,6 +58,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             tls: None,
             netns,
             text: input.to_string(),
+            crlf: false,
         });
     }
     let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract", "udp"])?;
@@ -68,6 +78,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
             tls: None,
             netns,
             text: input.to_string(),
+            crlf: false,
         });
     }
     let tls = (scheme == "tls").then(|| TlsTarget {
@@ -88,6 +99,7 @@ pub fn parse_target(input: &str) -> Result<TargetAddr, AddrError> {
         tls,
         netns,
         text: input.to_string(),
+        crlf: false,
     })
 }
 
@@ -159,6 +171,7 @@ pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetA
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     })
 }
 
@@ -214,6 +227,7 @@ pub(super) fn tcp_target(
         tls,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;

@@ -154,7 +154,6 @@ fn connect_retries_as_socat() {
 #[test]
 fn known_socat_options_are_refused_with_what_to_use() {
     let cases = [
-        ("TCP:h:80,crlf", "crlf", "line endings"),
         ("TCP-LISTEN:80,fork,su=nobody", "su", "User="),
         ("UNIX-LISTEN:/x.sock,substuser=nobody", "su", "runuser"),
     ];

@@ -20,6 +20,7 @@ pub(super) fn parse_udp_listen(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;
@@ -88,6 +89,7 @@ pub(super) fn parse_udp_target(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;

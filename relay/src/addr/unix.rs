@@ -104,6 +104,7 @@ pub(super) fn parse_unix_listen(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;
@@ -189,6 +190,7 @@ pub(super) fn parse_unix_target(
         tls: None,
         netns: None,
         text: input.to_string(),
+        crlf: false,
     };
     for opt in socat_options(input, options) {
         let opt = opt?;

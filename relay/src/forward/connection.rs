@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use super::exec::Child;
 use super::listener::Peer;
-use super::pump::{Activity, Counters, Direction, Eof};
+use super::pump::{Activity, Counters, Direction, Eof, LineEnds};
 use super::stream::{Socket, Stream};
 use super::upstream;
 use super::{Engine, Flow, copy, sockmap, splice};
@@ -319,11 +319,19 @@ async fn relay(
         metric: &metrics.to_target,
         total: &transfer.to_target,
         dump: route.dump.as_ref().map(|dump| (dump, true)),
+        crlf: LineEnds {
+            strip_cr: route.crlf.0,
+            add_cr: route.crlf.1,
+        },
     };
     let down = Counters {
         metric: &metrics.to_client,
         total: &transfer.to_client,
         dump: route.dump.as_ref().map(|dump| (dump, false)),
+        crlf: LineEnds {
+            strip_cr: route.crlf.1,
+            add_cr: route.crlf.0,
+        },
     };
     if route.flow != Flow::Both {
         return one_way(client, upstream, route, (up, down), activity, close).await;

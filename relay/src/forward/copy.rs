@@ -167,13 +167,14 @@ pub(super) async fn pump(
                     .map_err(|e| (Leg::Destination, e));
             }
             Ok(n) => {
+                counters.crlf.convert(&mut buffer);
                 counters.show(&buffer);
                 activity.hold();
                 dst.write_all(&buffer)
                     .await
                     .map_err(|e| (Leg::Destination, e))?;
                 activity.release();
-                counters.add(n as u64);
+                counters.add(buffer.len() as u64);
                 activity.touch();
                 if n == buffer.capacity() && size < BUFFER_MAX {
                     size *= 2;

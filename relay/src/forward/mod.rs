@@ -253,6 +253,8 @@ pub struct RouteContext {
     pub stdio: Option<connection::Side>,
     pub flow: Flow,
     pub dump: Option<dump::Dump>,
+    /// socat's `crlf` on the client side and on the target side.
+    pub crlf: (bool, bool),
 }
 
 /// A bound route, ready to accept.
@@ -375,6 +377,7 @@ impl Forwarder {
             },
             flow: config.flow,
             dump: config.dump,
+            crlf: (config.listen.crlf, config.target.crlf),
         });
         Ok(Forwarder {
             listener,
@@ -526,12 +529,12 @@ fn engine(config: &RouteConfig, tls: bool, route: &str) -> Result<Engine, Forwar
         }
         return Ok(Engine::Copy);
     }
-    if config.dump.is_some() {
+    if config.dump.is_some() || config.listen.crlf || config.target.crlf {
         if !matches!(config.data_path, DataPath::Auto | DataPath::Copy) {
             tracing::warn!(
                 route,
                 data_path = config.data_path.as_str(),
-                "a route that dumps its traffic (-v / -x, --dump) copies: only the copy path sees the bytes"
+                "a route that dumps its traffic (-v / -x, --dump) or converts line ends (crlf) copies: only the copy path sees the bytes"
             );
         }
         return Ok(Engine::Copy);

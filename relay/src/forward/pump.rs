@@ -61,6 +61,39 @@ pub(super) struct Counters<'a> {
     pub(super) metric: &'a IntCounter,
     pub(super) total: &'a AtomicU64,
     pub(super) dump: Option<(&'a Dump, bool)>,
+    /// socat's `crlf` on the source (its CRs are dropped) or on the
+    /// destination (NL goes as CR NL). Only the copy path converts; a
+    /// route with `crlf` copies.
+    pub(super) crlf: LineEnds,
+}
+
+/// socat's `crlf` conversions of one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct LineEnds {
+    pub(super) strip_cr: bool,
+    pub(super) add_cr: bool,
+}
+
+impl LineEnds {
+    /// Converts a block just read, as socat does: every CR dropped (a
+    /// source with `crlf`), then every NL written as CR NL (a destination
+    /// with `crlf`). No state crosses blocks, so a CR NL split between two
+    /// reads converts as one.
+    pub(super) fn convert(self, block: &mut Vec<u8>) {
+        if self.strip_cr {
+            block.retain(|&b| b != b'\r');
+        }
+        if self.add_cr && block.contains(&b'\n') {
+            let mut out = Vec::with_capacity(block.len() + block.len() / 8 + 1);
+            for &b in block.iter() {
+                if b == b'\n' {
+                    out.push(b'\r');
+                }
+                out.push(b);
+            }
+            *block = out;
+        }
+    }
 }
 
 impl Counters<'_> {
@@ -140,5 +173,24 @@ impl Activity {
             }
             tokio::time::sleep_until(deadline).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineEnds;
+
+    fn convert(strip_cr: bool, add_cr: bool, text: &[u8]) -> Vec<u8> {
+        let mut block = text.to_vec();
+        LineEnds { strip_cr, add_cr }.convert(&mut block);
+        block
+    }
+
+    #[test]
+    fn crlf_converts_as_socat_byte_for_byte() {
+        assert_eq!(convert(false, true, b"a\nb\r\n"), b"a\r\nb\r\r\n");
+        assert_eq!(convert(true, false, b"a\r\nb\rc"), b"a\nbc");
+        assert_eq!(convert(true, true, b"a\r\n"), b"a\r\n");
+        assert_eq!(convert(false, false, b"a\r\n"), b"a\r\n");
     }
 }
