@@ -242,6 +242,9 @@ struct RouteArgs {
     /// Relay one direction only: to-target (the client's bytes), or to-client (the target's); what the other side sends is read and dropped. socat: -u / -U.
     #[arg(long, value_enum, value_name = "to-target|to-client")]
     one_way: Option<Flow>,
+    /// Once one side has closed, close the connection after this long even if the other direction still runs (socat's -t) [default: never; 0.5s one way].
+    #[arg(long, value_name = "DURATION")]
+    half_close_timeout: Option<Dur>,
     /// Also write every block relayed to stderr, as socat's -v (text), -x (hex) or -v -x (both) show it; the route copies.
     #[arg(long, value_enum, value_name = "text|hex|both")]
     dump: Option<DumpMode>,
@@ -363,6 +366,7 @@ impl RouteArgs {
         route.data_path = self.data_path;
         route.experimental_sockmap = self.experimental_sockmap;
         route.flow = self.one_way.unwrap_or_default();
+        route.half_close_timeout = self.half_close_timeout.map(|d| d.0);
         route.dump = self.dump.map(|mode| Dump {
             mode,
             listener_second: false,

@@ -1020,6 +1020,7 @@ impl Supervisor {
             handshake_timeout: route.handshake_timeout,
             data_path: route.data_path,
             flow: route.flow,
+            half_close_timeout: route.half_close_timeout,
             dump: route.dump,
         };
         let metrics = self.forward_metrics.route(&route.name);

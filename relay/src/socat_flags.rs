@@ -65,8 +65,8 @@ pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
     (
         "-t",
         true,
-        FlagStatus::Refused(
-            "relay has no half-close linger: after one side's EOF the other direction runs until it ends or the idle timeout (-T) fires",
+        FlagStatus::Supported(
+            "once one side has closed, the other direction may go on this many seconds, then both close (relay's --half-close-timeout); without it relay waits for the other direction to end (one way: 0.5 s, socat's default)",
         ),
     ),
     (
@@ -235,11 +235,11 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
                     flag.strip_prefix('-').filter(|f| ["4", "6"].contains(f))
                 {
                     out.push(format!("{FAMILY_ARG}={family}"));
-                } else if *flag == "-T" || *flag == "-lf" {
-                    out.push(if *flag == "-lf" {
-                        "--log-file".to_string()
-                    } else {
-                        token.clone()
+                } else if ["-T", "-lf", "-t"].contains(flag) {
+                    out.push(match *flag {
+                        "-lf" => "--log-file".to_string(),
+                        "-t" => "--half-close-timeout".to_string(),
+                        _ => token.clone(),
                     });
                     out.push(
                         tokens
@@ -350,6 +350,12 @@ mod tests {
     }
 
     #[test]
+    fn t_is_the_half_close_timeout() {
+        let t = translate(&args("-t 2.5 - TCP:w:80")).unwrap();
+        assert_eq!(t.args, args("--half-close-timeout 2.5 - TCP:w:80"));
+    }
+
+    #[test]
     fn v_and_x_are_the_traffic_dump() {
         for (line, mode) in [
             ("-v - TCP:w:80", "text"),
@@ -375,10 +381,7 @@ mod tests {
 
     #[test]
     fn refused_flags_are_named_with_what_to_use() {
-        for (line, flag, instead) in [
-            ("-t 5 TCP-LISTEN:80 TCP:w:80", "-t", "idle timeout"),
-            ("-b 65536 TCP-LISTEN:80 TCP:w:80", "-b", "drop -b"),
-        ] {
+        for (line, flag, instead) in [("-b 65536 TCP-LISTEN:80 TCP:w:80", "-b", "drop -b")] {
             let err = translate(&args(line)).unwrap_err().to_string();
             assert!(err.contains(&format!("`{flag}`")), "{line}: {err}");
             assert!(err.contains(instead), "{line}: {err}");

@@ -156,6 +156,7 @@ struct RouteEntry {
     socket: Option<Spanned<String>>,
     target: Spanned<String>,
     connect_timeout: Option<Spanned<String>>,
+    half_close_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<u32>>,
     max_sessions: Option<Spanned<u32>>,
@@ -472,6 +473,9 @@ impl Report<'_> {
         };
         if let Some(d) = duration(self, &entry.connect_timeout, "connect-timeout") {
             route.connect_timeout = d;
+        }
+        if let Some(d) = duration(self, &entry.half_close_timeout, "half-close-timeout") {
+            route.half_close_timeout = Some(d);
         }
         if let Some(d) = duration(self, &entry.drain_timeout, "drain-timeout") {
             route.drain_timeout = d;

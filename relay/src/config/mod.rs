@@ -88,6 +88,9 @@ pub struct RouteSpec {
     pub flow: Flow,
     /// socat's `-v`/`-x`: every block relayed, also on stderr.
     pub dump: Option<Dump>,
+    /// socat's `-t`: once one side has closed, how long the other
+    /// direction may go on; `None`: until it ends.
+    pub half_close_timeout: Option<Duration>,
     pub tls: TlsFlags,
     pub handshake_timeout: Duration,
     /// Observe this target beside the route (`forward --observe`).
@@ -115,6 +118,7 @@ impl RouteSpec {
             experimental_sockmap: false,
             flow: Flow::Both,
             dump: None,
+            half_close_timeout: None,
             tls: TlsFlags::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             observe: None,

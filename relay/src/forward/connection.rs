@@ -78,6 +78,9 @@ enum End {
     Failed { side: Side, error: io::Error },
     /// The idle timer fired; `cut`: bytes were still in flight.
     Idle { cut: bool },
+    /// The half-close timeout (socat's `-t`) ran out after `first` closed;
+    /// `cut`: bytes were still in flight.
+    HalfClosed { first: Side, cut: bool },
     /// The drain timeout ran out (both sides are reset).
     Drained,
 }
@@ -85,7 +88,8 @@ enum End {
 impl End {
     fn outcome(&self) -> Outcome {
         match self {
-            End::Closed { .. } => Outcome::Closed,
+            End::Closed { .. } | End::HalfClosed { cut: false, .. } => Outcome::Closed,
+            End::HalfClosed { cut: true, .. } => Outcome::Reset,
             End::Failed { .. } => Outcome::Reset,
             End::Idle { .. } => Outcome::IdleTimeout,
             End::Drained => Outcome::Drained,
@@ -96,6 +100,10 @@ impl End {
     fn with_in_flight(self, in_flight: impl FnOnce() -> bool) -> Self {
         match self {
             End::Idle { .. } => End::Idle { cut: in_flight() },
+            End::HalfClosed { first, .. } => End::HalfClosed {
+                first,
+                cut: in_flight(),
+            },
             end => end,
         }
     }
@@ -104,7 +112,10 @@ impl End {
     fn resets(&self) -> bool {
         matches!(
             self,
-            End::Failed { .. } | End::Idle { cut: true } | End::Drained
+            End::Failed { .. }
+                | End::Idle { cut: true }
+                | End::HalfClosed { cut: true, .. }
+                | End::Drained
         )
     }
 
@@ -130,6 +141,14 @@ impl End {
                 "idle timeout with bytes still in flight: both sides reset".to_string()
             }
             End::Drained => "drain timeout after shutdown signal: both sides reset".to_string(),
+            End::HalfClosed { first, cut: false } => format!(
+                "{} closed first; the other direction ended by the half-close timeout (-t)",
+                first.as_str()
+            ),
+            End::HalfClosed { first, cut: true } => format!(
+                "{} closed first; the half-close timeout (-t) cut bytes still in flight: both sides reset",
+                first.as_str()
+            ),
         }
     }
 }
@@ -406,7 +425,8 @@ async fn copy_both_ways(
 }
 
 /// How long a one-way connection waits, once the source's EOF has been
-/// passed on, for the destination to close too: socat's `-t` default.
+/// passed on, for the destination to close too, unless the route's
+/// half-close timeout says: socat's `-t` default.
 const ONE_WAY_LINGER: Duration = Duration::from_millis(500);
 
 /// One direction only ([`Flow::ToTarget`] or [`Flow::ToClient`]): the
@@ -472,7 +492,7 @@ async fn one_way(
     if drops_replies && !destination_closed {
         tokio::select! {
             _ = &mut dropped => {}
-            _ = tokio::time::sleep(ONE_WAY_LINGER) => {}
+            _ = tokio::time::sleep(route.half_close_timeout.unwrap_or(ONE_WAY_LINGER)) => {}
             _ = raised(close) => {}
         }
     }
@@ -494,8 +514,16 @@ async fn both_ways(
 ) -> End {
     tokio::pin!(to_target, to_client);
     let mut ends = Ends::default();
+    // Armed at the first EOF when the route has a half-close timeout.
+    let mut half_closed: Option<Instant> = None;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(half_closed.unwrap_or_else(Instant::now)), if half_closed.is_some() => {
+                return End::HalfClosed {
+                    first: ends.first.unwrap_or(Side::Client),
+                    cut: false,
+                };
+            }
             result = &mut to_target, if !ends.client => match result {
                 Ok(eof) => ends.record(Side::Client, eof),
                 Err((leg, error)) => return End::Failed { side: leg.or(Side::Client, Side::Target), error },
@@ -529,6 +557,9 @@ async fn both_ways(
                 first,
                 unclean: ends.unclean,
             };
+        }
+        if let (None, Some(_), Some(after)) = (half_closed, ends.first, route.half_close_timeout) {
+            half_closed = Some(Instant::now() + after);
         }
     }
 }

@@ -210,6 +210,9 @@ pub struct RouteConfig {
     pub handshake_timeout: Duration,
     pub data_path: DataPath,
     pub flow: Flow,
+    /// socat's `-t`: once one side has closed, how long the other
+    /// direction may go on (`None`: until it ends; one way: 0.5 s).
+    pub half_close_timeout: Option<Duration>,
     /// socat's `-v`/`-x`: every block relayed, also on stderr (the route copies).
     pub dump: Option<dump::Dump>,
 }
@@ -229,6 +232,7 @@ impl RouteConfig {
             handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
             data_path: DataPath::Auto,
             flow: Flow::Both,
+            half_close_timeout: None,
             dump: None,
         }
     }
@@ -255,6 +259,7 @@ pub struct RouteContext {
     pub dump: Option<dump::Dump>,
     /// socat's `crlf` on the client side and on the target side.
     pub crlf: (bool, bool),
+    pub half_close_timeout: Option<Duration>,
 }
 
 /// A bound route, ready to accept.
@@ -378,6 +383,7 @@ impl Forwarder {
             flow: config.flow,
             dump: config.dump,
             crlf: (config.listen.crlf, config.target.crlf),
+            half_close_timeout: config.half_close_timeout,
         });
         Ok(Forwarder {
             listener,
