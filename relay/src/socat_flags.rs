@@ -381,10 +381,9 @@ mod tests {
 
     #[test]
     fn refused_flags_are_named_with_what_to_use() {
-        for (line, flag, instead) in [("-b 65536 TCP-LISTEN:80 TCP:w:80", "-b", "drop -b")] {
-            let err = translate(&args(line)).unwrap_err().to_string();
-            assert!(err.contains(&format!("`{flag}`")), "{line}: {err}");
-            assert!(err.contains(instead), "{line}: {err}");
-        }
+        let err = translate(&args("-b 65536 TCP-LISTEN:80 TCP:w:80"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`-b`") && err.contains("drop -b"), "{err}");
     }
 }
