@@ -245,6 +245,9 @@ struct RouteArgs {
     /// Once one side has closed, close the connection after this long even if the other direction still runs (socat's -t) [default: never; 0.5s one way].
     #[arg(long, value_name = "DURATION")]
     half_close_timeout: Option<Dur>,
+    /// The copy path's buffer per direction at most this many bytes (socat's -b) [default: it grows from 16 KiB to 1 MiB as reads fill it]; splice and sockmap have none.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    block_size: Option<u32>,
     /// Also write every block relayed to stderr, as socat's -v (text), -x (hex) or -v -x (both) show it; the route copies.
     #[arg(long, value_enum, value_name = "text|hex|both")]
     dump: Option<DumpMode>,
@@ -367,6 +370,7 @@ impl RouteArgs {
         route.experimental_sockmap = self.experimental_sockmap;
         route.flow = self.one_way.unwrap_or_default();
         route.half_close_timeout = self.half_close_timeout.map(|d| d.0);
+        route.block_size = self.block_size.map(|b| b as usize);
         route.dump = self.dump.map(|mode| Dump {
             mode,
             listener_second: false,

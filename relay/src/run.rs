@@ -1021,6 +1021,7 @@ impl Supervisor {
             data_path: route.data_path,
             flow: route.flow,
             half_close_timeout: route.half_close_timeout,
+            block_size: route.block_size,
             dump: route.dump,
         };
         let metrics = self.forward_metrics.route(&route.name);

@@ -107,8 +107,27 @@ pub const FLAGS: &[(&str, bool, FlagStatus)] = &[
     (
         "-b",
         true,
+        FlagStatus::Supported(
+            "the copy path's buffer per direction at most this many bytes (relay's --block-size; up to 1 MiB); relay grows its buffer to that as reads fill it, and splice and sockmap need none",
+        ),
+    ),
+    (
+        "-ly",
+        false,
         FlagStatus::Refused(
-            "relay sizes its copy buffers itself (and splices without one): drop -b",
+            "relay does not write to syslog: it logs to stderr, which systemd's journal keeps, or to a file with -lf",
+        ),
+    ),
+    (
+        "-L",
+        true,
+        FlagStatus::Refused("relay takes no lock file: run it under `flock -n FILE relay ...`"),
+    ),
+    (
+        "-W",
+        true,
+        FlagStatus::Refused(
+            "relay takes no lock file: run it under `flock FILE relay ...` (which waits)",
         ),
     ),
 ];
@@ -235,10 +254,11 @@ pub fn translate(args: &[String]) -> Result<Translated, FlagError> {
                     flag.strip_prefix('-').filter(|f| ["4", "6"].contains(f))
                 {
                     out.push(format!("{FAMILY_ARG}={family}"));
-                } else if ["-T", "-lf", "-t"].contains(flag) {
+                } else if ["-T", "-lf", "-t", "-b"].contains(flag) {
                     out.push(match *flag {
                         "-lf" => "--log-file".to_string(),
                         "-t" => "--half-close-timeout".to_string(),
+                        "-b" => "--block-size".to_string(),
                         _ => token.clone(),
                     });
                     out.push(
@@ -380,10 +400,20 @@ mod tests {
     }
 
     #[test]
+    fn b_is_the_block_size() {
+        let t = translate(&args("-b 65536 TCP-LISTEN:80 TCP:w:80")).unwrap();
+        assert_eq!(t.args, args("--block-size 65536 TCP-LISTEN:80 TCP:w:80"));
+    }
+
+    #[test]
     fn refused_flags_are_named_with_what_to_use() {
-        let err = translate(&args("-b 65536 TCP-LISTEN:80 TCP:w:80"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`-b`") && err.contains("drop -b"), "{err}");
+        for (line, flag, instead) in [
+            ("-ly TCP-LISTEN:80 TCP:w:80", "-ly", "journal"),
+            ("-L /run/x.lock TCP-LISTEN:80 TCP:w:80", "-L", "flock"),
+        ] {
+            let err = translate(&args(line)).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{flag}`")), "{line}: {err}");
+            assert!(err.contains(instead), "{line}: {err}");
+        }
     }
 }

@@ -466,6 +466,54 @@ fn crlf_converts_line_ends_as_socat_does() -> Result<()> {
     Ok(())
 }
 
+/// socat's `-b`: no block relayed is larger than the size given, as the
+/// hex dump's block headers show, and every byte still arrives.
+#[test]
+fn b_caps_the_block_size() -> Result<()> {
+    let payload = Payload::new(33, 200_000);
+    let sunk: Arc<Mutex<Vec<Fingerprint>>> = Arc::default();
+    let sink = {
+        let sunk = Arc::clone(&sunk);
+        Backend::start(move |mut stream| {
+            if let Ok(fingerprint) = read_fingerprint(&mut stream) {
+                sunk.lock().expect("sink lock").push(fingerprint);
+            }
+        })?
+    };
+    let mut cmd = std::process::Command::new(relay_bin()?);
+    cmd.args([
+        "-q",
+        "-u",
+        "-x",
+        "-b",
+        "1000",
+        "-",
+        &format!("TCP:{}", sink.addr()),
+    ]);
+    let (mut proc, mut stdin, _stdout) = ChildProc::spawn_piped("relay", cmd)?;
+    payload.write_to(&mut stdin)?;
+    drop(stdin);
+    proc.wait_exit(CLOSE_TIMEOUT)?
+        .context("relay -b did not exit")?;
+    let got = poll_until("the payload at the sink", CLOSE_TIMEOUT, || {
+        Ok(sunk.lock().expect("sink lock").pop())
+    })?;
+    ensure!(got == payload.fingerprint(), "the sink got {got}");
+    let log = proc.log();
+    let lengths: Vec<u64> = log
+        .split("length=")
+        .skip(1)
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    ensure!(
+        lengths.iter().sum::<u64>() == 200_000 && lengths.iter().all(|n| *n <= 1000),
+        "blocks of at most 1000 bytes adding up to the payload: {} blocks, largest {:?}",
+        lengths.len(),
+        lengths.iter().max()
+    );
+    Ok(())
+}
+
 /// A dump with each block header's timestamp replaced by `TIME`: the
 /// header is `> 2026/12/03 10:32:21.000972  length=...`, and in socat's
 /// text dump it may follow the last byte of the block before it.
@@ -641,8 +689,8 @@ fn socket_options_reach_the_kernel_on_both_legs() -> Result<()> {
 fn socat_flags_and_options_relay_does_not_do_are_refused_by_name() -> Result<()> {
     let cases: [(&[&str], &[&str]); 3] = [
         (
-            &["-b", "65536", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
-            &["`-b`"],
+            &["-L", "/run/relay.lock", "TCP-LISTEN:1", "TCP:127.0.0.1:1"],
+            &["`-L`", "flock"],
         ),
         (
             &["TCP-LISTEN:1,fork,su=nobody", "TCP:127.0.0.1:1"],

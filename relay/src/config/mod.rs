@@ -91,6 +91,8 @@ pub struct RouteSpec {
     /// socat's `-t`: once one side has closed, how long the other
     /// direction may go on; `None`: until it ends.
     pub half_close_timeout: Option<Duration>,
+    /// socat's `-b`: the copy path's buffer at most this many bytes.
+    pub block_size: Option<usize>,
     pub tls: TlsFlags,
     pub handshake_timeout: Duration,
     /// Observe this target beside the route (`forward --observe`).
@@ -119,6 +121,7 @@ impl RouteSpec {
             flow: Flow::Both,
             dump: None,
             half_close_timeout: None,
+            block_size: None,
             tls: TlsFlags::default(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             observe: None,

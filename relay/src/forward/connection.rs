@@ -342,6 +342,7 @@ async fn relay(
             strip_cr: route.crlf.0,
             add_cr: route.crlf.1,
         },
+        block: route.block_size,
     };
     let down = Counters {
         metric: &metrics.to_client,
@@ -351,6 +352,7 @@ async fn relay(
             strip_cr: route.crlf.1,
             add_cr: route.crlf.0,
         },
+        block: route.block_size,
     };
     if route.flow != Flow::Both {
         return one_way(client, upstream, route, (up, down), activity, close).await;

@@ -151,7 +151,8 @@ pub(super) async fn pump(
     activity: &Activity,
 ) -> Direction {
     let mut buffer: Vec<u8> = Vec::new();
-    let mut size = BUFFER_MIN;
+    let max = counters.block.unwrap_or(BUFFER_MAX).clamp(1, BUFFER_MAX);
+    let mut size = BUFFER_MIN.min(max);
     loop {
         if buffer.capacity() == 0 {
             // Wait before allocating, so an idle direction holds no buffer.
@@ -176,8 +177,8 @@ pub(super) async fn pump(
                 activity.release();
                 counters.add(buffer.len() as u64);
                 activity.touch();
-                if n == buffer.capacity() && size < BUFFER_MAX {
-                    size *= 2;
+                if n == buffer.capacity() && size < max {
+                    size = (size * 2).min(max);
                     buffer = Vec::new();
                 } else if 2 * n < buffer.capacity() {
                     // A light flow gives its buffer back, so a connection

@@ -213,6 +213,8 @@ pub struct RouteConfig {
     /// socat's `-t`: once one side has closed, how long the other
     /// direction may go on (`None`: until it ends; one way: 0.5 s).
     pub half_close_timeout: Option<Duration>,
+    /// socat's `-b`: the copy path's buffer at most this many bytes.
+    pub block_size: Option<usize>,
     /// socat's `-v`/`-x`: every block relayed, also on stderr (the route copies).
     pub dump: Option<dump::Dump>,
 }
@@ -233,6 +235,7 @@ impl RouteConfig {
             data_path: DataPath::Auto,
             flow: Flow::Both,
             half_close_timeout: None,
+            block_size: None,
             dump: None,
         }
     }
@@ -260,6 +263,7 @@ pub struct RouteContext {
     /// socat's `crlf` on the client side and on the target side.
     pub crlf: (bool, bool),
     pub half_close_timeout: Option<Duration>,
+    pub block_size: Option<usize>,
 }
 
 /// A bound route, ready to accept.
@@ -384,6 +388,7 @@ impl Forwarder {
             dump: config.dump,
             crlf: (config.listen.crlf, config.target.crlf),
             half_close_timeout: config.half_close_timeout,
+            block_size: config.block_size,
         });
         Ok(Forwarder {
             listener,

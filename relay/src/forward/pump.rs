@@ -65,6 +65,9 @@ pub(super) struct Counters<'a> {
     /// destination (NL goes as CR NL). Only the copy path converts; a
     /// route with `crlf` copies.
     pub(super) crlf: LineEnds,
+    /// socat's `-b`: the copy path's buffer at most this many bytes
+    /// (`None`: its own maximum).
+    pub(super) block: Option<usize>,
 }
 
 /// socat's `crlf` conversions of one direction.
