@@ -31,6 +31,11 @@ pub(super) const UDP_LISTEN_OPTIONS: &str =
 
 pub(super) const UDP_CONNECT_OPTIONS: &str = "netns=, container=, pid=";
 
+pub(super) const VSOCK_LISTEN_OPTIONS: &str = "fork, max-children=<n>, backlog=<n>, cid=<n>";
+
+pub(super) const VSOCK_CONNECT_OPTIONS: &str =
+    "connect-timeout=<seconds>, retry=<n>, interval=<seconds>, forever";
+
 /// The socat address types relay speaks, by what they make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -52,6 +57,8 @@ pub(super) enum Kind {
     UdpConnect(Family),
     /// Either side: a file, a named pipe, a terminal.
     File(FileKind),
+    VsockListen,
+    VsockConnect,
     /// TCP through a proxy: `SOCKS4`, `SOCKS4A`, `SOCKS5-CONNECT`, `PROXY`.
     ProxyConnect(Via),
 }
@@ -76,6 +83,7 @@ impl Kind {
                 | Kind::Stdio(_)
                 | Kind::File(_)
                 | Kind::UdpListen(_)
+                | Kind::VsockListen
         )
     }
 
@@ -138,6 +146,9 @@ pub(super) const KEYWORDS: &[(&str, Kind)] = &[
     ("gopen", Kind::File(FileKind::Gopen)),
     ("pipe", Kind::File(FileKind::Pipe)),
     ("pty", Kind::File(FileKind::Pty)),
+    ("vsock-listen", Kind::VsockListen),
+    ("vsock-l", Kind::VsockListen),
+    ("vsock-connect", Kind::VsockConnect),
     ("socks4", Kind::ProxyConnect(Via::Socks4)),
     ("socks", Kind::ProxyConnect(Via::Socks4)),
     ("socks4a", Kind::ProxyConnect(Via::Socks4a)),
@@ -175,6 +186,8 @@ impl Kind {
                 "a UNIX socket at the path is connected to, anything else opened as OPEN"
             }
             Kind::File(FileKind::Pipe) => "a named pipe, made if missing (no unnamed PIPE)",
+            Kind::VsockListen => "AF_VSOCK listener (a VM's or enclave's socket), any CID",
+            Kind::VsockConnect => "AF_VSOCK connect to <cid>:<port>",
             Kind::File(FileKind::Pty) => {
                 "a new pseudo-terminal, relay holding its master side (link=, raw, echo=)"
             }
@@ -265,8 +278,6 @@ pub(super) const OTHER_SOCAT_TYPES: &[(&str, &str)] = &[
     ("sctp", OTHER_PROTOCOL),
     ("sctp-listen", OTHER_PROTOCOL),
     ("sctp-connect", OTHER_PROTOCOL),
-    ("vsock-listen", OTHER_PROTOCOL),
-    ("vsock-connect", OTHER_PROTOCOL),
     ("ip", OTHER_PROTOCOL),
     ("ip4", OTHER_PROTOCOL),
     ("ip6", OTHER_PROTOCOL),
@@ -287,4 +298,5 @@ pub(super) const FILE_INSTEAD: &str = "relay opens files by path only (OPEN:, CR
 
 pub(super) const PROXY_INSTEAD: &str = "relay is not a SOCKS server: it connects through one (SOCKS4, SOCKS4A, SOCKS5-CONNECT, PROXY); keep socat, or a SOCKS server such as dante, for this line";
 
-pub(super) const OTHER_PROTOCOL: &str = "relay forwards TCP, TLS, UDP and UNIX stream sockets only";
+pub(super) const OTHER_PROTOCOL: &str =
+    "relay forwards TCP, TLS, UDP, UNIX and VSOCK stream sockets only";

@@ -44,6 +44,7 @@ fn parse_listen_form(input: &str) -> Result<ListenAddr, AddrError> {
             }
             Kind::UdpListen(family) => parse_udp_listen(input, family, rest),
             Kind::File(kind) => file::parse_file_listen(input, kind, rest),
+            Kind::VsockListen => vsock::parse_vsock_listen(input, rest),
             _ => unreachable!("socat_form returns listen kinds for the listen position"),
         };
     }

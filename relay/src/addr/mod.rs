@@ -90,6 +90,9 @@ pub enum ListenEndpoint {
     Stdio(StdioMode),
     /// A file as the one client (`OPEN:`, `CREATE:`, `GOPEN:`, `PIPE:`).
     File(FileSpec),
+    /// An AF_VSOCK listener (`VSOCK-LISTEN:<port>`), on every CID of this
+    /// machine unless `cid=` names one.
+    Vsock(VsockAddress),
     /// Two connect addresses (`relay TCP:a:1 TCP:b:2`, `relay EXEC:cmd
     /// TCP:b:2`): the first is connected to (or started) once, at start,
     /// and is the route's one client.
@@ -112,6 +115,19 @@ pub struct TcpListen {
     /// `keepalive`: SO_KEEPALIVE on every accepted connection.
     pub keepalive: bool,
     pub buffers: SocketBuffers,
+}
+
+/// A VSOCK context id and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VsockAddress {
+    pub cid: u32,
+    pub port: u32,
+}
+
+impl fmt::Display for VsockAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vsock:{}:{}", self.cid, self.port)
+    }
 }
 
 /// socat's `sndbuf=` / `rcvbuf=`: SO_SNDBUF / SO_RCVBUF in bytes, which
@@ -239,6 +255,9 @@ pub enum TargetEndpoint {
     Stdio(StdioMode),
     /// A file opened for each client (`OPEN:`, `CREATE:`, `GOPEN:`, `PIPE:`).
     File(FileSpec),
+    /// An AF_VSOCK peer (`VSOCK-CONNECT:<cid>:<port>`): a VM's host or
+    /// guest, an enclave.
+    Vsock(VsockAddress),
     /// A program started for each client, its stdin and stdout the
     /// connection (`EXEC:`, `SYSTEM:`).
     Exec(ExecSpec),
@@ -467,6 +486,7 @@ mod proxy;
 mod target;
 mod udp;
 mod unix;
+mod vsock;
 
 use keywords::*;
 use lex::*;

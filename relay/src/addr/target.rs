@@ -33,6 +33,7 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
             Kind::ProxyConnect(via) => parse_proxy_target(input, via, rest),
             Kind::UdpConnect(family) => parse_udp_target(input, family, rest),
             Kind::File(kind) => file::parse_file_target(input, kind, rest),
+            Kind::VsockConnect => vsock::parse_vsock_target(input, rest),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
                 Ok(TargetAddr {

@@ -726,3 +726,28 @@ fn file_addresses_read_their_open_options() {
         assert!(err.contains(says), "{text}: {err}");
     }
 }
+
+#[test]
+fn vsock_addresses_take_cid_and_port() {
+    let listen = parse_listen("VSOCK-LISTEN:5000,fork,cid=3").unwrap();
+    assert_eq!(
+        listen.endpoint,
+        ListenEndpoint::Vsock(VsockAddress { cid: 3, port: 5000 })
+    );
+    assert!(!listen.once);
+    let target = parse_target("VSOCK-CONNECT:2:5000,retry=3").unwrap();
+    assert_eq!(
+        target.endpoint,
+        TargetEndpoint::Vsock(VsockAddress { cid: 2, port: 5000 })
+    );
+    for (text, says) in [
+        ("VSOCK-CONNECT:5000", "VSOCK-CONNECT:<cid>:<port>"),
+        ("VSOCK-CONNECT:host:5000", "not a VSOCK context id"),
+        ("VSOCK-CONNECT:2:5000,nodelay", "on VSOCK-CONNECT"),
+    ] {
+        let err = parse_target(text).unwrap_err().to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+    let err = parse_listen("VSOCK-LISTEN:x").unwrap_err().to_string();
+    assert!(err.contains("not a VSOCK port"), "{err}");
+}

@@ -925,6 +925,7 @@ pub fn listen_identity(listen: &addr::ListenAddr) -> Option<String> {
             Some(format!("{host}|{}|{netns}", tcp.port))
         }
         addr::ListenEndpoint::Unix(unix) => Some(format!("unix|{}|{netns}", unix.name)),
+        addr::ListenEndpoint::Vsock(vsock) => Some(format!("vsock|{}|{}", vsock.cid, vsock.port)),
         addr::ListenEndpoint::Stdio(_)
         | addr::ListenEndpoint::File(_)
         | addr::ListenEndpoint::Connect(_) => None,

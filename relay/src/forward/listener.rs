@@ -47,6 +47,10 @@ pub enum Peer {
     File,
     /// The first of two connect addresses.
     First,
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
 }
 
 impl fmt::Display for Peer {
@@ -66,6 +70,7 @@ impl fmt::Display for Peer {
             Peer::Stdio => f.write_str("stdio"),
             Peer::File => f.write_str("file"),
             Peer::First => f.write_str("first address"),
+            Peer::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
         }
     }
 }
@@ -108,6 +113,8 @@ pub enum Listener {
     /// A file, opened at bind (so a bad path fails at start): one
     /// "connection", then nothing more.
     File(Option<Socket>),
+    /// An AF_VSOCK listener.
+    Vsock(tokio_vsock::VsockListener),
     /// The first of two connect addresses, connected to (or started, for
     /// EXEC) at bind: one "connection", then nothing more.
     Connected(Option<Socket>, Option<Box<Child>>),
@@ -188,7 +195,11 @@ impl Listener {
                 name: name.clone(),
                 file: file.clone(),
             }),
-            Listener::Stdio(_) | Listener::File(_) | Listener::Connected(..) => None,
+            // A VSOCK listener is bound again by a reload that changes it.
+            Listener::Stdio(_)
+            | Listener::File(_)
+            | Listener::Connected(..)
+            | Listener::Vsock(_) => None,
         })
     }
 
@@ -199,6 +210,9 @@ impl Listener {
             Listener::Unix { name, .. } => Ok(name.clone()),
             Listener::Stdio(_) => Ok("stdio".to_string()),
             Listener::File(_) => Ok("file".to_string()),
+            Listener::Vsock(l) => l
+                .local_addr()
+                .map(|a| format!("vsock:{}:{}", a.cid(), a.port())),
             Listener::Connected(..) => Ok("(connected to the first address)".to_string()),
         }
     }
@@ -225,6 +239,16 @@ impl Listener {
                 Some(file) => Ok((file, Peer::File)),
                 None => std::future::pending().await,
             },
+            Listener::Vsock(l) => {
+                let (stream, peer) = l.accept().await?;
+                Ok((
+                    Socket::Vsock(stream),
+                    Peer::Vsock {
+                        cid: peer.cid(),
+                        port: peer.port(),
+                    },
+                ))
+            }
             Listener::Connected(socket, _) => match socket.take() {
                 Some(socket) => Ok((socket, Peer::First)),
                 None => std::future::pending().await,
@@ -260,6 +284,15 @@ pub async fn bind(
         ListenEndpoint::Tcp(tcp) => bind_tcp(addr, tcp, backlog).await.map(Listener::Tcp),
         ListenEndpoint::Unix(unix) => bind_unix(addr, unix, backlog).await,
         ListenEndpoint::Stdio(mode) => Ok(Listener::Stdio(Some(*mode))),
+        ListenEndpoint::Vsock(vsock) => {
+            tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(vsock.cid, vsock.port))
+                .map(Listener::Vsock)
+                .map_err(|cause| ForwardError::Bind {
+                    addr: addr.text.clone(),
+                    resolved: vsock.to_string(),
+                    cause,
+                })
+        }
         ListenEndpoint::File(spec) => {
             let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
             super::file::open(spec, access)

@@ -23,6 +23,8 @@ pub enum Socket {
     Stdio(Stdio),
     /// A file, named pipe or terminal (socat's `OPEN`, `CREATE`, `PIPE`).
     File(Box<FileLeg>),
+    /// An AF_VSOCK stream (socat's `VSOCK-LISTEN`, `VSOCK-CONNECT`).
+    Vsock(tokio_vsock::VsockStream),
 }
 
 /// A leg that is a kernel socket, as splice(2) needs one.
@@ -46,7 +48,7 @@ impl Socket {
         match self {
             Socket::Tcp(tcp) => Some(FdSocket::Tcp(tcp)),
             Socket::Unix(unix) => Some(FdSocket::Unix(unix)),
-            Socket::Stdio(_) | Socket::File(_) => None,
+            Socket::Stdio(_) | Socket::File(_) | Socket::Vsock(_) => None,
         }
     }
 
@@ -133,6 +135,7 @@ macro_rules! each_socket {
             Socket::Unix(s) => Pin::new(s).$method($($arg),*),
             Socket::Stdio(s) => Pin::new(s).$method($($arg),*),
             Socket::File(s) => Pin::new(s).$method($($arg),*),
+            Socket::Vsock(s) => Pin::new(s).$method($($arg),*),
         }
     };
 }

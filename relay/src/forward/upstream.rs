@@ -31,6 +31,11 @@ pub enum ConnectError {
     Refused { addr: String },
     #[error("cannot connect to {path}: {cause}{hint}", hint = unix_hint(cause))]
     Unix { path: String, cause: io::Error },
+    #[error("cannot connect to {addr}: {cause}")]
+    Vsock {
+        addr: crate::addr::VsockAddress,
+        cause: io::Error,
+    },
     #[error("cannot open {path}: {cause}")]
     File { path: String, cause: io::Error },
     #[error("cannot start {program}: {cause}")]
@@ -65,6 +70,7 @@ impl ConnectError {
             | ConnectError::Unix { .. }
             | ConnectError::Spawn { .. }
             | ConnectError::File { .. }
+            | ConnectError::Vsock { .. }
             | ConnectError::Proxy { .. } => Outcome::ConnectError,
             ConnectError::Namespace(_) => Outcome::NamespaceUnavailable,
         }
@@ -156,6 +162,15 @@ async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket
         }
         TargetEndpoint::Unix(name) => connect_unix(name, netns).await.map(Socket::Unix),
         TargetEndpoint::Stdio(mode) => Ok(Socket::Stdio(Stdio::new(*mode))),
+        TargetEndpoint::Vsock(vsock) => {
+            tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(vsock.cid, vsock.port))
+                .await
+                .map(Socket::Vsock)
+                .map_err(|cause| ConnectError::Vsock {
+                    addr: *vsock,
+                    cause,
+                })
+        }
         TargetEndpoint::File(spec) => {
             let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
             super::file::open(spec, access)
