@@ -9,6 +9,13 @@
 //!   and the other direction keeps flowing until it ends too; except that
 //!   with a stdin/stdout side the socket side's EOF ends the connection
 //!   (stdin may never end, and nothing is left to send its bytes to);
+//! - half-close timeout (socat's `-t`): when the route has one, the first
+//!   EOF starts it, and when it runs out the connection closes even if the
+//!   other direction still runs (a reset if bytes are still in flight);
+//! - one way (socat's `-u` / `-U`): one pump from the source, the
+//!   destination's replies read and dropped; the connection ends once the
+//!   source's EOF is passed on and the destination closes, or the
+//!   half-close timeout (0.5 s by default) after it;
 //! - reset: an error on either side resets both (SO_LINGER 0), so a peer
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;

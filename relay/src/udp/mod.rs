@@ -281,9 +281,15 @@ struct Replies {
 /// been idle for `idle`, or the route closes it.
 async fn replies(mut r: Replies) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // One timer for the session, moved only when it fires early (the
+    // session was used since it was set): a datagram costs no timer
+    // update, only a store of its time.
+    let expiry = |last: u64| {
+        tokio::time::Instant::from_std(r.started + Duration::from_millis(last) + r.idle)
+    };
+    let idle = tokio::time::sleep_until(expiry(r.last.load(Ordering::Acquire)));
+    tokio::pin!(idle);
     let end = loop {
-        let last = Duration::from_millis(r.last.load(Ordering::Acquire));
-        let deadline = tokio::time::Instant::from_std(r.started + last + r.idle);
         tokio::select! {
             received = r.upstream.recv(&mut buf) => match received {
                 Ok(n) => {
@@ -306,7 +312,7 @@ async fn replies(mut r: Replies) {
                     break SessionEnd::Error;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut idle => {
                 let since = elapsed_ms(r.started).saturating_sub(r.last.load(Ordering::SeqCst));
                 if Duration::from_millis(since) >= r.idle {
                     // Ended first, then the last use read again: a datagram
@@ -319,6 +325,7 @@ async fn replies(mut r: Replies) {
                     }
                     r.ended.store(false, Ordering::SeqCst);
                 }
+                idle.as_mut().reset(expiry(r.last.load(Ordering::Acquire)));
             }
             _ = crate::forward::raised(&mut r.close) => break SessionEnd::Drained,
         }
