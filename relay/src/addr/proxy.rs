@@ -73,6 +73,31 @@ pub(super) fn parse_proxy_target(
     tcp_target(input, tcp, options, false)
 }
 
+/// The URL forms of a proxied target: `socks4://`, `socks4a://`,
+/// `socks5://` and `http-connect://` `<proxy>[:<proxy-port>]/<host>:<port>`,
+/// the same target as the socat spelling with the same fields.
+pub(super) fn parse_proxy_url(input: &str) -> Result<Option<TargetAddr>, AddrError> {
+    let Some((scheme, rest)) = input.split_once("://") else {
+        return Ok(None);
+    };
+    let via = match scheme.to_ascii_lowercase().as_str() {
+        "socks4" => Via::Socks4,
+        "socks4a" => Via::Socks4a,
+        "socks5" => Via::Socks5,
+        "http-connect" => Via::Http,
+        _ => return Ok(None),
+    };
+    let Some((proxy, target)) = rest.split_once('/') else {
+        return Err(invalid(
+            input,
+            format!("expected `{scheme}://<proxy>[:<port>]/<host>:<port>`"),
+        ));
+    };
+    let mut addr = parse_proxy_target(input, via, &format!("{proxy}:{target}"))?;
+    addr.text = input.to_string();
+    Ok(Some(addr))
+}
+
 /// Applies `opt` if it is one of the proxy's options (the proxy's port,
 /// the SOCKS user, HTTP credentials); `false` leaves it to the TCP ones.
 pub(super) fn proxy_option(

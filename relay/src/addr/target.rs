@@ -49,6 +49,12 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
             _ => unreachable!("socat_form returns connect kinds for the target position"),
         };
     }
+    if let Some(addr) = proxy::parse_proxy_url(input)? {
+        return Ok(addr);
+    }
+    if let Some(rest) = input.strip_prefix("vsock://") {
+        return vsock::parse_vsock_target(input, rest);
+    }
     let (address, netns) = split_namespace(input)?;
     if let Some(name) = unix_url(input, address)? {
         check_path_namespace(input, &name, &netns)?;
@@ -62,7 +68,21 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
             crlf: false,
         });
     }
-    let (scheme, rest) = split_scheme(address, &["tcp", "tls", "unix", "unix-abstract", "udp"])?;
+    let (scheme, rest) = split_scheme(
+        address,
+        &[
+            "tcp",
+            "tls",
+            "unix",
+            "unix-abstract",
+            "udp",
+            "vsock",
+            "socks4",
+            "socks4a",
+            "socks5",
+            "http-connect",
+        ],
+    )?;
     let (host, port) = host_port(input, rest)?;
     if port == 0 {
         return Err(invalid(input, "port 0 cannot be connected to"));

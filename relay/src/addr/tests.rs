@@ -751,3 +751,37 @@ fn vsock_addresses_take_cid_and_port() {
     let err = parse_listen("VSOCK-LISTEN:x").unwrap_err().to_string();
     assert!(err.contains("not a VSOCK port"), "{err}");
 }
+
+#[test]
+fn proxied_and_vsock_targets_have_url_forms_meaning_the_socat_ones() {
+    for (url, socat) in [
+        (
+            "socks5://bastion:1081/db.internal:5432",
+            "SOCKS5-CONNECT:bastion:1081:db.internal:5432",
+        ),
+        (
+            "socks4a://bastion/db.internal:5432",
+            "SOCKS4A:bastion:db.internal:5432",
+        ),
+        (
+            "socks4://bastion:1080/10.0.0.5:22",
+            "SOCKS4:bastion:10.0.0.5:22",
+        ),
+        (
+            "http-connect://squid:3128/git.internal:22",
+            "PROXY:squid:3128:git.internal:22",
+        ),
+        ("vsock://2:5000", "VSOCK-CONNECT:2:5000"),
+    ] {
+        let (a, b) = (parse_target(url).unwrap(), parse_target(socat).unwrap());
+        assert_eq!(a.endpoint, b.endpoint, "{url} is {socat}");
+        assert_eq!(a.text, url);
+    }
+    let err = parse_target("socks5://bastion:1080")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("socks5://<proxy>[:<port>]/<host>:<port>"),
+        "{err}"
+    );
+}
