@@ -197,16 +197,11 @@ pub(super) fn parse_file_listen(
     kind: FileKind,
     rest: &str,
 ) -> Result<ListenAddr, AddrError> {
-    Ok(ListenAddr {
-        endpoint: ListenEndpoint::File(parse_file(input, kind, rest)?),
-        backlog: None,
-        max_children: None,
-        once: true,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    })
+    Ok(ListenAddr::new(
+        ListenEndpoint::File(parse_file(input, kind, rest)?),
+        input,
+        true,
+    ))
 }
 
 /// A file address as the target: opened for each connection.
@@ -215,13 +210,8 @@ pub(super) fn parse_file_target(
     kind: FileKind,
     rest: &str,
 ) -> Result<TargetAddr, AddrError> {
-    Ok(TargetAddr {
-        endpoint: TargetEndpoint::File(parse_file(input, kind, rest)?),
-        connect_timeout: None,
-        retry: Retry::NONE,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    })
+    Ok(TargetAddr::new(
+        TargetEndpoint::File(parse_file(input, kind, rest)?),
+        input,
+    ))
 }

@@ -31,16 +31,7 @@ fn parse_listen_form(input: &str) -> Result<ListenAddr, AddrError> {
             }
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
-                Ok(ListenAddr {
-                    endpoint: ListenEndpoint::Stdio(mode),
-                    backlog: None,
-                    max_children: None,
-                    once: true,
-                    tls: None,
-                    netns: None,
-                    text: input.to_string(),
-                    crlf: false,
-                })
+                Ok(ListenAddr::new(ListenEndpoint::Stdio(mode), input, true))
             }
             Kind::UdpListen(family) => parse_udp_listen(input, family, rest),
             Kind::File(kind) => file::parse_file_listen(input, kind, rest),
@@ -52,14 +43,12 @@ fn parse_listen_form(input: &str) -> Result<ListenAddr, AddrError> {
     if let Some(name) = unix_url(input, address)? {
         check_path_namespace(input, &name, &netns)?;
         return Ok(ListenAddr {
-            endpoint: ListenEndpoint::Unix(unix_listen_defaults(name)),
-            backlog: None,
-            max_children: None,
-            once: false,
-            tls: None,
             netns,
-            text: input.to_string(),
-            crlf: false,
+            ..ListenAddr::new(
+                ListenEndpoint::Unix(unix_listen_defaults(name)),
+                input,
+                false,
+            )
         });
     }
     let (scheme, rest) = split_scheme(

@@ -351,6 +351,22 @@ pub enum ProxyAuth {
 }
 
 impl ListenAddr {
+    /// `endpoint` as written in `input`, and nothing else: no backlog or
+    /// child limit, no TLS, no namespace, no `crlf`; `once` for a socat
+    /// address (one connection unless `fork`), not for a URL form.
+    pub(crate) fn new(endpoint: ListenEndpoint, input: &str, once: bool) -> Self {
+        ListenAddr {
+            endpoint,
+            backlog: None,
+            max_children: None,
+            once,
+            tls: None,
+            netns: None,
+            text: input.to_string(),
+            crlf: false,
+        }
+    }
+
     /// The TCP side of a TCP listener.
     pub fn tcp(&self) -> Option<&TcpListen> {
         match &self.endpoint {
@@ -391,6 +407,20 @@ impl ListenAddr {
 }
 
 impl TargetAddr {
+    /// `endpoint` as written in `input`, and nothing else: one connect
+    /// attempt, no TLS, no namespace, no `crlf`.
+    pub(crate) fn new(endpoint: TargetEndpoint, input: &str) -> Self {
+        TargetAddr {
+            endpoint,
+            connect_timeout: None,
+            retry: Retry::NONE,
+            tls: None,
+            netns: None,
+            text: input.to_string(),
+            crlf: false,
+        }
+    }
+
     /// The TCP side of a TCP target.
     pub fn tcp(&self) -> Option<&TcpTarget> {
         match &self.endpoint {

@@ -36,15 +36,7 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
             Kind::VsockConnect => vsock::parse_vsock_target(input, rest),
             Kind::Stdio(mode) => {
                 stdio_options(input, rest)?;
-                Ok(TargetAddr {
-                    endpoint: TargetEndpoint::Stdio(mode),
-                    connect_timeout: None,
-                    retry: Retry::NONE,
-                    tls: None,
-                    netns: None,
-                    text: input.to_string(),
-                    crlf: false,
-                })
+                Ok(TargetAddr::new(TargetEndpoint::Stdio(mode), input))
             }
             _ => unreachable!("socat_form returns connect kinds for the target position"),
         };
@@ -59,13 +51,8 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
     if let Some(name) = unix_url(input, address)? {
         check_path_namespace(input, &name, &netns)?;
         return Ok(TargetAddr {
-            endpoint: TargetEndpoint::Unix(name),
-            connect_timeout: None,
-            retry: Retry::NONE,
-            tls: None,
             netns,
-            text: input.to_string(),
-            crlf: false,
+            ..TargetAddr::new(TargetEndpoint::Unix(name), input)
         });
     }
     let (scheme, rest) = split_scheme(
@@ -89,17 +76,15 @@ fn parse_target_form(input: &str) -> Result<TargetAddr, AddrError> {
     }
     if scheme == "udp" {
         return Ok(TargetAddr {
-            endpoint: TargetEndpoint::Udp(UdpTarget {
-                host,
-                port,
-                family: Family::Any,
-            }),
-            connect_timeout: None,
-            retry: Retry::NONE,
-            tls: None,
             netns,
-            text: input.to_string(),
-            crlf: false,
+            ..TargetAddr::new(
+                TargetEndpoint::Udp(UdpTarget {
+                    host,
+                    port,
+                    family: Family::Any,
+                }),
+                input,
+            )
         });
     }
     let tls = (scheme == "tls").then(|| TlsTarget {
@@ -185,15 +170,7 @@ pub(super) fn parse_exec(input: &str, rest: &str, shell: bool) -> Result<TargetA
             "`raw` and `echo=` set up a terminal: add `pty` (the child's stdin and stdout are a socket pair without it)",
         ));
     }
-    Ok(TargetAddr {
-        endpoint: TargetEndpoint::Exec(spec),
-        connect_timeout: None,
-        retry: Retry::NONE,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    })
+    Ok(TargetAddr::new(TargetEndpoint::Exec(spec), input))
 }
 
 pub(super) fn parse_socat_target(

@@ -12,16 +12,7 @@ pub(super) fn parse_udp_listen(
 ) -> Result<ListenAddr, AddrError> {
     let (port, options) = split_options(rest);
     let mut udp = TcpListen::any_address(family, parse_port(input, port)?);
-    let mut addr = ListenAddr {
-        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
-        backlog: None,
-        max_children: None,
-        once: true,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+    let mut addr = ListenAddr::new(ListenEndpoint::Stdio(StdioMode::Both), input, true);
     for opt in socat_options(input, options) {
         let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {
@@ -82,15 +73,7 @@ pub(super) fn parse_udp_target(
             format!("`{ip}` does not match the address family of this keyword"),
         ));
     }
-    let mut addr = TargetAddr {
-        endpoint: TargetEndpoint::Udp(UdpTarget { host, port, family }),
-        connect_timeout: None,
-        retry: Retry::NONE,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+    let mut addr = TargetAddr::new(TargetEndpoint::Udp(UdpTarget { host, port, family }), input);
     for opt in socat_options(input, options) {
         let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {

@@ -96,16 +96,7 @@ pub(super) fn parse_unix_listen(
     let is_path = matches!(name, UnixName::Path(_));
     let mut unix = unix_listen_defaults(name);
     // Filled in below; the endpoint is set once its options are read.
-    let mut addr = ListenAddr {
-        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
-        backlog: None,
-        max_children: None,
-        once: true,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+    let mut addr = ListenAddr::new(ListenEndpoint::Stdio(StdioMode::Both), input, true);
     for opt in socat_options(input, options) {
         let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {
@@ -183,15 +174,7 @@ pub(super) fn parse_unix_target(
     name: UnixName,
     options: Option<&str>,
 ) -> Result<TargetAddr, AddrError> {
-    let mut addr = TargetAddr {
-        endpoint: TargetEndpoint::Unix(name),
-        connect_timeout: None,
-        retry: Retry::NONE,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+    let mut addr = TargetAddr::new(TargetEndpoint::Unix(name), input);
     for opt in socat_options(input, options) {
         let opt = opt?;
         if let Some(target) = namespace_option(input, &opt)? {

@@ -26,16 +26,7 @@ pub(super) fn parse_vsock_listen(input: &str, rest: &str) -> Result<ListenAddr, 
         cid: CID_ANY,
         port: number(input, "port", port)?,
     };
-    let mut addr = ListenAddr {
-        endpoint: ListenEndpoint::Stdio(StdioMode::Both),
-        backlog: None,
-        max_children: None,
-        once: true,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+    let mut addr = ListenAddr::new(ListenEndpoint::Stdio(StdioMode::Both), input, true);
     for opt in socat_options(input, options) {
         let opt = opt?;
         match opt.key.as_str() {
@@ -66,18 +57,13 @@ pub(super) fn parse_vsock_target(input: &str, rest: &str) -> Result<TargetAddr, 
             "expected VSOCK-CONNECT:<cid>:<port>, for example VSOCK-CONNECT:2:5000 (CID 2 is the host)",
         ));
     };
-    let mut addr = TargetAddr {
-        endpoint: TargetEndpoint::Vsock(VsockAddress {
+    let mut addr = TargetAddr::new(
+        TargetEndpoint::Vsock(VsockAddress {
             cid: number(input, "context id", cid)?,
             port: number(input, "port", port)?,
         }),
-        connect_timeout: None,
-        retry: Retry::NONE,
-        tls: None,
-        netns: None,
-        text: input.to_string(),
-        crlf: false,
-    };
+        input,
+    );
     for opt in socat_options(input, options) {
         let opt = opt?;
         match opt.key.as_str() {
