@@ -265,6 +265,13 @@ pub const OPTIONS: &[(&str, &str, Status)] = &[
         Status::Supported("permission bits (octal) of a file relay makes, before umask"),
     ),
     (
+        "link",
+        "PTY",
+        Status::Supported(
+            "a symbolic link to the new terminal, made when it opens (replacing an old link) and removed when the connection ends",
+        ),
+    ),
+    (
         "raw",
         "file addresses (a terminal), PTY, EXEC with pty",
         Status::Supported(
