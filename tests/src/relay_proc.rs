@@ -511,6 +511,17 @@ impl Relay {
     ///
     /// Counters move when connections close, a moment after the client
     /// sees the close; hence polling rather than one scrape.
+    /// [`Relay::wait_metric`] on `relay_connections_total{outcome}`: the
+    /// count every test of a connection's end waits for.
+    pub fn wait_outcome(&self, outcome: &str, count: f64, timeout: Duration) -> Result<Scrape> {
+        self.wait_metric(
+            "relay_connections_total",
+            &[("outcome", outcome)],
+            count,
+            timeout,
+        )
+    }
+
     pub fn wait_metric(
         &self,
         name: &str,

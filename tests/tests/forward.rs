@@ -175,12 +175,7 @@ fn thousand_concurrent_connections_each_get_their_own_bytes_back() -> Result<()>
             .join("\n")
     );
     active.context("while all connections were open")?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "closed")],
-        CONCURRENT as f64,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("closed", CONCURRENT as f64, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -287,12 +282,7 @@ fn half_closed_side_still_receives_reply(first: FirstCloser) -> Result<()> {
         "{first:?} closed first: expected the late reply ({}) to arrive whole, got {reply_seen}",
         reply.fingerprint()
     );
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "closed")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("closed", 1.0, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -362,12 +352,7 @@ fn reset_reaches_other_side(resetter: Resetter) -> Result<()> {
             );
         }
     }
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "reset")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("reset", 1.0, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -393,12 +378,7 @@ fn refused_target_closes_client_promptly_and_relay_keeps_serving() -> Result<()>
         after < Duration::from_secs(2),
         "expected the client's connection closed within 2s of a refused upstream, took {after:?} ({closed:?})"
     );
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "refused")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("refused", 1.0, METRIC_TIMEOUT)?;
 
     // The same relay serves the next connection once the target is up.
     let _echo = EchoServer::start_on(target)?;
@@ -442,12 +422,7 @@ fn unanswered_target_times_out(spelling: ConnectTimeoutSpelling) -> Result<()> {
         (Duration::from_millis(900)..Duration::from_millis(2500)).contains(&after),
         "{spelling:?}: expected the client closed ~1s after connecting (0.9..2.5s), took {after:?} ({closed:?})"
     );
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "connect_timeout")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("connect_timeout", 1.0, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -479,12 +454,7 @@ fn idle_connection_closes(spelling: &[&str]) -> Result<()> {
         (Duration::from_millis(800)..Duration::from_millis(2500)).contains(&after),
         "{spelling:?}: expected an idle connection closed ~1s after its last byte (0.8..2.5s), took {after:?} ({closed:?})"
     );
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "idle_timeout")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("idle_timeout", 1.0, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -524,12 +494,7 @@ fn traffic_every_300ms_keeps_connection_open_past_idle_timeout() -> Result<()> {
         closed == Closed::Eof,
         "expected an orderly EOF after our half-close, got {closed:?}"
     );
-    let scrape = relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "closed")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    let scrape = relay.wait_outcome("closed", 1.0, METRIC_TIMEOUT)?;
     let idle = scrape.counter(CONNECTIONS_TOTAL, &[("outcome", "idle_timeout")]);
     if idle != 0.0 {
         bail!("expected no idle_timeout for a busy connection, got {idle}");

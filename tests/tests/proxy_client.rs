@@ -19,7 +19,6 @@ use relay_tests::proxies::Proxy;
 use relay_tests::relay_proc::relay_bin;
 use relay_tests::{RelayCmd, require_root, require_tool};
 
-const CONNECTIONS_TOTAL: &str = "relay_connections_total";
 const METRIC_TIMEOUT: Duration = Duration::from_secs(5);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,12 +39,7 @@ fn relay_to(target: String) -> Result<relay_tests::Relay> {
 fn expect_refused_closes(relay: &relay_tests::Relay) -> Result<()> {
     let mut client = relay.connect()?;
     expect_close(&mut client, CLOSE_TIMEOUT)?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "refused")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("refused", 1.0, METRIC_TIMEOUT)?;
     Ok(())
 }
 
@@ -75,12 +69,7 @@ fn socks4_and_socks5_through_dante_reach_the_allowed_target_only() -> Result<()>
         round_trip(&mut client, format!("through {target}").as_bytes())
             .with_context(|| format!("{target}\ndanted: {}", dante.log()))?;
         drop(client);
-        relay.wait_metric(
-            CONNECTIONS_TOTAL,
-            &[("outcome", "closed")],
-            1.0,
-            METRIC_TIMEOUT,
-        )?;
+        relay.wait_outcome("closed", 1.0, METRIC_TIMEOUT)?;
     }
     // Dante's rules allow the echo's port only.
     let other = free_port()?;

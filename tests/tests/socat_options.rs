@@ -68,12 +68,7 @@ fn range_closes_clients_from_elsewhere_before_the_target_sees_them() -> Result<(
         })
         .context("connecting from the namespace")?;
     expect_close(&mut outsider, CLOSE_TIMEOUT).context("the client outside range=")?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "denied")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("denied", 1.0, METRIC_TIMEOUT)?;
     ensure!(
         backend.accepted() == 0,
         "a denied client must not be connected to the target, yet it accepted {}",
@@ -88,12 +83,7 @@ fn range_closes_clients_from_elsewhere_before_the_target_sees_them() -> Result<(
         "the loopback client reached the target once"
     );
     drop(insider);
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "closed")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("closed", 1.0, METRIC_TIMEOUT)?;
     let denied = relay
         .scrape()?
         .counter(CONNECTIONS_TOTAL, &[("outcome", "denied")]);
@@ -124,12 +114,7 @@ fn max_children_holds_further_clients_until_one_closes() -> Result<()> {
     second
         .write_all(b"second")
         .context("writing from the second client")?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "limit")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("limit", 1.0, METRIC_TIMEOUT)?;
     ensure!(
         echo.accepted() == 1,
         "only one client may be relayed at a time, the target accepted {}",
@@ -190,12 +175,7 @@ fn retries_run_out_and_the_client_is_told() -> Result<()> {
     .spawn()?;
     let mut client = relay.connect()?;
     expect_close(&mut client, CLOSE_TIMEOUT)?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "refused")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("refused", 1.0, METRIC_TIMEOUT)?;
     let retries = relay.scrape()?.counter(RETRIES_TOTAL, &[]);
     ensure!(
         retries == 2.0,
@@ -219,12 +199,7 @@ fn d_flags_set_the_log_level_as_socat() -> Result<()> {
     .spawn()?;
     let mut client = relay.connect()?;
     expect_close(&mut client, CLOSE_TIMEOUT)?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "denied")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("denied", 1.0, METRIC_TIMEOUT)?;
     poll_until("the debug line of the denial", METRIC_TIMEOUT, || {
         Ok(relay.stderr().contains("outside range=").then_some(()))
     })?;
@@ -394,12 +369,7 @@ fn t_ends_a_half_closed_connection_after_its_timeout() -> Result<()> {
     client.write_all(b"request")?;
     client.shutdown(Shutdown::Write)?;
     expect_close(&mut client, CLOSE_TIMEOUT).context("the half-close timeout closes the client")?;
-    relay.wait_metric(
-        CONNECTIONS_TOTAL,
-        &[("outcome", "closed")],
-        1.0,
-        METRIC_TIMEOUT,
-    )?;
+    relay.wait_outcome("closed", 1.0, METRIC_TIMEOUT)?;
     poll_until(
         "the log line naming the half-close timeout",
         METRIC_TIMEOUT,
@@ -602,9 +572,17 @@ fn two_connect_addresses_are_joined_once() -> Result<()> {
         proc.wait_exit(CLOSE_TIMEOUT)?
             .with_context(|| format!("relay {args:?} did not exit; log:\n{}", proc.log()))
     };
+    // What a server heard is stored once its read ends, which may be a
+    // moment after relay has exited.
+    let heard_both = |count: usize| {
+        poll_until("the servers' reads to end", CLOSE_TIMEOUT, || {
+            let got = heard.lock().expect("heard lock").clone();
+            Ok((got.len() >= count).then_some(got))
+        })
+    };
     let status = run(&[format!("TCP:{}", a.addr()), format!("TCP:{}", b.addr())])?;
     ensure!(status.success(), "relay TCP:a TCP:b exited {status}");
-    let mut got = heard.lock().expect("heard lock").clone();
+    let mut got = heard_both(2)?;
     got.sort();
     ensure!(
         got == [b"hello from a".to_vec(), b"hello from b".to_vec()],
@@ -617,7 +595,7 @@ fn two_connect_addresses_are_joined_once() -> Result<()> {
         format!("TCP:{}", b.addr()),
     ])?;
     ensure!(status.success(), "relay EXEC:... TCP:b exited {status}");
-    let got = heard.lock().expect("heard lock").clone();
+    let got = heard_both(1)?;
     ensure!(
         got == [b"from-a-program".to_vec()],
         "the server hears the program: {got:?}"

@@ -96,12 +96,7 @@ fn vsock_connect_reports_what_the_kernel_says() -> Result<()> {
     let relay = RelayCmd::loopback_to(format!("VSOCK-CONNECT:{cid}:5000"))?.spawn()?;
     let mut client = relay.connect()?;
     expect_close(&mut client, TIMEOUT)?;
-    relay.wait_metric(
-        "relay_connections_total",
-        &[("outcome", "connect_error")],
-        1.0,
-        TIMEOUT,
-    )?;
+    relay.wait_outcome("connect_error", 1.0, TIMEOUT)?;
     let log = relay.stderr();
     ensure!(
         log.contains(&format!("cannot connect to vsock:{cid}:5000")),

@@ -16,7 +16,10 @@
 //!   destination's replies read and dropped; the connection ends once the
 //!   source's EOF is passed on and the destination closes, or the
 //!   half-close timeout (0.5 s by default) after it;
-//! - reset: an error on either side resets both (SO_LINGER 0), so a peer
+//! - gone: a write that finds its destination reading no more (EPIPE: a
+//!   program that printed its output and exited) ends that direction only,
+//!   and the other still delivers what the destination wrote before it went;
+//! - reset: any other error on either side resets both (SO_LINGER 0), so a peer
 //!   that was reset is seen as reset on the far side, not as a clean close;
 //! - idle: no byte either way for the idle timeout closes both;
 //! - drain: when the drain timeout after SIGTERM runs out, both are closed;
@@ -42,7 +45,7 @@ use tokio::time::Instant;
 
 use super::exec::Child;
 use super::listener::Peer;
-use super::pump::{Activity, Counters, Direction, Eof, LineEnds};
+use super::pump::{Activity, Counters, Direction, Eof, Leg, LineEnds};
 use super::stream::{Socket, Stream};
 use super::upstream;
 use super::{Engine, Flow, copy, sockmap, splice};
@@ -535,10 +538,12 @@ async fn both_ways(
             }
             result = &mut to_target, if !ends.client => match result {
                 Ok(eof) => ends.record(Side::Client, eof),
+                Err((Leg::Destination, error)) if gone(&error) => ends.record(Side::Client, Eof::Clean),
                 Err((leg, error)) => return End::Failed { side: leg.or(Side::Client, Side::Target), error },
             },
             result = &mut to_client, if !ends.target => match result {
                 Ok(eof) => ends.record(Side::Target, eof),
+                Err((Leg::Destination, error)) if gone(&error) => ends.record(Side::Target, Eof::Clean),
                 Err((leg, error)) => return End::Failed { side: leg.or(Side::Target, Side::Client), error },
             },
             _ = activity.idle_for(route.idle_timeout.unwrap_or(Duration::MAX), refresh), if route.idle_timeout.is_some() => {
@@ -571,6 +576,16 @@ async fn both_ways(
             half_closed = Some(Instant::now() + after);
         }
     }
+}
+
+/// Whether a write error means only that the destination will read no
+/// more (EPIPE: a program that printed its output and exited, its socket
+/// pair closed), so the direction toward it is over, its bytes dropped,
+/// and the other direction still delivers what the destination wrote
+/// before it went. A reset (ECONNRESET: a TCP peer's RST) stays a failure,
+/// passed on as a reset.
+fn gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::BrokenPipe
 }
 
 /// The EOFs seen so far: which side's, which came first, and a TLS side
