@@ -6,6 +6,7 @@
 //! consume a one-shot (socat-style, no `fork`) listener.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,14 +16,49 @@ use crate::wait::poll_until;
 /// The kernel's code for TCP_LISTEN in /proc/net/tcp's `st` column.
 const TCP_LISTEN: &str = "0A";
 
-/// A port on 127.0.0.1 that was free a moment ago (bind to :0, read, close).
+/// Where [`free_port`] looks: from here up to the kernel's ephemeral range.
+const LOW_PORT: u32 = 10_000;
+
+/// Candidates handed out by this process so far.
+static PORTS_TRIED: AtomicU32 = AtomicU32::new(0);
+
+/// A port on 127.0.0.1 that is free right now: nobody bound to it, no
+/// connection lingering on it (the probe binds without SO_REUSEADDR). It
+/// is taken below the kernel's ephemeral range (ip_local_port_range), so
+/// that no outgoing connection, of this test or of one running beside it,
+/// can take the port before the test binds it; each call tries the next
+/// candidate of a sequence that starts somewhere different per process.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the port of a bound listener")?
-        .port())
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOW_PORT).max(1_000);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = PORTS_TRIED.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW_PORT + seed.wrapping_add(n) % span)
+            .expect("invariant: LOW_PORT + span < 65536");
+        if bindable(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!(
+        "no free port on 127.0.0.1 between {LOW_PORT} and {}",
+        LOW_PORT + span
+    )
+}
+
+/// Whether 127.0.0.1:`port` can be bound without SO_REUSEADDR: free, and
+/// no TIME_WAIT left on it by an earlier test's connections.
+fn bindable(port: u16) -> bool {
+    let Ok(socket) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+    else {
+        return false;
+    };
+    socket
+        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())
+        .is_ok()
 }
 
 /// A port on 127.0.0.1 that was free a moment ago for UDP and for TCP
@@ -30,13 +66,10 @@ pub fn free_port() -> Result<u16> {
 /// dnsmasq takes the port for both).
 pub fn free_udp_port() -> Result<u16> {
     for _ in 0..100 {
-        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .context("binding UDP 127.0.0.1:0 to find a free port")?;
-        let port = socket
-            .local_addr()
-            .context("reading the port of a bound UDP socket")?
-            .port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        // Below the ephemeral range too: no client socket (a dig's) can
+        // take it before the server binds it.
+        let port = free_port()?;
+        if std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
             return Ok(port);
         }
     }
