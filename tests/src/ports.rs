@@ -5,7 +5,7 @@
 //! Probing by connecting would be counted by relay's metrics and would
 //! consume a one-shot (socat-style, no `fork`) listener.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -176,6 +176,7 @@ fn parse_proc_addr(field: &str) -> Option<(IpAddr, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     #[test]
     fn parses_kernel_ipv4_and_ipv6_listen_addresses() {
