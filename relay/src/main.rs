@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use relay::addr::{self, Family, ListenAddr, TargetAddr};
+use relay::addr::{self, ListenAddr, TargetAddr};
 use relay::config::{
     self, ContainersSpec, Observed, ObserverSpec, RouteSpec, Spec, file::Problems,
 };
@@ -577,28 +577,20 @@ fn plan(cli: Cli) -> Plan {
                 Err(err) => usage(err),
             }
         }
-        (None, Some(first), Some(second)) => match addr::parse_pair(&first, &second) {
-            Ok((mut listen, mut target)) => {
-                if let Some(family) = socat_family.as_deref() {
-                    let family = if family == "6" {
-                        Family::V6
-                    } else {
-                        Family::V4
-                    };
-                    listen.default_family(family);
-                    target.default_family(family);
+        (None, Some(first), Some(second)) => match socat_flags::pair(
+            &first,
+            &second,
+            socat_unidirectional.as_deref(),
+            socat_family.as_deref(),
+        ) {
+            Ok(pair) => {
+                let mut spec = route.spec(pair.listen, pair.target, &tls);
+                // -u / -U, when given; else what --one-way said.
+                if pair.flow != Flow::Both {
+                    spec.flow = pair.flow;
                 }
-                // -u reads the first address: the client when the first
-                // is the listener, else the target (-U the other way).
-                let listener_first = listen.text == first;
-                let mut spec = route.spec(listen, target, &tls);
                 if let Some(dump) = &mut spec.dump {
-                    dump.listener_second = !listener_first;
-                }
-                match (socat_unidirectional.as_deref(), listener_first) {
-                    (Some("first"), true) | (Some("second"), false) => spec.flow = Flow::ToTarget,
-                    (Some(_), _) => spec.flow = Flow::ToClient,
-                    (None, _) => {}
+                    dump.listener_second = pair.listener_second;
                 }
                 one_route(spec, &metrics)
             }

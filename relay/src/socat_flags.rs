@@ -180,6 +180,57 @@ fn unidirectional(flag: &str) -> Option<&'static str> {
     }
 }
 
+/// The socat form's two addresses, parsed in either order, with what the
+/// flags that depend on that order mean for them.
+#[derive(Debug)]
+pub struct Pair {
+    pub listen: crate::addr::ListenAddr,
+    pub target: crate::addr::TargetAddr,
+    /// `-u` / `-U`: the way bytes go, once it is known which address is
+    /// the listener.
+    pub flow: crate::forward::Flow,
+    /// The listener was written second (a dump's `>` then points at it).
+    pub listener_second: bool,
+}
+
+/// Parses the two addresses (`addr::parse_pair`) and applies what the
+/// hidden options of [`translate`] carry: `unidirectional` (`first` or
+/// `second`, the address read) and `family` (`4` or `6`, for addresses
+/// that name none).
+pub fn pair(
+    first: &str,
+    second: &str,
+    unidirectional: Option<&str>,
+    family: Option<&str>,
+) -> Result<Pair, crate::addr::AddrError> {
+    use crate::addr::Family;
+    use crate::forward::Flow;
+    let (mut listen, mut target) = crate::addr::parse_pair(first, second)?;
+    if let Some(family) = family {
+        let family = if family == "6" {
+            Family::V6
+        } else {
+            Family::V4
+        };
+        listen.default_family(family);
+        target.default_family(family);
+    }
+    let listener_first = listen.text == first;
+    // -u reads the first address: the client when the first is the
+    // listener, else the target (-U the other way).
+    let flow = match (unidirectional, listener_first) {
+        (Some("first"), true) | (Some("second"), false) => Flow::ToTarget,
+        (Some(_), _) => Flow::ToClient,
+        (None, _) => Flow::Both,
+    };
+    Ok(Pair {
+        listen,
+        target,
+        flow,
+        listener_second: !listener_first,
+    })
+}
+
 /// Whether `args` (without the program name) is the socat form: an
 /// address comes before any subcommand name. `takes_value` says which of
 /// relay's own options consume the next argument, so their values
@@ -386,6 +437,19 @@ mod tests {
             let t = translate(&args(line)).unwrap();
             assert_eq!(t.args, args(&format!("--dump={mode} - TCP:w:80")), "{line}");
         }
+    }
+
+    #[test]
+    fn the_pair_knows_which_way_u_goes_and_the_family() {
+        use crate::forward::Flow;
+        let p = pair("TCP-LISTEN:80", "TCP:w:80", Some("first"), Some("6")).unwrap();
+        assert_eq!((p.flow, p.listener_second), (Flow::ToTarget, false));
+        assert_eq!(p.target.tcp().unwrap().family, crate::addr::Family::V6);
+        let p = pair("TCP:w:80", "TCP-LISTEN:80", Some("first"), None).unwrap();
+        assert_eq!((p.flow, p.listener_second), (Flow::ToClient, true));
+        let p = pair("TCP:w:80", "TCP-LISTEN:80", Some("second"), None).unwrap();
+        assert_eq!(p.flow, Flow::ToTarget);
+        assert_eq!(pair("-", "TCP:w:80", None, None).unwrap().flow, Flow::Both);
     }
 
     #[test]
