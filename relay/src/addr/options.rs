@@ -85,6 +85,24 @@ pub(super) fn parse_range(input: &str, value: &str) -> Result<IpNet, AddrError> 
         .map_err(|_| bad())
 }
 
+/// The options every connect address takes: `connect-timeout=`, and the
+/// retries (`retry=`, `interval=`, `forever`). `false`: `opt` is none of
+/// them, for the kind's own parser.
+pub(super) fn connect_option(
+    input: &str,
+    opt: &SocatOption<'_>,
+    addr: &mut TargetAddr,
+) -> Result<bool, AddrError> {
+    match opt.key.as_str() {
+        "connect-timeout" => {
+            addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
+        }
+        "retry" | "interval" | "forever" => retry_option(input, opt, &mut addr.retry)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// `retry=<n>`, `interval=<seconds>`, `forever` (socat's connect retries).
 pub(super) fn retry_option(
     input: &str,

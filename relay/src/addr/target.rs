@@ -269,10 +269,10 @@ pub(super) fn tcp_target(
                 _ => {}
             }
         }
+        if connect_option(input, &opt, &mut addr)? {
+            continue;
+        }
         match opt.key.as_str() {
-            "connect-timeout" => {
-                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
-            }
             // relay always sets TCP_NODELAY on both legs, so `nodelay=0`
             // cannot be honoured and is refused rather than ignored.
             "nodelay" | "tcp-nodelay" => no_nodelay_off(input, &opt)?,
@@ -280,7 +280,6 @@ pub(super) fn tcp_target(
             "sndbuf" | "so-sndbuf" | "rcvbuf" | "so-rcvbuf" => {
                 buffer_option(input, &opt, &mut tcp.buffers)?;
             }
-            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
             other => {
                 refused_option(input, other)?;
                 return Err(invalid(

@@ -181,21 +181,17 @@ pub(super) fn parse_unix_target(
             addr.netns = Some(target);
             continue;
         }
-        match opt.key.as_str() {
-            "connect-timeout" => {
-                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
-            }
-            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
-            other => {
-                refused_option(input, other)?;
-                return Err(invalid(
-                    input,
-                    format!(
-                        "address option `{other}` is not supported by relay on a UNIX connect address (supported: {UNIX_CONNECT_OPTIONS})"
-                    ),
-                ));
-            }
+        if connect_option(input, &opt, &mut addr)? {
+            continue;
         }
+        refused_option(input, &opt.key)?;
+        return Err(invalid(
+            input,
+            format!(
+                "address option `{}` is not supported by relay on a UNIX connect address (supported: {UNIX_CONNECT_OPTIONS})",
+                opt.key
+            ),
+        ));
     }
     if let TargetEndpoint::Unix(name) = &addr.endpoint {
         check_path_namespace(input, name, &addr.netns)?;

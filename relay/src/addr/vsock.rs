@@ -66,21 +66,17 @@ pub(super) fn parse_vsock_target(input: &str, rest: &str) -> Result<TargetAddr, 
     );
     for opt in socat_options(input, options) {
         let opt = opt?;
-        match opt.key.as_str() {
-            "connect-timeout" => {
-                addr.connect_timeout = Some(parse_seconds(input, &opt.key, opt.required(input)?)?);
-            }
-            "retry" | "interval" | "forever" => retry_option(input, &opt, &mut addr.retry)?,
-            other => {
-                refused_option(input, other)?;
-                return Err(invalid(
-                    input,
-                    format!(
-                        "address option `{other}` is not supported by relay on VSOCK-CONNECT (supported: {VSOCK_CONNECT_OPTIONS})"
-                    ),
-                ));
-            }
+        if connect_option(input, &opt, &mut addr)? {
+            continue;
         }
+        refused_option(input, &opt.key)?;
+        return Err(invalid(
+            input,
+            format!(
+                "address option `{}` is not supported by relay on VSOCK-CONNECT (supported: {VSOCK_CONNECT_OPTIONS})",
+                opt.key
+            ),
+        ));
     }
     Ok(addr)
 }
