@@ -344,26 +344,8 @@ async fn relay(
     close: &mut watch::Receiver<bool>,
 ) -> End {
     let metrics = &route.metrics;
-    let up = Counters {
-        metric: &metrics.to_target,
-        total: &transfer.to_target,
-        dump: route.dump.as_ref().map(|dump| (dump, true)),
-        crlf: LineEnds {
-            strip_cr: route.crlf.0,
-            add_cr: route.crlf.1,
-        },
-        block: route.block_size,
-    };
-    let down = Counters {
-        metric: &metrics.to_client,
-        total: &transfer.to_client,
-        dump: route.dump.as_ref().map(|dump| (dump, false)),
-        crlf: LineEnds {
-            strip_cr: route.crlf.1,
-            add_cr: route.crlf.0,
-        },
-        block: route.block_size,
-    };
+    let up = counters(route, true, &metrics.to_target, &transfer.to_target);
+    let down = counters(route, false, &metrics.to_client, &transfer.to_client);
     if route.flow != Flow::Both {
         return one_way(client, upstream, route, (up, down), activity, close).await;
     }
@@ -416,6 +398,32 @@ async fn relay(
     let (upstream_read, upstream_write) = copy::split(upstream);
     let halves = (client_read, client_write, upstream_read, upstream_write);
     copy_both_ways(halves, (up, down), activity, route, close).await
+}
+
+/// One direction's counters and the route's conversions for it: toward
+/// the target the client's `crlf` strips and the target's adds, back the
+/// other way round.
+fn counters<'a>(
+    route: &'a RouteContext,
+    to_target: bool,
+    metric: &'a prometheus::IntCounter,
+    total: &'a AtomicU64,
+) -> Counters<'a> {
+    let (source_crlf, destination_crlf) = if to_target {
+        route.crlf
+    } else {
+        (route.crlf.1, route.crlf.0)
+    };
+    Counters {
+        metric,
+        total,
+        dump: route.dump.as_ref().map(|dump| (dump, to_target)),
+        crlf: LineEnds {
+            strip_cr: source_crlf,
+            add_cr: destination_crlf,
+        },
+        block: route.block_size,
+    }
 }
 
 /// The copy path: client read/write halves, then upstream's.

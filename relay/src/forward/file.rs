@@ -60,11 +60,13 @@ impl Drop for FileLeg {
     }
 }
 
-/// Opens `spec` for `access`: a leg of the connection, a [`FileLeg`] or,
-/// for `GOPEN` on a UNIX socket, the connected socket. Opening may wait
-/// (a named pipe opened for reading waits for a writer), so it runs on a
-/// blocking thread.
-pub async fn open(spec: &FileSpec, access: Access) -> io::Result<Socket> {
+/// Opens `spec` the way its route uses it (`FileSpec::access`, fixed when
+/// the route starts; both ways if unset): a leg of the connection, a
+/// [`FileLeg`] or, for `GOPEN` on a UNIX socket, the connected socket.
+/// Opening may wait (a named pipe opened for reading waits for a writer),
+/// so it runs on a blocking thread.
+pub async fn open(spec: &FileSpec) -> io::Result<Socket> {
+    let access = spec.access.unwrap_or(Access::ReadWrite);
     let spec = spec.clone();
     tokio::task::spawn_blocking(move || open_blocking(&spec, access))
         .await

@@ -293,17 +293,14 @@ pub async fn bind(
                     cause,
                 })
         }
-        ListenEndpoint::File(spec) => {
-            let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
-            super::file::open(spec, access)
-                .await
-                .map(|file| Listener::File(Some(file)))
-                .map_err(|cause| ForwardError::File {
-                    addr: addr.text.clone(),
-                    path: spec.path.clone(),
-                    cause,
-                })
-        }
+        ListenEndpoint::File(spec) => super::file::open(spec)
+            .await
+            .map(|file| Listener::File(Some(file)))
+            .map_err(|cause| ForwardError::File {
+                addr: addr.text.clone(),
+                path: spec.path.clone(),
+                cause,
+            }),
         ListenEndpoint::Udp(_) => Err(ForwardError::Bind {
             addr: addr.text.clone(),
             resolved: "udp".to_string(),

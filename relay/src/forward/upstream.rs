@@ -172,8 +172,7 @@ async fn connect_in(target: &TargetAddr, netns: Option<&Netns>) -> Result<Socket
                 })
         }
         TargetEndpoint::File(spec) => {
-            let access = spec.access.unwrap_or(crate::addr::Access::ReadWrite);
-            super::file::open(spec, access)
+            super::file::open(spec)
                 .await
                 .map_err(|cause| ConnectError::File {
                     path: spec.path.display().to_string(),
