@@ -300,6 +300,65 @@ fn one_way_flags_relay_only_from_the_address_they_name() -> Result<()> {
     Ok(())
 }
 
+/// `-u` over a veth pair into a namespace (real segment boundaries, which
+/// loopback's GRO hides): 8 MiB written at once and then half-closed reach
+/// a target that does not read for a while, whole, on every data path;
+/// the target's greeting never reaches the client.
+#[test]
+fn one_way_carries_a_large_write_over_a_veth_to_a_target_slow_to_read() -> Result<()> {
+    require_root!("creates a network namespace for the target");
+    let ns = NetNs::create()?;
+    let payload = Payload::new(15, 8 << 20);
+    let sunk: Arc<Mutex<Vec<Fingerprint>>> = Arc::default();
+    let sink = {
+        let sunk = Arc::clone(&sunk);
+        Backend::on(
+            ns.tcp_listen(SocketAddr::from((ns.addr(), 7000)))?,
+            move |mut stream| {
+                let _ = stream.write_all(b"greeting");
+                // Not reading: relay must hold the rest back, not drop it.
+                std::thread::sleep(Duration::from_millis(500));
+                if let Ok(fingerprint) = read_fingerprint(&mut stream) {
+                    sunk.lock().expect("sink lock").push(fingerprint);
+                }
+            },
+        )?
+    };
+    for path in ["copy", "splice", "sockmap"] {
+        let port = free_port()?;
+        let mut cmd = RelayCmd::socat(
+            port,
+            format!("TCP-LISTEN:{port},fork,reuseaddr"),
+            format!("TCP:{}", sink.addr()),
+        )
+        .opts(&["-u", "--data-path", path]);
+        if path == "sockmap" {
+            cmd = cmd.opts(&["--experimental-sockmap"]);
+        }
+        let relay = cmd.spawn()?;
+        let mut client = relay.connect()?;
+        payload.write_to(&mut client)?;
+        client.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        client
+            .read_to_end(&mut back)
+            .with_context(|| format!("{path}: the client's end"))?;
+        ensure!(
+            back.is_empty(),
+            "{path}: the greeting reached the client: {back:?}"
+        );
+        let got = poll_until("the whole payload at the target", CLOSE_TIMEOUT, || {
+            Ok(sunk.lock().expect("sink lock").pop())
+        })?;
+        ensure!(
+            got == payload.fingerprint(),
+            "{path}: the target got {got}, the client sent {}",
+            payload.fingerprint()
+        );
+    }
+    Ok(())
+}
+
 /// socat's `-v`, `-x` and `-v -x`: relay's dump on stderr is socat's, byte
 /// for byte but for the timestamps, for the same exchange (a request with
 /// control characters, a reply of several lines), with the address to
