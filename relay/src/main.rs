@@ -20,7 +20,7 @@ use relay::forward::{DataPath, Flow, data_path};
 use relay::logging::{self, LogFormat};
 use relay::metrics;
 use relay::netns::Target;
-use relay::observe::discover::{Rule, Selection};
+use relay::observe::discover::{self, Rule, Selection, Sources};
 use relay::observe::{self, ObserveOptions};
 use relay::{limits, run, socat_flags, tls};
 
@@ -111,9 +111,18 @@ struct ObserveArgs {
     /// With `containers`: attach at most this many; more are refused and counted.
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_MAX_CONTAINERS)]
     max_containers: usize,
+    /// With `containers`: where they are found: docker, containerd (Kubernetes nodes), netns (every network namespace under /var/run/netns and /proc), or auto (the daemons that answer; the namespaces while none does).
+    #[arg(long, value_name = "SOURCE", default_value = "auto", value_parser = parse_sources)]
+    source: Sources,
     /// With `containers`: the Docker daemon's API socket.
     #[arg(long, value_name = "PATH", default_value = relay::netns::DEFAULT_SOCKET)]
     docker_socket: PathBuf,
+    /// With `containers`: containerd's API socket.
+    #[arg(long, value_name = "PATH", default_value = discover::containerd::DEFAULT_SOCKET)]
+    containerd_socket: PathBuf,
+    /// With `containers`: a containerd namespace to list (repeatable) [default: k8s.io and default].
+    #[arg(long = "containerd-namespace", value_name = "NAME")]
+    containerd_namespaces: Vec<String>,
     /// Interface to attach to (repeatable) [default: every one but lo].
     #[arg(long = "iface", value_name = "NAME")]
     interfaces: Vec<String>,
@@ -133,6 +142,10 @@ struct ObserveArgs {
     capture: observe::capture::CaptureArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
+}
+
+fn parse_sources(text: &str) -> Result<Sources, String> {
+    text.parse()
 }
 
 /// `containers`, or one target.
@@ -405,7 +418,14 @@ fn observer(args: ObserveArgs) -> ObserverSpec {
         Observed::Containers(_) => Observed::Containers(ContainersSpec {
             select: Selection { rules: args.select },
             max_containers: args.max_containers,
+            source: args.source,
             docker_socket: args.docker_socket,
+            containerd_socket: args.containerd_socket,
+            containerd_namespaces: if args.containerd_namespaces.is_empty() {
+                ContainersSpec::default().containerd_namespaces
+            } else {
+                args.containerd_namespaces
+            },
         }),
         target => target,
     };

@@ -202,7 +202,10 @@ struct ObserveEntry {
     target: Option<Spanned<String>>,
     containers: Option<Spanned<ContainersEntry>>,
     max_containers: Option<Spanned<usize>>,
+    source: Option<Spanned<String>>,
     docker_socket: Option<PathBuf>,
+    containerd_socket: Option<PathBuf>,
+    containerd_namespaces: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     interfaces: Vec<String>,
     top_flows: Option<usize>,
@@ -719,9 +722,18 @@ impl Report<'_> {
                         entry.max_containers.as_ref().map(Spanned::span),
                         "max-containers",
                     ),
+                    (entry.source.as_ref().map(Spanned::span), "source"),
                     (
                         entry.docker_socket.as_ref().map(|_| span.clone()),
                         "docker-socket",
+                    ),
+                    (
+                        entry.containerd_socket.as_ref().map(|_| span.clone()),
+                        "containerd-socket",
+                    ),
+                    (
+                        entry.containerd_namespaces.as_ref().map(Spanned::span),
+                        "containerd-namespaces",
                     ),
                 ] {
                     if let Some(at) = set {
@@ -826,8 +838,25 @@ impl Report<'_> {
             }
             spec.max_containers = *max.get_ref();
         }
+        if let Some(source) = &entry.source {
+            spec.source = self.value(source, &format!("{key}.source"), str::parse)?;
+        }
         if let Some(socket) = &entry.docker_socket {
             spec.docker_socket = socket.clone();
+        }
+        if let Some(socket) = &entry.containerd_socket {
+            spec.containerd_socket = socket.clone();
+        }
+        if let Some(namespaces) = &entry.containerd_namespaces {
+            if namespaces.get_ref().is_empty() {
+                self.at(
+                    Some(namespaces.span()),
+                    &format!("{key}.containerd-namespaces"),
+                    "lists no namespace: leave it out for k8s.io and default",
+                );
+                return None;
+            }
+            spec.containerd_namespaces = namespaces.get_ref().clone();
         }
         Some(spec)
     }

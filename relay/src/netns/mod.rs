@@ -240,6 +240,14 @@ pub fn open_container(asked: &str, name: &str, id: &str, pid: u32) -> Result<Net
     })
 }
 
+/// The namespace bind-mounted at `path` (an `ip netns` file found by
+/// discovery), labelled `label`.
+pub fn open_path(label: &str, path: &Path) -> Result<Netns, NetnsError> {
+    let target = Target::NetnsPath(path.to_path_buf());
+    let fd = open_netns(&target.spec(), path)?;
+    Netns::new(fd, &target, label.to_string(), path, None)
+}
+
 impl Netns {
     fn new(
         fd: OwnedFd,

@@ -20,78 +20,42 @@ use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::{Container, Network, Update};
+use super::{Container, Failure, Network, Source, Update, Updates};
 
 /// Where dockerd listens unless told otherwise.
 pub use crate::netns::DEFAULT_SOCKET;
 
 /// Each API request (not the events stream) must be answered within this.
 const REQUEST_TIMEOUT_SECS: u64 = 10;
-/// The first retry after a failure; doubled up to [`BACKOFF_MAX`].
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-/// A daemon that stays away is asked again this often.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Container events that change what is observed.
 const CONTAINER_EVENTS: [&str; 4] = ["start", "die", "destroy", "rename"];
 /// Network events that change a container's interfaces.
 const NETWORK_EVENTS: [&str; 2] = ["connect", "disconnect"];
 
-/// Follows the daemon on `socket` until `stop` turns true or the receiver
-/// of `updates` is gone.
-pub async fn watch(
-    socket: PathBuf,
-    updates: mpsc::Sender<Update>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = BACKOFF_MIN;
-    // None until the first attempt: the first failure is reported too.
-    let mut up: Option<bool> = None;
-    loop {
-        let attempt = async {
-            let docker = connect(&socket).await?;
-            let since = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-                .saturating_sub(1);
-            let listed = list(&docker).await?;
-            tracing::info!(socket = %socket.display(), containers = listed.len(), "Docker discovery up: listed the running containers");
-            if updates.send(Update::Up).await.is_err()
-                || updates.send(Update::Listed(listed)).await.is_err()
-            {
-                return Ok(());
-            }
-            up = Some(true);
-            follow(&docker, since, &updates).await
-        };
-        let outcome = tokio::select! {
-            outcome = attempt => outcome,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let reason = match outcome {
-            Ok(()) => return,
-            Err(reason) => reason,
-        };
-        if up == Some(true) {
-            backoff = BACKOFF_MIN;
-        }
-        if up != Some(false) {
-            tracing::warn!(socket = %socket.display(), reason = %reason, "Docker discovery down: retrying with back-off; observed containers stay attached meanwhile");
-            if updates.send(Update::Down(reason)).await.is_err() {
-                return;
-            }
-            up = Some(false);
-        } else {
-            tracing::debug!(reason = %reason, "Docker still unreachable");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+/// Follows the daemon on `socket` until `stop` turns true or the fleet is gone.
+pub async fn watch(socket: PathBuf, updates: Updates, stop: watch::Receiver<bool>) {
+    let (at, to) = (&socket, &updates);
+    super::keep_following("Docker", at, to, stop, || session(at, to)).await
+}
+
+/// One connection: list, then follow the events stream until it breaks.
+async fn session(socket: &Path, updates: &Updates) -> Result<(), Failure> {
+    let docker = connect(socket).await.map_err(Failure::before)?;
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(1);
+    let listed = list(&docker).await.map_err(Failure::before)?;
+    tracing::info!(socket = %socket.display(), containers = listed.len(), "Docker discovery up: listed the running containers");
+    if updates.listed(listed).await.is_err() {
+        return Ok(());
     }
+    follow(&docker, since, updates)
+        .await
+        .map_err(Failure::after)
 }
 
 /// A client on `socket`, at the API version the daemon speaks.
@@ -134,7 +98,10 @@ async fn list(docker: &Docker) -> Result<Vec<Container>, String> {
 /// longer exists); `Err` when the daemon could not be asked.
 async fn inspect(docker: &Docker, id: &str) -> Result<Option<Container>, String> {
     match docker.inspect_container(id, None).await {
-        Ok(response) => Ok(container_of(response)),
+        Ok(response) => Ok(container_of(response).map(|mut c| {
+            c.netns = super::netns_inode(c.pid);
+            c
+        })),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(None),
@@ -143,7 +110,7 @@ async fn inspect(docker: &Docker, id: &str) -> Result<Option<Container>, String>
 }
 
 /// What the events stream says, as updates, until it breaks.
-async fn follow(docker: &Docker, since: u64, updates: &mpsc::Sender<Update>) -> Result<(), String> {
+async fn follow(docker: &Docker, since: u64, updates: &Updates) -> Result<(), String> {
     let mut filters = HashMap::new();
     filters.insert(
         "type".to_string(),
@@ -221,12 +188,17 @@ pub(crate) fn container_of(response: ContainerInspectResponse) -> Option<Contain
         .host_config
         .and_then(|h| h.network_mode)
         .unwrap_or_default();
+    let id = response.id?;
     Some(Container {
-        id: response.id?,
+        key: id.clone(),
+        source: Source::Docker,
+        id,
         name: response.name?.trim_start_matches('/').to_string(),
         image: config.image.unwrap_or_default(),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         pid,
+        netns: 0,
+        ns_path: None,
         network: Network::from_mode(&mode),
     })
 }

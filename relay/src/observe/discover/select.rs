@@ -181,6 +181,8 @@ mod tests {
 
     fn container(name: &str, image: &str, labels: &[(&str, &str)]) -> Container {
         Container {
+            key: format!("id-{name}"),
+            source: crate::observe::discover::Source::Docker,
             id: format!("id-{name}"),
             name: name.into(),
             image: image.into(),
@@ -189,6 +191,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             pid: 1,
+            netns: 0,
+            ns_path: None,
             network: Network::Own,
         }
     }

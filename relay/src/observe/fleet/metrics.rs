@@ -11,11 +11,11 @@ use crate::observe::discover::Container;
 /// Compose's labels, as `docker compose` sets them.
 const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE: &str = "com.docker.compose.service";
-/// The labels the CRI (dockershim, cri-dockerd) puts on a pod's containers.
+/// The labels the CRI (containerd's, cri-dockerd) puts on a pod's containers.
 const POD_NAME: &str = "io.kubernetes.pod.name";
 const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 
-const INFO_LABELS: [&str; 8] = [
+const INFO_LABELS: [&str; 9] = [
     "container",
     "id",
     "image",
@@ -24,6 +24,7 @@ const INFO_LABELS: [&str; 8] = [
     "pod",
     "namespace",
     "network",
+    "source",
 ];
 
 /// Registered once per registry; every fleet shares them.
@@ -40,7 +41,7 @@ impl FleetMetrics {
             info: IntGaugeVec::new(
                 Opts::new(
                     "relay_observe_container_info",
-                    "Always 1 per discovered container: its id, image, compose project and service, Kubernetes pod and namespace, and network (own: observed in its own namespace; host: counted as the host; none/container: no namespace of its own). Join on container.",
+                    "Always 1 per discovered container: its id, image, compose project and service, Kubernetes pod and namespace, network (own: observed in its own namespace; host: counted as the host; none/container: no namespace of its own, or another container's, as a pod's containers share their sandbox's) and the source that found it (docker, containerd, netns). Join on container.",
                 ),
                 &INFO_LABELS,
             )
@@ -48,7 +49,7 @@ impl FleetMetrics {
             up: IntGaugeVec::new(
                 Opts::new(
                     "relay_observe_discovery_up",
-                    "1 while container discovery is connected to its source (the Docker daemon), 0 while it retries.",
+                    "1 while container discovery lists from its source (docker, containerd; netns: the kernel's namespaces, always), 0 while it retries.",
                 ),
                 &["source"],
             )
@@ -86,7 +87,7 @@ impl FleetMetrics {
         metrics
     }
 
-    fn info_labels(container: &Container) -> [String; 8] {
+    fn info_labels(container: &Container) -> [String; 9] {
         [
             container.name.clone(),
             container.id.clone(),
@@ -96,6 +97,7 @@ impl FleetMetrics {
             container.label(POD_NAME).to_string(),
             container.label(POD_NAMESPACE).to_string(),
             container.network.as_str().to_string(),
+            container.source.as_str().to_string(),
         ]
     }
 

@@ -12,13 +12,21 @@
 //! container's series come back under the same name and a renamed one's
 //! move to the new name; `relay_observe_container_info` says the rest.
 //!
-//! Containers without a namespace of their own (host network, `none`,
-//! another container's) are shown in the info series but not attached:
-//! a host-network container's packets are the host's, counted once by an
-//! observer of `host`.
+//! One attachment per network namespace: containers without a namespace
+//! of their own (host network, `none`, another container's, the other
+//! containers of a Kubernetes pod: told by Docker's network mode and by the
+//! namespace's inode, [`reconcile::share_namespaces`]) are shown in the
+//! info series but not attached: a host-network container's packets are
+//! the host's, counted once by an observer of `host`.
 //!
-//! Not here: talking to the daemon (`discover::docker`), the programs and
-//! their export (`observe`, `observe::export`).
+//! Sources: Docker, containerd, the kernel's namespaces, or `auto` (the
+//! daemons that answer; the namespaces while none does). Each source's
+//! containers are its own in the wanted set (a listing replaces only its
+//! source's); readiness is "some source lists".
+//!
+//! Not here: talking to the daemons (`discover::docker`,
+//! `discover::containerd`, `discover::netns`), the programs and their
+//! export (`observe`, `observe::export`).
 
 mod metrics;
 pub mod reconcile;
@@ -26,7 +34,9 @@ pub mod reconcile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -34,11 +44,14 @@ use tokio::task::JoinSet;
 pub use metrics::FleetMetrics;
 use reconcile::{Action, Have, Want};
 
-use super::discover::{self, Container, Network, Selection, Update};
+use super::discover::{self, Container, Network, Selection, Source, Sources, Update, Updates};
 use super::export::ObserveMetrics;
 use super::{Chain, ObserveError, ObserveOptions, Observer};
 use crate::health::ReadyFlag;
 use crate::metrics::{Metrics, ScrapeHook};
+
+/// How soon a namespace with only loopback is looked at again.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 /// Observed containers per fleet at most, unless configured.
 pub const DEFAULT_MAX_CONTAINERS: usize = 256;
@@ -49,8 +62,14 @@ pub struct ContainersSpec {
     pub select: Selection,
     /// Attached at most; beyond it refused (and counted).
     pub max_containers: usize,
+    /// Which discovery sources are followed.
+    pub source: Sources,
     /// The Docker daemon's API socket.
     pub docker_socket: PathBuf,
+    /// containerd's API socket.
+    pub containerd_socket: PathBuf,
+    /// The containerd namespaces listed.
+    pub containerd_namespaces: Vec<String>,
 }
 
 impl Default for ContainersSpec {
@@ -58,7 +77,13 @@ impl Default for ContainersSpec {
         ContainersSpec {
             select: Selection::all(),
             max_containers: DEFAULT_MAX_CONTAINERS,
+            source: Sources::default(),
             docker_socket: PathBuf::from(discover::docker::DEFAULT_SOCKET),
+            containerd_socket: PathBuf::from(discover::containerd::DEFAULT_SOCKET),
+            containerd_namespaces: discover::containerd::DEFAULT_NAMESPACES
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
         }
     }
 }
@@ -80,13 +105,15 @@ pub struct Fleet {
     export: Arc<ObserveMetrics>,
     metrics: Arc<FleetMetrics>,
     attached: Shared,
-    /// `/healthz`: set while discovery is connected.
+    /// `/healthz`: set while some source lists.
     ready: ReadyFlag,
+    /// This process's namespace: a container in it is on the host's network.
+    host_netns: u64,
     _scrape: ScrapeHook,
 }
 
-/// An attach in flight: its result, for the container id and pid it was for.
-type Attaching = JoinSet<(String, u32, Result<Arc<Observer>, ObserveError>)>;
+/// An attach in flight: its result, for the key and instance it was for.
+type Attaching = JoinSet<(String, (u32, u64), Result<Arc<Observer>, ObserveError>)>;
 
 impl Fleet {
     /// Registers the series and the scrape hook; discovery starts in
@@ -111,7 +138,10 @@ impl Fleet {
                 }
             }
         });
-        let ready = registry.readiness().register("discovery", "docker");
+        let ready = registry
+            .readiness()
+            .register("discovery", spec.source.as_str());
+        let host_netns = discover::netns::Host::own().map_or(0, |h| h.ino);
         Fleet {
             spec,
             options,
@@ -119,6 +149,7 @@ impl Fleet {
             metrics,
             attached,
             ready,
+            host_netns,
             _scrape: scrape,
         }
     }
@@ -128,24 +159,50 @@ impl Fleet {
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), ObserveError> {
         let (updates_tx, mut updates) = mpsc::channel(1024);
         let (stop_discovery, discovery_stopped) = watch::channel(false);
-        let discovery = tokio::spawn(discover::docker::watch(
-            self.spec.docker_socket.clone(),
-            updates_tx,
-            discovery_stopped,
-        ));
-        tracing::info!(select = %self.spec.select, max = self.spec.max_containers, "observing containers");
+        let mut discovery = JoinSet::new();
+        for &source in self.spec.source.sources() {
+            let (tx, stopped) = (
+                Updates::new(source, updates_tx.clone()),
+                discovery_stopped.clone(),
+            );
+            match source {
+                Source::Docker => discovery.spawn(discover::docker::watch(
+                    self.spec.docker_socket.clone(),
+                    tx,
+                    stopped,
+                )),
+                Source::Containerd => discovery.spawn(discover::containerd::watch(
+                    self.spec.containerd_socket.clone(),
+                    self.spec.containerd_namespaces.clone(),
+                    tx,
+                    stopped,
+                )),
+                Source::Netns => discovery.spawn(discover::netns::watch(tx, stopped)),
+            };
+        }
+        drop(updates_tx);
+        tracing::info!(select = %self.spec.select, max = self.spec.max_containers, source = %self.spec.source, "observing containers");
         let mut state = State::default();
         let mut attaching: Attaching = JoinSet::new();
         let mut discovery_ended = false;
         loop {
+            let look_again = state.look_again.values().min().copied();
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep_until(look_again.unwrap_or_else(Instant::now)), if look_again.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = state.look_again.iter().filter(|(_, at)| **at <= now).map(|(key, _)| key.clone()).collect();
+                    for key in due {
+                        state.look_again.remove(&key);
+                        state.failed.remove(&key);
+                    }
+                }
                 update = updates.recv() => match update {
-                    Some(update) => self.apply(&mut state, update),
+                    Some((source, update)) => self.apply(&mut state, source, update),
                     None => discovery_ended = true,
                 },
                 Some(done) = attaching.join_next(), if !attaching.is_empty() => match done {
-                    Ok((id, pid, result)) => self.attached_one(&mut state, id, pid, result),
+                    Ok((key, instance, result)) => self.attached_one(&mut state, key, instance, result),
                     Err(err) => tracing::error!(error = %err, "an attach task failed"),
                 },
             }
@@ -159,7 +216,7 @@ impl Fleet {
             self.reconcile(&mut state, &mut attaching);
         }
         stop_discovery.send_replace(true);
-        let _ = discovery.await;
+        while discovery.join_next().await.is_some() {}
         // Attaches in flight finish (a thread in a namespace cannot be
         // cancelled) and are dropped, which detaches them.
         while attaching.join_next().await.is_some() {}
@@ -170,7 +227,9 @@ impl Fleet {
         for container in state.shown.values() {
             self.metrics.hide(container);
         }
-        self.metrics.forget_source("docker");
+        for source in self.spec.source.sources() {
+            self.metrics.forget_source(source.as_str());
+        }
         self.ready.retire();
         Ok(())
     }
@@ -179,72 +238,93 @@ impl Fleet {
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes one discovery update into the wanted set.
-    fn apply(&self, state: &mut State, update: Update) {
+    /// Takes one discovery update from `source` into the wanted set.
+    fn apply(&self, state: &mut State, source: Source, update: Update) {
         match update {
-            Update::Up => self.metrics.set_up("docker", true),
+            Update::Up => {
+                self.metrics.set_up(source.as_str(), true);
+                state.up.insert(source, true);
+            }
             Update::Down(_) => {
                 // Logged by discovery; what is attached stays until a
                 // listing says otherwise.
-                self.metrics.set_up("docker", false);
-                self.ready.set(false);
+                self.metrics.set_up(source.as_str(), false);
+                state.up.insert(source, false);
             }
             Update::Listed(containers) => {
-                state.wanted = containers
-                    .into_iter()
-                    .filter(|c| self.spec.select.matches(c))
-                    .map(|c| (c.id.clone(), c))
-                    .collect();
-                self.metrics.set_up("docker", true);
-                self.ready.set(true);
+                state.wanted.retain(|_, c| c.source != source);
+                state.wanted.extend(
+                    containers
+                        .into_iter()
+                        .filter(|c| self.spec.select.matches(c))
+                        .map(|c| (c.key.clone(), c)),
+                );
+                self.metrics.set_up(source.as_str(), true);
+                state.up.insert(source, true);
             }
             Update::Running { container, since } => {
                 if let Some(since) = since {
-                    state.started.insert(container.id.clone(), since);
+                    state.started.insert(container.key.clone(), since);
                 }
                 if self.spec.select.matches(&container) {
-                    state.wanted.insert(container.id.clone(), container);
+                    state.wanted.insert(container.key.clone(), container);
                 } else {
-                    state.wanted.remove(&container.id);
+                    state.wanted.remove(&container.key);
                 }
             }
             Update::Rewired(container) => {
                 // Its interfaces changed: attach again to see the new set.
-                let id = container.id.clone();
+                let key = container.key.clone();
                 let same = self
                     .lock()
-                    .get(&id)
-                    .is_some_and(|a| a.container.pid == container.pid);
+                    .get(&key)
+                    .is_some_and(|a| a.container.instance() == container.instance());
                 if same {
                     tracing::info!(container = %container.name, "a network was connected or disconnected: attaching again");
-                    self.detach(&id);
+                    self.detach(&key);
                 }
                 if self.spec.select.matches(&container) {
-                    state.wanted.insert(id, container);
+                    state.wanted.insert(key, container);
                 } else {
-                    state.wanted.remove(&id);
+                    state.wanted.remove(&key);
                 }
             }
-            Update::Stopped(id) => {
-                state.wanted.remove(&id);
-                state.started.remove(&id);
+            Update::Stopped(key) => {
+                state.wanted.remove(&key);
+                state.started.remove(&key);
             }
         }
+        self.ready.set(state.up.values().any(|up| *up));
+    }
+
+    /// What is observed now: every source's selected containers (the
+    /// kernel's namespaces only while no daemon answers, under `auto`),
+    /// one per namespace.
+    fn effective(&self, state: &State) -> BTreeMap<String, Container> {
+        let daemon_up = state.up.iter().any(|(s, up)| s.is_daemon() && *up);
+        let mut merged: BTreeMap<String, Container> = state
+            .wanted
+            .iter()
+            .filter(|(_, c)| c.source.is_daemon() || !daemon_up)
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        reconcile::share_namespaces(&mut merged, self.host_netns);
+        merged
     }
 
     /// Makes the attached set follow the wanted set.
     fn reconcile(&self, state: &mut State, attaching: &mut Attaching) {
-        let wanted: BTreeMap<String, Want> = state
-            .wanted
+        let effective = self.effective(state);
+        let wanted: BTreeMap<String, Want> = effective
             .iter()
             // One that failed to attach is tried again when it restarts.
-            .filter(|(id, c)| state.failed.get(*id) != Some(&c.pid))
-            .map(|(id, c)| {
+            .filter(|(key, c)| state.failed.get(*key) != Some(&c.instance()))
+            .map(|(key, c)| {
                 (
-                    id.clone(),
+                    key.clone(),
                     Want {
                         name: c.name.clone(),
-                        pid: c.pid,
+                        instance: c.instance(),
                         network: c.network.clone(),
                     },
                 )
@@ -253,46 +333,47 @@ impl Fleet {
         let mut have: BTreeMap<String, Have> = self
             .lock()
             .iter()
-            .map(|(id, a)| {
+            .map(|(key, a)| {
                 (
-                    id.clone(),
+                    key.clone(),
                     Have {
                         name: a.container.name.clone(),
-                        pid: a.container.pid,
+                        instance: a.container.instance(),
                     },
                 )
             })
             .collect();
-        have.extend(state.pending.iter().map(|(id, h)| (id.clone(), h.clone())));
+        have.extend(state.pending.iter().map(|(k, h)| (k.clone(), h.clone())));
         for action in reconcile::plan(&wanted, &have, self.spec.max_containers) {
             match action {
-                Action::Detach(id) => {
-                    if state.pending.remove(&id).is_none() {
-                        self.detach(&id);
+                Action::Detach(key) => {
+                    if state.pending.remove(&key).is_none() {
+                        self.detach(&key);
                     }
                 }
                 Action::Rename { id, to } => self.rename(state, &id, &to),
-                Action::Attach(id) => {
-                    let Some(container) = state.wanted.get(&id) else {
+                Action::Attach(key) => {
+                    let Some(container) = effective.get(&key) else {
                         continue;
                     };
-                    state.refused.remove(&id);
+                    state.refused.remove(&key);
                     state.pending.insert(
-                        id.clone(),
+                        key.clone(),
                         Have {
                             name: container.name.clone(),
-                            pid: container.pid,
+                            instance: container.instance(),
                         },
                     );
                     let (container, options) = (container.clone(), self.options.clone());
                     attaching.spawn(async move {
                         let result = attach(&container, options).await;
-                        (container.id, container.pid, result)
+                        let instance = container.instance();
+                        (container.key, instance, result)
                     });
                 }
-                Action::Refuse(id) => {
-                    if state.refused.insert(id.clone()) {
-                        let name = state.wanted.get(&id).map_or("", |c| c.name.as_str());
+                Action::Refuse(key) => {
+                    if state.refused.insert(key.clone()) {
+                        let name = effective.get(&key).map_or("", |c| c.name.as_str());
                         tracing::warn!(
                             container = name,
                             max = self.spec.max_containers,
@@ -303,35 +384,43 @@ impl Fleet {
                 }
             }
         }
-        state.refused.retain(|id| state.wanted.contains_key(id));
+        state.refused.retain(|key| effective.contains_key(key));
         state
-            .failed
-            .retain(|id, pid| state.wanted.get(id).is_some_and(|c| c.pid == *pid));
-        self.show_info(state);
+            .look_again
+            .retain(|key, _| effective.contains_key(key));
+        state
+            .loopback_only
+            .retain(|key| effective.contains_key(key));
+        state.failed.retain(|key, instance| {
+            effective
+                .get(key)
+                .is_some_and(|c| c.instance() == *instance)
+        });
+        self.show_info(state, &effective);
     }
 
     /// The info series: every attached container, and every selected one
     /// whose traffic is counted elsewhere (host network and the like).
-    fn show_info(&self, state: &mut State) {
+    fn show_info(&self, state: &mut State, effective: &BTreeMap<String, Container>) {
         let mut desired: HashMap<String, Container> = self
             .lock()
             .iter()
-            .map(|(id, a)| (id.clone(), a.container.clone()))
+            .map(|(key, a)| (key.clone(), a.container.clone()))
             .collect();
-        for (id, container) in &state.wanted {
+        for (key, container) in effective {
             if container.network != Network::Own {
-                desired.insert(id.clone(), container.clone());
+                desired.insert(key.clone(), container.clone());
             }
         }
-        state.shown.retain(|id, shown| {
-            let keep = desired.get(id) == Some(shown);
+        state.shown.retain(|key, shown| {
+            let keep = desired.get(key) == Some(shown);
             if !keep {
                 self.metrics.hide(shown);
             }
             keep
         });
-        for (id, container) in desired {
-            if state.shown.contains_key(&id) {
+        for (key, container) in desired {
+            if state.shown.contains_key(&key) {
                 continue;
             }
             match container.network {
@@ -347,7 +436,7 @@ impl Fleet {
                 Network::Own => {}
             }
             self.metrics.show(&container);
-            state.shown.insert(id, container);
+            state.shown.insert(key, container);
         }
     }
 
@@ -356,15 +445,24 @@ impl Fleet {
     fn attached_one(
         &self,
         state: &mut State,
-        id: String,
-        pid: u32,
+        key: String,
+        instance: (u32, u64),
         result: Result<Arc<Observer>, ObserveError>,
     ) {
-        if state.pending.get(&id).is_none_or(|h| h.pid != pid) {
+        if state
+            .pending
+            .get(&key)
+            .is_none_or(|h| h.instance != instance)
+        {
             return;
         }
-        state.pending.remove(&id);
-        let Some(container) = state.wanted.get(&id).filter(|c| c.pid == pid).cloned() else {
+        state.pending.remove(&key);
+        let Some(container) = state
+            .wanted
+            .get(&key)
+            .filter(|c| c.instance() == instance)
+            .cloned()
+        else {
             return;
         };
         match result {
@@ -374,36 +472,45 @@ impl Fleet {
                     .attached(&name, &name, observer.interfaces(), true);
                 let delay = state
                     .started
-                    .remove(&id)
+                    .remove(&key)
                     .and_then(|since| SystemTime::now().duration_since(since).ok());
                 if let Some(delay) = delay {
                     self.metrics.attach_took(delay.as_secs_f64());
                 }
-                tracing::info!(container = %name, id = %short(&id), pid, since_start_ms = delay.map(|d| d.as_millis() as u64), "container attached");
+                tracing::info!(container = %name, id = %short(&container.id), source = %container.source, pid = container.pid, since_start_ms = delay.map(|d| d.as_millis() as u64), "container attached");
                 self.lock().insert(
-                    id,
+                    key,
                     Attached {
                         container,
                         observer,
                     },
                 );
             }
+            Err(ObserveError::NothingToObserve) => {
+                // A namespace is often made before its interfaces are
+                // moved in (`ip netns add`, CNI): looked at again.
+                if state.loopback_only.insert(key.clone()) {
+                    tracing::info!(container = %container.name, "has only loopback: nothing to observe yet; looking again every second");
+                }
+                state.failed.insert(key.clone(), instance);
+                state.look_again.insert(key, Instant::now() + LOOK_AGAIN);
+            }
             Err(err) => {
                 tracing::warn!(container = %container.name, error = %Chain(&err), "cannot observe the container; trying again when it restarts");
                 self.metrics.refused("attach");
-                state.failed.insert(id, pid);
+                state.failed.insert(key, instance);
             }
         }
     }
 
     /// Drops a container's programs and series.
-    fn detach(&self, id: &str) {
-        let Some(gone) = self.lock().remove(id) else {
+    fn detach(&self, key: &str) {
+        let Some(gone) = self.lock().remove(key) else {
             return;
         };
         let name = gone.container.name.as_str();
         self.export.forget(name, name, gone.observer.interfaces());
-        tracing::info!(container = name, id = %short(id), "container detached: its programs and series are removed");
+        tracing::info!(container = name, id = %short(&gone.container.id), "container detached: its programs and series are removed");
     }
 
     /// Same namespace, new name: the series move over (counted from the
@@ -428,20 +535,26 @@ impl Fleet {
     }
 }
 
-/// The fleet's bookkeeping between updates.
+/// The fleet's bookkeeping between updates; every map is by key.
 #[derive(Default)]
 struct State {
-    /// Selected running containers, by id.
+    /// Selected running containers of every source.
     wanted: BTreeMap<String, Container>,
-    /// Attaches in flight, by id.
+    /// Which sources list now.
+    up: BTreeMap<Source, bool>,
+    /// Attaches in flight.
     pending: BTreeMap<String, Have>,
     /// When the daemon said a container started, until it is attached.
     started: HashMap<String, SystemTime>,
     /// Refused for the cap (counted once each).
     refused: HashSet<String>,
-    /// Failed to attach, with the pid it failed for.
-    failed: HashMap<String, u32>,
-    /// Info series shown, by id, with the labels they were shown with.
+    /// Failed to attach, with the instance it failed for.
+    failed: HashMap<String, (u32, u64)>,
+    /// Failed for having only loopback: when to try again.
+    look_again: HashMap<String, Instant>,
+    /// Said to have only loopback (logged once).
+    loopback_only: HashSet<String>,
+    /// Info series shown, with the labels they were shown with.
     shown: HashMap<String, Container>,
 }
 
@@ -450,12 +563,15 @@ async fn attach(
     container: &Container,
     options: ObserveOptions,
 ) -> Result<Arc<Observer>, ObserveError> {
-    let netns = crate::netns::open_container(
-        &container.name,
-        &container.name,
-        &container.id,
-        container.pid,
-    )?;
+    let netns = match &container.ns_path {
+        Some(path) => crate::netns::open_path(&container.name, path)?,
+        None => crate::netns::open_container(
+            &container.name,
+            &container.name,
+            &container.id,
+            container.pid,
+        )?,
+    };
     let observer = tokio::task::spawn_blocking(move || Observer::attach(&netns, &options))
         .await
         .map_err(|source| ObserveError::Join {
@@ -465,7 +581,10 @@ async fn attach(
     Ok(Arc::new(observer))
 }
 
-/// Docker's 12-digit short id, for logs.
+/// Docker's and containerd's 12-digit short id, for logs (other ids whole).
 fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
+    match id.get(..12) {
+        Some(short) if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) => short,
+        _ => id,
+    }
 }

@@ -2,25 +2,27 @@
 //! the wanted set (selected running containers) and the attached set to
 //! the actions that make them agree, so the rules (a restart is a detach
 //! and an attach, a rename only relabels, the cap refuses the rest) are
-//! tested without a daemon or a kernel.
+//! tested without a daemon or a kernel; and [`share_namespaces`], which
+//! leaves one container per network namespace to be attached.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use crate::observe::discover::Network;
+use crate::observe::discover::{Container, Network, containerd};
 
-/// A selected running container, by id.
+/// A selected running container, by key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Want {
     pub name: String,
-    pub pid: u32,
+    /// Its process and namespace ([`Container::instance`]).
+    pub instance: (u32, u64),
     pub network: Network,
 }
 
-/// An attached container (or one being attached), by id.
+/// An attached container (or one being attached), by key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Have {
     pub name: String,
-    pub pid: u32,
+    pub instance: (u32, u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +51,7 @@ pub fn plan(
     let mut kept = 0usize;
     for (id, attached) in have {
         match wanted.get(id) {
-            Some(want) if want.network == Network::Own && want.pid == attached.pid => {
+            Some(want) if want.network == Network::Own && want.instance == attached.instance => {
                 kept += 1;
                 if want.name != attached.name {
                     rename.push(Action::Rename {
@@ -64,7 +66,8 @@ pub fn plan(
     let mut candidates: Vec<(&String, &Want)> = wanted
         .iter()
         .filter(|(id, want)| {
-            want.network == Network::Own && have.get(*id).is_none_or(|h| h.pid != want.pid)
+            want.network == Network::Own
+                && have.get(*id).is_none_or(|h| h.instance != want.instance)
         })
         .collect();
     candidates.sort_by(|a, b| (&a.1.name, a.0).cmp(&(&b.1.name, b.0)));
@@ -81,6 +84,33 @@ pub fn plan(
     actions
 }
 
+/// One container per network namespace keeps `Own`: of those with the
+/// same inode, the first by source (a daemon's names over the kernel's),
+/// then a pod's sandbox, then key; the others become `Shared`. One in the
+/// host's namespace (`host_netns`) is `Host`. An inode of 0 (unknown) is
+/// left as the source said.
+pub fn share_namespaces(containers: &mut BTreeMap<String, Container>, host_netns: u64) {
+    let mut owned: HashSet<u64> = HashSet::new();
+    let mut candidates: Vec<(&String, &Container)> = containers
+        .iter()
+        .filter(|(_, c)| c.network == Network::Own && c.netns != 0)
+        .collect();
+    candidates.sort_by_key(|(key, c)| (c.source, !containerd::is_sandbox(c), *key));
+    let mut change: Vec<(String, Network)> = Vec::new();
+    for (key, c) in candidates {
+        if c.netns == host_netns {
+            change.push((key.clone(), Network::Host));
+        } else if !owned.insert(c.netns) {
+            change.push((key.clone(), Network::Shared));
+        }
+    }
+    for (key, network) in change {
+        if let Some(c) = containers.get_mut(&key) {
+            c.network = network;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,7 +123,7 @@ mod tests {
                     id.to_string(),
                     Want {
                         name: name.to_string(),
-                        pid: *pid,
+                        instance: (*pid, 4026532000 + u64::from(*pid)),
                         network: network.clone(),
                     },
                 )
@@ -109,7 +139,7 @@ mod tests {
                     id.to_string(),
                     Have {
                         name: name.to_string(),
-                        pid: *pid,
+                        instance: (*pid, 4026532000 + u64::from(*pid)),
                     },
                 )
             })
@@ -195,5 +225,84 @@ mod tests {
         let wanted = want(&[("1", "a", 1, Own), ("2", "z", 2, Own)]);
         let actions = plan(&wanted, &have(&[("2", "z", 2)]), 1);
         assert_eq!(actions, vec![Refuse("1".into())]);
+    }
+
+    fn found(
+        key: &str,
+        source: Source,
+        netns: u64,
+        labels: &[(&str, &str)],
+    ) -> (String, Container) {
+        (
+            key.to_string(),
+            Container {
+                key: key.to_string(),
+                source,
+                id: key.to_string(),
+                name: key.to_string(),
+                image: String::new(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                pid: 1,
+                netns,
+                ns_path: None,
+                network: Own,
+            },
+        )
+    }
+
+    fn networks(containers: &BTreeMap<String, Container>) -> Vec<(&str, Network)> {
+        containers
+            .iter()
+            .map(|(k, c)| (k.as_str(), c.network.clone()))
+            .collect()
+    }
+
+    use crate::observe::discover::Source;
+
+    #[test]
+    fn a_pod_is_attached_once_through_its_sandbox() {
+        let sandbox = [("io.cri-containerd.kind", "sandbox")];
+        let mut found: BTreeMap<String, Container> = [
+            found(
+                "a-app",
+                Source::Containerd,
+                7,
+                &[("io.cri-containerd.kind", "container")],
+            ),
+            found("z-pause", Source::Containerd, 7, &sandbox),
+            found("other", Source::Containerd, 8, &[]),
+        ]
+        .into_iter()
+        .collect();
+        share_namespaces(&mut found, 1);
+        assert_eq!(
+            networks(&found),
+            vec![("a-app", Network::Shared), ("other", Own), ("z-pause", Own)]
+        );
+    }
+
+    #[test]
+    fn a_daemon_names_a_namespace_the_kernel_also_shows_and_the_host_is_the_host() {
+        let mut found: BTreeMap<String, Container> = [
+            found("netns:7", Source::Netns, 7, &[]),
+            found("d7", Source::Docker, 7, &[]),
+            found("hostnet", Source::Containerd, 1, &[]),
+            found("unknown", Source::Containerd, 0, &[]),
+        ]
+        .into_iter()
+        .collect();
+        share_namespaces(&mut found, 1);
+        assert_eq!(
+            networks(&found),
+            vec![
+                ("d7", Own),
+                ("hostnet", Network::Host),
+                ("netns:7", Network::Shared),
+                ("unknown", Own)
+            ]
+        );
     }
 }
