@@ -21,7 +21,10 @@
 //!   loss, shaped in userspace (no `tc netem` on this kernel).
 //! - [`namespaced`]: busybox httpd in a container, an `ip netns` or a pid's
 //!   namespace, named as relay targets; the namespace's counters and TC hooks.
+//! - [`containerd`]: a private containerd driven with `ctr`, as on a
+//!   Kubernetes node.
 //! - [`observed`]: `relay observe`'s counters next to the kernel's, read quietly.
+//! - [`fleet`]: `relay observe containers`: attached, detached, counted.
 //! - [`relay_proc`]: locating, spawning, signalling and scraping `relay`.
 //! - [`metrics`]: parsing the Prometheus text relay serves.
 //! - [`notify`]: a service manager's end of sd_notify(3), for `NOTIFY_SOCKET`.
@@ -40,8 +43,10 @@
 pub mod certs;
 pub mod child;
 pub mod config_file;
+pub mod containerd;
 pub mod crafted;
 pub mod docker;
+pub mod fleet;
 pub mod gate;
 pub mod http;
 pub mod interactive;

@@ -8,129 +8,24 @@
 //! Every test selects only its own containers (a label or a name glob with
 //! this process's id): the daemon is shared with other tests.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use relay_tests::docker::{self, Container};
+use relay_tests::fleet::{
+    FOLLOW_TIMEOUT, REQUESTS, counts_match, fetch, info, is_attached, observe_containers,
+    tcx_links, wait_attached, wait_detached, wait_discovery,
+};
 use relay_tests::namespaced::Subject;
-use relay_tests::observed::{agree_since, settle};
-use relay_tests::relay_proc::Relay;
+use relay_tests::require_docker;
 use relay_tests::wait::poll_until;
-use relay_tests::{RelayCmd, Scrape, http, peers, require_docker};
 
 /// The functional deadline: attached within this of the start.
 const ATTACH_DEADLINE: Duration = Duration::from_secs(1);
-/// For what has no deadline of its own (a restart, a daemon coming back).
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30);
 /// Containers started in the attach test.
 const CONTAINERS: usize = 20;
 /// Of those, how many serve HTTP and carry traffic.
 const WITH_TRAFFIC: usize = 3;
-/// HTTP requests per traffic container.
-const REQUESTS: u64 = 10;
-
-/// `relay observe containers --select ... --metrics PORT`, ready once it serves metrics.
-fn observe_containers(extra: &[&str]) -> Result<Relay> {
-    let mut args = vec!["observe".to_string(), "containers".to_string()];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    RelayCmd::raw(&args).with_metrics()?.spawn()
-}
-
-/// The info series of container `name`, if relay shows one.
-fn info(scrape: &Scrape, name: &str) -> Option<BTreeMap<String, String>> {
-    scrape
-        .matching("relay_observe_container_info", &[("container", name)])
-        .next()
-        .map(|s| s.labels.clone())
-}
-
-/// Attached: the info series says network="own" and its interface is attached.
-fn is_attached(scrape: &Scrape, name: &str) -> bool {
-    info(scrape, name).is_some_and(|l| l.get("network").map(String::as_str) == Some("own"))
-        && scrape.counter("relay_observe_attached", &[("container", name)]) >= 1.0
-}
-
-/// Poll until `name` is attached; how long that took from the call.
-fn wait_attached(relay: &Relay, name: &str, timeout: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    let mut last = String::new();
-    poll_until(&format!("container {name} to be attached"), timeout, || {
-        let scrape = relay.scrape()?;
-        let attached = is_attached(&scrape, name);
-        last = scrape.text;
-        Ok(attached.then(|| start.elapsed()))
-    })
-    .with_context(|| format!("last scrape:\n{last}"))
-}
-
-/// Poll until relay shows nothing of container `name`.
-fn wait_detached(relay: &Relay, name: &str) -> Result<()> {
-    poll_until(
-        &format!("container {name}'s series to go"),
-        FOLLOW_TIMEOUT,
-        || {
-            let scrape = relay.scrape()?;
-            let gone = info(&scrape, name).is_none()
-                && scrape
-                    .value("relay_observe_attached", &[("container", name)])
-                    .is_none()
-                && scrape
-                    .value("relay_observe_packets_total", &[("container", name)])
-                    .is_none();
-            Ok(gone.then_some(()))
-        },
-    )
-}
-
-/// TCX links relay holds open (each is one program on one hook of one interface).
-fn tcx_links(relay: &Relay) -> Result<usize> {
-    let dir = format!("/proc/{}/fdinfo", relay.pid());
-    let mut links = 0;
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let text = std::fs::read_to_string(entry?.path()).unwrap_or_default();
-        if text
-            .lines()
-            .any(|l| l.starts_with("link_type:") && l.contains("tcx"))
-        {
-            links += 1;
-        }
-    }
-    Ok(links)
-}
-
-/// GET / `n` times over new connections; every answer must be the subject's.
-fn fetch(subject: &Subject, n: u64) -> Result<()> {
-    let addr = subject.http_addr()?;
-    for i in 0..n {
-        let response = http::get(peers::connect(addr)?, "observed", "/index.html")?;
-        ensure!(
-            response.status == 200 && String::from_utf8_lossy(&response.body) == subject.body(),
-            "request {i} to {addr}: expected 200 {:?}, got {}",
-            subject.body(),
-            response.status
-        );
-    }
-    Ok(())
-}
-
-/// Traffic to `subject` is counted, per direction, exactly as its eth0's
-/// kernel counters grew.
-fn counts_match(
-    relay: &Relay,
-    subject: &Subject,
-    traffic: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    let base = settle(relay, subject, "eth0", None, |_| true)?;
-    traffic()?;
-    let end = agree_since(relay, subject, "eth0", &base)?;
-    let (kernel, _) = end.growth_since(&base);
-    ensure!(
-        kernel.rx_packets >= 4 * REQUESTS && kernel.tx_packets >= 4 * REQUESTS,
-        "{REQUESTS} HTTP exchanges should move at least 4 packets each way apiece; the kernel counted {kernel:?}"
-    );
-    Ok(())
-}
 
 #[test]
 fn twenty_containers_are_attached_within_a_second_and_counted_exactly() -> Result<()> {
@@ -140,12 +35,7 @@ fn twenty_containers_are_attached_within_a_second_and_counted_exactly() -> Resul
     let tag = format!("relay.test=fleet-{}", std::process::id());
     let label = ["--label", tag.as_str()];
     let relay = observe_containers(&["--select", &format!("label={tag}")])?;
-    relay.wait_metric(
-        "relay_observe_discovery_up",
-        &[("source", "docker")],
-        1.0,
-        FOLLOW_TIMEOUT,
-    )?;
+    wait_discovery(&relay, "docker", true)?;
 
     let mut took = Vec::new();
     let mut subjects = Vec::new();
@@ -250,12 +140,7 @@ fn a_container_is_followed_through_restart_rename_and_stop() -> Result<()> {
     let mut subject = Subject::container_with(&[])?;
     let unselected = subject.label()?;
     // Not selected by its name yet; a rename into the selection attaches it.
-    relay.wait_metric(
-        "relay_observe_discovery_up",
-        &[("source", "docker")],
-        1.0,
-        FOLLOW_TIMEOUT,
-    )?;
+    wait_discovery(&relay, "docker", true)?;
     ensure!(
         info(&relay.scrape()?, &unselected).is_none(),
         "{unselected} does not match the name glob"
@@ -315,16 +200,8 @@ fn a_container_is_followed_through_restart_rename_and_stop() -> Result<()> {
 #[test]
 fn a_missing_docker_socket_is_reported_not_fatal() -> Result<()> {
     let socket = "/nonexistent/relay-tests/docker.sock";
-    let relay = observe_containers(&["--docker-socket", socket])?;
-    let down = [("source", "docker")];
-    let scrape = poll_until(
-        "relay_observe_discovery_up{source=\"docker\"} 0",
-        FOLLOW_TIMEOUT,
-        || {
-            let scrape = relay.scrape()?;
-            Ok((scrape.value("relay_observe_discovery_up", &down) == Some(0.0)).then_some(scrape))
-        },
-    )?;
+    let relay = observe_containers(&["--source", "docker", "--docker-socket", socket])?;
+    let scrape = wait_discovery(&relay, "docker", false)?;
     ensure!(
         scrape.value("relay_ready", &[("part", "discovery"), ("name", "docker")]) == Some(0.0),
         "relay_ready should hold /healthz back while discovery is down:\n{}",
@@ -362,20 +239,10 @@ fn a_dockerd_restart_is_survived_and_containers_started_meanwhile_attached() -> 
     wait_attached(&relay, first.name(), FOLLOW_TIMEOUT)?;
 
     docker::stop_daemon()?;
-    relay.wait_metric(
-        "relay_observe_discovery_up",
-        &[("source", "docker")],
-        0.0,
-        FOLLOW_TIMEOUT,
-    )?;
+    wait_discovery(&relay, "docker", false)?;
     docker::start_daemon()?;
     let meanwhile = Container::run_with(&["--label", &tag], &["sleep", "600"])?;
-    relay.wait_metric(
-        "relay_observe_discovery_up",
-        &[("source", "docker")],
-        1.0,
-        FOLLOW_TIMEOUT,
-    )?;
+    wait_discovery(&relay, "docker", true)?;
     wait_attached(&relay, meanwhile.name(), FOLLOW_TIMEOUT)?;
     // The first one died with the daemon (no live-restore): the listing detached it.
     wait_detached(&relay, first.name())?;

@@ -135,6 +135,17 @@ pub const REQUIRED: &[Package] = &[
         name: "busybox-static",
         program: "busybox",
     },
+    // containerd driven directly with ctr, as on a Kubernetes node
+    // (tests/tests/containerd.rs); docker.io depends on both, named here
+    // because the tests run them themselves.
+    Package {
+        name: "containerd",
+        program: "containerd",
+    },
+    Package {
+        name: "runc",
+        program: "runc",
+    },
     // The capture bench compares relay observe --pcap with tcpdump -w;
     // tests/tests/pcap_filter.rs reads captures with tcpdump -r '<expr>'.
     Package {
