@@ -63,6 +63,45 @@ struct relay_flow_key {
 	__u32 ifindex;
 };
 
+/* ---- TCP handshake latency (relay_observe_tcp_handshake_seconds) ---- */
+
+/* Which handshake of the target a latency belongs to. */
+enum relay_handshake_dir {
+	RELAY_HS_OUTBOUND = 0, /* the target's SYN out to the peer's SYN-ACK in */
+	RELAY_HS_INBOUND = 1,  /* a peer's SYN in to the target's SYN-ACK out */
+	RELAY_HS_DIRS = 2,
+};
+
+/* Histogram buckets, log-linear in microseconds: bucket 0 holds latencies
+ * under 64 us; then each power of two from 64 us to 2^24 us (16.8 s) is
+ * cut into RELAY_HS_SUB equal parts; the last bucket holds the rest.
+ * Userspace derives the same bounds (relay/src/observe/handshake.rs). */
+#define RELAY_HS_MIN_LOG2 6  /* 64 us */
+#define RELAY_HS_MAX_LOG2 24 /* 16.8 s */
+#define RELAY_HS_SUB_LOG2 2
+#define RELAY_HS_SUB (1 << RELAY_HS_SUB_LOG2)
+#define RELAY_HS_BUCKETS (2 + (RELAY_HS_MAX_LOG2 - RELAY_HS_MIN_LOG2) * RELAY_HS_SUB)
+
+/* Value of the `handshakes` per-CPU array, one entry per
+ * enum relay_handshake_dir. */
+struct relay_handshake_hist {
+	__u64 sum_ns;
+	__u64 count[RELAY_HS_BUCKETS];
+};
+
+/* Key of the `syn_pending` LRU map: a SYN waiting for its SYN-ACK, from
+ * the target's side of the connection. Only the program reads it. */
+struct relay_syn_key {
+	__u32 local[4];  /* the target's address (IPv4: first word) */
+	__u32 remote[4]; /* the peer's */
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 isn; /* the SYN's sequence number: the SYN-ACK acks isn + 1 */
+	__u8 family;
+	__u8 dir; /* enum relay_handshake_dir */
+	__u16 _pad;
+};
+
 /* ---- capture: sampled packets to userspace (relay observe --pcap) ---- */
 
 /* Largest --snaplen; the per-CPU scratch buffer holds this many bytes. */

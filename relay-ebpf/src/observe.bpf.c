@@ -3,8 +3,9 @@
  *
  * Attached at TC ingress and egress (TCX links where the kernel has them).
  * Counts packets and bytes per interface, direction, protocol class and IP
- * family; TCP SYN, SYN-ACK, FIN and RST; and per-flow packets and bytes in
- * an LRU map. Never changes a packet or a verdict: every exit is
+ * family; TCP SYN, SYN-ACK, FIN and RST; per-flow packets and bytes in
+ * an LRU map; and the latency of TCP handshakes (SYN to SYN-ACK), in a
+ * histogram. Only segments with SYN set do handshake work. Never changes a packet or a verdict: every exit is
  * TC_ACT_UNSPEC (TCX_NEXT), so programs after this one still decide.
  *
  * With capture on (relay observe --pcap), packets that pass the filter and
@@ -49,6 +50,28 @@ struct {
 	__type(key, struct relay_flow_key);
 	__type(value, struct relay_counter);
 } flows SEC(".maps");
+
+/* Written and read here: when each SYN was seen, until its SYN-ACK. LRU,
+ * so a flood of unanswered SYNs evicts the oldest (their handshakes go
+ * unmeasured, none is measured wrong). An answered entry stays, set to 0,
+ * so a retransmitted SYN or SYN-ACK of that handshake is not measured
+ * again; the ISN in the key keeps a later connection on the same 4-tuple
+ * apart. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct relay_syn_key);
+	__type(value, __u64);
+} syn_pending SEC(".maps");
+
+/* Written by this program (one entry per enum relay_handshake_dir), read
+ * and summed over CPUs by relay's collector. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RELAY_HS_DIRS);
+	__type(key, __u32);
+	__type(value, struct relay_handshake_hist);
+} handshakes SEC(".maps");
 
 /* Written by relay when it attaches (ifindex -> bytes before the IP header:
  * 14 for Ethernet and loopback, 0 for L3 devices such as WireGuard); read
@@ -168,6 +191,80 @@ static __always_inline void count_flag(__u32 ifindex, __u8 direction, __u8 flag)
 		__u64 one = 1;
 		bpf_map_update_elem(&tcp_flags, &key, &one, BPF_NOEXIST);
 	}
+}
+
+/* The histogram bucket of a latency (see RELAY_HS_BUCKETS in observe.h). */
+static __always_inline __u64 handshake_bucket(__u64 ns)
+{
+	__u64 us = ns / 1000;
+	__u64 log2 = 0;
+	__u64 v = us;
+
+	if (us < (1ULL << RELAY_HS_MIN_LOG2))
+		return 0;
+	if (us >= (1ULL << RELAY_HS_MAX_LOG2))
+		return RELAY_HS_BUCKETS - 1;
+	if (v >> 16) {
+		v >>= 16;
+		log2 += 16;
+	}
+	if (v >> 8) {
+		v >>= 8;
+		log2 += 8;
+	}
+	if (v >> 4) {
+		v >>= 4;
+		log2 += 4;
+	}
+	if (v >> 2) {
+		v >>= 2;
+		log2 += 2;
+	}
+	if (v >> 1)
+		log2 += 1;
+	__u64 sub = (us >> (log2 - RELAY_HS_SUB_LOG2)) & (RELAY_HS_SUB - 1);
+	return 1 + (log2 - RELAY_HS_MIN_LOG2) * RELAY_HS_SUB + sub;
+}
+
+/* A segment with SYN set: a SYN starts timing its handshake, a SYN-ACK
+ * ends it. The target's end of the connection is the source going out
+ * and the destination coming in, so both halves find the same key. A
+ * retransmitted SYN keeps the first one's time: the latency is what the
+ * connecting side waited, retransmission timeouts included. */
+static __always_inline void handshake(const struct relay_flow_key *flow, __u8 direction,
+				      const struct tcphdr *tcp)
+{
+	struct relay_syn_key key = { .family = flow->family };
+	int out = direction == RELAY_EGRESS;
+
+	__builtin_memcpy(key.local, out ? flow->saddr : flow->daddr, sizeof(key.local));
+	__builtin_memcpy(key.remote, out ? flow->daddr : flow->saddr, sizeof(key.remote));
+	key.local_port = out ? flow->sport : flow->dport;
+	key.remote_port = out ? flow->dport : flow->sport;
+	if (!tcp->ack) {
+		__u64 now = bpf_ktime_get_ns();
+		key.dir = out ? RELAY_HS_OUTBOUND : RELAY_HS_INBOUND;
+		key.isn = bpf_ntohl(tcp->seq);
+		bpf_map_update_elem(&syn_pending, &key, &now, BPF_NOEXIST);
+		return;
+	}
+	key.dir = out ? RELAY_HS_INBOUND : RELAY_HS_OUTBOUND;
+	key.isn = bpf_ntohl(tcp->ack_seq) - 1;
+	__u64 *sent = bpf_map_lookup_elem(&syn_pending, &key);
+	if (!sent || *sent == 0)
+		return;
+	__u64 took = bpf_ktime_get_ns() - *sent;
+	*sent = 0;
+	__u32 dir = key.dir;
+	struct relay_handshake_hist *hist = bpf_map_lookup_elem(&handshakes, &dir);
+	if (!hist)
+		return;
+	/* 64-bit all the way: a 32-bit index is checked on a zero-extended
+	 * copy, and the verifier does not carry that bound back to the one used. */
+	__u64 bucket = handshake_bucket(took);
+	hist->sum_ns += took;
+	if (bucket < RELAY_HS_BUCKETS)
+		hist->count[bucket] += 1;
 }
 
 static __always_inline __u8 proto_class(__u8 ipproto)
@@ -372,8 +469,10 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 		if (bpf_skb_load_bytes(skb, l4, &tcp, sizeof(tcp)) == 0) {
 			flow.sport = bpf_ntohs(tcp.source);
 			flow.dport = bpf_ntohs(tcp.dest);
-			if (tcp.syn)
+			if (tcp.syn) {
 				count_flag(ifindex, direction, tcp.ack ? RELAY_TCP_SYNACK : RELAY_TCP_SYN);
+				handshake(&flow, direction, &tcp);
+			}
 			if (tcp.fin)
 				count_flag(ifindex, direction, RELAY_TCP_FIN);
 			if (tcp.rst)

@@ -19,6 +19,9 @@ use super::{ObserveError, map_error};
 pub struct Interface {
     pub index: u32,
     pub name: String,
+    /// Bytes before the IP header at TC: 14 (Ethernet, veth, loopback) or
+    /// 0 (no link-layer header: tun, WireGuard), read in the namespace.
+    pub l2_len: u32,
 }
 
 /// Interfaces of the calling thread's namespace: the ones named, or all
@@ -27,9 +30,13 @@ pub fn interfaces(only: &[String], loopback: bool) -> Result<Vec<Interface>, Obs
     let all: Vec<Interface> = nix::net::if_::if_nameindex()
         .map_err(ObserveError::Interfaces)?
         .iter()
-        .map(|i| Interface {
-            index: i.index(),
-            name: i.name().to_string_lossy().into_owned(),
+        .map(|i| {
+            let name = i.name().to_string_lossy().into_owned();
+            Interface {
+                index: i.index(),
+                l2_len: l2_len_of(&name),
+                name,
+            }
         })
         .collect();
     if only.is_empty() {
@@ -51,14 +58,47 @@ pub fn interfaces(only: &[String], loopback: bool) -> Result<Vec<Interface>, Obs
         .collect()
 }
 
-/// Bytes before the IP header at TC for this interface: 14 unless the
-/// device has no link-layer header (ARPHRD_NONE, e.g. WireGuard, tun).
-pub fn l2_len(iface: &Interface) -> u32 {
-    let kind =
-        std::fs::read_to_string(format!("/sys/class/net/{}/type", iface.name)).unwrap_or_default();
-    // 65534 = ARPHRD_NONE. (sysfs shows the mounting namespace's devices;
-    // a name missing there reads as Ethernet, the common case.)
-    if kind.trim() == "65534" { 0 } else { 14 }
+/// Bytes before the IP header at TC for the interface `name` of the
+/// calling thread's namespace: 0 when the device has no link-layer header
+/// (ARPHRD_NONE: tun, WireGuard), else 14. The type is asked of the
+/// namespace itself (SIOCGIFHWADDR on a socket made here): sysfs shows the
+/// devices of the namespace it was mounted in, not this thread's. A device
+/// that cannot be asked reads as Ethernet, the common case.
+fn l2_len_of(name: &str) -> u32 {
+    const ARPHRD_NONE: u16 = 0xfffe;
+    if name.len() >= nix::libc::IFNAMSIZ {
+        return 14;
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let Ok(socket) = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return 14;
+    };
+    // SAFETY: an all-zero ifreq is valid (name empty, union zeroed).
+    let mut req: nix::libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as nix::libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the NUL-terminated name (shorter than
+    // IFNAMSIZ, checked above) and writes ifr_hwaddr inside `req`.
+    let rc = unsafe {
+        nix::libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            nix::libc::SIOCGIFHWADDR,
+            &mut req,
+        )
+    };
+    // SAFETY: the kernel filled the ifr_hwaddr member of the union.
+    let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    if rc == 0 && family == ARPHRD_NONE {
+        0
+    } else {
+        14
+    }
 }
 
 /// TCX arrived in 6.6; aya picks it by the same test.
@@ -75,7 +115,7 @@ pub fn attach_all(ebpf: &mut Ebpf, interfaces: &[Interface]) -> Result<(), Obser
         )
         .map_err(map_error("l2_len", "open"))?;
         for iface in interfaces {
-            l2.insert(iface.index, l2_len(iface), 0)
+            l2.insert(iface.index, iface.l2_len, 0)
                 .map_err(|source| ObserveError::MapEntry {
                     map: "l2_len",
                     action: "write",

@@ -269,7 +269,7 @@ impl Capture {
                 let id = sink.add_interface(pcapng::Interface {
                     name: format!("{}@{}", iface.name, observer.target()),
                     description: format!("{} in {description}", iface.name),
-                    linktype: if super::attach::l2_len(iface) == 0 {
+                    linktype: if iface.l2_len == 0 {
                         pcapng::LINKTYPE_RAW
                     } else {
                         pcapng::LINKTYPE_ETHERNET

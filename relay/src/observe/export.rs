@@ -18,6 +18,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::Snapshot;
 use super::attach::Interface;
+use super::handshake::HandshakeSeries;
 use super::maps::CaptureStat;
 
 /// The observe metric families, registered once per registry.
@@ -32,6 +33,8 @@ pub struct ObserveMetrics {
     runs: IntCounterVec,
     samples: IntCounterVec,
     sample_drops: IntCounterVec,
+    retransmits: IntCounterVec,
+    handshakes: std::sync::Arc<HandshakeSeries>,
     /// Last exported total per series, keyed by family and labels.
     last: Mutex<HashMap<(&'static str, Vec<String>), u64>>,
     /// Flow series exported last time, per target, to remove stale ranks.
@@ -78,6 +81,12 @@ impl ObserveMetrics {
                 "Packets not sampled whole for --pcap: reason=filter (did not match), sampled (left out by --sample), ring_full (no room in the ring buffer: lost), truncated (sampled, cut to --snaplen).",
                 &["target", "container", "iface", "reason"],
             ),
+            retransmits: counter(
+                "relay_observe_tcp_retransmits_total",
+                "TCP segments the target's network namespace retransmitted since it was observed (the kernel's own count, TcpRetransSegs of the namespace).",
+                &["target", "container"],
+            ),
+            handshakes: std::sync::Arc::new(HandshakeSeries::new()),
             last: Mutex::new(HashMap::new()),
             flow_labels: Mutex::new(HashMap::new()),
         };
@@ -92,6 +101,8 @@ impl ObserveMetrics {
             Box::new(metrics.runs.clone()),
             Box::new(metrics.samples.clone()),
             Box::new(metrics.sample_drops.clone()),
+            Box::new(metrics.retransmits.clone()),
+            Box::new(SharedHandshakes(metrics.handshakes.clone())),
         ] {
             registry
                 .register(collector)
@@ -200,6 +211,13 @@ impl ObserveMetrics {
                 .with_label_values(&labels)
                 .inc_by(self.advance("drops", &labels, *count));
         }
+        if let Some(count) = snapshot.retransmits {
+            let labels = [target, container];
+            self.retransmits
+                .with_label_values(&labels)
+                .inc_by(self.advance("retransmits", &labels, count));
+        }
+        self.handshakes.set(target, container, &snapshot.handshakes);
         self.export_flows(target, container, &name, snapshot, top);
     }
 
@@ -277,6 +295,7 @@ impl ObserveMetrics {
     /// Removes every series of `target` (its namespace is gone).
     pub fn forget(&self, target: &str, container: &str, interfaces: &[Interface]) {
         self.attached(target, container, interfaces, false);
+        self.handshakes.forget(target);
         let mut previous = self.flow_labels.lock().unwrap_or_else(|p| p.into_inner());
         for labels in previous.remove(target).into_iter().flatten() {
             let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -301,8 +320,23 @@ impl ObserveMetrics {
                 "runs" => self.runs.remove_label_values(&refs),
                 "samples" => self.samples.remove_label_values(&refs),
                 "drops" => self.sample_drops.remove_label_values(&refs),
+                "retransmits" => self.retransmits.remove_label_values(&refs),
                 _ => self.run_seconds.remove_label_values(&refs),
             };
         }
+    }
+}
+
+/// The registry owns its collectors; the histogram's state is shared with
+/// [`ObserveMetrics`], which updates it at each export.
+struct SharedHandshakes(std::sync::Arc<HandshakeSeries>);
+
+impl prometheus::core::Collector for SharedHandshakes {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }

@@ -22,18 +22,20 @@ pub mod discover;
 pub mod export;
 pub mod filter;
 pub mod fleet;
+pub mod handshake;
 pub mod maps;
 pub mod samples;
 pub mod session;
 pub mod sink;
 pub mod stub;
+pub mod tcp_mib;
 pub mod watch;
 
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aya::maps::{Array, MapData, PerCpuHashMap, PerCpuValues, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use nix::errno::Errno;
 use thiserror::Error;
@@ -296,6 +298,11 @@ pub struct Snapshot {
     pub programs: Vec<(&'static str, ProgramCost)>,
     /// Capture counts (empty without `--pcap`).
     pub capture: CaptureStats,
+    /// TCP handshake latency, per direction.
+    pub handshakes: Vec<(handshake::HandshakeDir, handshake::HandshakeHist)>,
+    /// TCP segments the namespace retransmitted since attach (the kernel's
+    /// MIB; `None` when it could not be read).
+    pub retransmits: Option<u64>,
 }
 
 /// Programs loaded and attached in one namespace; dropping it detaches them.
@@ -306,6 +313,8 @@ pub struct Observer {
     /// The `samples` ring buffer until the capture thread takes it.
     samples: Mutex<Option<RingBuf<MapData>>>,
     capturing: bool,
+    /// The namespace's TCP counters (retransmissions).
+    tcp_mib: Option<Mutex<tcp_mib::TcpMib>>,
     /// Keeps the kernel's BPF run-time accounting on while held.
     _stats: Option<OwnedFd>,
 }
@@ -317,8 +326,9 @@ impl Observer {
         let (only, loopback) = (options.interfaces.clone(), options.loopback);
         let capture = options.capture.clone();
         let capturing = capture.is_some();
-        let (mut ebpf, interfaces) =
-            netns.run(move || -> Result<(Ebpf, Vec<Interface>), ObserveError> {
+        type Attached = (Ebpf, Vec<Interface>, std::io::Result<tcp_mib::TcpMib>);
+        let (mut ebpf, interfaces, mib) =
+            netns.run(move || -> Result<Attached, ObserveError> {
                 let interfaces = attach::interfaces(&only, loopback)?;
                 if interfaces.is_empty() {
                     return Err(ObserveError::NothingToObserve);
@@ -328,7 +338,7 @@ impl Observer {
                     start_capture(&mut ebpf, &interfaces)?;
                 }
                 attach::attach_all(&mut ebpf, &interfaces)?;
-                Ok((ebpf, interfaces))
+                Ok((ebpf, interfaces, tcp_mib::TcpMib::open_here()))
             })??;
         let samples = if capturing {
             let map = ebpf
@@ -347,6 +357,13 @@ impl Observer {
             None
         };
         let target = netns.label().to_string();
+        let tcp_mib = match mib {
+            Ok(mib) => Some(Mutex::new(mib)),
+            Err(err) => {
+                tracing::warn!(observed = %target, error = %err, "cannot read the namespace's /proc/net/snmp: no relay_observe_tcp_retransmits_total for it");
+                None
+            }
+        };
         for iface in &interfaces {
             tracing::info!(observed = %target, iface = %iface.name, "observing (ingress and egress)");
         }
@@ -356,6 +373,7 @@ impl Observer {
             ebpf: Mutex::new(ebpf),
             samples: Mutex::new(samples),
             capturing,
+            tcp_mib,
             _stats: stats,
         })
     }
@@ -399,6 +417,22 @@ impl Observer {
         }
     }
 
+    /// Segments the namespace retransmitted since attach.
+    fn retransmits(&self) -> Option<u64> {
+        let mut mib = self
+            .tcp_mib
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match mib.retransmitted() {
+            Ok(count) => Some(count),
+            Err(err) => {
+                tracing::debug!(observed = %self.target, error = %err, "reading /proc/net/snmp");
+                None
+            }
+        }
+    }
+
     /// Reads every map once.
     pub fn snapshot(&self) -> Result<Snapshot, ObserveError> {
         let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,6 +443,9 @@ impl Observer {
             PerCpuHashMap::try_from(open("tcp_flags")?).map_err(map_error("tcp_flags", "open"))?;
         let flows: PerCpuHashMap<_, FlowKey, Counter> =
             PerCpuHashMap::try_from(open("flows")?).map_err(map_error("flows", "open"))?;
+        let handshakes: PerCpuArray<_, handshake::HandshakeHist> =
+            PerCpuArray::try_from(open("handshakes")?).map_err(map_error("handshakes", "open"))?;
+        let handshakes = handshake::read(&handshakes);
         let mut flows = maps::read_flows(&flows);
         flows.sort_by_key(|(_, counter)| std::cmp::Reverse(counter.bytes));
         let programs = PROGRAMS
@@ -432,6 +469,8 @@ impl Observer {
             flows,
             programs,
             capture: self.capture_stats()?,
+            handshakes,
+            retransmits: self.retransmits(),
         })
     }
 }
@@ -453,7 +492,7 @@ fn load(capture: Option<&KernelCapture>, interfaces: &[Interface]) -> Result<Ebp
     let mut object = stub::Object8::new(object());
     let mut patched = Vec::new();
     for iface in interfaces {
-        let (link, name) = if attach::l2_len(iface) == 0 {
+        let (link, name) = if iface.l2_len == 0 {
             (filter::LinkType::Raw, stub::RAW)
         } else {
             (filter::LinkType::Ethernet, stub::ETHER)

@@ -113,6 +113,7 @@ mod tests {
         let eth0 = Interface {
             index: 2,
             name: "eth0".into(),
+            l2_len: 14,
         };
         let mut before = Snapshot::default();
         before.traffic.insert(
