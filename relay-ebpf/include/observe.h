@@ -82,9 +82,9 @@ enum relay_handshake_dir {
 #define RELAY_HS_SUB (1 << RELAY_HS_SUB_LOG2)
 #define RELAY_HS_BUCKETS (2 + (RELAY_HS_MAX_LOG2 - RELAY_HS_MIN_LOG2) * RELAY_HS_SUB)
 
-/* Value of the `handshakes` per-CPU array, one entry per
- * enum relay_handshake_dir. */
-struct relay_handshake_hist {
+/* A latency histogram (the `handshakes` and `dns_latency` per-CPU arrays,
+ * one entry per direction). */
+struct relay_latency_hist {
 	__u64 sum_ns;
 	__u64 count[RELAY_HS_BUCKETS];
 };
@@ -99,6 +99,41 @@ struct relay_syn_key {
 	__u32 isn; /* the SYN's sequence number: the SYN-ACK acks isn + 1 */
 	__u8 family;
 	__u8 dir; /* enum relay_handshake_dir */
+	__u16 _pad;
+};
+
+/* ---- DNS over UDP (relay_observe_dns_*) ---- */
+
+/* The port the programs parse as DNS (a query to it, a response from it). */
+#define RELAY_DNS_PORT 53
+
+/* Directions are those of the handshake: OUTBOUND when the target asked
+ * (its query out, the answer in), INBOUND when it answered. */
+enum relay_dns_kind {
+	RELAY_DNS_QUERY = 0,
+	RELAY_DNS_RESPONSE = 1,
+};
+
+/* Key of the `dns` per-CPU hash: what was counted. The query type is
+ * kept only for the common types (see dns_qtype in observe.bpf.c), every
+ * other one counts as 0, so the map holds at most
+ * 2 kinds x 2 directions x 13 types x 16 rcodes entries. */
+struct relay_dns_key {
+	__u16 qtype;
+	__u8 kind;      /* enum relay_dns_kind */
+	__u8 direction; /* enum relay_handshake_dir */
+	__u8 rcode;     /* responses: the header's RCODE (0..15) */
+	__u8 _pad[3];
+};
+
+/* Key of the `dns_pending` LRU map: a query waiting for its response. */
+struct relay_dns_pending_key {
+	__u32 client[4];
+	__u32 server[4];
+	__u16 client_port;
+	__u16 id;
+	__u8 family;
+	__u8 direction;
 	__u16 _pad;
 };
 

@@ -70,8 +70,35 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, RELAY_HS_DIRS);
 	__type(key, __u32);
-	__type(value, struct relay_handshake_hist);
+	__type(value, struct relay_latency_hist);
 } handshakes SEC(".maps");
+
+/* DNS messages by kind, direction, query type and rcode; read and summed
+ * over CPUs by relay's collector. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct relay_dns_key);
+	__type(value, __u64);
+} dns SEC(".maps");
+
+/* Written and read here: when each query was seen, until its response
+ * (LRU: unanswered queries make room; a response without its query is
+ * counted, not timed). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct relay_dns_pending_key);
+	__type(value, __u64);
+} dns_pending SEC(".maps");
+
+/* DNS response latency, one entry per direction, read by relay. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RELAY_HS_DIRS);
+	__type(key, __u32);
+	__type(value, struct relay_latency_hist);
+} dns_latency SEC(".maps");
 
 /* Written by relay when it attaches (ifindex -> bytes before the IP header:
  * 14 for Ethernet and loopback, 0 for L3 devices such as WireGuard); read
@@ -194,7 +221,7 @@ static __always_inline void count_flag(__u32 ifindex, __u8 direction, __u8 flag)
 }
 
 /* The histogram bucket of a latency (see RELAY_HS_BUCKETS in observe.h). */
-static __always_inline __u64 handshake_bucket(__u64 ns)
+static __always_inline __u64 latency_bucket(__u64 ns)
 {
 	__u64 us = ns / 1000;
 	__u64 log2 = 0;
@@ -226,6 +253,20 @@ static __always_inline __u64 handshake_bucket(__u64 ns)
 	return 1 + (log2 - RELAY_HS_MIN_LOG2) * RELAY_HS_SUB + sub;
 }
 
+/* Adds a latency of `took` ns to direction `dir` of histogram map `map`. */
+static __always_inline void record_latency(void *map, __u32 dir, __u64 took)
+{
+	struct relay_latency_hist *hist = bpf_map_lookup_elem(map, &dir);
+	if (!hist)
+		return;
+	/* 64-bit all the way: a 32-bit index is checked on a zero-extended
+	 * copy, and the verifier does not carry that bound back to the one used. */
+	__u64 bucket = latency_bucket(took);
+	hist->sum_ns += took;
+	if (bucket < RELAY_HS_BUCKETS)
+		hist->count[bucket] += 1;
+}
+
 /* A segment with SYN set: a SYN starts timing its handshake, a SYN-ACK
  * ends it. The target's end of the connection is the source going out
  * and the destination coming in, so both halves find the same key. A
@@ -255,16 +296,119 @@ static __always_inline void handshake(const struct relay_flow_key *flow, __u8 di
 		return;
 	__u64 took = bpf_ktime_get_ns() - *sent;
 	*sent = 0;
-	__u32 dir = key.dir;
-	struct relay_handshake_hist *hist = bpf_map_lookup_elem(&handshakes, &dir);
-	if (!hist)
+	record_latency(&handshakes, key.dir, took);
+}
+
+/* The query types counted by name; any other counts as 0 ("other"). */
+static __always_inline __u16 dns_qtype(__u16 qtype)
+{
+	switch (qtype) {
+	case 1:   /* A */
+	case 2:   /* NS */
+	case 5:   /* CNAME */
+	case 6:   /* SOA */
+	case 12:  /* PTR */
+	case 15:  /* MX */
+	case 16:  /* TXT */
+	case 28:  /* AAAA */
+	case 33:  /* SRV */
+	case 64:  /* SVCB */
+	case 65:  /* HTTPS */
+	case 255: /* ANY */
+		return qtype;
+	default:
+		return 0;
+	}
+}
+
+/* Labels of a question name walked to find its type; longer names (or a
+ * packet cut short) count with type 0. */
+#define RELAY_DNS_MAX_LABELS 32
+
+struct relay_dns_header {
+	__u16 id;
+	__u16 flags;
+	__u16 qdcount;
+	__u16 ancount;
+	__u16 nscount;
+	__u16 arcount;
+};
+
+/* The type of the first question of the message whose question section
+ * starts at `off` (0 when it cannot be read). */
+static __always_inline __u16 dns_question_type(struct __sk_buff *skb, __u32 off)
+{
+	for (int i = 0; i < RELAY_DNS_MAX_LABELS; i++) {
+		__u8 len;
+		if (bpf_skb_load_bytes(skb, off, &len, 1) < 0)
+			return 0;
+		if (len == 0) {
+			off += 1;
+			goto type;
+		}
+		if ((len & 0xc0) == 0xc0) { /* a compression pointer ends the name */
+			off += 2;
+			goto type;
+		}
+		off += 1 + (len & 0x3f);
+	}
+	return 0;
+type:;
+	__u16 qtype;
+	if (bpf_skb_load_bytes(skb, off, &qtype, sizeof(qtype)) < 0)
+		return 0;
+	return dns_qtype(bpf_ntohs(qtype));
+}
+
+/* A UDP datagram to or from port 53 at `off` (its payload): a query to
+ * the port, a response from it. Counts it by type (and rcode), and times
+ * the response from its query (same client, server, port and ID). */
+static __always_inline void dns_message(struct __sk_buff *skb, __u32 off, const struct relay_flow_key *flow,
+				__u8 direction)
+{
+	struct relay_dns_header h;
+	if (bpf_skb_load_bytes(skb, off, &h, sizeof(h)) < 0)
 		return;
-	/* 64-bit all the way: a 32-bit index is checked on a zero-extended
-	 * copy, and the verifier does not carry that bound back to the one used. */
-	__u64 bucket = handshake_bucket(took);
-	hist->sum_ns += took;
-	if (bucket < RELAY_HS_BUCKETS)
-		hist->count[bucket] += 1;
+	__u16 flags = bpf_ntohs(h.flags);
+	int response = flags >> 15;
+	if (response ? flow->sport != RELAY_DNS_PORT : flow->dport != RELAY_DNS_PORT)
+		return;
+	int out = direction == RELAY_EGRESS;
+	/* The target asked when its query goes out or its answer comes in. */
+	__u8 dir = (response ? !out : out) ? RELAY_HS_OUTBOUND : RELAY_HS_INBOUND;
+	struct relay_dns_key key = {
+		.kind = response ? RELAY_DNS_RESPONSE : RELAY_DNS_QUERY,
+		.direction = dir,
+		.rcode = response ? (flags & 0xf) : 0,
+		.qtype = h.qdcount ? dns_question_type(skb, off + sizeof(h)) : 0,
+	};
+	__u64 *n = bpf_map_lookup_elem(&dns, &key);
+	if (n) {
+		*n += 1;
+	} else {
+		__u64 one = 1;
+		bpf_map_update_elem(&dns, &key, &one, BPF_NOEXIST);
+	}
+
+	struct relay_dns_pending_key pending = {
+		.family = flow->family,
+		.direction = dir,
+		.id = h.id,
+	};
+	__builtin_memcpy(pending.client, response ? flow->daddr : flow->saddr, sizeof(pending.client));
+	__builtin_memcpy(pending.server, response ? flow->saddr : flow->daddr, sizeof(pending.server));
+	pending.client_port = response ? flow->dport : flow->sport;
+	if (!response) {
+		__u64 now = bpf_ktime_get_ns();
+		bpf_map_update_elem(&dns_pending, &pending, &now, BPF_NOEXIST);
+		return;
+	}
+	__u64 *asked = bpf_map_lookup_elem(&dns_pending, &pending);
+	if (!asked)
+		return;
+	__u64 took = bpf_ktime_get_ns() - *asked;
+	bpf_map_delete_elem(&dns_pending, &pending);
+	record_latency(&dns_latency, dir, took);
 }
 
 static __always_inline __u8 proto_class(__u8 ipproto)
@@ -484,6 +628,8 @@ static __always_inline int observe(struct __sk_buff *skb, __u8 direction)
 		if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) == 0) {
 			flow.sport = bpf_ntohs(udp.source);
 			flow.dport = bpf_ntohs(udp.dest);
+			if (flow.sport == RELAY_DNS_PORT || flow.dport == RELAY_DNS_PORT)
+				dns_message(skb, l4 + sizeof(udp), &flow, direction);
 		}
 	}
 	add(&flows, &flow, skb->len);

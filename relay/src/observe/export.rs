@@ -18,7 +18,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 use super::Snapshot;
 use super::attach::Interface;
-use super::handshake::HandshakeSeries;
+use super::latency::{self, LatencySeries};
 use super::maps::CaptureStat;
 
 /// The observe metric families, registered once per registry.
@@ -34,7 +34,10 @@ pub struct ObserveMetrics {
     samples: IntCounterVec,
     sample_drops: IntCounterVec,
     retransmits: IntCounterVec,
-    handshakes: std::sync::Arc<HandshakeSeries>,
+    dns_queries: IntCounterVec,
+    dns_responses: IntCounterVec,
+    handshakes: std::sync::Arc<LatencySeries>,
+    dns_latency: std::sync::Arc<LatencySeries>,
     /// Last exported total per series, keyed by family and labels.
     last: Mutex<HashMap<(&'static str, Vec<String>), u64>>,
     /// Flow series exported last time, per target, to remove stale ranks.
@@ -86,7 +89,18 @@ impl ObserveMetrics {
                 "TCP segments the target's network namespace retransmitted since it was observed (the kernel's own count, TcpRetransSegs of the namespace).",
                 &["target", "container"],
             ),
-            handshakes: std::sync::Arc::new(HandshakeSeries::new()),
+            dns_queries: counter(
+                "relay_observe_dns_queries_total",
+                "DNS queries over UDP seen at TC (to port 53): direction=outbound sent by the target, inbound sent to it; qtype = the first question's type (A, AAAA, ... or other).",
+                &["target", "container", "direction", "qtype"],
+            ),
+            dns_responses: counter(
+                "relay_observe_dns_responses_total",
+                "DNS responses over UDP seen at TC (from port 53): direction=outbound answers the target received, inbound answers it sent; rcode = NOERROR, NXDOMAIN, SERVFAIL, ...",
+                &["target", "container", "direction", "qtype", "rcode"],
+            ),
+            handshakes: std::sync::Arc::new(LatencySeries::new(latency::HANDSHAKE)),
+            dns_latency: std::sync::Arc::new(LatencySeries::new(latency::DNS)),
             last: Mutex::new(HashMap::new()),
             flow_labels: Mutex::new(HashMap::new()),
         };
@@ -102,7 +116,10 @@ impl ObserveMetrics {
             Box::new(metrics.samples.clone()),
             Box::new(metrics.sample_drops.clone()),
             Box::new(metrics.retransmits.clone()),
-            Box::new(SharedHandshakes(metrics.handshakes.clone())),
+            Box::new(metrics.dns_queries.clone()),
+            Box::new(metrics.dns_responses.clone()),
+            Box::new(SharedLatency(metrics.handshakes.clone())),
+            Box::new(SharedLatency(metrics.dns_latency.clone())),
         ] {
             registry
                 .register(collector)
@@ -218,6 +235,25 @@ impl ObserveMetrics {
                 .inc_by(self.advance("retransmits", &labels, count));
         }
         self.handshakes.set(target, container, &snapshot.handshakes);
+        self.dns_latency
+            .set(target, container, &snapshot.dns_latency);
+        for dns in &snapshot.dns {
+            let direction = dns.direction.as_str();
+            match &dns.rcode {
+                None => {
+                    let labels = [target, container, direction, dns.qtype];
+                    self.dns_queries
+                        .with_label_values(&labels)
+                        .inc_by(self.advance("dns_queries", &labels, dns.count));
+                }
+                Some(rcode) => {
+                    let labels = [target, container, direction, dns.qtype, rcode.as_str()];
+                    self.dns_responses
+                        .with_label_values(&labels)
+                        .inc_by(self.advance("dns_responses", &labels, dns.count));
+                }
+            }
+        }
         self.export_flows(target, container, &name, snapshot, top);
     }
 
@@ -296,6 +332,7 @@ impl ObserveMetrics {
     pub fn forget(&self, target: &str, container: &str, interfaces: &[Interface]) {
         self.attached(target, container, interfaces, false);
         self.handshakes.forget(target);
+        self.dns_latency.forget(target);
         let mut previous = self.flow_labels.lock().unwrap_or_else(|p| p.into_inner());
         for labels in previous.remove(target).into_iter().flatten() {
             let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
@@ -321,17 +358,19 @@ impl ObserveMetrics {
                 "samples" => self.samples.remove_label_values(&refs),
                 "drops" => self.sample_drops.remove_label_values(&refs),
                 "retransmits" => self.retransmits.remove_label_values(&refs),
+                "dns_queries" => self.dns_queries.remove_label_values(&refs),
+                "dns_responses" => self.dns_responses.remove_label_values(&refs),
                 _ => self.run_seconds.remove_label_values(&refs),
             };
         }
     }
 }
 
-/// The registry owns its collectors; the histogram's state is shared with
+/// The registry owns its collectors; a histogram's state is shared with
 /// [`ObserveMetrics`], which updates it at each export.
-struct SharedHandshakes(std::sync::Arc<HandshakeSeries>);
+struct SharedLatency(std::sync::Arc<LatencySeries>);
 
-impl prometheus::core::Collector for SharedHandshakes {
+impl prometheus::core::Collector for SharedLatency {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
         self.0.desc()
     }

@@ -19,10 +19,11 @@ pub mod attach;
 pub mod capture;
 pub mod cbpf;
 pub mod discover;
+pub mod dns;
 pub mod export;
 pub mod filter;
 pub mod fleet;
-pub mod handshake;
+pub mod latency;
 pub mod maps;
 pub mod samples;
 pub mod session;
@@ -299,7 +300,11 @@ pub struct Snapshot {
     /// Capture counts (empty without `--pcap`).
     pub capture: CaptureStats,
     /// TCP handshake latency, per direction.
-    pub handshakes: Vec<(handshake::HandshakeDir, handshake::HandshakeHist)>,
+    pub handshakes: Vec<(latency::Direction, latency::LatencyHist)>,
+    /// DNS messages by direction, type and rcode.
+    pub dns: Vec<dns::DnsCount>,
+    /// DNS response latency, per direction.
+    pub dns_latency: Vec<(latency::Direction, latency::LatencyHist)>,
     /// TCP segments the namespace retransmitted since attach (the kernel's
     /// MIB; `None` when it could not be read).
     pub retransmits: Option<u64>,
@@ -443,9 +448,15 @@ impl Observer {
             PerCpuHashMap::try_from(open("tcp_flags")?).map_err(map_error("tcp_flags", "open"))?;
         let flows: PerCpuHashMap<_, FlowKey, Counter> =
             PerCpuHashMap::try_from(open("flows")?).map_err(map_error("flows", "open"))?;
-        let handshakes: PerCpuArray<_, handshake::HandshakeHist> =
-            PerCpuArray::try_from(open("handshakes")?).map_err(map_error("handshakes", "open"))?;
-        let handshakes = handshake::read(&handshakes);
+        let histogram = |name: &'static str| -> Result<_, ObserveError> {
+            let map: PerCpuArray<_, latency::LatencyHist> =
+                PerCpuArray::try_from(open(name)?).map_err(map_error(name, "open"))?;
+            Ok(latency::read(&map))
+        };
+        let (handshakes, dns_latency) = (histogram("handshakes")?, histogram("dns_latency")?);
+        let dns: PerCpuHashMap<_, dns::DnsKey, u64> =
+            PerCpuHashMap::try_from(open("dns")?).map_err(map_error("dns", "open"))?;
+        let dns = dns::read(&dns);
         let mut flows = maps::read_flows(&flows);
         flows.sort_by_key(|(_, counter)| std::cmp::Reverse(counter.bytes));
         let programs = PROGRAMS
@@ -470,6 +481,8 @@ impl Observer {
             programs,
             capture: self.capture_stats()?,
             handshakes,
+            dns,
+            dns_latency,
             retransmits: self.retransmits(),
         })
     }

@@ -1,15 +1,17 @@
-//! TCP handshake latency, as the observe program measures it: its
-//! histogram's layout (mirroring `struct relay_handshake_hist` and the
-//! `RELAY_HS_*` constants of relay-ebpf/include/observe.h), reading the
-//! per-CPU `handshakes` map into one histogram per direction, and the
-//! Prometheus form of a histogram (cumulative `le` buckets in seconds).
+//! Latency histograms the observe program keeps in the kernel: TCP
+//! handshakes (`handshakes`: SYN to SYN-ACK) and DNS responses
+//! (`dns_latency`: query to response). Their layout (mirroring `struct
+//! relay_latency_hist` and the `RELAY_HS_*` constants of
+//! relay-ebpf/include/observe.h), reading a per-CPU map into one histogram
+//! per direction, and the Prometheus form of a histogram (cumulative `le`
+//! buckets in seconds).
 //!
-//! [`HandshakeSeries`] is the Prometheus collector of
-//! `relay_observe_tcp_handshake_seconds{target,container,direction}`: the
-//! kernel's histogram is already bucketed and cumulative, so it is handed
-//! to Prometheus as it is rather than replayed into a `prometheus::Histogram`
-//! one observation at a time. Deciding what a handshake is stays in the
-//! kernel (on SYN and SYN-ACK segments only).
+//! [`LatencySeries`] is the Prometheus collector of one such family,
+//! labelled `target`, `container`, `direction`: the kernel's histogram is
+//! already bucketed and cumulative, so it is handed to Prometheus as it is
+//! rather than replayed into a `prometheus::Histogram` one observation at a
+//! time. What is measured is decided in the kernel (on SYN and SYN-ACK
+//! segments, and on DNS messages, only).
 //!
 //! Buckets are log-linear in microseconds, as HDR histograms are: under
 //! 64 us, then every power of two from 64 us to 2^24 us (16.8 s) cut into
@@ -35,19 +37,20 @@ const SUB: u32 = 1 << SUB_LOG2;
 /// `RELAY_HS_BUCKETS`: under 64 us, the log-linear ones, and the rest.
 pub const BUCKETS: usize = (2 + (MAX_LOG2 - MIN_LOG2) * SUB) as usize;
 
-/// `enum relay_handshake_dir`: the index into the `handshakes` map.
+/// `enum relay_handshake_dir`: the index into a latency map (the DNS
+/// counters use it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HandshakeDir {
-    /// The target's SYN out to the peer's SYN-ACK in: the peer's latency
-    /// as the target sees it.
+pub enum Direction {
+    /// The target asked: its SYN out to the peer's SYN-ACK in (the peer's
+    /// latency as the target sees it), its DNS query out to the answer in.
     Outbound,
-    /// A peer's SYN in to the target's SYN-ACK out: how long the target
-    /// took to answer.
+    /// The target answered: a peer's SYN in to its SYN-ACK out, a DNS
+    /// query in to its response out.
     Inbound,
 }
 
-impl HandshakeDir {
-    pub const ALL: [HandshakeDir; 2] = [HandshakeDir::Outbound, HandshakeDir::Inbound];
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
 
     pub fn raw(self) -> u32 {
         self as u32
@@ -55,23 +58,23 @@ impl HandshakeDir {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            HandshakeDir::Outbound => "outbound",
-            HandshakeDir::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
         }
     }
 }
 
-/// `struct relay_handshake_hist`: one CPU's histogram of one direction.
+/// `struct relay_latency_hist`: one CPU's histogram of one direction.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HandshakeHist {
+pub struct LatencyHist {
     pub sum_ns: u64,
     pub count: [u64; BUCKETS],
 }
 
-impl Default for HandshakeHist {
+impl Default for LatencyHist {
     fn default() -> Self {
-        HandshakeHist {
+        LatencyHist {
             sum_ns: 0,
             count: [0; BUCKETS],
         }
@@ -79,16 +82,16 @@ impl Default for HandshakeHist {
 }
 
 // SAFETY: #[repr(C)] u64s only: every bit pattern is valid, no padding.
-unsafe impl aya::Pod for HandshakeHist {}
+unsafe impl aya::Pod for LatencyHist {}
 
-impl HandshakeHist {
+impl LatencyHist {
     /// Handshakes measured.
     pub fn total(&self) -> u64 {
         self.count.iter().sum()
     }
 
     /// Adds `other` bucket by bucket (another CPU's share).
-    pub fn add(&mut self, other: &HandshakeHist) {
+    pub fn add(&mut self, other: &LatencyHist) {
         self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
         for (mine, theirs) in self.count.iter_mut().zip(other.count) {
             *mine += theirs;
@@ -127,7 +130,7 @@ pub fn upper_bound_us(index: usize) -> u64 {
 }
 
 /// The bucket a latency of `ns` nanoseconds falls in: what
-/// `handshake_bucket` in observe.bpf.c computes.
+/// `latency_bucket` in observe.bpf.c computes.
 pub fn bucket_of(ns: u64) -> usize {
     let us = ns / 1000;
     if us < 1 << MIN_LOG2 {
@@ -141,13 +144,13 @@ pub fn bucket_of(ns: u64) -> usize {
     (1 + (log2 - MIN_LOG2) * SUB) as usize + sub as usize
 }
 
-/// The `handshakes` map, summed over CPUs: one histogram per direction.
-pub fn read(map: &PerCpuArray<&MapData, HandshakeHist>) -> Vec<(HandshakeDir, HandshakeHist)> {
-    HandshakeDir::ALL
+/// A latency map, summed over CPUs: one histogram per direction.
+pub fn read(map: &PerCpuArray<&MapData, LatencyHist>) -> Vec<(Direction, LatencyHist)> {
+    Direction::ALL
         .iter()
         .filter_map(|dir| {
             let per_cpu = map.get(&dir.raw(), 0).ok()?;
-            let mut sum = HandshakeHist::default();
+            let mut sum = LatencyHist::default();
             for cpu in per_cpu.iter() {
                 sum.add(cpu);
             }
@@ -156,24 +159,36 @@ pub fn read(map: &PerCpuArray<&MapData, HandshakeHist>) -> Vec<(HandshakeDir, Ha
         .collect()
 }
 
-/// The histogram family's name.
-pub const METRIC: &str = "relay_observe_tcp_handshake_seconds";
-const HELP: &str = "TCP handshake latency, measured in the kernel at TC: direction=outbound from the target's SYN to the peer's SYN-ACK (the peer's latency as the target sees it, retransmission timeouts included), inbound from a peer's SYN to the target's SYN-ACK.";
+/// The TCP handshake family.
+pub const HANDSHAKE: (&str, &str) = (
+    "relay_observe_tcp_handshake_seconds",
+    "TCP handshake latency, measured in the kernel at TC: direction=outbound from the target's SYN to the peer's SYN-ACK (the peer's latency as the target sees it, retransmission timeouts included), inbound from a peer's SYN to the target's SYN-ACK.",
+);
+/// The DNS response family.
+pub const DNS: (&str, &str) = (
+    "relay_observe_dns_response_seconds",
+    "DNS over UDP, query to response (same client, server, port and ID), measured in the kernel at TC: direction=outbound when the target asked, inbound when it answered.",
+);
 const LABELS: [&str; 3] = ["target", "container", "direction"];
 
-/// The latest histogram of every (target, container, direction), exported
-/// as they are at each scrape.
-pub struct HandshakeSeries {
+/// The latest histogram of every (target, container, direction) of one
+/// family, exported as they are at each scrape.
+pub struct LatencySeries {
+    name: &'static str,
+    help: &'static str,
     desc: Desc,
-    latest: Mutex<BTreeMap<[String; 3], HandshakeHist>>,
+    latest: Mutex<BTreeMap<[String; 3], LatencyHist>>,
 }
 
-impl HandshakeSeries {
-    pub fn new() -> Self {
-        HandshakeSeries {
+impl LatencySeries {
+    /// The family `(name, help)`: [`HANDSHAKE`] or [`DNS`].
+    pub fn new((name, help): (&'static str, &'static str)) -> Self {
+        LatencySeries {
+            name,
+            help,
             desc: Desc::new(
-                METRIC.into(),
-                HELP.into(),
+                name.into(),
+                help.into(),
                 LABELS.iter().map(|l| l.to_string()).collect(),
                 Default::default(),
             )
@@ -182,8 +197,8 @@ impl HandshakeSeries {
         }
     }
 
-    /// What the kernel holds now for `target`'s handshakes.
-    pub fn set(&self, target: &str, container: &str, hists: &[(HandshakeDir, HandshakeHist)]) {
+    /// What the kernel holds now for `target`.
+    pub fn set(&self, target: &str, container: &str, hists: &[(Direction, LatencyHist)]) {
         let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         for (dir, hist) in hists {
             latest.insert(
@@ -200,13 +215,7 @@ impl HandshakeSeries {
     }
 }
 
-impl Default for HandshakeSeries {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Collector for HandshakeSeries {
+impl Collector for LatencySeries {
     fn desc(&self) -> Vec<&Desc> {
         vec![&self.desc]
     }
@@ -247,8 +256,8 @@ impl Collector for HandshakeSeries {
             })
             .collect();
         let mut family = MetricFamily::default();
-        family.set_name(METRIC.into());
-        family.set_help(HELP.into());
+        family.set_name(self.name.into());
+        family.set_help(self.help.into());
         family.set_field_type(MetricType::HISTOGRAM);
         family.set_metric(metrics);
         vec![family]
@@ -320,14 +329,14 @@ mod tests {
 
     #[test]
     fn cpus_add_up_and_buckets_are_exported_cumulative_in_seconds() {
-        let mut cpu0 = HandshakeHist::default();
-        let mut cpu1 = HandshakeHist::default();
+        let mut cpu0 = LatencyHist::default();
+        let mut cpu1 = LatencyHist::default();
         for (cpu, ns) in [(0, 50 * MS), (1, 50 * MS), (1, 2 * MS)] {
             let cpu = if cpu == 0 { &mut cpu0 } else { &mut cpu1 };
             cpu.count[bucket_of(ns)] += 1;
             cpu.sum_ns += ns;
         }
-        let mut sum = HandshakeHist::default();
+        let mut sum = LatencyHist::default();
         sum.add(&cpu0);
         sum.add(&cpu1);
         assert_eq!(sum.total(), 3);
@@ -351,16 +360,16 @@ mod tests {
 
     #[test]
     fn the_collector_exports_each_direction_as_a_histogram_and_forgets_a_target() {
-        let series = HandshakeSeries::new();
-        let mut hist = HandshakeHist::default();
+        let series = LatencySeries::new(HANDSHAKE);
+        let mut hist = LatencyHist::default();
         hist.count[bucket_of(50 * MS)] = 4;
         hist.sum_ns = 200 * MS;
         series.set(
             "web",
             "web",
             &[
-                (HandshakeDir::Outbound, hist),
-                (HandshakeDir::Inbound, HandshakeHist::default()),
+                (Direction::Outbound, hist),
+                (Direction::Inbound, LatencyHist::default()),
             ],
         );
         let registry = prometheus::Registry::new();
@@ -397,8 +406,8 @@ mod tests {
 
     #[test]
     fn forget_removes_only_that_target() {
-        let series = HandshakeSeries::new();
-        let one = [(HandshakeDir::Outbound, HandshakeHist::default())];
+        let series = LatencySeries::new(HANDSHAKE);
+        let one = [(Direction::Outbound, LatencyHist::default())];
         series.set("a", "", &one);
         series.set("b", "", &one);
         series.forget("a");
