@@ -227,6 +227,24 @@ fn daemonset_passes_kubernetes_schema_validation() -> Result<()> {
     Ok(())
 }
 
+/// The DaemonSet's config (its ConfigMap's file) is one `relay check` accepts,
+/// with the host and every container observed.
+#[test]
+fn the_daemonsets_config_passes_relay_check() -> Result<()> {
+    let config = workspace().join("deploy/kubernetes/relay.toml");
+    let out = run(Command::new(relay_bin()?)
+        .arg("check")
+        .arg("-c")
+        .arg(&config))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        said.contains("2 observers"),
+        "relay check -c {} should find the host and the containers entries: {said}",
+        config.display()
+    );
+    Ok(())
+}
+
 /// `target/dist` from `cargo xtask dist` (once per test process), or
 /// `$RELAY_DIST` when set.
 fn dist_dir() -> Result<PathBuf> {
