@@ -416,3 +416,64 @@ impl UnixEchoServer {
         self.accepted.load(Ordering::SeqCst)
     }
 }
+
+/// A DNS server that answers every query SERVFAIL (its header echoed with
+/// QR set and RCODE 2), on a UDP socket the caller bound; stops on drop.
+pub struct ServfailDns {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServfailDns {
+    pub fn on(socket: std::net::UdpSocket) -> Result<Self> {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .context("setting the DNS responder's read timeout")?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("servfail-dns".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || {
+                    let mut buf = [0u8; 1500];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        if n < 12 {
+                            continue;
+                        }
+                        buf[2] |= 0x80; // QR: a response
+                        buf[3] = (buf[3] & 0xf0) | 2; // RCODE: SERVFAIL
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            })
+            .context("spawning the DNS responder")?;
+        Ok(ServfailDns {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ServfailDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A DNS query for `name` type A (recursion desired), as a client sends it.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = id.to_be_bytes().to_vec();
+    query.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend(label.as_bytes());
+    }
+    query.extend([0, 0, 1, 0, 1]);
+    query
+}

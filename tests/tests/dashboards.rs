@@ -1,14 +1,15 @@
 //! The Grafana dashboard and the alert rules in `dashboards/`, proven on a
 //! real Prometheus: relays that forward (plain and TLS), refuse, observe
 //! with eBPF and lose their observed namespace are scraped while traffic
-//! flows, and every PromQL expression of the dashboard (read out of its
+//! flows (through a lossy link into the observed namespace, so it
+//! retransmits, and DNS lookups from it answered SERVFAIL), and every PromQL expression of the dashboard (read out of its
 //! JSON) and of `alerts.yml` (as Prometheus itself loaded it) must parse and
 //! return at least one series. A renamed metric or label breaks this test,
 //! not a user's dashboard.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -16,10 +17,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use relay_tests::certs::{Ca, CertSpec};
 use relay_tests::child::{ChildProc, status_and_text};
-use relay_tests::peers::{EchoServer, round_trip};
+use relay_tests::peers::{EchoServer, ServfailDns, dns_query, round_trip};
 use relay_tests::ports::free_port;
 use relay_tests::prometheus::Prometheus;
 use relay_tests::relay_proc::{START_TIMEOUT, relay_bin};
+use relay_tests::shaper::ShapedLink;
 use relay_tests::tempdir::TempDir;
 use relay_tests::tls_client::TlsClient;
 use relay_tests::tools::promtool_check;
@@ -232,7 +234,12 @@ fn metrics_of(relay: &Relay) -> Result<SocketAddr> {
 }
 
 /// The live setup: every feature the dashboard has a panel for.
-struct Fleet {
+struct Fleet<'a> {
+    watched: &'a NetNs,
+    /// An echo in the watched namespace behind the lossy link.
+    lossy: SocketAddr,
+    /// A DNS server on the host answering the watched namespace SERVFAIL.
+    dns: SocketAddr,
     plain: Relay,
     tls: Relay,
     refused: Relay,
@@ -241,9 +248,10 @@ struct Fleet {
     ca: Ca,
 }
 
-impl Fleet {
+impl Fleet<'_> {
     /// One round of traffic: a plain echo, a TLS echo, a client that
-    /// speaks no TLS to the TLS listener, and a connection the target refuses.
+    /// speaks no TLS to the TLS listener, a connection the target refuses,
+    /// an echo over the lossy link, and a DNS lookup from the namespace.
     fn traffic(&self) -> Result<()> {
         let payload: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         let mut plain = self.plain.connect()?;
@@ -260,6 +268,17 @@ impl Fleet {
         // Refused by the target inside the observed namespace (a RST there).
         let mut refused = self.refused.connect()?;
         let _ = refused.read_to_end(&mut Vec::new());
+        // Retransmissions: the namespace echoes back across 10% loss.
+        let mut lossy = relay_tests::peers::connect(self.lossy)?;
+        round_trip(&mut lossy, &payload)?;
+        drop(lossy);
+        let dns = self.dns;
+        self.watched.enter(move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(&dns_query(0x5e5e, "relay.test"), dns)?;
+            socket.recv_from(&mut [0u8; 512]).map(drop)
+        })?;
         Ok(())
     }
 }
@@ -269,7 +288,14 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
     require_root!("attaches eBPF observers and creates network namespaces");
     require_tool!("prometheus");
     require_tool!("promtool");
-    let watched = NetNs::create()?;
+    // The observed namespace, reached over its veth and over a TUN link
+    // losing 10% of packets each way.
+    let link = ShapedLink::new(Duration::from_millis(2), 0.10)?;
+    let watched = link.ns();
+    let lossy_echo = EchoServer::on(watched.tcp_listen(SocketAddr::from((link.addr(), 7002)))?)?;
+    let dns = SocketAddr::from((watched.host_addr(), 53));
+    let _servfail =
+        ServfailDns::on(UdpSocket::bind(dns).context("binding a DNS server on the veth")?)?;
     let leaving = NetNs::create()?;
     let echo = EchoServer::on(watched.tcp_listen(SocketAddr::from((watched.addr(), 7000)))?)?;
     let closed = SocketAddr::from((watched.addr(), 7001));
@@ -279,6 +305,9 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
     let ca = Ca::new("dashboards")?;
     let server = ca.issue("relay", &CertSpec::loopback_server())?;
     let fleet = Fleet {
+        watched,
+        lossy: lossy_echo.addr(),
+        dns,
         plain: RelayCmd::loopback_to(echo.addr())?
             .opts(&["--name", "plain", "--observe", &watched_target])
             .spawn()?,
@@ -380,8 +409,8 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
         }
     }
     ensure!(
-        alert_names.len() >= 4,
-        "Prometheus loaded {} alert rules from {}, expected the 4 or more it holds: {alert_names:?}\nlog:\n{}",
+        alert_names.len() >= 6,
+        "Prometheus loaded {} alert rules from {}, expected the 6 or more it holds: {alert_names:?}\nlog:\n{}",
         alert_names.len(),
         alerts.display(),
         prometheus.log()
@@ -471,6 +500,14 @@ fn every_dashboard_and_alert_query_returns_series_from_live_relays() -> Result<(
     ))?;
     positive(r#"sum(rate(relay_observe_program_runs_total[30s]))"#)?;
     positive(r#"sum(rate(relay_observe_samples_total[30s]))"#)?;
+    positive(&format!(
+        r#"sum(rate(relay_observe_tcp_retransmits_total{{target="{}"}}[30s]))"#,
+        watched.name()
+    ))?;
+    positive(&format!(
+        r#"sum(rate(relay_observe_dns_responses_total{{target="{}",direction="outbound",rcode="SERVFAIL"}}[30s]))"#,
+        watched.name()
+    ))?;
     eprintln!(
         "dashboards: {dashboard_count} dashboard queries and {} alert rules ({}) returned series on Prometheus at {}",
         alert_names.len(),

@@ -8,9 +8,6 @@
 
 use std::net::UdpSocket;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -18,6 +15,7 @@ use relay_tests::child::ChildProc;
 use relay_tests::docker::{self, Container};
 use relay_tests::fleet::{observe_containers, wait_attached};
 use relay_tests::netns::NetNs;
+use relay_tests::peers::ServfailDns;
 use relay_tests::relay_proc::Relay;
 use relay_tests::wait::poll_until;
 use relay_tests::{RelayCmd, Scrape, require_docker, require_tool};
@@ -34,52 +32,8 @@ const LOOKUPS: [(&str, &str, &str, usize); 3] = [
 /// Where dnsmasq sends `fail.test`, inside its namespace.
 const UPSTREAM: &str = "127.0.0.1:5353";
 
-/// A DNS server that answers every query SERVFAIL, on `UPSTREAM` in `ns`.
-struct FailingUpstream {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FailingUpstream {
-    fn start(ns: &NetNs) -> Result<Self> {
-        let socket = ns.enter(|| UdpSocket::bind(UPSTREAM))?;
-        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::spawn({
-            let stop = Arc::clone(&stop);
-            move || {
-                let mut buf = [0u8; 1500];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    if n < 12 {
-                        continue;
-                    }
-                    buf[2] |= 0x80; // QR: a response
-                    buf[3] = (buf[3] & 0xf0) | 2; // RCODE: SERVFAIL
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Ok(FailingUpstream {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for FailingUpstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// dnsmasq in `ns` on its veth address: `known.test` is 10.1.2.3, any other
-/// name under `test` does not exist, `fail.test` goes to [`FailingUpstream`].
+/// name under `test` does not exist, `fail.test` goes to a [`ServfailDns`] on `UPSTREAM`.
 fn dnsmasq(ns: &NetNs) -> Result<ChildProc> {
     let mut cmd = ns.command("dnsmasq");
     cmd.args([
@@ -203,7 +157,7 @@ fn dns_queries_and_answers_are_counted_by_rcode_both_ways_and_timed() -> Result<
     docker::ensure_daemon()?;
     docker::image()?;
     let ns = NetNs::create()?;
-    let _upstream = FailingUpstream::start(&ns)?;
+    let _upstream = ServfailDns::on(ns.enter(|| UdpSocket::bind(UPSTREAM))?)?;
     let dnsmasq = dnsmasq(&ns)?;
 
     let tag = format!("relay.test=dns-{}", std::process::id());

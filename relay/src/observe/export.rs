@@ -34,6 +34,7 @@ pub struct ObserveMetrics {
     samples: IntCounterVec,
     sample_drops: IntCounterVec,
     retransmits: IntCounterVec,
+    sent_segments: IntCounterVec,
     dns_queries: IntCounterVec,
     dns_responses: IntCounterVec,
     handshakes: std::sync::Arc<LatencySeries>,
@@ -89,6 +90,11 @@ impl ObserveMetrics {
                 "TCP segments the target's network namespace retransmitted since it was observed (the kernel's own count, TcpRetransSegs of the namespace).",
                 &["target", "container"],
             ),
+            sent_segments: counter(
+                "relay_observe_tcp_sent_segments_total",
+                "TCP segments the target's network namespace sent since it was observed, retransmissions not included (the kernel's OutSegs of the namespace): the denominator of a retransmit ratio.",
+                &["target", "container"],
+            ),
             dns_queries: counter(
                 "relay_observe_dns_queries_total",
                 "DNS queries over UDP seen at TC (to port 53): direction=outbound sent by the target, inbound sent to it; qtype = the first question's type (A, AAAA, ... or other).",
@@ -116,6 +122,7 @@ impl ObserveMetrics {
             Box::new(metrics.samples.clone()),
             Box::new(metrics.sample_drops.clone()),
             Box::new(metrics.retransmits.clone()),
+            Box::new(metrics.sent_segments.clone()),
             Box::new(metrics.dns_queries.clone()),
             Box::new(metrics.dns_responses.clone()),
             Box::new(SharedLatency(metrics.handshakes.clone())),
@@ -228,11 +235,14 @@ impl ObserveMetrics {
                 .with_label_values(&labels)
                 .inc_by(self.advance("drops", &labels, *count));
         }
-        if let Some(count) = snapshot.retransmits {
+        if let Some(segments) = snapshot.segments {
             let labels = [target, container];
             self.retransmits
                 .with_label_values(&labels)
-                .inc_by(self.advance("retransmits", &labels, count));
+                .inc_by(self.advance("retransmits", &labels, segments.retransmitted));
+            self.sent_segments
+                .with_label_values(&labels)
+                .inc_by(self.advance("sent_segments", &labels, segments.sent));
         }
         self.handshakes.set(target, container, &snapshot.handshakes);
         self.dns_latency
@@ -358,6 +368,7 @@ impl ObserveMetrics {
                 "samples" => self.samples.remove_label_values(&refs),
                 "drops" => self.sample_drops.remove_label_values(&refs),
                 "retransmits" => self.retransmits.remove_label_values(&refs),
+                "sent_segments" => self.sent_segments.remove_label_values(&refs),
                 "dns_queries" => self.dns_queries.remove_label_values(&refs),
                 "dns_responses" => self.dns_responses.remove_label_values(&refs),
                 _ => self.run_seconds.remove_label_values(&refs),

@@ -305,9 +305,9 @@ pub struct Snapshot {
     pub dns: Vec<dns::DnsCount>,
     /// DNS response latency, per direction.
     pub dns_latency: Vec<(latency::Direction, latency::LatencyHist)>,
-    /// TCP segments the namespace retransmitted since attach (the kernel's
-    /// MIB; `None` when it could not be read).
-    pub retransmits: Option<u64>,
+    /// TCP segments the namespace sent and retransmitted since attach (the
+    /// kernel's MIB; `None` when it could not be read).
+    pub segments: Option<tcp_mib::TcpSegments>,
 }
 
 /// Programs loaded and attached in one namespace; dropping it detaches them.
@@ -422,14 +422,14 @@ impl Observer {
         }
     }
 
-    /// Segments the namespace retransmitted since attach.
-    fn retransmits(&self) -> Option<u64> {
+    /// Segments the namespace sent and retransmitted since attach.
+    fn segments(&self) -> Option<tcp_mib::TcpSegments> {
         let mut mib = self
             .tcp_mib
             .as_ref()?
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match mib.retransmitted() {
+        match mib.since_open() {
             Ok(count) => Some(count),
             Err(err) => {
                 tracing::debug!(observed = %self.target, error = %err, "reading /proc/net/snmp");
@@ -483,7 +483,7 @@ impl Observer {
             handshakes,
             dns,
             dns_latency,
-            retransmits: self.retransmits(),
+            segments: self.segments(),
         })
     }
 }

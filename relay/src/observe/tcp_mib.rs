@@ -1,6 +1,9 @@
-//! The observed namespace's own TCP counters: `RetransSegs` from the
-//! kernel's per-namespace SNMP MIB (`/proc/net/snmp`, as `nstat` and
-//! `netstat -s` read it), for `relay_observe_tcp_retransmits_total`.
+//! The observed namespace's own TCP counters: `RetransSegs` and `OutSegs`
+//! from the kernel's per-namespace SNMP MIB (`/proc/net/snmp`, as `nstat`
+//! and `netstat -s` read it), for `relay_observe_tcp_retransmits_total` and
+//! `relay_observe_tcp_sent_segments_total` (the retransmit ratio's
+//! denominator: segments, as the kernel counts them, not TC's packets,
+//! which are GSO super-packets on a veth).
 //!
 //! Why the MIB and not a program: the kernel counts every retransmitted
 //! segment there itself, per network namespace, exactly (data, SYN and
@@ -15,13 +18,22 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 
+/// Segments the namespace sent and retransmitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpSegments {
+    /// `OutSegs` (retransmissions not included, as the kernel counts it).
+    pub sent: u64,
+    /// `RetransSegs`.
+    pub retransmitted: u64,
+}
+
 /// The namespace's `/proc/net/snmp`, opened inside it.
 #[derive(Debug)]
 pub struct TcpMib {
     file: File,
-    /// `RetransSegs` when observing began: the series count from attach,
-    /// as the packet counters do.
-    base: u64,
+    /// The counts when observing began: the series count from attach, as
+    /// the packet counters do.
+    base: TcpSegments,
 }
 
 impl TcpMib {
@@ -29,26 +41,36 @@ impl TcpMib {
     pub fn open_here() -> io::Result<Self> {
         let mut mib = TcpMib {
             file: File::open("/proc/thread-self/net/snmp")?,
-            base: 0,
+            base: TcpSegments::default(),
         };
-        mib.base = mib.retransmitted_total()?;
+        mib.base = mib.totals()?;
         Ok(mib)
     }
 
-    /// Segments retransmitted in the namespace since [`Self::open_here`].
-    pub fn retransmitted(&mut self) -> io::Result<u64> {
-        Ok(self.retransmitted_total()?.saturating_sub(self.base))
+    /// Segments sent and retransmitted in the namespace since [`Self::open_here`].
+    pub fn since_open(&mut self) -> io::Result<TcpSegments> {
+        let now = self.totals()?;
+        Ok(TcpSegments {
+            sent: now.sent.saturating_sub(self.base.sent),
+            retransmitted: now.retransmitted.saturating_sub(self.base.retransmitted),
+        })
     }
 
-    fn retransmitted_total(&mut self) -> io::Result<u64> {
+    fn totals(&mut self) -> io::Result<TcpSegments> {
         self.file.seek(SeekFrom::Start(0))?;
         let mut text = String::new();
         self.file.read_to_string(&mut text)?;
-        tcp_field(&text, "RetransSegs").ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "/proc/net/snmp has no Tcp RetransSegs",
-            )
+        let field = |name: &str| {
+            tcp_field(&text, name).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("/proc/net/snmp has no Tcp {name}"),
+                )
+            })
+        };
+        Ok(TcpSegments {
+            sent: field("OutSegs")?,
+            retransmitted: field("RetransSegs")?,
         })
     }
 }
@@ -92,7 +114,8 @@ Udp: 10 0
     fn the_mib_of_this_namespace_is_readable_and_counts_from_opening() {
         let mut mib = TcpMib::open_here().expect("/proc/thread-self/net/snmp");
         // Nothing this test does retransmits; others may, so only its shape.
-        let first = mib.retransmitted().expect("re-read from the start");
-        assert!(mib.retransmitted().expect("and again") >= first);
+        let first = mib.since_open().expect("re-read from the start");
+        let then = mib.since_open().expect("and again");
+        assert!(then.sent >= first.sent && then.retransmitted >= first.retransmitted);
     }
 }
