@@ -527,10 +527,10 @@ fn plan(cli: Cli) -> Plan {
         }
         (Some(Command::Observe(args)), None, None)
             if matches!(args.target, Observed::Containers(_))
-                && (args.watch || args.capture.pcap.is_some() || args.follow) =>
+                && (args.capture.pcap.is_some() || args.follow) =>
         {
             usage(
-                "`relay observe containers` follows every container by itself and has no --watch or --pcap yet: observe one container:<name> for those",
+                "`relay observe containers` follows every container by itself (no --follow) and has no --pcap yet: observe one container:<name> to capture",
             )
         }
         (Some(Command::Observe(args)), None, None) if args.max_containers == 0 => {

@@ -713,16 +713,18 @@ impl Supervisor {
             {
                 continue;
             }
-            let started =
-                match observer.observed {
-                    Observed::Target(target) => Started::Target(Box::new(
-                        Session::start(target, observer.session, &self.registry).await?,
-                    )),
-                    // Discovery starts when it runs; a daemon away is not a failure.
-                    Observed::Containers(containers) => Started::Containers(Box::new(
-                        Fleet::start(containers, observer.session.observe, &self.registry),
-                    )),
-                };
+            let started = match observer.observed {
+                Observed::Target(target) => Started::Target(Box::new(
+                    Session::start(target, observer.session, &self.registry).await?,
+                )),
+                // Discovery starts when it runs; a daemon away is not a failure.
+                Observed::Containers(containers) => Started::Containers(Box::new(Fleet::start(
+                    containers,
+                    observer.session.observe,
+                    observer.session.watch,
+                    &self.registry,
+                ))),
+            };
             prepared.observers.push((key, started));
         }
         Ok(())

@@ -375,3 +375,52 @@ fn auto_observes_namespaces_until_a_daemon_answers_then_the_daemons_containers()
     counts_match(&relay, &subject, || fetch(&subject, REQUESTS))?;
     Ok(())
 }
+
+#[test]
+fn watch_draws_a_block_per_container_the_busiest_first_idle_interfaces_too() -> Result<()> {
+    require_root!("creates network namespaces");
+    let me = std::process::id();
+    let relay = observe_containers(&[
+        "--source",
+        "netns",
+        "--select",
+        &format!("name=relay-t-{me}-*"),
+        "--watch",
+    ])?;
+    // The quiet one is made first: its name sorts first, so only the
+    // traffic can put the busy one above it.
+    let quiet = namespace()?;
+    let busy = namespace()?;
+    let (busy_name, quiet_name) = (busy.label()?, quiet.label()?);
+    wait_attached(&relay, &busy_name, FOLLOW_TIMEOUT)?;
+    wait_attached(&relay, &quiet_name, FOLLOW_TIMEOUT)?;
+    let (busy_block, quiet_block) = (format!("== {busy_name} "), format!("== {quiet_name} "));
+    let quiet_if = quiet.iface()?;
+    // A frame (one redraw) with both blocks, the busy one first, and the
+    // quiet namespace's interface listed in both directions though idle.
+    let good_frame = |frame: &str| {
+        let (Some(b), Some(q)) = (frame.find(&busy_block), frame.find(&quiet_block)) else {
+            return false;
+        };
+        b < q
+            && frame[q..]
+                .lines()
+                .filter(|l| l.starts_with(&quiet_if))
+                .count()
+                == 2
+    };
+    let mut last = String::new();
+    poll_until(
+        "a --watch frame with the busy container first",
+        FOLLOW_TIMEOUT,
+        || {
+            fetch(&busy, 5)?;
+            let log = relay.stderr();
+            let frames: Vec<&str> = log.split("relay observe containers: 2 attached").collect();
+            last = frames.last().copied().unwrap_or_default().to_string();
+            Ok(frames.iter().skip(1).any(|f| good_frame(f)).then_some(()))
+        },
+    )
+    .with_context(|| format!("the last frame:\n{last}"))?;
+    Ok(())
+}

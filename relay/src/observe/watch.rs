@@ -1,6 +1,8 @@
-//! `relay observe --watch`: a table of rates per interface and direction,
-//! and the top flows, redrawn every second on the terminal. Rendering is a
-//! pure function of two snapshots; only [`draw`] touches the terminal.
+//! `relay observe --watch`: a table of rates per interface and direction
+//! (every attached interface, idle ones at zero), and the top flows,
+//! redrawn every second on the terminal; for `observe containers` one such
+//! block per container, the busiest first. Rendering is a pure function of
+//! two snapshots per namespace; only [`draw`] touches the terminal.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,6 +38,79 @@ fn per_interface(snapshot: &Snapshot) -> BTreeMap<(u32, Direction), (u64, u64)> 
     out
 }
 
+/// One observed namespace as `--watch` draws it: two snapshots of it.
+pub struct View<'a> {
+    pub name: &'a str,
+    pub interfaces: &'a [Interface],
+    pub before: &'a Snapshot,
+    pub now: &'a Snapshot,
+}
+
+impl View<'_> {
+    /// Bytes per second over all its interfaces, to sort by.
+    fn byte_rate(&self, elapsed: Duration) -> f64 {
+        let total = |s: &Snapshot| per_interface(s).values().map(|(_, b)| b).sum::<u64>();
+        rate(total(self.now), total(self.before), elapsed)
+    }
+}
+
+/// The table of one namespace: every attached interface in both
+/// directions (idle ones too, at zero), then its top flows.
+fn block(out: &mut String, view: &View, elapsed: Duration, top: usize) {
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:>12} {:>16} {:>14}",
+        "INTERFACE", "DIR", "PACKETS/S", "RATE", "TOTAL PACKETS"
+    );
+    let (previous, now) = (per_interface(view.before), per_interface(view.now));
+    let mut indexes: Vec<u32> = view.interfaces.iter().map(|i| i.index).collect();
+    indexes.extend(now.keys().map(|(index, _)| *index));
+    let mut seen = std::collections::BTreeSet::new();
+    for ifindex in indexes.into_iter().filter(|i| seen.insert(*i)) {
+        let name = view
+            .interfaces
+            .iter()
+            .find(|i| i.index == ifindex)
+            .map_or_else(|| ifindex.to_string(), |i| i.name.clone());
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let (packets, bytes) = now.get(&(ifindex, direction)).copied().unwrap_or_default();
+            let (p0, b0) = previous
+                .get(&(ifindex, direction))
+                .copied()
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{:<16} {:<8} {:>12.0} {:>16} {:>14}",
+                name,
+                direction.as_str(),
+                rate(packets, p0, elapsed),
+                human_bits(rate(bytes, b0, elapsed)),
+                packets
+            );
+        }
+    }
+    if view.now.flows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<6} {:<6} {:<46} {:<46} {:>12}",
+        "RANK", "PROTO", "SOURCE", "DESTINATION", "BYTES"
+    );
+    for (rank, (flow, counter)) in view.now.flows.iter().take(top).enumerate() {
+        let _ = writeln!(
+            out,
+            "{:<6} {:<6} {:<46} {:<46} {:>12}",
+            rank + 1,
+            flow.proto_name(),
+            format!("{}:{}", flow.source(), flow.sport),
+            format!("{}:{}", flow.destination(), flow.dport),
+            counter.bytes
+        );
+    }
+}
+
+/// `relay observe <target> --watch`: one namespace.
 pub fn render(
     target: &str,
     interfaces: &[Interface],
@@ -46,46 +121,38 @@ pub fn render(
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "relay observe {target}   (Ctrl-C to stop)\n");
+    let view = View {
+        name: target,
+        interfaces,
+        before,
+        now,
+    };
+    block(&mut out, &view, elapsed, top);
+    out
+}
+
+/// `relay observe containers --watch`: one block per attached container,
+/// the busiest (bytes per second) first, then by name.
+pub fn render_fleet(views: &mut [View], elapsed: Duration, top: usize) -> String {
+    views.sort_by(|a, b| {
+        b.byte_rate(elapsed)
+            .total_cmp(&a.byte_rate(elapsed))
+            .then_with(|| a.name.cmp(b.name))
+    });
+    let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:>12} {:>16} {:>14}",
-        "INTERFACE", "DIR", "PACKETS/S", "RATE", "TOTAL PACKETS"
+        "relay observe containers: {} attached   (Ctrl-C to stop)",
+        views.len()
     );
-    let previous = per_interface(before);
-    for ((ifindex, direction), (packets, bytes)) in per_interface(now) {
-        let (p0, b0) = previous
-            .get(&(ifindex, direction))
-            .copied()
-            .unwrap_or_default();
-        let name = interfaces
-            .iter()
-            .find(|i| i.index == ifindex)
-            .map_or_else(|| ifindex.to_string(), |i| i.name.clone());
+    for view in views.iter() {
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:>12.0} {:>16} {:>14}",
-            name,
-            direction.as_str(),
-            rate(packets, p0, elapsed),
-            human_bits(rate(bytes, b0, elapsed)),
-            packets
+            "\n== {}   {}",
+            view.name,
+            human_bits(view.byte_rate(elapsed))
         );
-    }
-    let _ = writeln!(
-        out,
-        "\n{:<6} {:<6} {:<46} {:<46} {:>12}",
-        "RANK", "PROTO", "SOURCE", "DESTINATION", "BYTES"
-    );
-    for (rank, (flow, counter)) in now.flows.iter().take(top).enumerate() {
-        let _ = writeln!(
-            out,
-            "{:<6} {:<6} {:<46} {:<46} {:>12}",
-            rank + 1,
-            flow.proto_name(),
-            format!("{}:{}", flow.source(), flow.sport),
-            format!("{}:{}", flow.destination(), flow.dport),
-            counter.bytes
-        );
+        block(&mut out, view, elapsed, top);
     }
     out
 }
@@ -169,5 +236,62 @@ mod tests {
             table.contains("10.0.0.1:40000") && table.contains("777"),
             "{table}"
         );
+    }
+
+    fn iface(index: u32, name: &str) -> Interface {
+        Interface {
+            index,
+            name: name.into(),
+            l2_len: 14,
+        }
+    }
+
+    fn with_bytes(ifindex: u32, bytes: u64) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.traffic.insert(
+            (ifindex, Direction::Egress, "tcp", 4),
+            Counter { packets: 1, bytes },
+        );
+        snapshot
+    }
+
+    #[test]
+    fn idle_interfaces_are_listed_and_containers_sorted_by_traffic() {
+        let (quiet_if, busy_if) = ([iface(2, "eth0"), iface(3, "eth1")], [iface(2, "eth0")]);
+        let idle = Snapshot::default();
+        let (busy_before, busy_now) = (with_bytes(2, 0), with_bytes(2, 1_000_000));
+        let mut views = [
+            View {
+                name: "aaa-quiet",
+                interfaces: &quiet_if,
+                before: &idle,
+                now: &idle,
+            },
+            View {
+                name: "zzz-busy",
+                interfaces: &busy_if,
+                before: &busy_before,
+                now: &busy_now,
+            },
+        ];
+        let table = render_fleet(&mut views, Duration::from_secs(1), 10);
+        let busy = table.find("== zzz-busy").expect("a block for the busy one");
+        let quiet = table
+            .find("== aaa-quiet")
+            .expect("a block for the quiet one");
+        assert!(busy < quiet, "the busiest first:\n{table}");
+        assert!(
+            table.starts_with("relay observe containers: 2 attached"),
+            "{table}"
+        );
+        let quiet_block = &table[quiet..];
+        for name in ["eth0", "eth1"] {
+            assert_eq!(
+                quiet_block.lines().filter(|l| l.starts_with(name)).count(),
+                2,
+                "{name} idle, shown in both directions:\n{table}"
+            );
+        }
+        assert!(table[busy..quiet].contains("8.00 Mbit/s"), "{table}");
     }
 }

@@ -46,12 +46,15 @@ use reconcile::{Action, Have, Want};
 
 use super::discover::{self, Container, Network, Selection, Source, Sources, Update, Updates};
 use super::export::ObserveMetrics;
-use super::{Chain, ObserveError, ObserveOptions, Observer};
+use super::watch as watch_table;
+use super::{Chain, ObserveError, ObserveOptions, Observer, Snapshot};
 use crate::health::ReadyFlag;
 use crate::metrics::{Metrics, ScrapeHook};
 
 /// How soon a namespace with only loopback is looked at again.
 const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// `--watch` redraws this often.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Observed containers per fleet at most, unless configured.
 pub const DEFAULT_MAX_CONTAINERS: usize = 256;
@@ -109,6 +112,8 @@ pub struct Fleet {
     ready: ReadyFlag,
     /// This process's namespace: a container in it is on the host's network.
     host_netns: u64,
+    /// `--watch`: draw every container's block on the terminal each second.
+    watch: bool,
     _scrape: ScrapeHook,
 }
 
@@ -118,7 +123,12 @@ type Attaching = JoinSet<(String, (u32, u64), Result<Arc<Observer>, ObserveError
 impl Fleet {
     /// Registers the series and the scrape hook; discovery starts in
     /// [`Fleet::run`], and a daemon that does not answer is not an error.
-    pub fn start(spec: ContainersSpec, options: ObserveOptions, registry: &Metrics) -> Self {
+    pub fn start(
+        spec: ContainersSpec,
+        options: ObserveOptions,
+        watch: bool,
+        registry: &Metrics,
+    ) -> Self {
         let export = registry.shared(ObserveMetrics::register);
         let metrics = registry.shared(FleetMetrics::register);
         let attached: Shared = Arc::new(Mutex::new(BTreeMap::new()));
@@ -150,6 +160,7 @@ impl Fleet {
             attached,
             ready,
             host_netns,
+            watch,
             _scrape: scrape,
         }
     }
@@ -185,6 +196,8 @@ impl Fleet {
         let mut state = State::default();
         let mut attaching: Attaching = JoinSet::new();
         let mut discovery_ended = false;
+        let mut redraw = tokio::time::interval(WATCH_EVERY);
+        let mut drawn: (BTreeMap<String, Snapshot>, Instant) = (BTreeMap::new(), Instant::now());
         loop {
             let look_again = state.look_again.values().min().copied();
             tokio::select! {
@@ -201,6 +214,10 @@ impl Fleet {
                     Some((source, update)) => self.apply(&mut state, source, update),
                     None => discovery_ended = true,
                 },
+                _ = redraw.tick(), if self.watch => {
+                    self.draw(&mut drawn);
+                    continue;
+                }
                 Some(done) = attaching.join_next(), if !attaching.is_empty() => match done {
                     Ok((key, instance, result)) => self.attached_one(&mut state, key, instance, result),
                     Err(err) => tracing::error!(error = %err, "an attach task failed"),
@@ -232,6 +249,38 @@ impl Fleet {
         }
         self.ready.retire();
         Ok(())
+    }
+
+    /// `--watch`: every attached container's block, rates since the last
+    /// draw (`drawn`: the snapshots then, and when).
+    fn draw(&self, drawn: &mut (BTreeMap<String, Snapshot>, Instant)) {
+        let attached: Vec<(String, Arc<Observer>)> = self
+            .lock()
+            .values()
+            .map(|one| (one.container.name.clone(), one.observer.clone()))
+            .collect();
+        let now: BTreeMap<String, Snapshot> = attached
+            .iter()
+            .filter_map(|(name, observer)| Some((name.clone(), observer.snapshot().ok()?)))
+            .collect();
+        let idle = Snapshot::default();
+        let mut views: Vec<watch_table::View> = attached
+            .iter()
+            .filter_map(|(name, observer)| {
+                Some(watch_table::View {
+                    name,
+                    interfaces: observer.interfaces(),
+                    before: drawn.0.get(name).unwrap_or(&idle),
+                    now: now.get(name)?,
+                })
+            })
+            .collect();
+        let table =
+            watch_table::render_fleet(&mut views, drawn.1.elapsed(), self.options.top_flows);
+        if let Err(err) = watch_table::draw(&table) {
+            tracing::debug!(error = %err, "cannot draw the watch table");
+        }
+        *drawn = (now, Instant::now());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attached>> {
