@@ -4,8 +4,10 @@
  * Attached at TC ingress and egress (TCX links where the kernel has them).
  * Counts packets and bytes per interface, direction, protocol class and IP
  * family; TCP SYN, SYN-ACK, FIN and RST; per-flow packets and bytes in
- * an LRU map; and the latency of TCP handshakes (SYN to SYN-ACK), in a
- * histogram. Only segments with SYN set do handshake work. Never changes a packet or a verdict: every exit is
+ * an LRU map; the latency of TCP handshakes (SYN to SYN-ACK) in a
+ * histogram, on segments with SYN set only; and DNS over UDP (port 53
+ * only): messages by type and rcode, and response latency. Never changes
+ * a packet or a verdict: every exit is
  * TC_ACT_UNSPEC (TCX_NEXT), so programs after this one still decide.
  *
  * With capture on (relay observe --pcap), packets that pass the filter and
@@ -208,16 +210,22 @@ static __always_inline void add(void *map, const void *key, __u64 bytes)
 	}
 }
 
-static __always_inline void count_flag(__u32 ifindex, __u8 direction, __u8 flag)
+/* Adds one to the __u64 counter at `key` of per-CPU hash `map`. */
+static __always_inline void increment(void *map, const void *key)
 {
-	struct relay_flag_key key = { .ifindex = ifindex, .direction = direction, .flag = flag };
-	__u64 *n = bpf_map_lookup_elem(&tcp_flags, &key);
+	__u64 *n = bpf_map_lookup_elem(map, key);
 	if (n) {
 		*n += 1;
 	} else {
 		__u64 one = 1;
-		bpf_map_update_elem(&tcp_flags, &key, &one, BPF_NOEXIST);
+		bpf_map_update_elem(map, key, &one, BPF_NOEXIST);
 	}
+}
+
+static __always_inline void count_flag(__u32 ifindex, __u8 direction, __u8 flag)
+{
+	struct relay_flag_key key = { .ifindex = ifindex, .direction = direction, .flag = flag };
+	increment(&tcp_flags, &key);
 }
 
 /* The histogram bucket of a latency (see RELAY_HS_BUCKETS in observe.h). */
@@ -363,8 +371,8 @@ type:;
 /* A UDP datagram to or from port 53 at `off` (its payload): a query to
  * the port, a response from it. Counts it by type (and rcode), and times
  * the response from its query (same client, server, port and ID). */
-static __always_inline void dns_message(struct __sk_buff *skb, __u32 off, const struct relay_flow_key *flow,
-				__u8 direction)
+static __always_inline void dns_message(struct __sk_buff *skb, __u32 off,
+					const struct relay_flow_key *flow, __u8 direction)
 {
 	struct relay_dns_header h;
 	if (bpf_skb_load_bytes(skb, off, &h, sizeof(h)) < 0)
@@ -382,13 +390,7 @@ static __always_inline void dns_message(struct __sk_buff *skb, __u32 off, const 
 		.rcode = response ? (flags & 0xf) : 0,
 		.qtype = h.qdcount ? dns_question_type(skb, off + sizeof(h)) : 0,
 	};
-	__u64 *n = bpf_map_lookup_elem(&dns, &key);
-	if (n) {
-		*n += 1;
-	} else {
-		__u64 one = 1;
-		bpf_map_update_elem(&dns, &key, &one, BPF_NOEXIST);
-	}
+	increment(&dns, &key);
 
 	struct relay_dns_pending_key pending = {
 		.family = flow->family,

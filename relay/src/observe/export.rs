@@ -37,8 +37,8 @@ pub struct ObserveMetrics {
     sent_segments: IntCounterVec,
     dns_queries: IntCounterVec,
     dns_responses: IntCounterVec,
-    handshakes: std::sync::Arc<LatencySeries>,
-    dns_latency: std::sync::Arc<LatencySeries>,
+    handshakes: LatencySeries,
+    dns_latency: LatencySeries,
     /// Last exported total per series, keyed by family and labels.
     last: Mutex<HashMap<(&'static str, Vec<String>), u64>>,
     /// Flow series exported last time, per target, to remove stale ranks.
@@ -105,8 +105,8 @@ impl ObserveMetrics {
                 "DNS responses over UDP seen at TC (from port 53): direction=outbound answers the target received, inbound answers it sent; rcode = NOERROR, NXDOMAIN, SERVFAIL, ...",
                 &["target", "container", "direction", "qtype", "rcode"],
             ),
-            handshakes: std::sync::Arc::new(LatencySeries::new(latency::HANDSHAKE)),
-            dns_latency: std::sync::Arc::new(LatencySeries::new(latency::DNS)),
+            handshakes: LatencySeries::new(latency::HANDSHAKE),
+            dns_latency: LatencySeries::new(latency::DNS),
             last: Mutex::new(HashMap::new()),
             flow_labels: Mutex::new(HashMap::new()),
         };
@@ -125,8 +125,8 @@ impl ObserveMetrics {
             Box::new(metrics.sent_segments.clone()),
             Box::new(metrics.dns_queries.clone()),
             Box::new(metrics.dns_responses.clone()),
-            Box::new(SharedLatency(metrics.handshakes.clone())),
-            Box::new(SharedLatency(metrics.dns_latency.clone())),
+            Box::new(metrics.handshakes.clone()),
+            Box::new(metrics.dns_latency.clone()),
         ] {
             registry
                 .register(collector)
@@ -374,19 +374,5 @@ impl ObserveMetrics {
                 _ => self.run_seconds.remove_label_values(&refs),
             };
         }
-    }
-}
-
-/// The registry owns its collectors; a histogram's state is shared with
-/// [`ObserveMetrics`], which updates it at each export.
-struct SharedLatency(std::sync::Arc<LatencySeries>);
-
-impl prometheus::core::Collector for SharedLatency {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.0.desc()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.0.collect()
     }
 }

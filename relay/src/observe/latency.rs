@@ -21,7 +21,7 @@
 //! `_sum / _count` (the kernel adds nanoseconds).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, PerCpuArray};
 use prometheus::core::{Collector, Desc};
@@ -172,12 +172,14 @@ pub const DNS: (&str, &str) = (
 const LABELS: [&str; 3] = ["target", "container", "direction"];
 
 /// The latest histogram of every (target, container, direction) of one
-/// family, exported as they are at each scrape.
+/// family, exported as they are at each scrape. Clones share the state:
+/// one is registered, the exporter keeps another to update.
+#[derive(Clone)]
 pub struct LatencySeries {
     name: &'static str,
     help: &'static str,
     desc: Desc,
-    latest: Mutex<BTreeMap<[String; 3], LatencyHist>>,
+    latest: Arc<Mutex<BTreeMap<[String; 3], LatencyHist>>>,
 }
 
 impl LatencySeries {
@@ -193,7 +195,7 @@ impl LatencySeries {
                 Default::default(),
             )
             .expect("static metric definition is valid"),
-            latest: Mutex::new(BTreeMap::new()),
+            latest: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
 

@@ -4,7 +4,7 @@
 //! block per container, the busiest first. Rendering is a pure function of
 //! two snapshots per namespace; only [`draw`] touches the terminal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::Duration;
@@ -63,10 +63,13 @@ fn block(out: &mut String, view: &View, elapsed: Duration, top: usize) {
         "INTERFACE", "DIR", "PACKETS/S", "RATE", "TOTAL PACKETS"
     );
     let (previous, now) = (per_interface(view.before), per_interface(view.now));
-    let mut indexes: Vec<u32> = view.interfaces.iter().map(|i| i.index).collect();
-    indexes.extend(now.keys().map(|(index, _)| *index));
-    let mut seen = std::collections::BTreeSet::new();
-    for ifindex in indexes.into_iter().filter(|i| seen.insert(*i)) {
+    let indexes: BTreeSet<u32> = view
+        .interfaces
+        .iter()
+        .map(|i| i.index)
+        .chain(now.keys().map(|(index, _)| *index))
+        .collect();
+    for ifindex in indexes {
         let name = view
             .interfaces
             .iter()
@@ -133,25 +136,22 @@ pub fn render(
 
 /// `relay observe containers --watch`: one block per attached container,
 /// the busiest (bytes per second) first, then by name.
-pub fn render_fleet(views: &mut [View], elapsed: Duration, top: usize) -> String {
-    views.sort_by(|a, b| {
-        b.byte_rate(elapsed)
-            .total_cmp(&a.byte_rate(elapsed))
-            .then_with(|| a.name.cmp(b.name))
+pub fn render_fleet(views: Vec<View>, elapsed: Duration, top: usize) -> String {
+    let mut rated: Vec<(f64, View)> = views
+        .into_iter()
+        .map(|view| (view.byte_rate(elapsed), view))
+        .collect();
+    rated.sort_by(|(a_rate, a), (b_rate, b)| {
+        b_rate.total_cmp(a_rate).then_with(|| a.name.cmp(b.name))
     });
     let mut out = String::new();
     let _ = writeln!(
         out,
         "relay observe containers: {} attached   (Ctrl-C to stop)",
-        views.len()
+        rated.len()
     );
-    for view in views.iter() {
-        let _ = writeln!(
-            out,
-            "\n== {}   {}",
-            view.name,
-            human_bits(view.byte_rate(elapsed))
-        );
+    for (byte_rate, view) in &rated {
+        let _ = writeln!(out, "\n== {}   {}", view.name, human_bits(*byte_rate));
         block(&mut out, view, elapsed, top);
     }
     out
@@ -260,7 +260,7 @@ mod tests {
         let (quiet_if, busy_if) = ([iface(2, "eth0"), iface(3, "eth1")], [iface(2, "eth0")]);
         let idle = Snapshot::default();
         let (busy_before, busy_now) = (with_bytes(2, 0), with_bytes(2, 1_000_000));
-        let mut views = [
+        let views = vec![
             View {
                 name: "aaa-quiet",
                 interfaces: &quiet_if,
@@ -274,7 +274,7 @@ mod tests {
                 now: &busy_now,
             },
         ];
-        let table = render_fleet(&mut views, Duration::from_secs(1), 10);
+        let table = render_fleet(views, Duration::from_secs(1), 10);
         let busy = table.find("== zzz-busy").expect("a block for the busy one");
         let quiet = table
             .find("== aaa-quiet")

@@ -264,7 +264,7 @@ impl Fleet {
             .filter_map(|(name, observer)| Some((name.clone(), observer.snapshot().ok()?)))
             .collect();
         let idle = Snapshot::default();
-        let mut views: Vec<watch_table::View> = attached
+        let views: Vec<watch_table::View> = attached
             .iter()
             .filter_map(|(name, observer)| {
                 Some(watch_table::View {
@@ -275,8 +275,7 @@ impl Fleet {
                 })
             })
             .collect();
-        let table =
-            watch_table::render_fleet(&mut views, drawn.1.elapsed(), self.options.top_flows);
+        let table = watch_table::render_fleet(views, drawn.1.elapsed(), self.options.top_flows);
         if let Err(err) = watch_table::draw(&table) {
             tracing::debug!(error = %err, "cannot draw the watch table");
         }
